@@ -1,0 +1,199 @@
+//! `Tenants`: the one door from the HTTP layer into tenant and user state.
+//!
+//! Writes become messages to the `tenants` registry or a tenant's manager; reads go
+//! straight to the store (they need no ordering and should not queue behind writes).
+//! The registry reference sits behind a lock because the root supervisor replaces it
+//! when it restarts the registry.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, MessagingErr, RpcReplyPort};
+use uuid::Uuid;
+
+use super::tenant_manager::TenantMsg;
+use super::tenant_registry::{ManagerInfo, RegistryMsg};
+use crate::domain::{
+    ApiKey, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Role, Tenant, TenantPatch, User, UserPatch,
+};
+use crate::error::{Error, Result};
+use crate::store::{Created, IdempotencyRequest, Store};
+
+/// How often a message is re-sent when its actor stopped before taking it (idle drain,
+/// restart). Safe: a refused send was never processed.
+const SEND_ATTEMPTS: usize = 5;
+
+#[derive(Clone)]
+pub struct Tenants {
+    /// The live registry; swapped by the root supervisor on restart.
+    registry: Arc<RwLock<ActorRef<RegistryMsg>>>,
+    /// Read path.
+    store: Arc<dyn Store>,
+    /// Longest a request waits for an actor's reply before answering 503.
+    call_timeout: Duration,
+}
+
+impl Tenants {
+    pub fn new(registry: Arc<RwLock<ActorRef<RegistryMsg>>>, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
+        Tenants { registry, store, call_timeout }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    // ---- tenants -------------------------------------------------------------------
+
+    /// Creates a tenant and its first admin key; the key's secret is only in the reply.
+    pub async fn create_tenant(&self, tenant: NewTenant, ctx: EventContext) -> Result<(Tenant, NewApiKey)> {
+        let admin_key = NewApiKey::generate(tenant.id, Role::Admin, tenant.created_at);
+        let t = self
+            .call_registry(|reply| RegistryMsg::CreateTenant {
+                tenant: tenant.clone(),
+                admin_key: admin_key.clone(),
+                ctx: ctx.clone(),
+                reply,
+            })
+            .await?;
+        Ok((t, admin_key))
+    }
+
+    pub async fn get_tenant(&self, id: Uuid) -> Result<Tenant> {
+        Ok(self.store.get_tenant(id).await?)
+    }
+
+    pub async fn list_tenants(&self, page: PageRequest) -> Result<Page<Tenant>> {
+        Ok(self.store.list_tenants(page).await?)
+    }
+
+    pub async fn update_tenant(&self, id: Uuid, patch: TenantPatch, ctx: EventContext) -> Result<Tenant> {
+        self.call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply }).await
+    }
+
+    pub async fn delete_tenant(&self, id: Uuid, ctx: EventContext) -> Result<()> {
+        self.call_registry(|reply| RegistryMsg::DeleteTenant { id, ctx: ctx.clone(), reply }).await
+    }
+
+    /// The running tenant managers (for the supervision-tree view).
+    pub async fn managers(&self) -> Result<Vec<ManagerInfo>> {
+        let registry = self.registry()?;
+        match registry.call(|reply| RegistryMsg::Managers { reply }, Some(self.call_timeout)).await {
+            Ok(CallResult::Success(v)) => Ok(v),
+            _ => Err(Error::Unavailable("the tenants supervisor is restarting; retry shortly".into())),
+        }
+    }
+
+    // ---- keys ----------------------------------------------------------------------
+
+    pub async fn create_api_key(&self, tenant_id: Uuid, role: Role, ctx: EventContext) -> Result<NewApiKey> {
+        self.call_manager(tenant_id, |reply| TenantMsg::CreateApiKey { role, ctx: ctx.clone(), reply }).await
+    }
+
+    /// The key a bearer secret belongs to, if any.
+    pub async fn find_api_key(&self, hash: &str) -> Result<Option<ApiKey>> {
+        Ok(self.store.find_api_key(hash).await?)
+    }
+
+    // ---- users ---------------------------------------------------------------------
+
+    pub async fn create_user(
+        &self,
+        user: NewUser,
+        idempotency: Option<IdempotencyRequest>,
+        ctx: EventContext,
+    ) -> Result<Created<User>> {
+        let tenant_id = user.0.tenant_id;
+        self.call_manager(tenant_id, |reply| TenantMsg::CreateUser {
+            user: user.clone(),
+            idempotency: idempotency.clone(),
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> Result<User> {
+        Ok(self.store.get_user(tenant_id, user_id).await?)
+    }
+
+    pub async fn list_users(&self, tenant_id: Uuid, page: PageRequest) -> Result<Page<User>> {
+        // Distinguish "no such tenant" from "no users" for a platform admin.
+        self.store.get_tenant(tenant_id).await?;
+        Ok(self.store.list_users(tenant_id, page).await?)
+    }
+
+    pub async fn update_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        expected_version: Option<i64>,
+        patch: UserPatch,
+        ctx: EventContext,
+    ) -> Result<User> {
+        self.call_manager(tenant_id, |reply| TenantMsg::UpdateUser {
+            user_id,
+            expected_version,
+            patch: patch.clone(),
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_user(&self, tenant_id: Uuid, user_id: Uuid, expected_version: Option<i64>, ctx: EventContext) -> Result<()> {
+        self.call_manager(tenant_id, |reply| TenantMsg::DeleteUser { user_id, expected_version, ctx: ctx.clone(), reply })
+            .await
+    }
+
+    // ---- messaging -----------------------------------------------------------------
+
+    fn registry(&self) -> Result<ActorRef<RegistryMsg>> {
+        self.registry
+            .read()
+            .map(|r| r.clone())
+            .map_err(|_| Error::Internal("registry reference lock poisoned".into()))
+    }
+
+    async fn call_registry<T: Send + 'static>(&self, build: impl Fn(RpcReplyPort<Result<T>>) -> RegistryMsg) -> Result<T> {
+        for _ in 0..SEND_ATTEMPTS {
+            let registry = self.registry()?;
+            match registry.call(&build, Some(self.call_timeout)).await {
+                Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
+                other => return reply_of(other, "tenants supervisor"),
+            }
+        }
+        Err(Error::Unavailable("the tenants supervisor is restarting; retry shortly".into()))
+    }
+
+    /// Sends to the tenant's manager, starting it if needed; re-sends when the manager
+    /// stopped (idle drain, restart) before it accepted the message.
+    async fn call_manager<T: Send + 'static>(&self, tenant_id: Uuid, build: impl Fn(RpcReplyPort<Result<T>>) -> TenantMsg) -> Result<T> {
+        for _ in 0..SEND_ATTEMPTS {
+            let manager = self.call_registry(|reply| RegistryMsg::Manager { tenant_id, reply }).await?;
+            match manager.call(&build, Some(self.call_timeout)).await {
+                Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
+                other => return reply_of(other, "tenant manager"),
+            }
+        }
+        Err(Error::Unavailable("the tenant manager is restarting; retry shortly".into()))
+    }
+}
+
+/// Maps an actor call outcome. A dropped reply means the actor died while handling the
+/// message: whether the write committed is unknown, so the client is told to retry
+/// (with its Idempotency-Key) rather than told it failed.
+fn reply_of<T, M>(r: std::result::Result<CallResult<Result<T>>, MessagingErr<M>>, who: &str) -> Result<T> {
+    match r {
+        Ok(CallResult::Success(result)) => result,
+        Ok(CallResult::Timeout) => Err(Error::Unavailable(format!("the {who} did not answer in time; retry with the same Idempotency-Key"))),
+        Ok(CallResult::SenderError) | Err(_) => {
+            Err(Error::Unavailable(format!("the {who} stopped while handling the request; retry with the same Idempotency-Key")))
+        }
+    }
+}
+
+/// A short pause before re-sending, so a restarting actor has a moment to come back.
+async fn wait_for_restart() {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}

@@ -1,0 +1,107 @@
+//! Assembles the process: store → supervision tree → HTTP, and tears it down in reverse.
+//!
+//! [`run`] takes its listener and a shutdown future so tests can start real servers on
+//! `127.0.0.1:0` and stop them; `main` passes the configured address and SIGTERM/SIGINT.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::actors::Tenants;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::store::{self, redact_url, Store, StoreError};
+use crate::supervision::Root;
+
+/// Longest an actor call may take before the request answers 503.
+const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the supervision tree may take to drain on shutdown.
+const TREE_SHUTDOWN: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("could not start the supervision tree: {0}")]
+    Actors(String),
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store named by the config and applies migrations.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    let store = store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Runs the service until `shutdown` resolves, then drains HTTP, then the actor tree.
+pub async fn run(
+    config: Arc<Config>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let store = open_store(&config).await?;
+    tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
+    log_pending_backends(&config);
+
+    let (root, registry) =
+        Root::start(store.clone(), config.tenant_idle_timeout).await.map_err(|e| StartupError::Actors(e.to_string()))?;
+    let tenants = Tenants::new(registry, store, ACTOR_CALL_TIMEOUT);
+    let state = AppState { tenants, admin_token: Arc::new(config.admin_token.clone()) };
+    let app = http::router(state, config.max_body_bytes);
+
+    tracing::info!(addr = %listener.local_addr()?, "http listening");
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    tracing::info!("http drained; stopping the supervision tree");
+    if root.stop_and_wait(Some("shutdown".into()), Some(TREE_SHUTDOWN)).await.is_err() {
+        tracing::warn!("supervision tree did not stop in time");
+    }
+    tracing::info!("shutdown complete");
+    served.map_err(StartupError::from)
+}
+
+/// Backends that later capabilities wire in: say plainly that they are not used yet.
+fn log_pending_backends(config: &Config) {
+    let pending = [
+        ("AMQP_URL", config.amqp_url.is_some(), "event bus"),
+        ("REDIS_URL", config.redis_url.is_some(), "job queue"),
+        ("OPENSEARCH_URL", config.opensearch_url.is_some(), "search"),
+        ("SMTP_URL", config.smtp_url.is_some(), "email"),
+    ];
+    for (var, set, what) in pending {
+        if set {
+            tracing::warn!(variable = var, "{var} is set but the {what} is not wired in this version; it is ignored");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

@@ -1,0 +1,255 @@
+//! Configuration: command-line flags, each mirroring an environment variable (SPEC §1),
+//! validated once at start into [`Config`] and shared as `Arc<Config>`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+/// The processes's roles (SPEC §1). Only `api` has components so far; the others are
+/// accepted so deployments can name them already.
+pub const ROLES: &[&str] = &["api", "relay", "consumer", "worker", "indexer"];
+
+/// Flags of `eventra serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP address to listen on.
+    #[arg(long, env = "EVENTRA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Platform admin bearer token; generated and stored under the data dir when unset.
+    #[arg(long, env = "EVENTRA_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// `1` enables `POST /debug/actors/{name}/kill`.
+    #[arg(long, env = "EVENTRA_CHAOS", default_value = "0", value_parser = parse_flag)]
+    pub chaos: bool,
+    /// Prefix for exchanges, queues, Redis keys and index names.
+    #[arg(long, env = "EVENTRA_NAMESPACE", default_value = "eventra")]
+    pub namespace: String,
+    /// Comma-separated roles this process runs.
+    #[arg(long, env = "EVENTRA_ROLES", value_delimiter = ',', default_value = "api,relay,consumer,worker,indexer")]
+    pub roles: Vec<String>,
+    /// RabbitMQ URL; unset selects the embedded event bus.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+    /// Redis URL; unset selects the embedded job queue.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// OpenSearch URL; unset selects the embedded tantivy index.
+    #[arg(long, env = "OPENSEARCH_URL", hide_env_values = true)]
+    pub opensearch_url: Option<String>,
+    /// SMTP URL; unset writes `.eml` files under the data dir.
+    #[arg(long, env = "SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Seconds a tenant manager may idle before it is stopped.
+    #[arg(long, env = "EVENTRA_TENANT_IDLE_SECS", default_value_t = 300)]
+    pub tenant_idle_secs: u64,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "EVENTRA_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Flags shared by every command that opens the database.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Embedded databases, index, mail and the generated admin token live here.
+    #[arg(long, env = "EVENTRA_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; default `sqlite://<data dir>/eventra.db`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DataArgs {
+    /// The database URL, with the embedded default filled in.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| default_sqlite_url(&self.data_dir))
+    }
+}
+
+pub fn default_sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("eventra.db").display())
+}
+
+/// A value that must never reach a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Where the admin token came from, so `serve` can tell the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Configured,
+    Generated,
+    Stored,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub admin_token: Secret,
+    pub admin_token_source: TokenSource,
+    pub chaos: bool,
+    pub namespace: String,
+    pub roles: Vec<String>,
+    pub amqp_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub opensearch_url: Option<String>,
+    pub smtp_url: Option<String>,
+    pub tenant_idle_timeout: std::time::Duration,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+}
+
+impl Config {
+    /// Validates flags and resolves the admin token (creating the data dir if needed).
+    pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
+        if a.namespace.is_empty()
+            || a.namespace.len() > 40
+            || !a.namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::Invalid("EVENTRA_NAMESPACE must be 1-40 characters of a-z, 0-9, '-' and '_'".into()));
+        }
+        if let Some(bad) = a.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
+            return Err(ConfigError::Invalid(format!("unknown role '{bad}'; roles are {}", ROLES.join(","))));
+        }
+        if a.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid("EVENTRA_MAX_BODY_BYTES must be at least 1024".into()));
+        }
+        let data_dir = a.data.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| ConfigError::DataDir { path: data_dir.clone(), source })?;
+        let (admin_token, admin_token_source) = match a.admin_token.filter(|t| !t.is_empty()) {
+            Some(t) if t.len() < 16 => return Err(ConfigError::Invalid("EVENTRA_ADMIN_TOKEN must be at least 16 characters".into())),
+            Some(t) => (Secret::new(t), TokenSource::Configured),
+            None => load_or_generate_token(&data_dir)?,
+        };
+        Ok(Config {
+            listen: a.listen,
+            database_url: a.data.database_url(),
+            data_dir,
+            admin_token,
+            admin_token_source,
+            chaos: a.chaos,
+            namespace: a.namespace,
+            roles: a.roles,
+            amqp_url: a.amqp_url,
+            redis_url: a.redis_url,
+            opensearch_url: a.opensearch_url,
+            smtp_url: a.smtp_url,
+            tenant_idle_timeout: std::time::Duration::from_secs(a.tenant_idle_secs.max(1)),
+            max_body_bytes: a.max_body_bytes,
+        })
+    }
+
+    /// Embedded defaults rooted at `data_dir`, for tests and tools.
+    pub fn embedded(data_dir: impl Into<PathBuf>, admin_token: &str) -> Self {
+        let data_dir = data_dir.into();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: default_sqlite_url(&data_dir),
+            data_dir,
+            admin_token: Secret::new(admin_token),
+            admin_token_source: TokenSource::Configured,
+            chaos: false,
+            namespace: "eventra".into(),
+            roles: ROLES.iter().map(|r| r.to_string()).collect(),
+            amqp_url: None,
+            redis_url: None,
+            opensearch_url: None,
+            smtp_url: None,
+            tenant_idle_timeout: std::time::Duration::from_secs(300),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// Reads `<data dir>/admin_token`, or creates it (mode 0600) with a fresh random token.
+fn load_or_generate_token(dir: &Path) -> Result<(Secret, TokenSource), ConfigError> {
+    let path = dir.join("admin_token");
+    let io = |source| ConfigError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok((Secret::new(s.trim()), TokenSource::Stored)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let token = crate::domain::NewApiKey::generate(uuid::Uuid::nil(), crate::domain::Role::Admin, chrono::Utc::now())
+        .secret
+        .replacen(crate::domain::api_key::KEY_PREFIX, "eva_", 1);
+    write_private(&path, &token).map_err(io)?;
+    Ok((Secret::new(token), TokenSource::Generated))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("expected 0 or 1, got '{s}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_generated_once_then_reused() {
+        let dir = std::env::temp_dir().join(format!("eventra-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, src_a) = load_or_generate_token(&dir).unwrap();
+        let (b, src_b) = load_or_generate_token(&dir).unwrap();
+        assert_eq!((src_a, src_b), (TokenSource::Generated, TokenSource::Stored));
+        assert_eq!(a, b);
+        assert!(!format!("{a:?}").contains(a.expose()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_flag("1"), Ok(true));
+        assert_eq!(parse_flag("0"), Ok(false));
+        assert!(parse_flag("maybe").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! The domain: tenants, users, API keys and the events their changes produce.
+//!
+//! Everything here is pure: validation, patch application and event construction take
+//! values and return values. Persistence lives in `crate::store`, concurrency in
+//! `crate::actors`; both call into this module so the rules exist exactly once.
+
+pub mod api_key;
+pub mod event;
+pub mod page;
+pub mod tenant;
+pub mod user;
+pub mod validation;
+
+pub use api_key::{ApiKey, NewApiKey, Role};
+pub use event::{Actor, DomainEvent, EventContext, EventType};
+pub use page::{Cursor, Page, PageRequest};
+pub use tenant::{NewTenant, Tenant, TenantPatch};
+pub use user::{NewUser, User, UserPatch, UserStatus};
+pub use validation::{FieldError, ValidationErrors};

@@ -1,0 +1,43 @@
+//! `/health/live` and `/health/ready`: for load balancers and orchestrators.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::AppState;
+
+/// `GET /health/live`: the process serves HTTP.
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /health/ready`: 200 when every dependency answers, 503 otherwise, with a
+/// check per dependency.
+async fn ready(State(s): State<AppState>) -> Response {
+    let store = s.tenants.store();
+    let (db_ok, db_detail) = match store.ping().await {
+        Ok(()) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    let (actors_ok, actors_detail) = match s.tenants.managers().await {
+        Ok(m) => (true, Some(format!("{} tenant managers running", m.len()))),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    let up = |ok: bool| if ok { "up" } else { "down" };
+    let body = json!({
+        "status": up(db_ok && actors_ok),
+        "checks": {
+            "database": { "status": up(db_ok), "backend": store.backend(), "detail": db_detail },
+            "actors": { "status": up(actors_ok), "detail": actors_detail },
+        }
+    });
+    let status = if db_ok && actors_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready))
+}

@@ -1,0 +1,101 @@
+//! The HTTP edge: parse, authorise, send a message, map the reply. No business rules.
+//!
+//! One file per resource; this module merges their routers and adds the cross-cutting
+//! layers: request ids and request spans, the body size limit, panic containment and
+//! problem+json fallbacks.
+
+pub mod api_keys;
+pub mod extract;
+pub mod health;
+pub mod problem;
+pub mod tenants;
+pub mod users;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::actors::Tenants;
+use crate::config::Secret;
+use extract::{BodyLimit, RequestId};
+use problem::Problem;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The door to tenant and user state (actors for writes, store for reads).
+    pub tenants: Tenants,
+    /// The platform admin bearer token.
+    pub admin_token: Arc<Secret>,
+}
+
+/// The whole API.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .merge(tenants::router())
+        .merge(api_keys::router())
+        .merge(users::router())
+        .merge(health::router())
+        .fallback(problem::not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
+        .with_state(state)
+}
+
+/// Accepts a sane `X-Request-Id` or makes one, opens the request span (with
+/// `request_id`, and `tenant_id` once credentials are known), logs the outcome and
+/// echoes the id on the response.
+async fn request_context(max_body_bytes: usize, mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_acceptable_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(BodyLimit(max_body_bytes));
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %id,
+        tenant_id = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let status = res.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, latency_ms, "request failed");
+        } else {
+            tracing::info!(status, latency_ms, "request finished");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// Client ids are echoed into logs and events, so only short, plain tokens are kept.
+fn is_acceptable_request_id(v: &str) -> bool {
+    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error", "the server failed to handle the request; it has been logged")
+        .into_response()
+}

@@ -1,0 +1,82 @@
+//! The `eventra` binary: `serve` and `migrate`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use eventra::config::{Config, DataArgs, ServeArgs, TokenSource};
+use eventra::{app, store, telemetry};
+
+#[derive(Parser)]
+#[command(name = "eventra", version, about = "Event-driven, multi-tenant user management")]
+struct Cli {
+    /// Log human-readable lines instead of JSON.
+    #[arg(long, global = true, env = "EVENTRA_LOG_PRETTY", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pretty_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (all roles by default).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DataArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(!cli.pretty_logs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Migrate(args) => migrate(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "exiting");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = Config::from_args(args).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("Eventra listening on http://{addr}");
+    match config.admin_token_source {
+        TokenSource::Configured => println!("Admin token: from EVENTRA_ADMIN_TOKEN"),
+        source => {
+            let note = if source == TokenSource::Generated { "generated" } else { "stored" };
+            println!(
+                "Admin token ({note}, in {}): {}",
+                config.data_dir.join("admin_token").display(),
+                config.admin_token.expose()
+            );
+        }
+    }
+    app::run(Arc::new(config), listener, app::shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+async fn migrate(args: DataArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    let url = args.database_url();
+    let s = store::connect(&url).await.map_err(|e| e.to_string())?;
+    s.migrate().await.map_err(|e| e.to_string())?;
+    println!("migrations applied to {}", store::redact_url(&url));
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The database of record and its transactional outbox, behind one trait.
+//!
+//! Two implementations share every statement (`sql.rs`): PostgreSQL for scale-out and
+//! SQLite as the embedded default. The locking protocol that keeps tenant limits, email
+//! uniqueness and per-tenant event order correct across processes is described in
+//! `sql.rs`; both backends follow it.
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{
+    ApiKey, DomainEvent, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Tenant, TenantPatch, User,
+    UserPatch,
+};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// What can go wrong in the store. Each variant that a client can cause is mapped to
+/// a 4xx in `crate::error`; only `Database`/`Migrate` are server faults.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique constraint refused the write; the message says which value clashed.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("tenant has reached its limit of {max_users} users")]
+    TenantFull { max_users: i64 },
+    #[error("version {expected} is stale; the current version is {current}")]
+    StaleVersion { expected: i64, current: i64 },
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyMismatch,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An `Idempotency-Key` with the digest of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRequest {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// How long a stored idempotent response is replayed.
+pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+
+/// Result of an idempotent create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created<T> {
+    pub value: T,
+    /// True when this is the stored answer to an earlier identical request.
+    pub replayed: bool,
+}
+
+/// One outbox row as the relay (and tests) read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// Global insertion order.
+    pub seq: i64,
+    /// Gap-free order of events within one tenant: the order the relay must keep.
+    pub tenant_seq: i64,
+    pub tenant_id: Uuid,
+    pub event: DomainEvent,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// Persistence for tenants, keys and users; every mutating method writes exactly one
+/// outbox event in the same transaction, or nothing at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`, for health output and logs.
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Cheap round trip for readiness checks.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a tenant together with its first admin key (one `tenant.created` event).
+    async fn create_tenant(&self, tenant: &NewTenant, admin_key: &NewApiKey, ctx: &EventContext) -> StoreResult<Tenant>;
+    async fn get_tenant(&self, id: Uuid) -> StoreResult<Tenant>;
+    async fn list_tenants(&self, page: PageRequest) -> StoreResult<Page<Tenant>>;
+    /// Applies a patch; a patch that changes nothing writes nothing.
+    async fn update_tenant(&self, id: Uuid, patch: &TenantPatch, ctx: &EventContext) -> StoreResult<Tenant>;
+    /// Deletes the tenant with its users and keys (one `tenant.deleted` event).
+    async fn delete_tenant(&self, id: Uuid, ctx: &EventContext) -> StoreResult<()>;
+
+    async fn create_api_key(&self, key: &NewApiKey, ctx: &EventContext) -> StoreResult<ApiKey>;
+    /// Looks a key up by the hash of its secret.
+    async fn find_api_key(&self, hash: &str) -> StoreResult<Option<ApiKey>>;
+
+    /// Creates a user, enforcing email uniqueness and `max_users` in the database.
+    async fn create_user(
+        &self,
+        user: &NewUser,
+        idempotency: Option<&IdempotencyRequest>,
+        ctx: &EventContext,
+    ) -> StoreResult<Created<User>>;
+    async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<User>;
+    async fn list_users(&self, tenant_id: Uuid, page: PageRequest) -> StoreResult<Page<User>>;
+    /// Applies a patch if `expected_version` (when given) is current.
+    async fn update_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        expected_version: Option<i64>,
+        patch: &UserPatch,
+        ctx: &EventContext,
+    ) -> StoreResult<User>;
+    async fn delete_user(&self, tenant_id: Uuid, user_id: Uuid, expected_version: Option<i64>, ctx: &EventContext) -> StoreResult<()>;
+
+    /// Outbox rows with `seq > after_seq`, oldest first.
+    async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
+}
+
+/// Opens the store a database URL names: `postgres://…` or `sqlite://…`.
+pub async fn connect(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::Database(sqlx::Error::Configuration(
+            format!("DATABASE_URL must start with postgres:// or sqlite:// (got {})", redact_url(url)).into(),
+        )))
+    }
+}
+
+/// A URL with any password replaced, safe to log.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}

@@ -1,0 +1,552 @@
+//! The one implementation of [`Store`](super::Store), shared by PostgreSQL and SQLite.
+//!
+//! ## Design note: the tenant-row lock
+//! Every write that belongs to a tenant begins with
+//! `UPDATE tenants SET event_seq = event_seq + 1 WHERE id = $1 RETURNING …`. That single
+//! statement does three jobs:
+//! - it **serializes** all writes of one tenant across every process on the database
+//!   (PostgreSQL row lock; SQLite has one writer anyway), so `max_users` checks and
+//!   idempotency look-ups see a stable state without `SERIALIZABLE` retries;
+//! - it hands out the tenant's **gap-free event sequence** (`tenant_seq` in the outbox),
+//!   the order the relay publishes in; a rolled-back write rolls the number back too;
+//! - it takes locks in one fixed order (tenant row first), so writers cannot deadlock.
+//!
+//! Email uniqueness is a unique index on `(tenant_id, email_normalized)`: the database,
+//! not the actor, is the last word, so two API processes cannot both win.
+//!
+//! The SQL is written once in the dialect both engines accept (`$n` placeholders,
+//! `RETURNING`); [`sql_store_impl!`] stamps it out per backend because sqlx's generic
+//! executor bounds cannot be named once in a reusable way.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{OutboxRecord, StoreError};
+use crate::domain::{ApiKey, DomainEvent, Role, User, UserStatus};
+
+/// `users` as stored; converted to [`User`] after checking the text enums.
+#[derive(sqlx::FromRow)]
+pub(super) struct UserRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    email: String,
+    name: String,
+    status: String,
+    email_verified: bool,
+    attributes: Json<Map<String, Value>>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<UserRow> for User {
+    type Error = StoreError;
+    fn try_from(r: UserRow) -> Result<Self, StoreError> {
+        let status = UserStatus::parse(&r.status)
+            .ok_or_else(|| StoreError::Corrupt(format!("user {} has status {:?}", r.id, r.status)))?;
+        Ok(User {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            email: r.email,
+            name: r.name,
+            status,
+            email_verified: r.email_verified,
+            attributes: r.attributes.0,
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ApiKeyRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    role: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<ApiKeyRow> for ApiKey {
+    type Error = StoreError;
+    fn try_from(r: ApiKeyRow) -> Result<Self, StoreError> {
+        let role = Role::parse(&r.role).ok_or_else(|| StoreError::Corrupt(format!("api key {} has role {:?}", r.id, r.role)))?;
+        Ok(ApiKey { id: r.id, tenant_id: r.tenant_id, role, created_at: r.created_at })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct OutboxRow {
+    seq: i64,
+    tenant_seq: i64,
+    tenant_id: Uuid,
+    payload: Json<DomainEvent>,
+    created_at: DateTime<Utc>,
+    published_at: Option<DateTime<Utc>>,
+}
+
+impl From<OutboxRow> for OutboxRecord {
+    fn from(r: OutboxRow) -> Self {
+        OutboxRecord {
+            seq: r.seq,
+            tenant_seq: r.tenant_seq,
+            tenant_id: r.tenant_id,
+            event: r.payload.0,
+            created_at: r.created_at,
+            published_at: r.published_at,
+        }
+    }
+}
+
+/// The tenant row as the lock statement returns it.
+#[derive(sqlx::FromRow)]
+pub(super) struct TenantLock {
+    pub event_seq: i64,
+    pub max_users: i64,
+    pub user_count: i64,
+}
+
+/// The stored answer to an idempotent request.
+#[derive(sqlx::FromRow)]
+pub(super) struct IdempotencyRow {
+    pub request_hash: String,
+    pub response: Json<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The one place a unique violation becomes a conflict; every other error stays a
+/// database error.
+pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
+        _ => StoreError::Database(e),
+    }
+}
+
+/// The conflict for a clashing email address.
+pub(super) fn email_conflict(e: sqlx::Error, email: &str) -> StoreError {
+    conflict_or(e, || format!("a user with email '{email}' already exists in this tenant"))
+}
+
+/// Stamps out `impl Store` for one sqlx backend. `$store` must have a `pool: Pool<$db>`
+/// field and a `MIGRATOR` associated static.
+macro_rules! sql_store_impl {
+    ($store:ty, $db:ty, $backend:literal) => {
+        impl $store {
+            /// Locks the tenant row and takes the next event number (see the module note).
+            async fn lock_tenant(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<$crate::store::sql::TenantLock> {
+                sqlx::query_as::<_, $crate::store::sql::TenantLock>(
+                    "UPDATE tenants SET event_seq = event_seq + 1 WHERE id = $1 \
+                     RETURNING event_seq, max_users, user_count",
+                )
+                .bind(tenant_id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or($crate::store::StoreError::NotFound("tenant"))
+            }
+
+            /// Appends the event to the outbox inside the caller's transaction.
+            async fn insert_event(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant_seq: i64,
+                event: &$crate::domain::DomainEvent,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(event.id)
+                .bind(event.tenantid)
+                .bind(tenant_seq)
+                .bind(event.event_type.as_str())
+                .bind(sqlx::types::Json(event))
+                .bind(chrono::Utc::now())
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            async fn select_user(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<$crate::domain::User> {
+                let row = sqlx::query_as::<_, $crate::store::sql::UserRow>("SELECT * FROM users WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(user_id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or($crate::store::StoreError::NotFound("user"))?;
+                row.try_into()
+            }
+
+            async fn select_tenant(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<$crate::domain::Tenant> {
+                sqlx::query_as::<_, $crate::domain::Tenant>("SELECT * FROM tenants WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or($crate::store::StoreError::NotFound("tenant"))
+            }
+
+            /// The earlier answer for this key, `None` if the key is new (or expired), or
+            /// a mismatch error when the key came with another body.
+            async fn find_idempotent(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                tenant_id: uuid::Uuid,
+                req: &$crate::store::IdempotencyRequest,
+            ) -> $crate::store::StoreResult<Option<$crate::domain::User>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::IdempotencyRow>(
+                    "SELECT request_hash, response, created_at FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
+                )
+                .bind(tenant_id)
+                .bind(&req.key)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let expired = row.created_at < chrono::Utc::now() - chrono::Duration::hours($crate::store::IDEMPOTENCY_TTL_HOURS);
+                if expired {
+                    sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
+                        .bind(tenant_id)
+                        .bind(&req.key)
+                        .execute(&mut **tx)
+                        .await?;
+                    return Ok(None);
+                }
+                if row.request_hash != req.request_hash {
+                    return Err($crate::store::StoreError::IdempotencyMismatch);
+                }
+                serde_json::from_value(row.response.0)
+                    .map(Some)
+                    .map_err(|e| $crate::store::StoreError::Corrupt(format!("idempotent response: {e}")))
+            }
+
+            async fn insert_user(tx: &mut sqlx::Transaction<'_, $db>, u: &$crate::domain::User) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, \
+                     attributes, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(u.id)
+                .bind(u.tenant_id)
+                .bind(&u.email)
+                .bind(u.email_key())
+                .bind(&u.name)
+                .bind(u.status.as_str())
+                .bind(u.email_verified)
+                .bind(sqlx::types::Json(&u.attributes))
+                .bind(u.version)
+                .bind(u.created_at)
+                .bind(u.updated_at)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| $crate::store::sql::email_conflict(e, &u.email))?;
+                Ok(())
+            }
+
+            /// Writes the new state of a user; `version - 1` must still be current.
+            async fn update_user_row(tx: &mut sqlx::Transaction<'_, $db>, u: &$crate::domain::User) -> $crate::store::StoreResult<()> {
+                let done = sqlx::query(
+                    "UPDATE users SET email = $3, email_normalized = $4, name = $5, status = $6, email_verified = $7, \
+                     attributes = $8, version = $9, updated_at = $10 WHERE id = $1 AND tenant_id = $2 AND version = $9 - 1",
+                )
+                .bind(u.id)
+                .bind(u.tenant_id)
+                .bind(&u.email)
+                .bind(u.email_key())
+                .bind(&u.name)
+                .bind(u.status.as_str())
+                .bind(u.email_verified)
+                .bind(sqlx::types::Json(&u.attributes))
+                .bind(u.version)
+                .bind(u.updated_at)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| $crate::store::sql::email_conflict(e, &u.email))?;
+                if done.rows_affected() != 1 {
+                    return Err($crate::store::StoreError::Corrupt(format!("user {} changed under the tenant lock", u.id)));
+                }
+                Ok(())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn migrate(&self) -> $crate::store::StoreResult<()> {
+                Self::MIGRATOR.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> $crate::store::StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn create_tenant(
+                &self,
+                t: &$crate::domain::NewTenant,
+                key: &$crate::domain::NewApiKey,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::domain::Tenant> {
+                let tenant = t.to_tenant();
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, 0, 1, $5, $5)",
+                )
+                .bind(tenant.id)
+                .bind(&tenant.slug)
+                .bind(&tenant.name)
+                .bind(tenant.max_users)
+                .bind(tenant.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| $crate::store::sql::conflict_or(e, || format!("a tenant with slug '{}' already exists", tenant.slug)))?;
+                sqlx::query("INSERT INTO api_keys (id, tenant_id, role, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(key.key.id)
+                    .bind(tenant.id)
+                    .bind(key.key.role.as_str())
+                    .bind(&key.hash)
+                    .bind(key.key.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = $crate::domain::DomainEvent::tenant_created(&tenant, &key.key, ctx);
+                Self::insert_event(&mut tx, 1, &event).await?;
+                tx.commit().await?;
+                Ok(tenant)
+            }
+
+            async fn get_tenant(&self, id: uuid::Uuid) -> $crate::store::StoreResult<$crate::domain::Tenant> {
+                sqlx::query_as::<_, $crate::domain::Tenant>("SELECT * FROM tenants WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::store::StoreError::NotFound("tenant"))
+            }
+
+            async fn list_tenants(
+                &self,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::Tenant>> {
+                let rows = sqlx::query_as::<_, $crate::domain::Tenant>("SELECT * FROM tenants WHERE id > $1 ORDER BY id LIMIT $2")
+                    .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
+                    .bind(i64::from(page.limit) + 1)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok($crate::domain::Page::from_rows(rows, page.limit, |t| t.id))
+            }
+
+            async fn update_tenant(
+                &self,
+                id: uuid::Uuid,
+                patch: &$crate::domain::TenantPatch,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::domain::Tenant> {
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, id).await?;
+                let before = Self::select_tenant(&mut tx, id).await?;
+                let Some(after) = patch.apply(&before, chrono::Utc::now()) else {
+                    return Ok(before); // nothing changes: the rollback returns the event number
+                };
+                sqlx::query("UPDATE tenants SET name = $2, max_users = $3, updated_at = $4 WHERE id = $1")
+                    .bind(id)
+                    .bind(&after.name)
+                    .bind(after.max_users)
+                    .bind(after.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = $crate::domain::DomainEvent::tenant_updated(&before, &after, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(after)
+            }
+
+            async fn delete_tenant(&self, id: uuid::Uuid, ctx: &$crate::domain::EventContext) -> $crate::store::StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, id).await?;
+                let tenant = Self::select_tenant(&mut tx, id).await?;
+                sqlx::query("DELETE FROM tenants WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                let event = $crate::domain::DomainEvent::tenant_deleted(&tenant, chrono::Utc::now(), ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn create_api_key(
+                &self,
+                key: &$crate::domain::NewApiKey,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::domain::ApiKey> {
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, key.key.tenant_id).await?;
+                sqlx::query("INSERT INTO api_keys (id, tenant_id, role, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(key.key.id)
+                    .bind(key.key.tenant_id)
+                    .bind(key.key.role.as_str())
+                    .bind(&key.hash)
+                    .bind(key.key.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = $crate::domain::DomainEvent::api_key_created(&key.key, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(key.key.clone())
+            }
+
+            async fn find_api_key(&self, hash: &str) -> $crate::store::StoreResult<Option<$crate::domain::ApiKey>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::ApiKeyRow>(
+                    "SELECT id, tenant_id, role, created_at FROM api_keys WHERE key_hash = $1",
+                )
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn create_user(
+                &self,
+                new: &$crate::domain::NewUser,
+                idempotency: Option<&$crate::store::IdempotencyRequest>,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::store::Created<$crate::domain::User>> {
+                let user = &new.0;
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, user.tenant_id).await?;
+                if let Some(req) = idempotency {
+                    if let Some(previous) = Self::find_idempotent(&mut tx, user.tenant_id, req).await? {
+                        return Ok($crate::store::Created { value: previous, replayed: true });
+                    }
+                }
+                if lock.max_users > 0 && lock.user_count >= lock.max_users {
+                    return Err($crate::store::StoreError::TenantFull { max_users: lock.max_users });
+                }
+                Self::insert_user(&mut tx, user).await?;
+                sqlx::query("UPDATE tenants SET user_count = user_count + 1 WHERE id = $1")
+                    .bind(user.tenant_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = $crate::domain::DomainEvent::user_created(user, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                if let Some(req) = idempotency {
+                    let response = serde_json::to_value(user).map_err(|e| $crate::store::StoreError::Corrupt(e.to_string()))?;
+                    sqlx::query(
+                        "INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(user.tenant_id)
+                    .bind(&req.key)
+                    .bind(&req.request_hash)
+                    .bind(sqlx::types::Json(response))
+                    .bind(chrono::Utc::now())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok($crate::store::Created { value: user.clone(), replayed: false })
+            }
+
+            async fn get_user(&self, tenant_id: uuid::Uuid, user_id: uuid::Uuid) -> $crate::store::StoreResult<$crate::domain::User> {
+                let row = sqlx::query_as::<_, $crate::store::sql::UserRow>("SELECT * FROM users WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or($crate::store::StoreError::NotFound("user"))?;
+                row.try_into()
+            }
+
+            async fn list_users(
+                &self,
+                tenant_id: uuid::Uuid,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::User>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::UserRow>(
+                    "SELECT * FROM users WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                )
+                .bind(tenant_id)
+                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
+                .bind(i64::from(page.limit) + 1)
+                .fetch_all(&self.pool)
+                .await?;
+                let users = rows.into_iter().map(TryInto::try_into).collect::<Result<Vec<$crate::domain::User>, _>>()?;
+                Ok($crate::domain::Page::from_rows(users, page.limit, |u| u.id))
+            }
+
+            async fn update_user(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                expected_version: Option<i64>,
+                patch: &$crate::domain::UserPatch,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::domain::User> {
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                let before = Self::select_user(&mut tx, tenant_id, user_id).await?;
+                if let Some(expected) = expected_version.filter(|v| *v != before.version) {
+                    return Err($crate::store::StoreError::StaleVersion { expected, current: before.version });
+                }
+                let Some((after, kind)) = patch.apply(&before, chrono::Utc::now()) else {
+                    return Ok(before); // no-op: nothing written, no event
+                };
+                Self::update_user_row(&mut tx, &after).await?;
+                let event = $crate::domain::DomainEvent::user_changed(kind, &before, &after, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(after)
+            }
+
+            async fn delete_user(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                expected_version: Option<i64>,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                let user = Self::select_user(&mut tx, tenant_id, user_id).await?;
+                if let Some(expected) = expected_version.filter(|v| *v != user.version) {
+                    return Err($crate::store::StoreError::StaleVersion { expected, current: user.version });
+                }
+                sqlx::query("DELETE FROM users WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE tenants SET user_count = user_count - 1 WHERE id = $1")
+                    .bind(tenant_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = $crate::domain::DomainEvent::user_deleted(&user, chrono::Utc::now(), ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn outbox_after(&self, after_seq: i64, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxRecord>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::OutboxRow>(
+                    "SELECT seq, tenant_seq, tenant_id, payload, created_at, published_at FROM outbox \
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+        }
+    };
+}
+
+pub(super) use sql_store_impl;
