@@ -32,7 +32,7 @@ pub enum StartupError {
 
 /// Opens the store named by the config and applies migrations.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    let store = store::connect(&config.database_url).await?;
+    let store = store::connect(&config.database_url, config.db_max_connections).await?;
     store.migrate().await?;
     Ok(store)
 }

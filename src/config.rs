@@ -60,6 +60,10 @@ pub struct DataArgs {
     /// `postgres://…` or `sqlite://…`; default `sqlite://<data dir>/eventra.db`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Most database connections this process opens (PostgreSQL's own limit is
+    /// shared by every process: keep the sum below it).
+    #[arg(long, env = "EVENTRA_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
 }
 
 impl DataArgs {
@@ -106,6 +110,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub database_url: String,
+    pub db_max_connections: u32,
     pub admin_token: Secret,
     pub admin_token_source: TokenSource,
     pub chaos: bool,
@@ -152,6 +157,7 @@ impl Config {
         Ok(Config {
             listen: a.listen,
             database_url: a.data.database_url(),
+            db_max_connections: a.data.db_max_connections.max(1),
             data_dir,
             admin_token,
             admin_token_source,
@@ -173,6 +179,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url: default_sqlite_url(&data_dir),
+            db_max_connections: 16,
             data_dir,
             admin_token: Secret::new(admin_token),
             admin_token_source: TokenSource::Configured,
@@ -203,7 +210,7 @@ fn load_or_generate_token(dir: &Path) -> Result<(Secret, TokenSource), ConfigErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    let token = crate::domain::NewApiKey::generate(uuid::Uuid::nil(), crate::domain::Role::Admin, chrono::Utc::now())
+    let token = crate::domain::NewApiKey::generate(uuid::Uuid::nil(), crate::domain::Role::Admin, crate::domain::now())
         .secret
         .replacen(crate::domain::api_key::KEY_PREFIX, "eva_", 1);
     write_private(&path, &token).map_err(io)?;

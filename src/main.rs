@@ -75,7 +75,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 async fn migrate(args: DataArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     let url = args.database_url();
-    let s = store::connect(&url).await.map_err(|e| e.to_string())?;
+    let s = store::connect(&url, 2).await.map_err(|e| e.to_string())?;
     s.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied to {}", store::redact_url(&url));
     Ok(())

@@ -72,7 +72,7 @@ impl Actor for TenantManager {
                 let _ = reply.send(r);
             }
             TenantMsg::CreateApiKey { role, ctx, reply } => {
-                let key = NewApiKey::generate(tenant_id, role, chrono::Utc::now());
+                let key = NewApiKey::generate(tenant_id, role, crate::domain::now());
                 let r = store.create_api_key(&key, &ctx).await.map(|_| key).map_err(Into::into);
                 let _ = reply.send(r);
             }

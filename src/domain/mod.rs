@@ -17,3 +17,11 @@ pub use page::{Cursor, Page, PageRequest};
 pub use tenant::{NewTenant, Tenant, TenantPatch};
 pub use user::{NewUser, User, UserPatch, UserStatus};
 pub use validation::{FieldError, ValidationErrors};
+
+use chrono::{DateTime, SubsecRound, Utc};
+
+/// The current time at the precision every backend stores (microseconds), so a value
+/// returned from a write equals the same value read back later.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}

@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn other_tenant_is_not_found_and_low_role_is_forbidden() {
-        let key = ApiKey { id: Uuid::now_v7(), tenant_id: Uuid::now_v7(), role: Role::Reader, created_at: chrono::Utc::now() };
+        let key = ApiKey { id: Uuid::now_v7(), tenant_id: Uuid::now_v7(), role: Role::Reader, created_at: crate::domain::now() };
         let p = Principal::TenantKey(key.clone());
         assert!(matches!(p.require_tenant(Uuid::now_v7(), Role::Reader), Err(Error::NotFound(_))));
         assert!(matches!(p.require_tenant(key.tenant_id, Role::Writer), Err(Error::Forbidden(_))));

@@ -32,7 +32,7 @@ async fn create(
     caller.principal.require_tenant(tenant_id, Role::Writer)?;
     let idem = idempotency(&headers, &body)?;
     let input: NewUserInput = from_json_value(body)?;
-    let user = NewUser::parse(tenant_id, input, chrono::Utc::now())?;
+    let user = NewUser::parse(tenant_id, input, crate::domain::now())?;
     let created = s.tenants.create_user(user, idem, caller.ctx()).await?;
     let location = format!("/v1/tenants/{tenant_id}/users/{}", created.value.id);
     let mut res = with_etag(StatusCode::CREATED, created.value);

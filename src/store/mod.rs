@@ -130,11 +130,12 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the store a database URL names: `postgres://…` or `sqlite://…`.
-pub async fn connect(url: &str) -> StoreResult<Arc<dyn Store>> {
+/// `max_connections` caps the pool (SQLite uses at most 8: one writer at a time anyway).
+pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgStore::connect(url).await?))
+        Ok(Arc::new(PgStore::connect(url, max_connections).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        Ok(Arc::new(SqliteStore::connect(url, max_connections.min(8)).await?))
     } else {
         Err(StoreError::Database(sqlx::Error::Configuration(
             format!("DATABASE_URL must start with postgres:// or sqlite:// (got {})", redact_url(url)).into(),

@@ -165,7 +165,7 @@ macro_rules! sql_store_impl {
                 .bind(tenant_seq)
                 .bind(event.event_type.as_str())
                 .bind(sqlx::types::Json(event))
-                .bind(chrono::Utc::now())
+                .bind(crate::domain::now())
                 .execute(&mut **tx)
                 .await?;
                 Ok(())
@@ -211,7 +211,7 @@ macro_rules! sql_store_impl {
                 .fetch_optional(&mut **tx)
                 .await?;
                 let Some(row) = row else { return Ok(None) };
-                let expired = row.created_at < chrono::Utc::now() - chrono::Duration::hours($crate::store::IDEMPOTENCY_TTL_HOURS);
+                let expired = row.created_at < crate::domain::now() - chrono::Duration::hours($crate::store::IDEMPOTENCY_TTL_HOURS);
                 if expired {
                     sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
                         .bind(tenant_id)
@@ -355,7 +355,7 @@ macro_rules! sql_store_impl {
                 let mut tx = self.pool.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, id).await?;
                 let before = Self::select_tenant(&mut tx, id).await?;
-                let Some(after) = patch.apply(&before, chrono::Utc::now()) else {
+                let Some(after) = patch.apply(&before, crate::domain::now()) else {
                     return Ok(before); // nothing changes: the rollback returns the event number
                 };
                 sqlx::query("UPDATE tenants SET name = $2, max_users = $3, updated_at = $4 WHERE id = $1")
@@ -376,7 +376,7 @@ macro_rules! sql_store_impl {
                 let lock = Self::lock_tenant(&mut tx, id).await?;
                 let tenant = Self::select_tenant(&mut tx, id).await?;
                 sqlx::query("DELETE FROM tenants WHERE id = $1").bind(id).execute(&mut *tx).await?;
-                let event = $crate::domain::DomainEvent::tenant_deleted(&tenant, chrono::Utc::now(), ctx);
+                let event = $crate::domain::DomainEvent::tenant_deleted(&tenant, crate::domain::now(), ctx);
                 Self::insert_event(&mut tx, lock.event_seq, &event).await?;
                 tx.commit().await?;
                 Ok(())
@@ -447,7 +447,7 @@ macro_rules! sql_store_impl {
                     .bind(&req.key)
                     .bind(&req.request_hash)
                     .bind(sqlx::types::Json(response))
-                    .bind(chrono::Utc::now())
+                    .bind(crate::domain::now())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -496,7 +496,7 @@ macro_rules! sql_store_impl {
                 if let Some(expected) = expected_version.filter(|v| *v != before.version) {
                     return Err($crate::store::StoreError::StaleVersion { expected, current: before.version });
                 }
-                let Some((after, kind)) = patch.apply(&before, chrono::Utc::now()) else {
+                let Some((after, kind)) = patch.apply(&before, crate::domain::now()) else {
                     return Ok(before); // no-op: nothing written, no event
                 };
                 Self::update_user_row(&mut tx, &after).await?;
@@ -528,7 +528,7 @@ macro_rules! sql_store_impl {
                     .bind(tenant_id)
                     .execute(&mut *tx)
                     .await?;
-                let event = $crate::domain::DomainEvent::user_deleted(&user, chrono::Utc::now(), ctx);
+                let event = $crate::domain::DomainEvent::user_deleted(&user, crate::domain::now(), ctx);
                 Self::insert_event(&mut tx, lock.event_seq, &event).await?;
                 tx.commit().await?;
                 Ok(())

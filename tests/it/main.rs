@@ -1,0 +1,11 @@
+//! The one integration-test binary (one link step for every test).
+//!
+//! Tests that need PostgreSQL read `DATABASE_URL` (an admin connection; each test makes
+//! its own database). Without it they print `NOT RUN` and return, unless `CI=true`,
+//! where a missing service fails the test.
+
+mod binary;
+mod concurrency;
+mod http_api;
+mod store_conformance;
+mod utils;

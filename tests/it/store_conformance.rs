@@ -1,0 +1,251 @@
+//! The `Store` conformance suite: the same functions run against SQLite and PostgreSQL.
+//!
+//! The outbox invariant is checked after every operation: a committed change adds
+//! exactly one event (of the right type, in per-tenant order), a refused change adds none.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use eventra::domain::tenant::NewTenantInput;
+use eventra::domain::user::NewUserInput;
+use eventra::domain::{EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch, UserPatch};
+use eventra::store::{IdempotencyRequest, OutboxRecord, Store, StoreError};
+use uuid::Uuid;
+
+fn ctx() -> EventContext {
+    EventContext::system(format!("req-{}", Uuid::now_v7()))
+}
+
+async fn outbox(s: &Arc<dyn Store>) -> Vec<OutboxRecord> {
+    s.outbox_after(0, 100_000).await.expect("outbox")
+}
+
+/// Runs `op` and asserts it added exactly `n` outbox rows; returns the new rows.
+async fn expect_events(s: &Arc<dyn Store>, n: usize, before: usize) -> Vec<OutboxRecord> {
+    let rows = outbox(s).await;
+    assert_eq!(rows.len(), before + n, "outbox rows: expected {n} new");
+    rows[before..].to_vec()
+}
+
+async fn tenant(s: &Arc<dyn Store>, slug: &str, max_users: u32) -> Tenant {
+    let input = NewTenantInput { name: slug.to_uppercase(), slug: slug.into(), max_users: Some(max_users) };
+    let t = NewTenant::parse(input, eventra::domain::now()).expect("valid tenant");
+    let key = NewApiKey::generate(t.id, Role::Admin, eventra::domain::now());
+    s.create_tenant(&t, &key, &ctx()).await.expect("create tenant")
+}
+
+fn new_user(tenant_id: Uuid, email: &str) -> NewUser {
+    let input = NewUserInput { email: email.into(), name: "Someone".into(), attributes: None };
+    NewUser::parse(tenant_id, input, eventra::domain::now()).expect("valid user")
+}
+
+pub async fn tenant_changes_write_one_event_each(s: Arc<dyn Store>) {
+    let t = tenant(&s, "acme", 0).await;
+    let rows = expect_events(&s, 1, 0).await;
+    assert_eq!((rows[0].event.event_type, rows[0].tenant_seq), (EventType::TenantCreated, 1));
+    assert_eq!(rows[0].event.data["tenant"]["slug"], "acme");
+    assert!(rows[0].published_at.is_none());
+
+    let renamed = s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
+    assert_eq!(renamed.name, "Acme Inc");
+    let rows = expect_events(&s, 1, 1).await;
+    assert_eq!(rows[0].event.event_type, EventType::TenantUpdated);
+    assert_eq!(rows[0].event.data["before"]["name"], "ACME");
+
+    // A patch that changes nothing writes nothing.
+    s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
+    expect_events(&s, 0, 2).await;
+
+    let key = NewApiKey::generate(t.id, Role::Reader, eventra::domain::now());
+    s.create_api_key(&key, &ctx()).await.unwrap();
+    let rows = expect_events(&s, 1, 2).await;
+    assert_eq!(rows[0].event.event_type, EventType::ApiKeyCreated);
+    assert!(!serde_json::to_string(&rows[0].event).unwrap().contains(&key.secret), "secret never in an event");
+    assert_eq!(s.find_api_key(&key.hash).await.unwrap().map(|k| k.role), Some(Role::Reader));
+
+    let u = s.create_user(&new_user(t.id, "a@x.io"), None, &ctx()).await.unwrap().value;
+    s.delete_tenant(t.id, &ctx()).await.unwrap();
+    let rows = expect_events(&s, 2, 3).await;
+    assert_eq!(rows[1].event.event_type, EventType::TenantDeleted);
+    assert!(matches!(s.get_tenant(t.id).await, Err(StoreError::NotFound("tenant"))));
+    assert!(matches!(s.get_user(t.id, u.id).await, Err(StoreError::NotFound(_))), "users go with the tenant");
+    assert_eq!(s.find_api_key(&key.hash).await.unwrap(), None, "keys go with the tenant");
+    let seqs: Vec<i64> = outbox(&s).await.iter().map(|r| r.tenant_seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5], "per-tenant sequence is gap-free");
+}
+
+pub async fn user_changes_write_one_event_each(s: Arc<dyn Store>) {
+    let t = tenant(&s, "users", 0).await;
+    let c = ctx();
+    let created = s.create_user(&new_user(t.id, "Ada@Example.com"), None, &c).await.unwrap();
+    assert!(!created.replayed);
+    let u = created.value;
+    let rows = expect_events(&s, 1, 1).await;
+    let e = &rows[0].event;
+    assert_eq!((e.event_type, e.subject.clone(), e.tenantid), (EventType::UserCreated, u.id.to_string(), t.id));
+    assert_eq!(e.correlationid, c.correlation_id);
+    assert_eq!(e.data["user"]["email"], "Ada@Example.com");
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 1);
+
+    let patch = UserPatch { name: Some("Ada Lovelace".into()), ..Default::default() };
+    let u2 = s.update_user(t.id, u.id, Some(1), &patch, &ctx()).await.unwrap();
+    assert_eq!((u2.version, u2.name.as_str()), (2, "Ada Lovelace"));
+    let rows = expect_events(&s, 1, 2).await;
+    assert_eq!(rows[0].event.event_type, EventType::UserUpdated);
+    assert_eq!((rows[0].event.data["before"]["version"].clone(), rows[0].event.data["after"]["version"].clone()), (1.into(), 2.into()));
+
+    let verify = UserPatch { email_verified: Some(true), ..Default::default() };
+    let u3 = s.update_user(t.id, u.id, None, &verify, &ctx()).await.unwrap();
+    assert!(u3.email_verified);
+    assert_eq!(expect_events(&s, 1, 3).await[0].event.event_type, EventType::UserVerified);
+
+    // No-op patch: same version, no event.
+    let same = s.update_user(t.id, u.id, Some(3), &verify, &ctx()).await.unwrap();
+    assert_eq!(same.version, 3);
+    expect_events(&s, 0, 4).await;
+    assert_eq!(s.get_user(t.id, u.id).await.unwrap(), u3);
+
+    s.delete_user(t.id, u.id, Some(3), &ctx()).await.unwrap();
+    assert_eq!(expect_events(&s, 1, 4).await[0].event.event_type, EventType::UserDeleted);
+    assert!(matches!(s.get_user(t.id, u.id).await, Err(StoreError::NotFound("user"))));
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 0);
+    let seqs: Vec<i64> = outbox(&s).await.iter().map(|r| r.tenant_seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
+
+pub async fn failed_changes_write_nothing(s: Arc<dyn Store>) {
+    let t = tenant(&s, "limits", 2).await;
+    let a = s.create_user(&new_user(t.id, "a@x.io"), None, &ctx()).await.unwrap().value;
+    // Duplicate email, compared case-insensitively (while the tenant still has room).
+    let dup = s.create_user(&new_user(t.id, "A@X.IO"), None, &ctx()).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(ref m)) if m.contains("A@X.IO")), "{dup:?}");
+    expect_events(&s, 0, 2).await;
+    let b = s.create_user(&new_user(t.id, "b@x.io"), None, &ctx()).await.unwrap().value;
+    let n = outbox(&s).await.len();
+    assert_eq!(n, 3);
+    // Over max_users (the tenant is full now; raise the limit later to prove the count).
+    let full = s.create_user(&new_user(t.id, "c@x.io"), None, &ctx()).await;
+    assert!(matches!(full, Err(StoreError::TenantFull { max_users: 2 })), "{full:?}");
+    // Stale version on update and delete.
+    let patch = UserPatch { name: Some("New".into()), ..Default::default() };
+    let stale = s.update_user(t.id, a.id, Some(7), &patch, &ctx()).await;
+    assert!(matches!(stale, Err(StoreError::StaleVersion { expected: 7, current: 1 })), "{stale:?}");
+    assert!(matches!(s.delete_user(t.id, a.id, Some(2), &ctx()).await, Err(StoreError::StaleVersion { .. })));
+    // Changing an email onto another user's.
+    let clash = UserPatch { email: Some("B@x.io".into()), ..Default::default() };
+    assert!(matches!(s.update_user(t.id, a.id, None, &clash, &ctx()).await, Err(StoreError::Conflict(_))));
+    // Unknown user / tenant, and a duplicate slug.
+    assert!(matches!(s.update_user(t.id, Uuid::now_v7(), None, &patch, &ctx()).await, Err(StoreError::NotFound("user"))));
+    assert!(matches!(s.create_user(&new_user(Uuid::now_v7(), "z@x.io"), None, &ctx()).await, Err(StoreError::NotFound("tenant"))));
+    let again = NewTenant::parse(NewTenantInput { name: "x".into(), slug: "limits".into(), max_users: None }, eventra::domain::now()).unwrap();
+    let key = NewApiKey::generate(again.id, Role::Admin, eventra::domain::now());
+    assert!(matches!(s.create_tenant(&again, &key, &ctx()).await, Err(StoreError::Conflict(_))));
+
+    expect_events(&s, 0, n).await;
+    assert_eq!(s.get_user(t.id, a.id).await.unwrap(), a, "refused changes leave the row as it was");
+    assert_eq!(s.get_user(t.id, b.id).await.unwrap(), b);
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 2);
+    assert_eq!(s.find_api_key(&key.hash).await.unwrap(), None, "no key row from the refused tenant");
+
+    // The sequence stayed gap-free through the refusals.
+    s.update_tenant(t.id, &TenantPatch { max_users: Some(3), ..Default::default() }, &ctx()).await.unwrap();
+    s.create_user(&new_user(t.id, "c@x.io"), None, &ctx()).await.unwrap();
+    let seqs: Vec<i64> = outbox(&s).await.iter().map(|r| r.tenant_seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
+
+pub async fn idempotent_create_replays(s: Arc<dyn Store>) {
+    let t = tenant(&s, "idem", 0).await;
+    let other = tenant(&s, "idem-other", 0).await;
+    let req = IdempotencyRequest { key: "k-1".into(), request_hash: "h1".into() };
+    let first = s.create_user(&new_user(t.id, "a@x.io"), Some(&req), &ctx()).await.unwrap();
+    // A retry builds a new NewUser (new id): the stored answer must win.
+    let retry = s.create_user(&new_user(t.id, "a@x.io"), Some(&req), &ctx()).await.unwrap();
+    assert!(retry.replayed && !first.replayed);
+    assert_eq!(retry.value, first.value);
+    let mismatch = IdempotencyRequest { key: "k-1".into(), request_hash: "h2".into() };
+    assert!(matches!(s.create_user(&new_user(t.id, "b@x.io"), Some(&mismatch), &ctx()).await, Err(StoreError::IdempotencyMismatch)));
+    // Keys are per tenant.
+    let elsewhere = s.create_user(&new_user(other.id, "a@x.io"), Some(&req), &ctx()).await.unwrap();
+    assert!(!elsewhere.replayed);
+    let created: Vec<_> = outbox(&s).await.into_iter().filter(|r| r.event.event_type == EventType::UserCreated).collect();
+    assert_eq!(created.len(), 2, "one event per real creation");
+    assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
+}
+
+pub async fn lists_page_by_cursor_within_a_tenant(s: Arc<dyn Store>) {
+    let t = tenant(&s, "pages", 0).await;
+    let other = tenant(&s, "pages-other", 0).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(s.create_user(&new_user(t.id, &format!("u{i}@x.io")), None, &ctx()).await.unwrap().value.id);
+        s.create_user(&new_user(other.id, &format!("u{i}@x.io")), None, &ctx()).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut page = PageRequest::parse(Some(2), None).unwrap();
+    let mut sizes = Vec::new();
+    loop {
+        let p = s.list_users(t.id, page).await.unwrap();
+        sizes.push(p.items.len());
+        assert!(p.items.iter().all(|u| u.tenant_id == t.id), "only this tenant's users");
+        seen.extend(p.items.iter().map(|u| u.id));
+        match p.next_cursor {
+            Some(c) => page = PageRequest::parse(Some(2), Some(&c)).unwrap(),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(seen, ids, "every user once, in creation order");
+    let tenants = s.list_tenants(PageRequest::parse(Some(1), None).unwrap()).await.unwrap();
+    assert_eq!(tenants.items.len(), 1);
+    assert!(tenants.next_cursor.is_some());
+}
+
+pub async fn tenants_cannot_touch_each_other(s: Arc<dyn Store>) {
+    let a = tenant(&s, "tenant-a", 0).await;
+    let b = tenant(&s, "tenant-b", 0).await;
+    let ua = s.create_user(&new_user(a.id, "same@x.io"), None, &ctx()).await.unwrap().value;
+    // The same email is fine in another tenant.
+    let ub = s.create_user(&new_user(b.id, "same@x.io"), None, &ctx()).await.unwrap().value;
+    let n = outbox(&s).await.len();
+    let patch = UserPatch { name: Some("Hijacked".into()), ..Default::default() };
+    assert!(matches!(s.get_user(b.id, ua.id).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(s.update_user(b.id, ua.id, None, &patch, &ctx()).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(s.delete_user(a.id, ub.id, None, &ctx()).await, Err(StoreError::NotFound(_))));
+    expect_events(&s, 0, n).await;
+    assert_eq!(s.get_user(a.id, ua.id).await.unwrap(), ua);
+    assert_eq!(s.get_user(b.id, ub.id).await.unwrap(), ub);
+}
+
+/// Instantiates every conformance function once per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = crate::utils::TestDb::sqlite();
+                    super::$name(db.store().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = crate::utils::TestDb::postgres(concat!("store_conformance::postgres::", stringify!($name))).await else { return };
+                    super::$name(db.store().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    tenant_changes_write_one_event_each,
+    user_changes_write_one_event_each,
+    failed_changes_write_nothing,
+    idempotent_create_replays,
+    lists_page_by_cursor_within_a_tenant,
+    tenants_cannot_touch_each_other,
+);

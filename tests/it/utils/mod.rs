@@ -1,0 +1,32 @@
+//! Test support: per-test databases, in-process servers on random ports, an HTTP
+//! client, and waiting on conditions with a deadline.
+
+pub mod app;
+pub mod db;
+
+pub use app::TestApp;
+pub use db::TestDb;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Waits until `check` yields `Some`, polling; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True when running under CI, where every service must be present.
+pub fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
