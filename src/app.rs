@@ -47,8 +47,9 @@ pub async fn run(
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
     log_pending_backends(&config);
 
-    let (root, registry) =
-        Root::start(store.clone(), config.tenant_idle_timeout).await.map_err(|e| StartupError::Actors(e.to_string()))?;
+    let (root, registry) = Root::start(store.clone(), config.tenant_idle_timeout)
+        .await
+        .map_err(|e| StartupError::Actors(e.to_string()))?;
     let tenants = Tenants::new(registry, store, ACTOR_CALL_TIMEOUT);
     let state = AppState { tenants, admin_token: Arc::new(config.admin_token.clone()) };
     let app = http::router(state, config.max_body_bytes);

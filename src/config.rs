@@ -139,7 +139,9 @@ impl Config {
             || a.namespace.len() > 40
             || !a.namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
-            return Err(ConfigError::Invalid("EVENTRA_NAMESPACE must be 1-40 characters of a-z, 0-9, '-' and '_'".into()));
+            return Err(ConfigError::Invalid(
+                "EVENTRA_NAMESPACE must be 1-40 characters of a-z, 0-9, '-' and '_'".into(),
+            ));
         }
         if let Some(bad) = a.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(ConfigError::Invalid(format!("unknown role '{bad}'; roles are {}", ROLES.join(","))));
@@ -150,7 +152,9 @@ impl Config {
         let data_dir = a.data.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| ConfigError::DataDir { path: data_dir.clone(), source })?;
         let (admin_token, admin_token_source) = match a.admin_token.filter(|t| !t.is_empty()) {
-            Some(t) if t.len() < 16 => return Err(ConfigError::Invalid("EVENTRA_ADMIN_TOKEN must be at least 16 characters".into())),
+            Some(t) if t.len() < 16 => {
+                return Err(ConfigError::Invalid("EVENTRA_ADMIN_TOKEN must be at least 16 characters".into()))
+            }
             Some(t) => (Secret::new(t), TokenSource::Configured),
             None => load_or_generate_token(&data_dir)?,
         };

@@ -50,8 +50,12 @@ impl From<StoreError> for Error {
             StoreError::TenantFull { max_users } => Error::TenantFull { max_users },
             StoreError::StaleVersion { expected, current } => Error::StaleVersion { expected, current },
             StoreError::IdempotencyMismatch => Error::IdempotencyMismatch,
-            StoreError::Database(sqlx::Error::PoolTimedOut) => Error::Unavailable("database is busy or unreachable".into()),
-            e @ (StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_)) => Error::Internal(e.to_string()),
+            StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                Error::Unavailable("database is busy or unreachable".into())
+            }
+            e @ (StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_)) => {
+                Error::Internal(e.to_string())
+            }
         }
     }
 }

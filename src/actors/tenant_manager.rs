@@ -49,12 +49,21 @@ impl Actor for TenantManager {
     type State = TenantManagerState;
     type Arguments = TenantManagerState;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         tracing::debug!(tenant_id = %args.tenant_id, "tenant manager started");
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let store = &state.store;
         let tenant_id = state.tenant_id;
         // A reply port whose caller gave up is not our failure: ignore send errors.

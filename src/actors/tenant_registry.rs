@@ -76,13 +76,22 @@ impl Actor for TenantRegistry {
     type State = RegistryState;
     type Arguments = RegistryArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let tick = (args.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         myself.send_interval(tick, || RegistryMsg::ReapIdle);
         Ok(RegistryState { store: args.store, idle_timeout: args.idle_timeout, managers: HashMap::new() })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RegistryMsg::Manager { tenant_id, reply } => {
                 let r = manager_for(&myself, state, tenant_id).await;
@@ -164,7 +173,11 @@ impl Actor for TenantRegistry {
 }
 
 /// Finds the running manager or starts one for an existing tenant.
-async fn manager_for(myself: &ActorRef<RegistryMsg>, state: &mut RegistryState, tenant_id: Uuid) -> Result<ActorRef<TenantMsg>> {
+async fn manager_for(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    tenant_id: Uuid,
+) -> Result<ActorRef<TenantMsg>> {
     if let Some(entry) = state.managers.get_mut(&tenant_id) {
         entry.last_used = Instant::now();
         return Ok(entry.actor.clone());
@@ -174,12 +187,22 @@ async fn manager_for(myself: &ActorRef<RegistryMsg>, state: &mut RegistryState, 
     let actor = spawn_manager(myself, state, tenant_id).await?;
     state.managers.insert(
         tenant_id,
-        Entry { actor: actor.clone(), last_used: Instant::now(), restarts: 0, last_failure: None, started_at: Utc::now() },
+        Entry {
+            actor: actor.clone(),
+            last_used: Instant::now(),
+            restarts: 0,
+            last_failure: None,
+            started_at: Utc::now(),
+        },
     );
     Ok(actor)
 }
 
-async fn spawn_manager(myself: &ActorRef<RegistryMsg>, state: &RegistryState, tenant_id: Uuid) -> Result<ActorRef<TenantMsg>> {
+async fn spawn_manager(
+    myself: &ActorRef<RegistryMsg>,
+    state: &RegistryState,
+    tenant_id: Uuid,
+) -> Result<ActorRef<TenantMsg>> {
     let args = TenantManagerState { tenant_id, store: state.store.clone() };
     // Unnamed in ractor's global registry: several app instances share one process in
     // tests, and the tree view names actors itself (`tenant-<id>`).

@@ -68,7 +68,8 @@ impl Tenants {
     }
 
     pub async fn update_tenant(&self, id: Uuid, patch: TenantPatch, ctx: EventContext) -> Result<Tenant> {
-        self.call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply }).await
+        self.call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply })
+            .await
     }
 
     pub async fn delete_tenant(&self, id: Uuid, ctx: EventContext) -> Result<()> {
@@ -141,21 +142,32 @@ impl Tenants {
         .await
     }
 
-    pub async fn delete_user(&self, tenant_id: Uuid, user_id: Uuid, expected_version: Option<i64>, ctx: EventContext) -> Result<()> {
-        self.call_manager(tenant_id, |reply| TenantMsg::DeleteUser { user_id, expected_version, ctx: ctx.clone(), reply })
-            .await
+    pub async fn delete_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        expected_version: Option<i64>,
+        ctx: EventContext,
+    ) -> Result<()> {
+        self.call_manager(tenant_id, |reply| TenantMsg::DeleteUser {
+            user_id,
+            expected_version,
+            ctx: ctx.clone(),
+            reply,
+        })
+        .await
     }
 
     // ---- messaging -----------------------------------------------------------------
 
     fn registry(&self) -> Result<ActorRef<RegistryMsg>> {
-        self.registry
-            .read()
-            .map(|r| r.clone())
-            .map_err(|_| Error::Internal("registry reference lock poisoned".into()))
+        self.registry.read().map(|r| r.clone()).map_err(|_| Error::Internal("registry reference lock poisoned".into()))
     }
 
-    async fn call_registry<T: Send + 'static>(&self, build: impl Fn(RpcReplyPort<Result<T>>) -> RegistryMsg) -> Result<T> {
+    async fn call_registry<T: Send + 'static>(
+        &self,
+        build: impl Fn(RpcReplyPort<Result<T>>) -> RegistryMsg,
+    ) -> Result<T> {
         for _ in 0..SEND_ATTEMPTS {
             let registry = self.registry()?;
             match registry.call(&build, Some(self.call_timeout)).await {
@@ -168,7 +180,11 @@ impl Tenants {
 
     /// Sends to the tenant's manager, starting it if needed; re-sends when the manager
     /// stopped (idle drain, restart) before it accepted the message.
-    async fn call_manager<T: Send + 'static>(&self, tenant_id: Uuid, build: impl Fn(RpcReplyPort<Result<T>>) -> TenantMsg) -> Result<T> {
+    async fn call_manager<T: Send + 'static>(
+        &self,
+        tenant_id: Uuid,
+        build: impl Fn(RpcReplyPort<Result<T>>) -> TenantMsg,
+    ) -> Result<T> {
         for _ in 0..SEND_ATTEMPTS {
             let manager = self.call_registry(|reply| RegistryMsg::Manager { tenant_id, reply }).await?;
             match manager.call(&build, Some(self.call_timeout)).await {
@@ -186,10 +202,12 @@ impl Tenants {
 fn reply_of<T, M>(r: std::result::Result<CallResult<Result<T>>, MessagingErr<M>>, who: &str) -> Result<T> {
     match r {
         Ok(CallResult::Success(result)) => result,
-        Ok(CallResult::Timeout) => Err(Error::Unavailable(format!("the {who} did not answer in time; retry with the same Idempotency-Key"))),
-        Ok(CallResult::SenderError) | Err(_) => {
-            Err(Error::Unavailable(format!("the {who} stopped while handling the request; retry with the same Idempotency-Key")))
+        Ok(CallResult::Timeout) => {
+            Err(Error::Unavailable(format!("the {who} did not answer in time; retry with the same Idempotency-Key")))
         }
+        Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(format!(
+            "the {who} stopped while handling the request; retry with the same Idempotency-Key"
+        ))),
     }
 }
 

@@ -104,7 +104,14 @@ pub struct DomainEvent {
 }
 
 impl DomainEvent {
-    fn new(event_type: EventType, tenant_id: Uuid, subject: Uuid, time: DateTime<Utc>, ctx: &EventContext, data: Value) -> Self {
+    fn new(
+        event_type: EventType,
+        tenant_id: Uuid,
+        subject: Uuid,
+        time: DateTime<Utc>,
+        ctx: &EventContext,
+        data: Value,
+    ) -> Self {
         DomainEvent {
             specversion: "1.0".into(),
             id: Uuid::now_v7(),
@@ -126,7 +133,14 @@ impl DomainEvent {
     }
 
     pub fn tenant_updated(before: &Tenant, after: &Tenant, ctx: &EventContext) -> Self {
-        Self::new(EventType::TenantUpdated, after.id, after.id, after.updated_at, ctx, json!({ "before": before, "after": after }))
+        Self::new(
+            EventType::TenantUpdated,
+            after.id,
+            after.id,
+            after.updated_at,
+            ctx,
+            json!({ "before": before, "after": after }),
+        )
     }
 
     pub fn tenant_deleted(t: &Tenant, at: DateTime<Utc>, ctx: &EventContext) -> Self {

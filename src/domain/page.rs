@@ -24,7 +24,8 @@ impl Cursor {
     }
 
     pub fn decode(s: &str) -> Result<Self, ValidationErrors> {
-        let bad = || ValidationErrors::single("cursor", "is not a cursor returned by this API; pass next_cursor unchanged");
+        let bad =
+            || ValidationErrors::single("cursor", "is not a cursor returned by this API; pass next_cursor unchanged");
         let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
         let id = Uuid::from_slice(&bytes).map_err(|_| bad())?;
         Ok(Cursor(id))

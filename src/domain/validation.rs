@@ -45,11 +45,7 @@ impl ValidationErrors {
 
     /// One line naming every field and its problem, for logs and `detail`.
     pub fn summary(&self) -> String {
-        self.errors
-            .iter()
-            .map(|e| format!("{}: {}", e.field, e.message))
-            .collect::<Vec<_>>()
-            .join("; ")
+        self.errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
     }
 }
 

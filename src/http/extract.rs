@@ -42,7 +42,9 @@ fn json_rejection(r: JsonRejection, limit: usize) -> Error {
         JsonRejection::MissingJsonContentType(_) => {
             Error::UnsupportedMediaType("send the body as JSON with `Content-Type: application/json`".into())
         }
-        JsonRejection::JsonSyntaxError(e) => Error::BadRequest(format!("the body is not valid JSON: {}", e.body_text())),
+        JsonRejection::JsonSyntaxError(e) => {
+            Error::BadRequest(format!("the body is not valid JSON: {}", e.body_text()))
+        }
         JsonRejection::JsonDataError(e) => Error::Validation(ValidationErrors::single("body", e.body_text())),
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge { limit },
         other => Error::BadRequest(other.body_text()),
@@ -244,7 +246,12 @@ mod tests {
 
     #[test]
     fn other_tenant_is_not_found_and_low_role_is_forbidden() {
-        let key = ApiKey { id: Uuid::now_v7(), tenant_id: Uuid::now_v7(), role: Role::Reader, created_at: crate::domain::now() };
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            tenant_id: Uuid::now_v7(),
+            role: Role::Reader,
+            created_at: crate::domain::now(),
+        };
         let p = Principal::TenantKey(key.clone());
         assert!(matches!(p.require_tenant(Uuid::now_v7(), Role::Reader), Err(Error::NotFound(_))));
         assert!(matches!(p.require_tenant(key.tenant_id, Role::Writer), Err(Error::Forbidden(_))));

@@ -96,6 +96,11 @@ fn is_acceptable_request_id(v: &str) -> bool {
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("handler panicked");
-    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error", "the server failed to handle the request; it has been logged")
-        .into_response()
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "Internal server error",
+        "the server failed to handle the request; it has been logged",
+    )
+    .into_response()
 }

@@ -75,8 +75,12 @@ impl From<&Error> for Problem {
                 p.current_version = Some(*current);
                 p
             }
-            Error::IdempotencyMismatch => Problem::new(S::UNPROCESSABLE_ENTITY, "idempotency-key-reused", "Idempotency-Key reused", d),
-            Error::PayloadTooLarge { .. } => Problem::new(S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", d),
+            Error::IdempotencyMismatch => {
+                Problem::new(S::UNPROCESSABLE_ENTITY, "idempotency-key-reused", "Idempotency-Key reused", d)
+            }
+            Error::PayloadTooLarge { .. } => {
+                Problem::new(S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large", d)
+            }
             Error::UnsupportedMediaType(_) => {
                 Problem::new(S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type", d)
             }
@@ -109,5 +113,10 @@ pub async fn not_found() -> Problem {
 
 /// Answer for known routes called with the wrong method.
 pub async fn method_not_allowed() -> Problem {
-    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this route does not accept that method")
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this route does not accept that method",
+    )
 }

@@ -42,7 +42,11 @@ struct CreatedTenant {
 }
 
 /// `POST /v1/tenants`: creates a tenant and its first admin key (shown once).
-async fn create(State(s): State<AppState>, caller: Caller, ApiJson(input): ApiJson<NewTenantInput>) -> Result<Response> {
+async fn create(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(input): ApiJson<NewTenantInput>,
+) -> Result<Response> {
     caller.principal.require_platform_admin()?;
     let tenant = NewTenant::parse(input, crate::domain::now())?;
     let (tenant, key) = s.tenants.create_tenant(tenant, caller.ctx()).await?;

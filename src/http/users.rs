@@ -47,13 +47,22 @@ async fn create(
 }
 
 /// `GET …/users?limit=&cursor=`: users in id (= creation) order (reader).
-async fn list(State(s): State<AppState>, caller: Caller, ApiPath(tenant_id): ApiPath<Uuid>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Response> {
+async fn list(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(tenant_id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Response> {
     caller.principal.require_tenant(tenant_id, Role::Reader)?;
     Ok(Json(s.tenants.list_users(tenant_id, q.page()?).await?).into_response())
 }
 
 /// `GET …/users/{user_id}` (reader).
-async fn get_one(State(s): State<AppState>, caller: Caller, ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>) -> Result<Response> {
+async fn get_one(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
+) -> Result<Response> {
     caller.principal.require_tenant(tenant_id, Role::Reader)?;
     Ok(with_etag(StatusCode::OK, s.tenants.get_user(tenant_id, user_id).await?))
 }

@@ -93,7 +93,8 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     /// Creates a tenant together with its first admin key (one `tenant.created` event).
-    async fn create_tenant(&self, tenant: &NewTenant, admin_key: &NewApiKey, ctx: &EventContext) -> StoreResult<Tenant>;
+    async fn create_tenant(&self, tenant: &NewTenant, admin_key: &NewApiKey, ctx: &EventContext)
+        -> StoreResult<Tenant>;
     async fn get_tenant(&self, id: Uuid) -> StoreResult<Tenant>;
     async fn list_tenants(&self, page: PageRequest) -> StoreResult<Page<Tenant>>;
     /// Applies a patch; a patch that changes nothing writes nothing.
@@ -123,7 +124,13 @@ pub trait Store: Send + Sync + 'static {
         patch: &UserPatch,
         ctx: &EventContext,
     ) -> StoreResult<User>;
-    async fn delete_user(&self, tenant_id: Uuid, user_id: Uuid, expected_version: Option<i64>, ctx: &EventContext) -> StoreResult<()>;
+    async fn delete_user(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        expected_version: Option<i64>,
+        ctx: &EventContext,
+    ) -> StoreResult<()>;
 
     /// Outbox rows with `seq > after_seq`, oldest first.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;

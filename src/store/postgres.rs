@@ -19,7 +19,8 @@ impl PgStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Trace);
+        let options: PgConnectOptions =
+            url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Trace);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))

@@ -72,7 +72,8 @@ pub(super) struct ApiKeyRow {
 impl TryFrom<ApiKeyRow> for ApiKey {
     type Error = StoreError;
     fn try_from(r: ApiKeyRow) -> Result<Self, StoreError> {
-        let role = Role::parse(&r.role).ok_or_else(|| StoreError::Corrupt(format!("api key {} has role {:?}", r.id, r.role)))?;
+        let role = Role::parse(&r.role)
+            .ok_or_else(|| StoreError::Corrupt(format!("api key {} has role {:?}", r.id, r.role)))?;
         Ok(ApiKey { id: r.id, tenant_id: r.tenant_id, role, created_at: r.created_at })
     }
 }

@@ -61,7 +61,11 @@ impl Actor for Root {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let tenants = args.registry_slot.read().map_err(|_| "registry slot poisoned")?.clone();
         tenants.link(myself.get_cell());
         for spec in ROOT_CHILDREN {
@@ -70,7 +74,12 @@ impl Actor for Root {
         Ok(RootState { args, tenants, restarts: VecDeque::new() })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, _state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {}
     }
 
@@ -93,7 +102,8 @@ impl Actor for Root {
                     myself.stop(Some("restart intensity exceeded".into()));
                     return Ok(());
                 }
-                let args = RegistryArgs { store: state.args.store.clone(), idle_timeout: state.args.tenant_idle_timeout };
+                let args =
+                    RegistryArgs { store: state.args.store.clone(), idle_timeout: state.args.tenant_idle_timeout };
                 let (tenants, _) = Actor::spawn_linked(None, TenantRegistry, args, myself.get_cell()).await?;
                 if let Ok(mut slot) = state.args.registry_slot.write() {
                     *slot = tenants.clone();

@@ -42,7 +42,11 @@ async fn serve_on_embedded_defaults_then_sigterm() {
 
     let client = reqwest::Client::new();
     let res = crate::utils::wait_for("binary to accept requests", Duration::from_secs(30), || {
-        let req = client.post(format!("{base}/v1/tenants")).bearer_auth(&token).json(&json!({"name": "Bin", "slug": "bin"})).send();
+        let req = client
+            .post(format!("{base}/v1/tenants"))
+            .bearer_auth(&token)
+            .json(&json!({"name": "Bin", "slug": "bin"}))
+            .send();
         async move { req.await.ok() }
     })
     .await;

@@ -58,7 +58,9 @@ async fn max_users_race(db: &TestDb) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_two_servers_one_email_exactly_one_wins() {
-    let Some(db) = TestDb::postgres("concurrency::postgres_two_servers_one_email_exactly_one_wins").await else { return };
+    let Some(db) = TestDb::postgres("concurrency::postgres_two_servers_one_email_exactly_one_wins").await else {
+        return;
+    };
     same_email_race(&db).await;
 }
 

@@ -35,20 +35,39 @@ async fn authentication_and_tenant_admin() {
 
     // 409 duplicate slug, 422 invalid fields (each named), 400 malformed JSON,
     // 415 wrong content type, 413 oversized body, 422 unknown field.
-    let p = expect_problem(app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "A2", "slug": "acme"})).await, StatusCode::CONFLICT).await;
+    let p = expect_problem(
+        app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "A2", "slug": "acme"})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
     assert!(p["detail"].as_str().unwrap().contains("acme"));
-    let p = expect_problem(app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "", "slug": "No!"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let p = expect_problem(
+        app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "", "slug": "No!"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     let fields: Vec<&str> = p["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
     assert_eq!(fields, ["name", "slug"]);
-    let raw = app.req(Method::POST, "/v1/tenants", Some(ADMIN_TOKEN)).header("content-type", "application/json").body("{\"name\":");
+    let raw = app
+        .req(Method::POST, "/v1/tenants", Some(ADMIN_TOKEN))
+        .header("content-type", "application/json")
+        .body("{\"name\":");
     expect_problem(raw.send().await.unwrap(), StatusCode::BAD_REQUEST).await;
     let text = app.req(Method::POST, "/v1/tenants", Some(ADMIN_TOKEN)).body("name=x");
     expect_problem(text.send().await.unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
     let huge = json!({"name": "x".repeat(100_000), "slug": "huge"});
     expect_problem(app.post("/v1/tenants", ADMIN_TOKEN, huge).await, StatusCode::PAYLOAD_TOO_LARGE).await;
-    let p = expect_problem(app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "X", "slug": "xyz", "plan": "gold"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let p = expect_problem(
+        app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "X", "slug": "xyz", "plan": "gold"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert!(p["detail"].as_str().unwrap().contains("plan"), "names the unknown field: {p}");
-    let p = expect_problem(app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "X", "slug": "xyz", "max_users": -1})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let p = expect_problem(
+        app.post("/v1/tenants", ADMIN_TOKEN, json!({"name": "X", "slug": "xyz", "max_users": -1})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert!(p["detail"].as_str().unwrap().contains("max_users"), "{p}");
 
     // Listing: admin yes, tenant key no (403); bad paging input is a 4xx.
@@ -62,16 +81,26 @@ async fn authentication_and_tenant_admin() {
 
     // A tenant key reads its own tenant; PATCH/DELETE are platform-admin only.
     assert_eq!(app.get(&format!("/v1/tenants/{id}"), &key).await.status(), StatusCode::OK);
-    expect_problem(app.patch(&format!("/v1/tenants/{id}"), &key, json!({"name": "Mine"})).await, StatusCode::FORBIDDEN).await;
-    let patched: Value = app.patch(&format!("/v1/tenants/{id}"), ADMIN_TOKEN, json!({"max_users": 5})).await.json().await.unwrap();
+    expect_problem(app.patch(&format!("/v1/tenants/{id}"), &key, json!({"name": "Mine"})).await, StatusCode::FORBIDDEN)
+        .await;
+    let patched: Value =
+        app.patch(&format!("/v1/tenants/{id}"), ADMIN_TOKEN, json!({"max_users": 5})).await.json().await.unwrap();
     assert_eq!(patched["max_users"], 5);
-    expect_problem(app.patch(&format!("/v1/tenants/{id}"), ADMIN_TOKEN, json!({"slug": "new"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect_problem(
+        app.patch(&format!("/v1/tenants/{id}"), ADMIN_TOKEN, json!({"slug": "new"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     expect_problem(app.get("/v1/tenants/not-a-uuid", ADMIN_TOKEN).await, StatusCode::BAD_REQUEST).await;
     expect_problem(app.get(&format!("/v1/tenants/{}", Uuid::now_v7()), ADMIN_TOKEN).await, StatusCode::NOT_FOUND).await;
 
     // Routing problems are problems too.
     expect_problem(app.get("/v1/nothing-here", ADMIN_TOKEN).await, StatusCode::NOT_FOUND).await;
-    expect_problem(app.req(Method::PUT, "/v1/tenants", Some(ADMIN_TOKEN)).send().await.unwrap(), StatusCode::METHOD_NOT_ALLOWED).await;
+    expect_problem(
+        app.req(Method::PUT, "/v1/tenants", Some(ADMIN_TOKEN)).send().await.unwrap(),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
+    .await;
 
     // Delete: 204, then the tenant and its key are gone.
     expect_problem(app.delete(&format!("/v1/tenants/{id}"), &key).await, StatusCode::FORBIDDEN).await;
@@ -89,12 +118,17 @@ async fn user_lifecycle_and_status_codes() {
     let users = format!("/v1/tenants/{}/users", t.id);
 
     // 201 with ETag and Location.
-    let res = app.post(&users, &t.admin_key, json!({"email": "Ada@Example.com", "name": " Ada ", "attributes": {"plan": "pro"}})).await;
+    let res = app
+        .post(&users, &t.admin_key, json!({"email": "Ada@Example.com", "name": " Ada ", "attributes": {"plan": "pro"}}))
+        .await;
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(res.headers()["etag"], "\"1\"");
     let location = res.headers()["location"].to_str().unwrap().to_owned();
     let u: Value = res.json().await.unwrap();
-    assert_eq!((u["name"].as_str(), u["status"].as_str(), u["version"].as_i64()), (Some("Ada"), Some("active"), Some(1)));
+    assert_eq!(
+        (u["name"].as_str(), u["status"].as_str(), u["version"].as_i64()),
+        (Some("Ada"), Some("active"), Some(1))
+    );
     assert_eq!(u["attributes"]["plan"], "pro");
     assert_eq!(location, format!("{users}/{}", u["id"].as_str().unwrap()));
 
@@ -104,34 +138,82 @@ async fn user_lifecycle_and_status_codes() {
     assert_eq!(res.json::<Value>().await.unwrap(), u);
 
     // 409 duplicate email (case-insensitive), 422 invalid input.
-    let p = expect_problem(app.post(&users, &t.admin_key, json!({"email": "ADA@example.COM", "name": "Other"})).await, StatusCode::CONFLICT).await;
+    let p = expect_problem(
+        app.post(&users, &t.admin_key, json!({"email": "ADA@example.COM", "name": "Other"})).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
     assert!(p["detail"].as_str().unwrap().contains("already exists"));
-    let p = expect_problem(app.post(&users, &t.admin_key, json!({"email": "not-an-email", "name": "X"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let p = expect_problem(
+        app.post(&users, &t.admin_key, json!({"email": "not-an-email", "name": "X"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(p["errors"][0]["field"], "email");
-    expect_problem(app.post(&users, &t.admin_key, json!({"email": "x@y.io"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
-    expect_problem(app.post(&users, &t.admin_key, json!({"email": "x@y.io", "name": "X", "attributes": [1]})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect_problem(app.post(&users, &t.admin_key, json!({"email": "x@y.io"})).await, StatusCode::UNPROCESSABLE_ENTITY)
+        .await;
+    expect_problem(
+        app.post(&users, &t.admin_key, json!({"email": "x@y.io", "name": "X", "attributes": [1]})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
 
     // PATCH with If-Match: 200 + new ETag; the same stale If-Match again: 412.
-    let res = app.req(Method::PATCH, &location, Some(&t.admin_key)).header("if-match", "\"1\"").json(&json!({"name": "Ada L."})).send().await.unwrap();
+    let res = app
+        .req(Method::PATCH, &location, Some(&t.admin_key))
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "Ada L."}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!((res.status(), res.headers()["etag"].to_str().unwrap()), (StatusCode::OK, "\"2\""));
-    let res = app.req(Method::PATCH, &location, Some(&t.admin_key)).header("if-match", "\"1\"").json(&json!({"name": "Lost update"})).send().await.unwrap();
+    let res = app
+        .req(Method::PATCH, &location, Some(&t.admin_key))
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "Lost update"}))
+        .send()
+        .await
+        .unwrap();
     let p = expect_problem(res, StatusCode::PRECONDITION_FAILED).await;
     assert_eq!(p["current_version"], 2);
-    let res = app.req(Method::PATCH, &location, Some(&t.admin_key)).header("if-match", "yesterday").json(&json!({"name": "X"})).send().await.unwrap();
+    let res = app
+        .req(Method::PATCH, &location, Some(&t.admin_key))
+        .header("if-match", "yesterday")
+        .json(&json!({"name": "X"}))
+        .send()
+        .await
+        .unwrap();
     expect_problem(res, StatusCode::BAD_REQUEST).await;
-    expect_problem(app.patch(&location, &t.admin_key, json!({"status": "banished"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect_problem(
+        app.patch(&location, &t.admin_key, json!({"status": "banished"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     let current: Value = app.get(&location, &t.admin_key).await.json().await.unwrap();
-    assert_eq!((current["name"].as_str(), current["version"].as_i64()), (Some("Ada L."), Some(2)), "refused patches changed nothing");
+    assert_eq!(
+        (current["name"].as_str(), current["version"].as_i64()),
+        (Some("Ada L."), Some(2)),
+        "refused patches changed nothing"
+    );
 
     // Roles: a reader reads but cannot write; a writer cannot mint keys.
     let reader = app.key(&t, "reader").await;
     let writer = app.key(&t, "writer").await;
     assert_eq!(app.get(&users, &reader).await.status(), StatusCode::OK);
-    expect_problem(app.post(&users, &reader, json!({"email": "r@x.io", "name": "R"})).await, StatusCode::FORBIDDEN).await;
+    expect_problem(app.post(&users, &reader, json!({"email": "r@x.io", "name": "R"})).await, StatusCode::FORBIDDEN)
+        .await;
     expect_problem(app.delete(&location, &reader).await, StatusCode::FORBIDDEN).await;
     assert_eq!(app.post(&users, &writer, json!({"email": "w@x.io", "name": "W"})).await.status(), StatusCode::CREATED);
-    expect_problem(app.post(&format!("/v1/tenants/{}/api-keys", t.id), &writer, json!({"role": "admin"})).await, StatusCode::FORBIDDEN).await;
-    expect_problem(app.post(&format!("/v1/tenants/{}/api-keys", t.id), &t.admin_key, json!({"role": "root"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect_problem(
+        app.post(&format!("/v1/tenants/{}/api-keys", t.id), &writer, json!({"role": "admin"})).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    expect_problem(
+        app.post(&format!("/v1/tenants/{}/api-keys", t.id), &t.admin_key, json!({"role": "root"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
 
     // Bad ids and paging.
     expect_problem(app.get(&format!("{users}/123"), &t.admin_key).await, StatusCode::BAD_REQUEST).await;
@@ -161,7 +243,12 @@ async fn tenant_max_users_answers_409_and_writes_nothing() {
     let app = TestApp::start(db.url()).await;
     let t = app.tenant("small", 1).await;
     app.user(&t, "one@x.io").await;
-    let p = expect_problem(app.post(&format!("/v1/tenants/{}/users", t.id), &t.admin_key, json!({"email": "two@x.io", "name": "Two"})).await, StatusCode::CONFLICT).await;
+    let p = expect_problem(
+        app.post(&format!("/v1/tenants/{}/users", t.id), &t.admin_key, json!({"email": "two@x.io", "name": "Two"}))
+            .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
     assert_eq!(p["type"], "urn:eventra:problem:tenant-user-limit");
     let tenant: Value = app.get(&format!("/v1/tenants/{}", t.id), &t.admin_key).await.json().await.unwrap();
     assert_eq!(tenant["user_count"], 1);
@@ -185,23 +272,44 @@ async fn tenant_isolation_on_every_user_route() {
         // Through the other tenant's path…
         let theirs = format!("/v1/tenants/{}/users", other.id);
         expect_problem(app.get(&theirs, k).await, StatusCode::NOT_FOUND).await;
-        expect_problem(app.post(&theirs, k, json!({"email": "intruder@x.io", "name": "I"})).await, StatusCode::NOT_FOUND).await;
+        expect_problem(
+            app.post(&theirs, k, json!({"email": "intruder@x.io", "name": "I"})).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
         expect_problem(app.get(&format!("{theirs}/{other_id}"), k).await, StatusCode::NOT_FOUND).await;
-        expect_problem(app.patch(&format!("{theirs}/{other_id}"), k, json!({"name": "Owned"})).await, StatusCode::NOT_FOUND).await;
+        expect_problem(
+            app.patch(&format!("{theirs}/{other_id}"), k, json!({"name": "Owned"})).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
         expect_problem(app.delete(&format!("{theirs}/{other_id}"), k).await, StatusCode::NOT_FOUND).await;
-        expect_problem(app.post(&format!("/v1/tenants/{}/api-keys", other.id), k, json!({"role": "admin"})).await, StatusCode::NOT_FOUND).await;
+        expect_problem(
+            app.post(&format!("/v1/tenants/{}/api-keys", other.id), k, json!({"role": "admin"})).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
         expect_problem(app.get(&format!("/v1/tenants/{}", other.id), k).await, StatusCode::NOT_FOUND).await;
         // …and through my own path with their user's id.
         let mine = format!("/v1/tenants/{}/users", me.id);
         expect_problem(app.get(&format!("{mine}/{other_id}"), k).await, StatusCode::NOT_FOUND).await;
-        expect_problem(app.patch(&format!("{mine}/{other_id}"), k, json!({"name": "Owned"})).await, StatusCode::NOT_FOUND).await;
+        expect_problem(
+            app.patch(&format!("{mine}/{other_id}"), k, json!({"name": "Owned"})).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
         expect_problem(app.delete(&format!("{mine}/{other_id}"), k).await, StatusCode::NOT_FOUND).await;
         let list: Value = app.get(&mine, k).await.json().await.unwrap();
         assert!(list["items"].as_array().unwrap().iter().all(|u| u["tenant_id"] == me.id.to_string()));
     }
     // Nothing changed on either side.
     for (t, u) in [(&a, &ua), (&b, &ub)] {
-        let now: Value = app.get(&format!("/v1/tenants/{}/users/{}", t.id, u["id"].as_str().unwrap()), &t.admin_key).await.json().await.unwrap();
+        let now: Value = app
+            .get(&format!("/v1/tenants/{}/users/{}", t.id, u["id"].as_str().unwrap()), &t.admin_key)
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(&now, u);
         let list: Value = app.get(&format!("/v1/tenants/{}/users", t.id), &t.admin_key).await.json().await.unwrap();
         assert_eq!(list["items"].as_array().unwrap().len(), 1);
@@ -230,11 +338,16 @@ async fn idempotent_post_retries_return_the_first_answer() {
     assert_eq!(again.headers()["etag"], "\"1\"");
     assert_eq!(again.json::<Value>().await.unwrap(), first);
     // Same key, other body: 422.
-    let p = expect_problem(post("retry-1", json!({"email": "b@x.io", "name": "B"})).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    let p = expect_problem(
+        post("retry-1", json!({"email": "b@x.io", "name": "B"})).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(p["type"], "urn:eventra:problem:idempotency-key-reused");
 
     // Ten concurrent retries of one new request: one creation, ten identical answers.
-    let results = futures::future::join_all((0..10).map(|_| post("burst", json!({"email": "c@x.io", "name": "C"})))).await;
+    let results =
+        futures::future::join_all((0..10).map(|_| post("burst", json!({"email": "c@x.io", "name": "C"})))).await;
     let mut ids = std::collections::HashSet::new();
     for r in results {
         let r = r.unwrap();
@@ -246,7 +359,13 @@ async fn idempotent_post_retries_return_the_first_answer() {
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
 
     let store = store::connect(db.url(), 2).await.unwrap();
-    let created = store.outbox_after(0, 1000).await.unwrap().into_iter().filter(|r| r.event.event_type == EventType::UserCreated).count();
+    let created = store
+        .outbox_after(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.event_type == EventType::UserCreated)
+        .count();
     assert_eq!(created, 2, "replays emit no events");
     app.stop().await;
 }
@@ -266,7 +385,8 @@ async fn request_id_is_echoed_and_becomes_the_correlation_id() {
     assert_eq!(res.headers()["x-request-id"], "trace-abc-123");
     let user: Value = res.json().await.unwrap();
     // An unusable id is replaced, not echoed.
-    let res = app.req(Method::GET, "/health/live", None).header("x-request-id", "bad id with spaces").send().await.unwrap();
+    let res =
+        app.req(Method::GET, "/health/live", None).header("x-request-id", "bad id with spaces").send().await.unwrap();
     assert_ne!(res.headers()["x-request-id"], "bad id with spaces");
 
     let store = store::connect(db.url(), 2).await.unwrap();

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use chrono::Utc;
 use eventra::domain::tenant::NewTenantInput;
 use eventra::domain::user::NewUserInput;
-use eventra::domain::{EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch, UserPatch};
+use eventra::domain::{
+    EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch, UserPatch,
+};
 use eventra::store::{IdempotencyRequest, OutboxRecord, Store, StoreError};
 use uuid::Uuid;
 
@@ -46,7 +48,8 @@ pub async fn tenant_changes_write_one_event_each(s: Arc<dyn Store>) {
     assert_eq!(rows[0].event.data["tenant"]["slug"], "acme");
     assert!(rows[0].published_at.is_none());
 
-    let renamed = s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
+    let renamed =
+        s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
     assert_eq!(renamed.name, "Acme Inc");
     let rows = expect_events(&s, 1, 1).await;
     assert_eq!(rows[0].event.event_type, EventType::TenantUpdated);
@@ -92,7 +95,10 @@ pub async fn user_changes_write_one_event_each(s: Arc<dyn Store>) {
     assert_eq!((u2.version, u2.name.as_str()), (2, "Ada Lovelace"));
     let rows = expect_events(&s, 1, 2).await;
     assert_eq!(rows[0].event.event_type, EventType::UserUpdated);
-    assert_eq!((rows[0].event.data["before"]["version"].clone(), rows[0].event.data["after"]["version"].clone()), (1.into(), 2.into()));
+    assert_eq!(
+        (rows[0].event.data["before"]["version"].clone(), rows[0].event.data["after"]["version"].clone()),
+        (1.into(), 2.into())
+    );
 
     let verify = UserPatch { email_verified: Some(true), ..Default::default() };
     let u3 = s.update_user(t.id, u.id, None, &verify, &ctx()).await.unwrap();
@@ -135,9 +141,19 @@ pub async fn failed_changes_write_nothing(s: Arc<dyn Store>) {
     let clash = UserPatch { email: Some("B@x.io".into()), ..Default::default() };
     assert!(matches!(s.update_user(t.id, a.id, None, &clash, &ctx()).await, Err(StoreError::Conflict(_))));
     // Unknown user / tenant, and a duplicate slug.
-    assert!(matches!(s.update_user(t.id, Uuid::now_v7(), None, &patch, &ctx()).await, Err(StoreError::NotFound("user"))));
-    assert!(matches!(s.create_user(&new_user(Uuid::now_v7(), "z@x.io"), None, &ctx()).await, Err(StoreError::NotFound("tenant"))));
-    let again = NewTenant::parse(NewTenantInput { name: "x".into(), slug: "limits".into(), max_users: None }, eventra::domain::now()).unwrap();
+    assert!(matches!(
+        s.update_user(t.id, Uuid::now_v7(), None, &patch, &ctx()).await,
+        Err(StoreError::NotFound("user"))
+    ));
+    assert!(matches!(
+        s.create_user(&new_user(Uuid::now_v7(), "z@x.io"), None, &ctx()).await,
+        Err(StoreError::NotFound("tenant"))
+    ));
+    let again = NewTenant::parse(
+        NewTenantInput { name: "x".into(), slug: "limits".into(), max_users: None },
+        eventra::domain::now(),
+    )
+    .unwrap();
     let key = NewApiKey::generate(again.id, Role::Admin, eventra::domain::now());
     assert!(matches!(s.create_tenant(&again, &key, &ctx()).await, Err(StoreError::Conflict(_))));
 
@@ -164,11 +180,15 @@ pub async fn idempotent_create_replays(s: Arc<dyn Store>) {
     assert!(retry.replayed && !first.replayed);
     assert_eq!(retry.value, first.value);
     let mismatch = IdempotencyRequest { key: "k-1".into(), request_hash: "h2".into() };
-    assert!(matches!(s.create_user(&new_user(t.id, "b@x.io"), Some(&mismatch), &ctx()).await, Err(StoreError::IdempotencyMismatch)));
+    assert!(matches!(
+        s.create_user(&new_user(t.id, "b@x.io"), Some(&mismatch), &ctx()).await,
+        Err(StoreError::IdempotencyMismatch)
+    ));
     // Keys are per tenant.
     let elsewhere = s.create_user(&new_user(other.id, "a@x.io"), Some(&req), &ctx()).await.unwrap();
     assert!(!elsewhere.replayed);
-    let created: Vec<_> = outbox(&s).await.into_iter().filter(|r| r.event.event_type == EventType::UserCreated).collect();
+    let created: Vec<_> =
+        outbox(&s).await.into_iter().filter(|r| r.event.event_type == EventType::UserCreated).collect();
     assert_eq!(created.len(), 2, "one event per real creation");
     assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
 }

@@ -99,7 +99,8 @@ impl TestApp {
     /// Creates a tenant through the API.
     pub async fn tenant(&self, slug_prefix: &str, max_users: u32) -> TestTenant {
         let slug = format!("{slug_prefix}-{}", &Uuid::now_v7().simple().to_string()[20..]);
-        let res = self.post("/v1/tenants", ADMIN_TOKEN, json!({"name": slug, "slug": slug, "max_users": max_users})).await;
+        let res =
+            self.post("/v1/tenants", ADMIN_TOKEN, json!({"name": slug, "slug": slug, "max_users": max_users})).await;
         assert_eq!(res.status(), StatusCode::CREATED);
         let body: Value = res.json().await.expect("json");
         TestTenant {
@@ -110,7 +111,8 @@ impl TestApp {
 
     /// Mints a key with `role` for a tenant.
     pub async fn key(&self, tenant: &TestTenant, role: &str) -> String {
-        let res = self.post(&format!("/v1/tenants/{}/api-keys", tenant.id), &tenant.admin_key, json!({"role": role})).await;
+        let res =
+            self.post(&format!("/v1/tenants/{}/api-keys", tenant.id), &tenant.admin_key, json!({"role": role})).await;
         assert_eq!(res.status(), StatusCode::CREATED);
         let body: Value = res.json().await.expect("json");
         body["key"].as_str().expect("key").to_owned()
@@ -118,7 +120,13 @@ impl TestApp {
 
     /// Creates a user and returns its JSON.
     pub async fn user(&self, tenant: &TestTenant, email: &str) -> Value {
-        let res = self.post(&format!("/v1/tenants/{}/users", tenant.id), &tenant.admin_key, json!({"email": email, "name": "Test User"})).await;
+        let res = self
+            .post(
+                &format!("/v1/tenants/{}/users", tenant.id),
+                &tenant.admin_key,
+                json!({"email": email, "name": "Test User"}),
+            )
+            .await;
         assert_eq!(res.status(), StatusCode::CREATED, "create {email}");
         res.json().await.expect("json")
     }
