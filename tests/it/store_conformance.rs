@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use eventra::domain::tenant::NewTenantInput;
 use eventra::domain::user::NewUserInput;
 use eventra::domain::{
