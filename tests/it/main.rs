@@ -4,6 +4,7 @@
 //! its own database). Without it they print `NOT RUN` and return, unless `CI=true`,
 //! where a missing service fails the test.
 
+mod actors;
 mod binary;
 mod concurrency;
 mod http_api;
