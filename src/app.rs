@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use crate::actors::Tenants;
 use crate::config::Config;
 use crate::http::{self, AppState};
-use crate::store::{self, redact_url, Store, StoreError};
+use crate::store::{self, redact_url, Store, StoreDeadLetters, StoreError};
+use crate::supervision::parking::ReplayTargets;
+use crate::supervision::root::RootDeps;
 use crate::supervision::Root;
 
 /// Longest an actor call may take before the request answers 503.
@@ -26,6 +28,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("could not start the supervision tree: {0}")]
     Actors(String),
+    #[error("the supervision tree failed past the root (restart intensity exceeded)")]
+    TreeDown,
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -47,18 +51,47 @@ pub async fn run(
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
     log_pending_backends(&config);
 
-    let (root, registry) = Root::start(store.clone(), config.tenant_idle_timeout)
-        .await
-        .map_err(|e| StartupError::Actors(e.to_string()))?;
-    let tenants = Tenants::new(registry, store, ACTOR_CALL_TIMEOUT);
-    let state = AppState { tenants, admin_token: Arc::new(config.admin_token.clone()) };
+    let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
+    let deps = RootDeps { store: store.clone(), tenant_idle_timeout: config.tenant_idle_timeout, dead_letters };
+    let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
+    let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT);
+    let state = AppState {
+        tenants,
+        admin_token: Arc::new(config.admin_token.clone()),
+        tree: root.tree.clone(),
+        chaos: config.chaos,
+        replay: Arc::new(ReplayTargets::default()),
+        metrics: crate::telemetry::metrics(),
+    };
+    if config.chaos {
+        tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");
+    }
     let app = http::router(state, config.max_body_bytes);
 
+    // Stop serving when asked to, or when the tree is gone: a root that escalated has no
+    // parent left to decide, so the process exits (non-zero) for its orchestrator to restart.
+    let tree_died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = {
+        let tree_died = tree_died.clone();
+        let mut join = root.join;
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = &mut join => {
+                    tracing::error!("the supervision tree stopped; shutting down");
+                    tree_died.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    };
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, app).with_graceful_shutdown(stop).await;
     tracing::info!("http drained; stopping the supervision tree");
-    if root.stop_and_wait(Some("shutdown".into()), Some(TREE_SHUTDOWN)).await.is_err() {
+    if root.actor.stop_and_wait(Some("shutdown".into()), Some(TREE_SHUTDOWN)).await.is_err() {
         tracing::warn!("supervision tree did not stop in time");
+    }
+    if tree_died.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StartupError::TreeDown);
     }
     tracing::info!("shutdown complete");
     served.map_err(StartupError::from)

@@ -2,10 +2,14 @@
 //!
 //! Managers are started on the first request for their tenant and drained after
 //! `idle_timeout` without one, so memory follows active tenants, not all tenants.
-//! A manager that crashes is restarted at once (its mailbox is lost; callers waiting on
-//! it get "unavailable" and may retry with their Idempotency-Key).
+//! A manager that crashes (or is killed) is restarted at once; its mailbox is lost, so
+//! callers waiting on it get "unavailable" and may retry with their Idempotency-Key.
+//! Restarts count against the registry's restart intensity: a crash storm escalates
+//! to `root`, which restarts the whole registry (one-for-one at the root).
+//! Every manager appears in the tree as `tenant-<uuid>`, with its mailbox depth.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +21,13 @@ use super::tenant_manager::{TenantManager, TenantManagerState, TenantMsg};
 use crate::domain::{EventContext, NewApiKey, NewTenant, Tenant, TenantPatch};
 use crate::error::{Error, Result};
 use crate::store::Store;
+use crate::supervision::intensity::RestartWindow;
+use crate::supervision::{ChildKind, Intensity, Strategy, Tree};
 
 /// What the registry does.
 pub enum RegistryMsg {
     /// The manager of a tenant, started if it is not running.
-    Manager { tenant_id: Uuid, reply: RpcReplyPort<Result<ActorRef<TenantMsg>>> },
+    Manager { tenant_id: Uuid, reply: RpcReplyPort<Result<ManagerHandle>> },
     /// Create a tenant with its first admin key.
     CreateTenant { tenant: NewTenant, admin_key: NewApiKey, ctx: EventContext, reply: RpcReplyPort<Result<Tenant>> },
     /// Patch a tenant's name or limit.
@@ -30,11 +36,19 @@ pub enum RegistryMsg {
     DeleteTenant { id: Uuid, ctx: EventContext, reply: RpcReplyPort<Result<()>> },
     /// Timer tick: drain managers idle for longer than the timeout.
     ReapIdle,
-    /// The running managers, for the supervision-tree view.
+    /// The running managers.
     Managers { reply: RpcReplyPort<Vec<ManagerInfo>> },
 }
 
-/// A running manager as the tree view shows it.
+/// A manager and the count of requests sent to it and not yet answered.
+#[derive(Clone)]
+pub struct ManagerHandle {
+    pub actor: ActorRef<TenantMsg>,
+    /// Incremented by senders before a call, decremented after: the mailbox depth.
+    pub pending: Arc<AtomicUsize>,
+}
+
+/// A running manager, for tools and tests.
 #[derive(Debug, Clone)]
 pub struct ManagerInfo {
     pub tenant_id: Uuid,
@@ -49,11 +63,16 @@ pub struct RegistryArgs {
     pub store: Arc<dyn Store>,
     /// How long a manager may sit without requests before it is drained.
     pub idle_timeout: Duration,
+    pub tree: Tree,
+    /// This registry's name in the tree (`tenants`).
+    pub name: String,
 }
 
 /// One running manager.
 struct Entry {
     actor: ActorRef<TenantMsg>,
+    /// Shared with callers and the tree's mailbox gauge; survives restarts.
+    pending: Arc<AtomicUsize>,
     /// Refreshed on every lookup; the reaper compares it to `idle_timeout`.
     last_used: Instant,
     restarts: u32,
@@ -66,6 +85,10 @@ pub struct RegistryState {
     idle_timeout: Duration,
     /// The live managers by tenant.
     managers: HashMap<Uuid, Entry>,
+    tree: Tree,
+    name: String,
+    /// Manager restarts in the intensity window; too many escalate to `root`.
+    window: RestartWindow,
 }
 
 /// The actor.
@@ -83,7 +106,15 @@ impl Actor for TenantRegistry {
     ) -> Result<Self::State, ActorProcessingErr> {
         let tick = (args.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         myself.send_interval(tick, || RegistryMsg::ReapIdle);
-        Ok(RegistryState { store: args.store, idle_timeout: args.idle_timeout, managers: HashMap::new() })
+        args.tree.set_strategy(&args.name, Strategy::OneForOne);
+        Ok(RegistryState {
+            store: args.store,
+            idle_timeout: args.idle_timeout,
+            managers: HashMap::new(),
+            tree: args.tree,
+            name: args.name,
+            window: RestartWindow::new(Intensity::default()),
+        })
     }
 
     async fn handle(
@@ -108,6 +139,7 @@ impl Actor for TenantRegistry {
             RegistryMsg::DeleteTenant { id, ctx, reply } => {
                 if let Some(entry) = state.managers.remove(&id) {
                     entry.actor.stop(Some("tenant deleted".into()));
+                    state.tree.remove(&manager_name(id));
                 }
                 let r = state.store.delete_tenant(id, &ctx).await.map_err(Into::into);
                 let _ = reply.send(r);
@@ -137,39 +169,41 @@ impl Actor for TenantRegistry {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                let Some(tenant_id) = tenant_of(state, &cell) else { return Ok(()) };
-                let reason = err.to_string();
-                tracing::warn!(%tenant_id, actor = %format!("tenant-{tenant_id}"), %reason, "tenant manager failed; restarting");
-                let Some(old) = state.managers.remove(&tenant_id) else { return Ok(()) };
-                match spawn_manager(&myself, state, tenant_id).await {
-                    Ok(actor) => {
-                        state.managers.insert(
-                            tenant_id,
-                            Entry {
-                                actor,
-                                last_used: old.last_used,
-                                restarts: old.restarts + 1,
-                                last_failure: Some(reason),
-                                started_at: Utc::now(),
-                            },
-                        );
-                    }
-                    // Not fatal: the next request for the tenant starts it afresh.
-                    Err(e) => tracing::error!(%tenant_id, error = %e, "could not restart tenant manager"),
-                }
-            }
+        let (cell, crashed, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                if let Some(tenant_id) = tenant_of(state, &cell) {
-                    tracing::debug!(%tenant_id, ?reason, "tenant manager stopped");
-                    state.managers.remove(&tenant_id);
-                }
+                // A kill is a crash (OTP's `killed`), not a normal stop.
+                let killed = reason.as_deref() == Some("killed");
+                (cell, killed, reason.unwrap_or_else(|| "normal".into()))
             }
-            _ => {}
+            _ => return Ok(()),
+        };
+        let Some(tenant_id) = tenant_of(state, &cell) else { return Ok(()) };
+        let Some(old) = state.managers.remove(&tenant_id) else { return Ok(()) };
+        let name = manager_name(tenant_id);
+        if !crashed {
+            tracing::debug!(%tenant_id, %reason, "tenant manager stopped");
+            state.tree.remove(&name);
+            return Ok(());
+        }
+        restart_manager(&myself, state, tenant_id, old, reason).await
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        // Drain every manager: requests already queued are still answered.
+        for (tenant_id, entry) in state.managers.drain() {
+            if entry.actor.drain_and_wait(Some(Duration::from_secs(10))).await.is_err() {
+                entry.actor.kill();
+            }
+            state.tree.remove(&manager_name(tenant_id));
         }
         Ok(())
     }
+}
+
+/// The tree name of a tenant's manager.
+pub fn manager_name(tenant_id: Uuid) -> String {
+    format!("tenant-{tenant_id}")
 }
 
 /// Finds the running manager or starts one for an existing tenant.
@@ -177,31 +211,73 @@ async fn manager_for(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     tenant_id: Uuid,
-) -> Result<ActorRef<TenantMsg>> {
+) -> Result<ManagerHandle> {
     if let Some(entry) = state.managers.get_mut(&tenant_id) {
         entry.last_used = Instant::now();
-        return Ok(entry.actor.clone());
+        return Ok(ManagerHandle { actor: entry.actor.clone(), pending: entry.pending.clone() });
     }
     // Only real tenants get an actor: random ids must not grow the registry.
     state.store.get_tenant(tenant_id).await?;
-    let actor = spawn_manager(myself, state, tenant_id).await?;
-    state.managers.insert(
-        tenant_id,
-        Entry {
-            actor: actor.clone(),
-            last_used: Instant::now(),
-            restarts: 0,
-            last_failure: None,
-            started_at: Utc::now(),
-        },
-    );
-    Ok(actor)
+    let pending = Arc::new(AtomicUsize::new(0));
+    let actor = spawn_manager(myself, state, tenant_id, pending.clone()).await?;
+    let entry = Entry {
+        actor: actor.clone(),
+        pending: pending.clone(),
+        last_used: Instant::now(),
+        restarts: 0,
+        last_failure: None,
+        started_at: Utc::now(),
+    };
+    state.managers.insert(tenant_id, entry);
+    Ok(ManagerHandle { actor, pending })
+}
+
+/// Restarts a crashed manager, or escalates when restarts come too fast.
+async fn restart_manager(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    tenant_id: Uuid,
+    old: Entry,
+    reason: String,
+) -> Result<(), ActorProcessingErr> {
+    let name = manager_name(tenant_id);
+    tracing::warn!(supervisor = %state.name, child = %name, %reason, "child failed");
+    state.tree.failed(&name, &reason);
+    if !state.window.allow(Instant::now()) {
+        tracing::error!(supervisor = %state.name, child = %name, "restart intensity exceeded; escalating to the parent");
+        metrics::counter!("eventra_supervisor_escalations_total", "supervisor" => state.name.clone()).increment(1);
+        return Err(format!("restart intensity exceeded (last: {name}: {reason})").into());
+    }
+    state.tree.restarting(&name);
+    metrics::counter!("eventra_actor_restarts_total", "supervisor" => state.name.clone(), "child" => "tenant-manager")
+        .increment(1);
+    match spawn_manager(myself, state, tenant_id, old.pending.clone()).await {
+        Ok(actor) => {
+            tracing::info!(supervisor = %state.name, child = %name, "child restarted");
+            let entry = Entry {
+                actor,
+                pending: old.pending,
+                last_used: old.last_used,
+                restarts: old.restarts + 1,
+                last_failure: Some(reason),
+                started_at: Utc::now(),
+            };
+            state.managers.insert(tenant_id, entry);
+        }
+        // Not fatal: the next request for the tenant starts it afresh.
+        Err(e) => {
+            tracing::error!(%tenant_id, error = %e, "could not restart tenant manager");
+            state.tree.remove(&name);
+        }
+    }
+    Ok(())
 }
 
 async fn spawn_manager(
     myself: &ActorRef<RegistryMsg>,
     state: &RegistryState,
     tenant_id: Uuid,
+    pending: Arc<AtomicUsize>,
 ) -> Result<ActorRef<TenantMsg>> {
     let args = TenantManagerState { tenant_id, store: state.store.clone() };
     // Unnamed in ractor's global registry: several app instances share one process in
@@ -209,6 +285,9 @@ async fn spawn_manager(
     let (actor, _) = Actor::spawn_linked(None, TenantManager, args, myself.get_cell())
         .await
         .map_err(|e| Error::Unavailable(format!("could not start the tenant manager: {e}")))?;
+    let name = manager_name(tenant_id);
+    state.tree.started(&name, Some(&state.name), ChildKind::Worker, actor.get_cell());
+    state.tree.set_mailbox(&name, Arc::new(move || pending.load(Ordering::Relaxed)));
     Ok(actor)
 }
 
@@ -219,6 +298,7 @@ fn reap_idle(state: &mut RegistryState) {
     for tenant_id in idle {
         if let Some(entry) = state.managers.remove(&tenant_id) {
             tracing::debug!(%tenant_id, "tenant manager idle; draining");
+            state.tree.remove(&manager_name(tenant_id));
             // Drain, not stop: messages already queued are still handled; later sends
             // fail fast and the caller asks the registry again.
             let _ = entry.actor.drain();

@@ -5,7 +5,8 @@
 //! The registry reference sits behind a lock because the root supervisor replaces it
 //! when it restarts the registry.
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
@@ -19,6 +20,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::{Created, IdempotencyRequest, Store};
+use crate::supervision::root::RegistrySlot;
 
 /// How often a message is re-sent when its actor stopped before taking it (idle drain,
 /// restart). Safe: a refused send was never processed.
@@ -26,8 +28,8 @@ const SEND_ATTEMPTS: usize = 5;
 
 #[derive(Clone)]
 pub struct Tenants {
-    /// The live registry; swapped by the root supervisor on restart.
-    registry: Arc<RwLock<ActorRef<RegistryMsg>>>,
+    /// The live registry; replaced by the root supervisor's start function on restart.
+    registry: RegistrySlot,
     /// Read path.
     store: Arc<dyn Store>,
     /// Longest a request waits for an actor's reply before answering 503.
@@ -35,7 +37,7 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    pub fn new(registry: Arc<RwLock<ActorRef<RegistryMsg>>>, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
+    pub fn new(registry: RegistrySlot, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
         Tenants { registry, store, call_timeout }
     }
 
@@ -161,7 +163,11 @@ impl Tenants {
     // ---- messaging -----------------------------------------------------------------
 
     fn registry(&self) -> Result<ActorRef<RegistryMsg>> {
-        self.registry.read().map(|r| r.clone()).map_err(|_| Error::Internal("registry reference lock poisoned".into()))
+        self.registry
+            .read()
+            .ok()
+            .and_then(|r| r.clone())
+            .ok_or_else(|| Error::Unavailable("the tenants supervisor is not running; retry shortly".into()))
     }
 
     async fn call_registry<T: Send + 'static>(
@@ -187,7 +193,10 @@ impl Tenants {
     ) -> Result<T> {
         for _ in 0..SEND_ATTEMPTS {
             let manager = self.call_registry(|reply| RegistryMsg::Manager { tenant_id, reply }).await?;
-            match manager.call(&build, Some(self.call_timeout)).await {
+            manager.pending.fetch_add(1, Ordering::Relaxed);
+            let outcome = manager.actor.call(&build, Some(self.call_timeout)).await;
+            manager.pending.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
                 Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
                 other => return reply_of(other, "tenant manager"),
             }

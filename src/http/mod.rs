@@ -4,7 +4,9 @@
 //! layers: request ids and request spans, the body size limit, panic containment and
 //! problem+json fallbacks.
 
+pub mod admin;
 pub mod api_keys;
+pub mod debug;
 pub mod extract;
 pub mod health;
 pub mod problem;
@@ -25,7 +27,10 @@ use uuid::Uuid;
 
 use crate::actors::Tenants;
 use crate::config::Secret;
+use crate::supervision::parking::ReplayTargets;
+use crate::supervision::Tree;
 use extract::{BodyLimit, RequestId};
+use metrics_exporter_prometheus::PrometheusHandle;
 use problem::Problem;
 
 /// What every handler can reach.
@@ -35,6 +40,14 @@ pub struct AppState {
     pub tenants: Tenants,
     /// The platform admin bearer token.
     pub admin_token: Arc<Secret>,
+    /// The live supervision tree (`/debug/actors`).
+    pub tree: Tree,
+    /// Whether the chaos kill endpoint is enabled.
+    pub chaos: bool,
+    /// Where DLQ replays go, by source actor.
+    pub replay: Arc<ReplayTargets>,
+    /// Prometheus exposition (`None` if the recorder could not be installed).
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// The whole API.
@@ -44,6 +57,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(api_keys::router())
         .merge(users::router())
         .merge(health::router())
+        .merge(debug::router())
+        .merge(admin::router())
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -75,7 +90,10 @@ async fn request_context(max_body_bytes: usize, mut req: Request, next: Next) ->
     let started = Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
     let status = res.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    let latency_ms = elapsed * 1000.0;
+    metrics::counter!("eventra_http_requests_total", "status" => status.to_string()).increment(1);
+    metrics::histogram!("eventra_http_request_duration_seconds").record(elapsed);
     span.in_scope(|| {
         if status >= 500 {
             tracing::warn!(status, latency_ms, "request failed");

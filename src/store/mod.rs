@@ -20,6 +20,7 @@ use crate::domain::{
     UserPatch,
 };
 
+pub use crate::supervision::parking::DeadLetter;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -132,8 +133,26 @@ pub trait Store: Send + Sync + 'static {
         ctx: &EventContext,
     ) -> StoreResult<()>;
 
+    /// Parks a message in the dead-letter queue.
+    async fn park_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()>;
+    /// Parked messages, oldest first.
+    async fn list_dead_letters(&self, page: PageRequest) -> StoreResult<Page<DeadLetter>>;
+    async fn get_dead_letter(&self, id: Uuid) -> StoreResult<DeadLetter>;
+    /// Removes a parked message (after a replay, or to discard it).
+    async fn delete_dead_letter(&self, id: Uuid) -> StoreResult<()>;
+
     /// Outbox rows with `seq > after_seq`, oldest first.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
+}
+
+/// The store as the supervisors' dead-letter sink.
+pub struct StoreDeadLetters(pub Arc<dyn Store>);
+
+#[async_trait]
+impl crate::supervision::parking::DeadLetterSink for StoreDeadLetters {
+    async fn park(&self, letter: &DeadLetter) -> Result<(), String> {
+        self.0.park_dead_letter(letter).await.map_err(|e| e.to_string())
+    }
 }
 
 /// Opens the store a database URL names: `postgres://…` or `sqlite://…`.

@@ -101,6 +101,31 @@ impl From<OutboxRow> for OutboxRecord {
     }
 }
 
+#[derive(sqlx::FromRow)]
+pub(super) struct DeadLetterRow {
+    id: Uuid,
+    source: String,
+    message_id: String,
+    payload: Json<Value>,
+    reason: String,
+    failures: i64,
+    parked_at: DateTime<Utc>,
+}
+
+impl From<DeadLetterRow> for super::DeadLetter {
+    fn from(r: DeadLetterRow) -> Self {
+        super::DeadLetter {
+            id: r.id,
+            source: r.source,
+            message_id: r.message_id,
+            payload: r.payload.0,
+            reason: r.reason,
+            failures: u32::try_from(r.failures).unwrap_or(u32::MAX),
+            parked_at: r.parked_at,
+        }
+    }
+}
+
 /// The tenant row as the lock statement returns it.
 #[derive(sqlx::FromRow)]
 pub(super) struct TenantLock {
@@ -532,6 +557,55 @@ macro_rules! sql_store_impl {
                 let event = $crate::domain::DomainEvent::user_deleted(&user, crate::domain::now(), ctx);
                 Self::insert_event(&mut tx, lock.event_seq, &event).await?;
                 tx.commit().await?;
+                Ok(())
+            }
+
+            async fn park_dead_letter(&self, l: &$crate::store::DeadLetter) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO dead_letters (id, source, message_id, payload, reason, failures, parked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(l.id)
+                .bind(&l.source)
+                .bind(&l.message_id)
+                .bind(sqlx::types::Json(&l.payload))
+                .bind(&l.reason)
+                .bind(i64::from(l.failures))
+                .bind(l.parked_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_dead_letters(
+                &self,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::store::DeadLetter>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::DeadLetterRow>(
+                    "SELECT * FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
+                .bind(i64::from(page.limit) + 1)
+                .fetch_all(&self.pool)
+                .await?;
+                let letters: Vec<$crate::store::DeadLetter> = rows.into_iter().map(Into::into).collect();
+                Ok($crate::domain::Page::from_rows(letters, page.limit, |l| l.id))
+            }
+
+            async fn get_dead_letter(&self, id: uuid::Uuid) -> $crate::store::StoreResult<$crate::store::DeadLetter> {
+                sqlx::query_as::<_, $crate::store::sql::DeadLetterRow>("SELECT * FROM dead_letters WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(Into::into)
+                    .ok_or($crate::store::StoreError::NotFound("dead letter"))
+            }
+
+            async fn delete_dead_letter(&self, id: uuid::Uuid) -> $crate::store::StoreResult<()> {
+                let done = sqlx::query("DELETE FROM dead_letters WHERE id = $1").bind(id).execute(&self.pool).await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("dead letter"));
+                }
                 Ok(())
             }
 

@@ -1,17 +1,21 @@
-//! The supervision tree: every long-lived actor of the process hangs under [`root`].
+//! The supervision tree: every long-lived actor of the process hangs under `root`.
 //!
-//! Children are declared as data ([`spec::ChildSpec`] tables next to each supervisor),
-//! so the tree, the logs and ARCHITECTURE.md can all be read off the same list.
-//!
-//! Today's tree (later capabilities add `pipeline`, `jobs` and `indexer` under `root`):
-//! ```text
-//! root (one-for-one)
-//! └── tenants (supervisor, permanent)
-//!     └── tenant-<uuid> … (one per active tenant, started on demand, drained when idle)
-//! ```
+//! - [`spec`]: strategies, restart types, intensity, backoff and child specs (data).
+//! - [`supervisor`]: the OTP-style supervisor actor.
+//! - [`intensity`], [`backoff`]: the restart window and restart delays (pure).
+//! - [`parking`]: queue workers whose poison messages are parked in the DLQ.
+//! - [`tree`]: the live view behind `/debug/actors` and the chaos kill endpoint.
+//! - [`root`]: the process's tree, declared as a child table.
 
+pub mod backoff;
+pub mod intensity;
+pub mod parking;
 pub mod root;
 pub mod spec;
+pub mod supervisor;
+pub mod tree;
 
-pub use root::{Root, RootArgs, RootMsg};
-pub use spec::{ChildKind, ChildSpec, Restart, ROOT_CHILDREN};
+pub use root::{Root, RootHandle};
+pub use spec::{Backoff, ChildKind, ChildSpec, Intensity, Restart, StartCtx, StartFn, Strategy, SupervisorSpec};
+pub use supervisor::{Supervisor, SupervisorMsg};
+pub use tree::{ActorNode, Status, Tree};

@@ -1,130 +1,85 @@
-//! The root supervisor (one-for-one): starts the top-level children of
-//! [`ROOT_CHILDREN`](super::ROOT_CHILDREN) in order, restarts them when they fail, and
-//! escalates (stops, ending the process's actor system) when failures exceed the
-//! restart intensity.
+//! The process's supervision tree, declared as data: the root's child table.
+//!
+//! ```text
+//! root (one_for_one, 3 restarts / 5 s)
+//! └── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
+//! ```
+//! Later capabilities add `pipeline`, `jobs` and `indexer` rows to [`root_children`].
 
-use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorRef, SpawnErr};
 
-use super::spec::{MAX_RESTARTS, RESTART_PERIOD, ROOT_CHILDREN};
+use super::parking::DeadLetterSink;
+use super::spec::{ChildSpec, StartCtx, StartFn, Strategy, SupervisorSpec};
+use super::supervisor::{Supervisor, SupervisorMsg};
+use super::tree::Tree;
 use crate::actors::tenant_registry::{RegistryArgs, RegistryMsg, TenantRegistry};
 use crate::store::Store;
 
-/// The root takes no requests yet; its children are reached through their handles.
-pub enum RootMsg {}
+/// Where the live `tenants` registry is published for the `Tenants` handle; the start
+/// function below replaces it on every (re)start.
+pub type RegistrySlot = Arc<RwLock<Option<ActorRef<RegistryMsg>>>>;
 
-/// Startup arguments.
-pub struct RootArgs {
+/// What the tree's actors need from the rest of the process.
+#[derive(Clone)]
+pub struct RootDeps {
     pub store: Arc<dyn Store>,
     pub tenant_idle_timeout: Duration,
-    /// Where the live `tenants` registry is published for the `Tenants` handle.
-    pub registry_slot: Arc<RwLock<ActorRef<RegistryMsg>>>,
+    pub dead_letters: Arc<dyn DeadLetterSink>,
 }
 
-pub struct RootState {
-    args: RootArgs,
-    /// The running `tenants` child.
-    tenants: ActorRef<RegistryMsg>,
-    /// Recent restart times, for the intensity check.
-    restarts: VecDeque<Instant>,
+/// The running tree.
+pub struct RootHandle {
+    pub actor: ActorRef<SupervisorMsg>,
+    /// Completes when the root stops, normally or by escalation.
+    pub join: JoinHandle<()>,
+    pub registry: RegistrySlot,
+    pub tree: Tree,
+}
+
+/// The root's children, started in this order and stopped in reverse.
+pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
+    vec![ChildSpec::worker("tenants", tenants_start(deps.clone(), slot.clone()))
+        .supervisor()
+        .shutdown(Duration::from_secs(15))]
+}
+
+pub fn root_spec(deps: &RootDeps, slot: &RegistrySlot) -> SupervisorSpec {
+    let mut spec = SupervisorSpec::new("root", Strategy::OneForOne, root_children(deps, slot));
+    spec.dead_letters = Some(deps.dead_letters.clone());
+    spec
+}
+
+fn tenants_start(deps: RootDeps, slot: RegistrySlot) -> StartFn {
+    Arc::new(move |ctx: StartCtx| {
+        let (deps, slot) = (deps.clone(), slot.clone());
+        Box::pin(async move {
+            let args = RegistryArgs {
+                store: deps.store.clone(),
+                idle_timeout: deps.tenant_idle_timeout,
+                tree: ctx.tree.clone(),
+                name: ctx.name.clone(),
+            };
+            let (registry, _) = Actor::spawn_linked(None, TenantRegistry, args, ctx.parent).await?;
+            if let Ok(mut s) = slot.write() {
+                *s = Some(registry.clone());
+            }
+            Ok(registry.get_cell())
+        })
+    })
 }
 
 pub struct Root;
 
 impl Root {
-    /// Starts the root (and so the whole tree). The registry slot is filled before
-    /// this returns, so handles built from it work at once.
-    pub async fn start(
-        store: Arc<dyn Store>,
-        tenant_idle_timeout: Duration,
-    ) -> Result<(ActorRef<RootMsg>, Arc<RwLock<ActorRef<RegistryMsg>>>), ActorProcessingErr> {
-        // A placeholder registry ref is needed to build the slot; spawn the real child
-        // unlinked first and hand it to the root, which adopts it by linking.
-        let (tenants, _) = Actor::spawn(
-            None,
-            TenantRegistry,
-            RegistryArgs { store: store.clone(), idle_timeout: tenant_idle_timeout },
-        )
-        .await?;
-        let slot = Arc::new(RwLock::new(tenants));
-        let args = RootArgs { store, tenant_idle_timeout, registry_slot: slot.clone() };
-        let (root, _) = Actor::spawn(None, Root, args).await?;
-        Ok((root, slot))
-    }
-}
-
-impl Actor for Root {
-    type Msg = RootMsg;
-    type State = RootState;
-    type Arguments = RootArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: Self::Arguments,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let tenants = args.registry_slot.read().map_err(|_| "registry slot poisoned")?.clone();
-        tenants.link(myself.get_cell());
-        for spec in ROOT_CHILDREN {
-            tracing::info!(child = spec.name, doc = spec.doc, "supervisor root started child");
-        }
-        Ok(RootState { args, tenants, restarts: VecDeque::new() })
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {}
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, err) if cell.get_id() == state.tenants.get_id() => {
-                tracing::warn!(child = "tenants", reason = %err, "child failed; restarting");
-                let now = Instant::now();
-                state.restarts.push_back(now);
-                while state.restarts.front().is_some_and(|t| now.duration_since(*t) > RESTART_PERIOD) {
-                    state.restarts.pop_front();
-                }
-                if state.restarts.len() > MAX_RESTARTS {
-                    tracing::error!(child = "tenants", "restart intensity exceeded; root escalates and stops");
-                    myself.stop(Some("restart intensity exceeded".into()));
-                    return Ok(());
-                }
-                let args =
-                    RegistryArgs { store: state.args.store.clone(), idle_timeout: state.args.tenant_idle_timeout };
-                let (tenants, _) = Actor::spawn_linked(None, TenantRegistry, args, myself.get_cell()).await?;
-                if let Ok(mut slot) = state.args.registry_slot.write() {
-                    *slot = tenants.clone();
-                }
-                state.tenants = tenants;
-            }
-            SupervisionEvent::ActorTerminated(cell, _, reason) if cell.get_id() == state.tenants.get_id() => {
-                tracing::info!(child = "tenants", ?reason, "child stopped");
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        // Children stop in reverse start order, each given its shutdown time.
-        for spec in ROOT_CHILDREN.iter().rev() {
-            if spec.name == "tenants" {
-                let _ = state.tenants.drain_and_wait(Some(spec.shutdown)).await;
-            }
-        }
-        Ok(())
+    /// Starts the whole tree; when this returns every child in the table is running.
+    pub async fn start(deps: RootDeps) -> Result<RootHandle, SpawnErr> {
+        let tree = Tree::new();
+        let slot: RegistrySlot = Arc::new(RwLock::new(None));
+        let (actor, join) = Supervisor::start(root_spec(&deps, &slot), tree.clone(), None).await?;
+        Ok(RootHandle { actor, join, registry: slot, tree })
     }
 }

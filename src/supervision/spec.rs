@@ -1,10 +1,21 @@
-//! Child specifications: what a supervisor starts, how, and what it does when it dies.
-//! Modelled on Erlang's child specs (`rabbit_sup.erl` keeps them in one table).
+//! Child and supervisor specifications: what a supervisor starts, how, and what it does
+//! when a child dies. Modelled on Erlang's child specs, which `rabbit_sup.erl` keeps as
+//! data in one table next to the supervisor; ours do the same (see `root.rs`).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use ractor::{ActorCell, SpawnErr};
+use serde::Serialize;
+
+use super::parking::{DeadLetterSink, ParkingHook};
+use super::tree::Tree;
+
 /// Whether a child supervises others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChildKind {
     Worker,
     Supervisor,
@@ -13,36 +24,159 @@ pub enum ChildKind {
 /// When a dead child is restarted (OTP restart types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restart {
-    /// Always.
+    /// Always, whether it crashed or stopped normally.
     Permanent,
-    /// Only after a failure, not after a normal stop.
+    /// Only after an abnormal exit (a crash or a kill), not after a normal stop.
     Transient,
-    /// Never.
+    /// Never; the child is forgotten when it exits.
     Temporary,
 }
 
+/// Which children restart together (OTP strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Only the dead child.
+    OneForOne,
+    /// Every child: the others are stopped (in reverse order) and all start again in order.
+    OneForAll,
+    /// The dead child and every child started after it.
+    RestForOne,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::OneForOne => "one_for_one",
+            Strategy::OneForAll => "one_for_all",
+            Strategy::RestForOne => "rest_for_one",
+        }
+    }
+}
+
+/// Restart intensity: more than `max_restarts` restarts within `period` and the
+/// supervisor gives up: it stops its children and fails, escalating to its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intensity {
+    pub max_restarts: usize,
+    pub period: Duration,
+}
+
+impl Default for Intensity {
+    /// OTP's classic 3 restarts in 5 seconds.
+    fn default() -> Self {
+        Intensity { max_restarts: 3, period: Duration::from_secs(5) }
+    }
+}
+
+/// Exponential restart delay with jitter: `initial · 2^(n-1)`, capped at `max`, then
+/// scaled by a random factor in `[1 - jitter, 1 + jitter]`; `n` counts restarts of the
+/// child since it last ran for a whole intensity period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// 0.0 ..= 1.0
+    pub jitter: f64,
+}
+
+/// What a start function gets: where to link, under which name, and the tree to report to.
+#[derive(Clone)]
+pub struct StartCtx {
+    /// The supervisor: spawn the child linked to it.
+    pub parent: ActorCell,
+    /// The supervisor's name (the child's parent in the tree view).
+    pub parent_name: String,
+    /// The child's unique name.
+    pub name: String,
+    pub tree: Tree,
+}
+
+pub type StartFuture = Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>>;
+/// Starts (or restarts) a child and returns its cell, linked to `ctx.parent`.
+pub type StartFn = Arc<dyn Fn(StartCtx) -> StartFuture + Send + Sync>;
+
 /// One row of a supervisor's child table.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ChildSpec {
-    /// Unique, stable name: the name shown in `/debug/actors` and used by kill requests.
-    pub name: &'static str,
+    /// Unique, stable name: shown in `/debug/actors`, used by kill requests and logs.
+    pub name: String,
     pub kind: ChildKind,
     pub restart: Restart,
     /// How long an orderly stop may take before the child is killed.
     pub shutdown: Duration,
-    /// One line for humans.
-    pub doc: &'static str,
+    pub start: StartFn,
+    /// For workers that take messages from a queue: lets the supervisor park the
+    /// message a crash happened on, once it has failed too often.
+    pub parking: Option<Arc<dyn ParkingHook>>,
 }
 
-/// The root's children, started in this order and stopped in reverse.
-pub const ROOT_CHILDREN: &[ChildSpec] = &[ChildSpec {
-    name: "tenants",
-    kind: ChildKind::Supervisor,
-    restart: Restart::Permanent,
-    shutdown: Duration::from_secs(15),
-    doc: "tenant lifecycle and one user manager per active tenant",
-}];
+impl ChildSpec {
+    pub fn worker(name: impl Into<String>, start: StartFn) -> Self {
+        ChildSpec {
+            name: name.into(),
+            kind: ChildKind::Worker,
+            restart: Restart::Permanent,
+            shutdown: Duration::from_secs(5),
+            start,
+            parking: None,
+        }
+    }
 
-/// Restart intensity: more than `MAX_RESTARTS` within `RESTART_PERIOD` escalates.
-pub const MAX_RESTARTS: usize = 3;
-pub const RESTART_PERIOD: Duration = Duration::from_secs(5);
+    pub fn restart(mut self, restart: Restart) -> Self {
+        self.restart = restart;
+        self
+    }
+
+    pub fn shutdown(mut self, shutdown: Duration) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    pub fn supervisor(mut self) -> Self {
+        self.kind = ChildKind::Supervisor;
+        self
+    }
+
+    pub fn parking(mut self, hook: Arc<dyn ParkingHook>) -> Self {
+        self.parking = Some(hook);
+        self
+    }
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSpec")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("restart", &self.restart)
+            .field("shutdown", &self.shutdown)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a supervisor needs to run.
+#[derive(Clone)]
+pub struct SupervisorSpec {
+    pub name: String,
+    pub strategy: Strategy,
+    pub intensity: Intensity,
+    pub backoff: Option<Backoff>,
+    /// Started in this order, stopped in reverse.
+    pub children: Vec<ChildSpec>,
+    /// Where parked messages go.
+    pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
+}
+
+impl SupervisorSpec {
+    pub fn new(name: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
+        SupervisorSpec {
+            name: name.into(),
+            strategy,
+            intensity: Intensity::default(),
+            backoff: None,
+            children,
+            dead_letters: None,
+        }
+    }
+}

@@ -6,7 +6,10 @@ use eventra::actors::Tenants;
 use eventra::domain::tenant::NewTenantInput;
 use eventra::domain::user::NewUserInput;
 use eventra::domain::{EventContext, NewTenant, NewUser};
+use eventra::store::StoreDeadLetters;
+use eventra::supervision::root::RootDeps;
 use eventra::supervision::Root;
+use std::sync::Arc;
 
 use crate::utils::{wait_for, TestDb};
 
@@ -18,8 +21,10 @@ fn ctx() -> EventContext {
 async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let db = TestDb::sqlite();
     let store = db.store().await;
-    let (root, registry) = Root::start(store.clone(), Duration::from_millis(200)).await.unwrap();
-    let tenants = Tenants::new(registry, store, Duration::from_secs(10));
+    let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
+    let deps = RootDeps { store: store.clone(), tenant_idle_timeout: Duration::from_millis(200), dead_letters };
+    let root = Root::start(deps).await.unwrap();
+    let tenants = Tenants::new(root.registry.clone(), store, Duration::from_secs(10));
 
     let input = NewTenantInput { name: "Idle".into(), slug: "idle".into(), max_users: None };
     let (tenant, _) =
@@ -58,5 +63,5 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     assert!(matches!(tenants.create_user(ghost, None, ctx()).await, Err(eventra::error::Error::NotFound("tenant"))));
     assert_eq!(tenants.managers().await.unwrap().len(), 1);
 
-    root.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
+    root.actor.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
 }

@@ -1,0 +1,373 @@
+//! A supervisor with Erlang/OTP semantics on ractor.
+//!
+//! - children start in table order (a child that fails to start fails the supervisor)
+//!   and stop in reverse order, each within its shutdown time, then killed;
+//! - on a child's exit the restart type decides whether to restart (permanent: always;
+//!   transient: after a crash or kill; temporary: never) and the strategy decides
+//!   what restarts with it (one-for-one, one-for-all, rest-for-one);
+//! - every restart counts against the restart intensity; one too many and the
+//!   supervisor stops its children and fails, so its own parent decides (escalation);
+//! - an optional backoff delays restarts of a crash-looping child;
+//! - when the child has a parking hook, the message it crashed on is parked in the
+//!   dead-letter queue after too many failures (see `parking.rs`).
+//!
+//! Every restart, escalation and parking is a structured log line and a metric.
+
+use std::time::{Duration, Instant};
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::intensity::RestartWindow;
+use super::parking::DeadLetter;
+use super::spec::{ChildSpec, Restart, StartCtx, Strategy, SupervisorSpec};
+use super::tree::Tree;
+
+/// What a supervisor does besides reacting to its children.
+pub enum SupervisorMsg {
+    /// The backoff of a restart group has passed: start its children.
+    RestartGroup { generation: u64 },
+    /// The running children in start order, with their actor ids (for tests and tools).
+    Children(RpcReplyPort<Vec<(String, Option<ractor::ActorId>)>>),
+}
+
+/// Startup arguments.
+pub struct SupervisorArgs {
+    pub spec: SupervisorSpec,
+    pub tree: Tree,
+    /// The supervisor's own parent in the tree view (`None` for the root).
+    pub parent_name: Option<String>,
+}
+
+struct Child {
+    spec: ChildSpec,
+    cell: Option<ActorCell>,
+    /// Restarts since the child last ran for a whole intensity period (drives backoff).
+    streak: u32,
+    last_start: Instant,
+}
+
+pub struct SupervisorState {
+    spec: SupervisorSpec,
+    tree: Tree,
+    children: Vec<Child>,
+    window: RestartWindow,
+    /// Children waiting out a backoff before they start again, and the group's id:
+    /// a newer failure supersedes an older pending group.
+    pending: Option<(u64, Vec<String>)>,
+    generation: u64,
+}
+
+pub struct Supervisor;
+
+impl Supervisor {
+    /// Starts a supervisor (and, synchronously, its children) linked to `parent`.
+    pub async fn start(
+        spec: SupervisorSpec,
+        tree: Tree,
+        parent: Option<(ActorCell, String)>,
+    ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), ractor::SpawnErr> {
+        let (cell, parent_name) = match parent {
+            Some((c, n)) => (Some(c), Some(n)),
+            None => (None, None),
+        };
+        let args = SupervisorArgs { spec, tree, parent_name };
+        // Registration in the tree happens in `pre_start`, before the children start.
+        match cell {
+            Some(c) => Actor::spawn_linked(None, Supervisor, args, c).await,
+            None => Actor::spawn(None, Supervisor, args).await,
+        }
+    }
+
+    /// A child spec that runs `spec` as a sub-supervisor.
+    pub fn child(spec: SupervisorSpec) -> ChildSpec {
+        let name = spec.name.clone();
+        let start: super::StartFn = std::sync::Arc::new(move |ctx: StartCtx| {
+            let spec = spec.clone();
+            Box::pin(async move {
+                let (actor, _) = Supervisor::start(spec, ctx.tree.clone(), Some((ctx.parent, ctx.parent_name))).await?;
+                Ok(actor.get_cell())
+            })
+        });
+        ChildSpec::worker(name, start).supervisor().shutdown(Duration::from_secs(30))
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let SupervisorArgs { spec, tree, parent_name } = args;
+        // Register before the children so they appear under this node.
+        tree.started(&spec.name, parent_name.as_deref(), super::ChildKind::Supervisor, myself.get_cell());
+        tree.set_strategy(&spec.name, spec.strategy);
+        let mut state = SupervisorState {
+            window: RestartWindow::new(spec.intensity),
+            children: spec
+                .children
+                .iter()
+                .map(|c| Child { spec: c.clone(), cell: None, streak: 0, last_start: Instant::now() })
+                .collect(),
+            spec,
+            tree,
+            pending: None,
+            generation: 0,
+        };
+        for i in 0..state.children.len() {
+            if let Err(e) = start_child(&myself, &mut state, i).await {
+                let n = state.children.len();
+                stop_children(&mut state, 0..n).await;
+                return Err(format!("child {} failed to start: {e}", state.children[i].spec.name).into());
+            }
+        }
+        tracing::info!(supervisor = %state.spec.name, strategy = state.spec.strategy.as_str(), children = state.children.len(), "supervisor started");
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::RestartGroup { generation } => {
+                let Some((g, names)) = state.pending.take() else { return Ok(()) };
+                if g != generation {
+                    state.pending = Some((g, names)); // superseded by a newer failure
+                    return Ok(());
+                }
+                restart_group(&myself, state, names).await?;
+            }
+            SupervisorMsg::Children(reply) => {
+                let list =
+                    state.children.iter().map(|c| (c.spec.name.clone(), c.cell.as_ref().map(|c| c.get_id()))).collect();
+                let _ = reply.send(list);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, abnormal, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                // A kill is an abnormal exit (OTP's `killed`), whatever the actor was doing.
+                let killed = reason.as_deref() == Some("killed");
+                (cell, killed, reason.unwrap_or_else(|| "normal".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(i) = state.children.iter().position(|c| c.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
+        else {
+            return Ok(()); // a child we stopped on purpose, or an older incarnation
+        };
+        on_child_exit(&myself, state, i, abnormal, reason).await
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let n = state.children.len();
+        stop_children(state, 0..n).await;
+        state.tree.stopped(&state.spec.name);
+        tracing::info!(supervisor = %state.spec.name, "supervisor stopped; children stopped in reverse order");
+        Ok(())
+    }
+}
+
+async fn start_child(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    i: usize,
+) -> Result<(), ractor::SpawnErr> {
+    let spec = state.children[i].spec.clone();
+    let ctx = StartCtx {
+        parent: myself.get_cell(),
+        parent_name: state.spec.name.clone(),
+        name: spec.name.clone(),
+        tree: state.tree.clone(),
+    };
+    let cell = (spec.start)(ctx).await?;
+    state.tree.started(&spec.name, Some(&state.spec.name), spec.kind, cell.clone());
+    let child = &mut state.children[i];
+    child.cell = Some(cell);
+    child.last_start = Instant::now();
+    Ok(())
+}
+
+/// Stops the running children in `range`, last first, each within its shutdown time.
+async fn stop_children(state: &mut SupervisorState, range: std::ops::Range<usize>) {
+    for i in range.rev() {
+        let Some(cell) = state.children[i].cell.take() else { continue };
+        let c = &state.children[i].spec;
+        if cell.stop_and_wait(Some("supervisor shutdown".into()), Some(c.shutdown)).await.is_err() {
+            tracing::warn!(supervisor = %state.spec.name, child = %c.name, "child did not stop in time; killed");
+            cell.kill();
+        }
+        state.tree.stopped(&c.name);
+    }
+}
+
+async fn on_child_exit(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    i: usize,
+    abnormal: bool,
+    reason: String,
+) -> Result<(), ActorProcessingErr> {
+    let sup = state.spec.name.clone();
+    let name = state.children[i].spec.name.clone();
+    state.children[i].cell = None;
+    if abnormal {
+        tracing::warn!(supervisor = %sup, child = %name, %reason, "child failed");
+        state.tree.failed(&name, &reason);
+        park_poison(state, i, &reason).await;
+    } else {
+        tracing::info!(supervisor = %sup, child = %name, %reason, "child stopped");
+        state.tree.stopped(&name);
+    }
+
+    let restart = match state.children[i].spec.restart {
+        Restart::Permanent => true,
+        Restart::Transient => abnormal,
+        Restart::Temporary => false,
+    };
+    if !restart {
+        if state.children[i].spec.restart == Restart::Temporary {
+            state.tree.remove(&name);
+            state.children.remove(i);
+        }
+        return Ok(());
+    }
+
+    if !state.window.allow(Instant::now()) {
+        let limit = state.spec.intensity;
+        tracing::error!(
+            supervisor = %sup, child = %name, max_restarts = limit.max_restarts, period_ms = limit.period.as_millis() as u64,
+            "restart intensity exceeded; stopping children and escalating to the parent"
+        );
+        metrics::counter!("eventra_supervisor_escalations_total", "supervisor" => sup.clone()).increment(1);
+        let n = state.children.len();
+        stop_children(state, 0..n).await;
+        let why = format!(
+            "restart intensity exceeded: more than {} restarts in {:?} (last: {name}: {reason})",
+            limit.max_restarts, limit.period
+        );
+        state.tree.failed(&sup, &why);
+        return Err(why.into());
+    }
+
+    // The restart group, in start order.
+    let group: Vec<usize> = match state.spec.strategy {
+        Strategy::OneForOne => vec![i],
+        Strategy::OneForAll => (0..state.children.len()).collect(),
+        Strategy::RestForOne => (i..state.children.len()).collect(),
+    };
+    // Siblings in the group stop first, last-started first.
+    for &j in group.iter().rev().filter(|&&j| j != i) {
+        if let Some(cell) = state.children[j].cell.take() {
+            let c = &state.children[j].spec;
+            if cell.stop_and_wait(Some(format!("restart with {name}")), Some(c.shutdown)).await.is_err() {
+                cell.kill();
+            }
+        }
+    }
+    let mut names = Vec::new();
+    for &j in &group {
+        let child = &mut state.children[j];
+        if child.spec.restart == Restart::Temporary && j != i {
+            continue; // temporary siblings are not brought back
+        }
+        if child.last_start.elapsed() > state.spec.intensity.period {
+            child.streak = 0;
+        }
+        child.streak += 1;
+        state.tree.restarting(&child.spec.name);
+        metrics::counter!("eventra_actor_restarts_total", "supervisor" => sup.clone(), "child" => child.spec.name.clone()).increment(1);
+        names.push(child.spec.name.clone());
+    }
+    // Drop temporary siblings that were stopped for the group.
+    let dropped: Vec<String> = group
+        .iter()
+        .filter(|&&j| j != i && state.children[j].spec.restart == Restart::Temporary)
+        .map(|&j| state.children[j].spec.name.clone())
+        .collect();
+    for n in &dropped {
+        state.tree.remove(n);
+    }
+    state.children.retain(|c| !dropped.contains(&c.spec.name));
+
+    let streak = state.children.iter().find(|c| c.spec.name == name).map(|c| c.streak).unwrap_or(1);
+    let delay = state.spec.backoff.map(|b| b.delay(streak, rand::random::<f64>())).unwrap_or(Duration::ZERO);
+    tracing::warn!(supervisor = %sup, child = %name, restarting = ?names, delay_ms = delay.as_millis() as u64, strategy = state.spec.strategy.as_str(), "restarting");
+    state.generation += 1;
+    if delay.is_zero() {
+        restart_group(myself, state, names).await
+    } else {
+        let generation = state.generation;
+        state.pending = Some((generation, names));
+        myself.send_after(delay, move || SupervisorMsg::RestartGroup { generation });
+        Ok(())
+    }
+}
+
+async fn restart_group(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    names: Vec<String>,
+) -> Result<(), ActorProcessingErr> {
+    for name in names {
+        let Some(i) = state.children.iter().position(|c| c.spec.name == name) else { continue };
+        if state.children[i].cell.is_some() {
+            continue;
+        }
+        if let Err(e) = start_child(myself, state, i).await {
+            // A child that cannot start counts as another failure of it.
+            let reason = format!("restart failed: {e}");
+            return Box::pin(on_child_exit(myself, state, i, true, reason)).await;
+        }
+        tracing::info!(supervisor = %state.spec.name, child = %name, "child restarted");
+    }
+    Ok(())
+}
+
+/// Parks the message the child crashed on, if it has failed too often.
+async fn park_poison(state: &mut SupervisorState, i: usize, reason: &str) {
+    let Some(hook) = state.children[i].spec.parking.clone() else { return };
+    let Some(poison) = hook.on_failure() else { return };
+    let source = state.children[i].spec.name.clone();
+    let letter = DeadLetter {
+        id: uuid::Uuid::now_v7(),
+        source: source.clone(),
+        message_id: poison.message_id,
+        payload: poison.payload,
+        reason: reason.to_owned(),
+        failures: poison.failures,
+        parked_at: crate::domain::now(),
+    };
+    metrics::counter!("eventra_messages_parked_total", "source" => source.clone()).increment(1);
+    match &state.spec.dead_letters {
+        Some(sink) => match sink.park(&letter).await {
+            Ok(()) => tracing::warn!(
+                supervisor = %state.spec.name, child = %source, message_id = %letter.message_id,
+                failures = letter.failures, %reason, dead_letter_id = %letter.id, "poison message parked"
+            ),
+            Err(e) => {
+                tracing::error!(child = %source, message_id = %letter.message_id, error = %e, payload = %letter.payload, "could not park poison message; it is logged here instead")
+            }
+        },
+        None => {
+            tracing::error!(child = %source, message_id = %letter.message_id, payload = %letter.payload, "poison message dropped: no dead-letter queue configured")
+        }
+    }
+}
