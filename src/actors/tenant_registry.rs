@@ -243,7 +243,7 @@ async fn restart_manager(
     let name = manager_name(tenant_id);
     tracing::warn!(supervisor = %state.name, child = %name, %reason, "child failed");
     state.tree.failed(&name, &reason);
-    if !state.window.allow(Instant::now()) {
+    if !state.window.allow(tokio::time::Instant::now()) {
         tracing::error!(supervisor = %state.name, child = %name, "restart intensity exceeded; escalating to the parent");
         metrics::counter!("eventra_supervisor_escalations_total", "supervisor" => state.name.clone()).increment(1);
         return Err(format!("restart intensity exceeded (last: {name}: {reason})").into());

@@ -1,7 +1,7 @@
 //! Restart intensity bookkeeping: a sliding window of restart times.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::spec::Intensity;
 

@@ -13,7 +13,9 @@
 //!
 //! Every restart, escalation and parking is a structured log line and a metric.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -228,6 +230,9 @@ async fn on_child_exit(
     let sup = state.spec.name.clone();
     let name = state.children[i].spec.name.clone();
     state.children[i].cell = None;
+    // A dead supervisor's children died with it (ractor stops them; a kill skips their
+    // cleanup), so their records go; the restarted supervisor registers new ones.
+    state.tree.remove_descendants(&name);
     if abnormal {
         tracing::warn!(supervisor = %sup, child = %name, %reason, "child failed");
         state.tree.failed(&name, &reason);
@@ -371,3 +376,7 @@ async fn park_poison(state: &mut SupervisorState, i: usize, reason: &str) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

@@ -165,6 +165,17 @@ impl Tree {
         }
     }
 
+    /// Forgets everything below a node (its children died with it).
+    pub fn remove_descendants(&self, name: &str) {
+        let kids: Vec<String> = {
+            let nodes = self.lock();
+            nodes.iter().filter(|(_, r)| r.parent.as_deref() == Some(name)).map(|(k, _)| k.clone()).collect()
+        };
+        for k in kids {
+            self.remove(&k);
+        }
+    }
+
     /// The running actor of that name, for kill requests.
     pub fn cell(&self, name: &str) -> Option<ActorCell> {
         self.lock().get(name).and_then(|r| r.cell.clone())

@@ -1,0 +1,383 @@
+//! Supervisor semantics, one behaviour per test: strategies, restart types, intensity
+//! escalation, restart backoff, shutdown order and poison-message parking.
+//!
+//! Timing tests run on tokio's paused clock: virtual time advances only when every task
+//! is idle, so "3 crashes spread over 10 s" takes no real time and cannot flake.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::supervision::parking::{
+    DeadLetter, DeadLetterSink, QueueWorker, QueueWorkerArgs, Replay, Work, WorkHandler, WorkQueue,
+};
+use crate::supervision::spec::{Backoff, ChildSpec, Intensity, Restart, StartCtx, StartFn, Strategy, SupervisorSpec};
+use crate::supervision::tree::{Status, Tree};
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn log_of(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+/// A test worker: records its start and orderly stop; crashes, panics or stops on command.
+struct Probe;
+
+enum ProbeMsg {
+    Crash,
+    Panic,
+    Stop,
+}
+
+impl Actor for Probe {
+    type Msg = ProbeMsg;
+    type State = (String, Log);
+    type Arguments = (String, Log);
+
+    async fn pre_start(&self, _: ActorRef<ProbeMsg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        args.1.lock().unwrap().push(format!("start:{}", args.0));
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ProbeMsg>,
+        msg: ProbeMsg,
+        _: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ProbeMsg::Crash => Err("crash requested".into()),
+            ProbeMsg::Panic => panic!("panic requested"),
+            ProbeMsg::Stop => {
+                myself.stop(Some("done".into()));
+                Ok(())
+            }
+        }
+    }
+
+    async fn post_stop(&self, _: ActorRef<ProbeMsg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.1.lock().unwrap().push(format!("stop:{}", state.0));
+        Ok(())
+    }
+}
+
+fn probe(name: &str, log: &Log) -> ChildSpec {
+    let log = log.clone();
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let log = log.clone();
+        Box::pin(async move {
+            let (a, _) = Actor::spawn_linked(None, Probe, (ctx.name.clone(), log), ctx.parent).await?;
+            Ok(a.get_cell())
+        })
+    });
+    ChildSpec::worker(name, start).shutdown(Duration::from_secs(1))
+}
+
+fn spec(name: &str, strategy: Strategy, children: Vec<ChildSpec>) -> SupervisorSpec {
+    SupervisorSpec::new(name, strategy, children)
+}
+
+async fn children(sup: &ActorRef<SupervisorMsg>) -> Vec<(String, Option<ActorId>)> {
+    match sup.call(SupervisorMsg::Children, Some(Duration::from_secs(5))).await {
+        Ok(CallResult::Success(c)) => c,
+        _ => panic!("supervisor did not answer"),
+    }
+}
+
+fn id_of(list: &[(String, Option<ActorId>)], name: &str) -> Option<ActorId> {
+    list.iter().find(|(n, _)| n == name).and_then(|(_, id)| *id)
+}
+
+/// Sends `msg` to the running child `name` (looked up in the tree).
+fn send(tree: &Tree, name: &str, msg: ProbeMsg) {
+    let cell = tree.cell(name).unwrap_or_else(|| panic!("{name} is not running"));
+    cell.send_message(msg).unwrap_or_else(|_| panic!("send to {name}"));
+}
+
+/// Polls `cond` until it holds, failing after `secs` seconds (virtual or real).
+async fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until child `name` runs as an actor other than `old`.
+async fn restarted(sup: &ActorRef<SupervisorMsg>, name: &str, old: Option<ActorId>) -> ActorId {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = id_of(&children(sup).await, name);
+        if let Some(id) = now.filter(|id| Some(*id) != old) {
+            return id;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name} was not restarted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn start(s: SupervisorSpec, tree: &Tree) -> (ActorRef<SupervisorMsg>, ractor::concurrency::JoinHandle<()>) {
+    Supervisor::start(s, tree.clone(), None).await.expect("supervisor starts")
+}
+
+#[tokio::test]
+async fn one_for_one_restarts_only_the_failed_child() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let (sup, _) =
+        start(spec("sup", Strategy::OneForOne, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
+            .await;
+    let before = children(&sup).await;
+    send(&tree, "b", ProbeMsg::Crash);
+    restarted(&sup, "b", id_of(&before, "b")).await;
+    let after = children(&sup).await;
+    assert_eq!(id_of(&after, "a"), id_of(&before, "a"));
+    assert_eq!(id_of(&after, "c"), id_of(&before, "c"));
+    assert_eq!((tree.restarts("b"), tree.restarts("a")), (Some(1), Some(0)));
+    assert_eq!(tree.status("b"), Some(Status::Running));
+    let root = tree.snapshot().unwrap();
+    assert!(root.find("b").unwrap().last_failure.as_deref().unwrap().contains("crash requested"));
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn one_for_all_restarts_every_child_in_order() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let (sup, _) =
+        start(spec("sup", Strategy::OneForAll, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
+            .await;
+    let before = children(&sup).await;
+    log.lock().unwrap().clear();
+    send(&tree, "b", ProbeMsg::Panic);
+    restarted(&sup, "c", id_of(&before, "c")).await;
+    let after = children(&sup).await;
+    for n in ["a", "b", "c"] {
+        assert_ne!(id_of(&after, n), id_of(&before, n), "{n} restarted");
+        assert_eq!(tree.restarts(n), Some(1));
+    }
+    // The survivors stop last-started first; then all start in table order.
+    assert_eq!(log_of(&log), ["stop:c", "stop:a", "start:a", "start:b", "start:c"]);
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn rest_for_one_restarts_the_failed_child_and_those_after_it() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let (sup, _) =
+        start(spec("sup", Strategy::RestForOne, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
+            .await;
+    let before = children(&sup).await;
+    log.lock().unwrap().clear();
+    send(&tree, "b", ProbeMsg::Crash);
+    restarted(&sup, "c", id_of(&before, "c")).await;
+    let after = children(&sup).await;
+    assert_eq!(id_of(&after, "a"), id_of(&before, "a"), "a is untouched");
+    assert_ne!(id_of(&after, "b"), id_of(&before, "b"));
+    assert_eq!(log_of(&log), ["stop:c", "start:b", "start:c"]);
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn restart_types_decide_what_comes_back() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let children_spec = vec![
+        probe("perm", &log).restart(Restart::Permanent),
+        probe("trans", &log).restart(Restart::Transient),
+        probe("temp", &log).restart(Restart::Temporary),
+    ];
+    let mut s = spec("sup", Strategy::OneForOne, children_spec);
+    s.intensity = Intensity { max_restarts: 100, period: Duration::from_secs(5) };
+    let (sup, _) = start(s, &tree).await;
+    let before = children(&sup).await;
+
+    // Permanent: back even after a normal stop.
+    send(&tree, "perm", ProbeMsg::Stop);
+    restarted(&sup, "perm", id_of(&before, "perm")).await;
+
+    // Transient: back after a crash, not after a normal stop.
+    send(&tree, "trans", ProbeMsg::Crash);
+    restarted(&sup, "trans", id_of(&before, "trans")).await;
+    send(&tree, "trans", ProbeMsg::Stop);
+    eventually("transient child to stay stopped", 5, || tree.status("trans") == Some(Status::Stopped)).await;
+    assert_eq!(id_of(&children(&sup).await, "trans"), None);
+
+    // Temporary: never back, and forgotten.
+    send(&tree, "temp", ProbeMsg::Crash);
+    eventually("temporary child to be forgotten", 5, || tree.status("temp").is_none()).await;
+    let names: Vec<String> = children(&sup).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["perm", "trans"]);
+    assert_eq!(log_of(&log).iter().filter(|l| *l == "start:temp").count(), 1);
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn fourth_crash_within_the_period_escalates_to_the_parent() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let inner = spec("inner", Strategy::OneForOne, vec![probe("w", &log)]);
+    let mut outer = spec("outer", Strategy::OneForOne, vec![Supervisor::child(inner)]);
+    outer.intensity = Intensity { max_restarts: 10, period: Duration::from_secs(5) };
+    let (sup, _) = start(outer, &tree).await;
+    for i in 1..=3 {
+        let old = tree.cell("w").map(|c| c.get_id());
+        send(&tree, "w", ProbeMsg::Crash);
+        eventually("w to restart", 5, || tree.cell("w").is_some_and(|c| Some(c.get_id()) != old)).await;
+        assert_eq!(tree.restarts("w"), Some(i));
+        assert_eq!(tree.restarts("inner"), Some(0), "3 restarts are within the intensity");
+    }
+    send(&tree, "w", ProbeMsg::Crash);
+    // The 4th crash within 5 s: `inner` gives up and its parent restarts it.
+    eventually("inner to be restarted by outer", 5, || tree.restarts("inner") == Some(1)).await;
+    eventually("inner running again", 5, || tree.status("inner") == Some(Status::Running) && tree.cell("w").is_some())
+        .await;
+    let node = tree.snapshot().unwrap();
+    assert!(node.find("inner").unwrap().last_failure.as_deref().unwrap().contains("restart intensity exceeded"));
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_crashes_spread_over_ten_seconds_do_not_escalate() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let inner = spec("inner", Strategy::OneForOne, vec![probe("w", &log)]);
+    let (sup, join) = start(inner, &tree).await;
+    for i in 1..=6 {
+        let old = tree.cell("w").map(|c| c.get_id());
+        send(&tree, "w", ProbeMsg::Crash);
+        eventually("w to restart", 5, || tree.cell("w").is_some_and(|c| Some(c.get_id()) != old)).await;
+        assert_eq!(tree.restarts("w"), Some(i));
+        tokio::time::sleep(Duration::from_secs(4)).await; // spread, in virtual time
+    }
+    assert!(!join.is_finished(), "the supervisor is still up after 6 crashes over 24 s");
+    assert_eq!(tree.status("inner"), Some(Status::Running));
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_delays_restarts_and_grows() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let mut s = spec("sup", Strategy::OneForOne, vec![probe("w", &log)]);
+    s.backoff = Some(Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), jitter: 0.0 });
+    s.intensity = Intensity { max_restarts: 10, period: Duration::from_secs(5) };
+    let (sup, _) = start(s, &tree).await;
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let old = tree.cell("w").map(|c| c.get_id());
+        let crashed_at = tokio::time::Instant::now();
+        send(&tree, "w", ProbeMsg::Crash);
+        eventually("w to be restarting", 5, || tree.status("w") == Some(Status::Restarting)).await;
+        eventually("w to restart", 5, || tree.cell("w").is_some_and(|c| Some(c.get_id()) != old)).await;
+        waits.push(crashed_at.elapsed().as_millis());
+    }
+    for (w, expected) in waits.iter().zip([100u128, 200, 400]) {
+        assert!(
+            *w >= expected && *w < expected + 50,
+            "restart waited {w} ms, expected about {expected} ms ({waits:?})"
+        );
+    }
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn children_start_in_order_and_stop_in_reverse() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let inner = spec("inner", Strategy::OneForOne, vec![probe("x", &log), probe("y", &log)]);
+    let root = spec("root", Strategy::OneForOne, vec![probe("a", &log), Supervisor::child(inner), probe("c", &log)]);
+    let (sup, join) = start(root, &tree).await;
+    assert_eq!(log_of(&log), ["start:a", "start:x", "start:y", "start:c"]);
+    let names = tree.snapshot().unwrap().names();
+    assert_eq!(names, ["root", "a", "inner", "x", "y", "c"]);
+    log.lock().unwrap().clear();
+    sup.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
+    join.await.unwrap();
+    assert_eq!(log_of(&log), ["stop:c", "stop:y", "stop:x", "stop:a"]);
+}
+
+// ---- poison-message parking --------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+struct Msg(String);
+
+impl Work for Msg {
+    fn id(&self) -> String {
+        self.0.clone()
+    }
+    fn payload(&self) -> Value {
+        json!({ "body": self.0 })
+    }
+    fn from_payload(v: &Value) -> Option<Self> {
+        v["body"].as_str().map(|s| Msg(s.to_owned()))
+    }
+}
+
+/// Panics on "poison" unless cured; records what it handled.
+struct Handler {
+    handled: Log,
+    cured: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl WorkHandler<Msg> for Handler {
+    async fn handle(&self, m: Msg) -> Result<(), String> {
+        if m.0 == "poison" && !self.cured.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("cannot digest {}", m.0);
+        }
+        self.handled.lock().unwrap().push(m.0);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MemoryDlq(Mutex<Vec<DeadLetter>>);
+
+#[async_trait]
+impl DeadLetterSink for MemoryDlq {
+    async fn park(&self, letter: &DeadLetter) -> Result<(), String> {
+        self.0.lock().unwrap().push(letter.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn poison_message_is_parked_after_three_failures_and_the_rest_flow() {
+    let tree = Tree::new();
+    let queue = WorkQueue::<Msg>::new(3);
+    let handler = Arc::new(Handler { handled: Log::default(), cured: false.into() });
+    let (q, h) = (queue.clone(), handler.clone());
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let args = QueueWorkerArgs { queue: q.clone(), handler: h.clone() };
+        Box::pin(async move {
+            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Msg, Handler>::default(), args, ctx.parent).await?;
+            Ok(a.get_cell())
+        })
+    });
+    let dlq = Arc::new(MemoryDlq::default());
+    let mut s = spec("sup", Strategy::OneForOne, vec![ChildSpec::worker("worker", start).parking(queue.clone())]);
+    s.dead_letters = Some(dlq.clone());
+    let (sup, join) = start_sup(s, &tree).await;
+
+    for m in ["m1", "poison", "m2", "m3"] {
+        queue.push(Msg(m.into()));
+    }
+    eventually("the messages behind the poison to be handled", 10, || log_of(&handler.handled).len() == 3).await;
+    assert_eq!(log_of(&handler.handled), ["m1", "m2", "m3"]);
+    let parked = dlq.0.lock().unwrap().clone();
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].message_id.as_str(), parked[0].failures, parked[0].source.as_str()), ("poison", 3, "worker"));
+    assert!(parked[0].reason.contains("cannot digest poison"), "reason: {}", parked[0].reason);
+    assert_eq!(tree.restarts("worker"), Some(3));
+    assert!(!join.is_finished(), "parking kept the supervisor within its intensity");
+
+    // Replay once the handler is fixed: the message is handled after all.
+    handler.cured.store(true, std::sync::atomic::Ordering::SeqCst);
+    queue.replay(&parked[0]).unwrap();
+    eventually("the replayed message to be handled", 10, || log_of(&handler.handled).len() == 4).await;
+    assert_eq!(queue.depth(), 0);
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+async fn start_sup(s: SupervisorSpec, tree: &Tree) -> (ActorRef<SupervisorMsg>, ractor::concurrency::JoinHandle<()>) {
+    start(s, tree).await
+}
