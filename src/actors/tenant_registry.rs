@@ -64,8 +64,9 @@ pub struct RegistryArgs {
     /// How long a manager may sit without requests before it is drained.
     pub idle_timeout: Duration,
     pub tree: Tree,
-    /// This registry's name in the tree (`tenants`).
+    /// This registry's name in the tree (`tenants`) and its parent's.
     pub name: String,
+    pub parent: String,
 }
 
 /// One running manager.
@@ -106,6 +107,8 @@ impl Actor for TenantRegistry {
     ) -> Result<Self::State, ActorProcessingErr> {
         let tick = (args.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         myself.send_interval(tick, || RegistryMsg::ReapIdle);
+        // Register before any manager so they appear under this node.
+        args.tree.started(&args.name, Some(&args.parent), ChildKind::Supervisor, myself.get_cell());
         args.tree.set_strategy(&args.name, Strategy::OneForOne);
         Ok(RegistryState {
             store: args.store,

@@ -62,6 +62,7 @@ fn tenants_start(deps: RootDeps, slot: RegistrySlot) -> StartFn {
                 idle_timeout: deps.tenant_idle_timeout,
                 tree: ctx.tree.clone(),
                 name: ctx.name.clone(),
+                parent: ctx.parent_name.clone(),
             };
             let (registry, _) = Actor::spawn_linked(None, TenantRegistry, args, ctx.parent).await?;
             if let Ok(mut s) = slot.write() {

@@ -9,4 +9,5 @@ mod binary;
 mod concurrency;
 mod http_api;
 mod store_conformance;
+mod supervision;
 mod utils;

@@ -1,0 +1,315 @@
+//! The supervision tree over HTTP: `/debug/actors`, the chaos kill endpoint under load,
+//! poison messages in `/v1/admin/dlq`, and ARCHITECTURE.md against the live tree.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventra::domain::EventType;
+use eventra::store::{self, StoreDeadLetters};
+use eventra::supervision::parking::{QueueWorker, QueueWorkerArgs, Work, WorkHandler, WorkQueue};
+use eventra::supervision::{ChildSpec, StartCtx, StartFn, Strategy, Supervisor, SupervisorSpec, Tree};
+use ractor::Actor;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::utils::app::{expect_problem, ADMIN_TOKEN};
+use crate::utils::{wait_for, TestApp, TestDb};
+
+async fn tree(app: &TestApp) -> Value {
+    let res = app.get("/debug/actors", ADMIN_TOKEN).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json().await.unwrap()
+}
+
+fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
+    if node["name"] == name {
+        return Some(node);
+    }
+    node["children"].as_array()?.iter().find_map(|c| find(c, name))
+}
+
+/// Checks one node and its subtree against the SPEC's node shape.
+fn assert_node_shape(n: &Value) {
+    let obj = n.as_object().expect("node is an object");
+    let allowed = ["name", "kind", "strategy", "status", "restarts", "last_failure", "started_at", "mailbox", "children"];
+    for key in obj.keys() {
+        assert!(allowed.contains(&key.as_str()), "unexpected key {key} in {n}");
+    }
+    assert!(n["name"].as_str().is_some_and(|s| !s.is_empty()));
+    let kind = n["kind"].as_str().expect("kind");
+    assert!(["supervisor", "worker"].contains(&kind));
+    if kind == "supervisor" {
+        assert!(["one_for_one", "one_for_all", "rest_for_one"].contains(&n["strategy"].as_str().expect("supervisor strategy")));
+    }
+    assert!(["running", "restarting", "stopped", "failed"].contains(&n["status"].as_str().expect("status")));
+    assert!(n["restarts"].as_u64().is_some());
+    assert!(n["last_failure"].is_null() || n["last_failure"].is_string());
+    assert!(n["started_at"].is_null() || n["started_at"].as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()));
+    assert!(n.get("mailbox").is_none() || n["mailbox"].as_u64().is_some());
+    for c in n["children"].as_array().expect("children array") {
+        assert_node_shape(c);
+    }
+}
+
+fn names(n: &Value, out: &mut Vec<String>) {
+    out.push(n["name"].as_str().unwrap().to_owned());
+    for c in n["children"].as_array().unwrap() {
+        names(c, out);
+    }
+}
+
+#[tokio::test]
+async fn debug_actors_has_the_spec_shape_and_an_html_view() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("shape", 0).await;
+    app.user(&t, "a@x.io").await;
+
+    let root = tree(&app).await;
+    assert_node_shape(&root);
+    assert_eq!((root["name"].as_str(), root["kind"].as_str(), root["status"].as_str()), (Some("root"), Some("supervisor"), Some("running")));
+    let manager = find(&root, &format!("tenant-{}", t.id)).expect("the tenant's manager is in the tree");
+    assert_eq!((manager["kind"].as_str(), manager["status"].as_str()), (Some("worker"), Some("running")));
+    assert_eq!(manager["mailbox"], 0);
+    let mut all = Vec::new();
+    names(&root, &mut all);
+    assert_eq!(all.len(), all.iter().collect::<HashSet<_>>().len(), "names are unique: {all:?}");
+
+    let html = app.req(Method::GET, "/debug/actors", Some(ADMIN_TOKEN)).header("accept", "text/html").send().await.unwrap();
+    assert!(html.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let page = html.text().await.unwrap();
+    assert!(page.contains("<b>root</b>") && page.contains("<b>tenants</b>") && page.contains(&format!("tenant-{}", t.id)));
+
+    // Operators only.
+    expect_problem(app.req(Method::GET, "/debug/actors", None).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
+    expect_problem(app.get("/debug/actors", &t.admin_key).await, StatusCode::FORBIDDEN).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn kill_endpoint_is_guarded() {
+    let db = TestDb::sqlite();
+    let off = TestApp::start(db.url()).await;
+    let p = expect_problem(off.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await, StatusCode::FORBIDDEN).await;
+    assert!(p["detail"].as_str().unwrap().contains("EVENTRA_CHAOS=1"));
+    off.stop().await;
+
+    let app = TestApp::start_with(db.url(), |c| c.chaos = true).await;
+    let t = app.tenant("guard", 0).await;
+    expect_problem(app.post("/debug/actors/tenants/kill", &t.admin_key, json!({})).await, StatusCode::FORBIDDEN).await;
+    expect_problem(app.req(Method::POST, "/debug/actors/tenants/kill", None).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
+    expect_problem(app.post("/debug/actors/no-such-actor/kill", ADMIN_TOKEN, json!({})).await, StatusCode::NOT_FOUND).await;
+    expect_problem(app.post("/debug/actors/root/kill", ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT).await;
+    assert_eq!(tree(&app).await["status"], "running");
+    app.stop().await;
+}
+
+/// Kills a tenant's manager and then the `tenants` supervisor while four clients write;
+/// clients retry 503s with the same Idempotency-Key, as the API tells them to.
+async fn kill_while_writing(db: &TestDb) {
+    let app = Arc::new(TestApp::start_with(db.url(), |c| c.chaos = true).await);
+    let t = Arc::new(app.tenant("chaos", 0).await);
+    app.user(&t, "first@x.io").await;
+    let manager = format!("tenant-{}", t.id);
+
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (app, t, accepted) = (app.clone(), t.clone(), accepted.clone());
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let key = format!("w{w}-{i}");
+                    let body = json!({"email": format!("{key}@x.io"), "name": key});
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
+                        let res = app
+                            .req(Method::POST, &format!("/v1/tenants/{}/users", t.id), Some(&t.admin_key))
+                            .header("idempotency-key", &key)
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        match res.status() {
+                            StatusCode::CREATED => {
+                                let u: Value = res.json().await.unwrap();
+                                accepted.lock().unwrap().push(u["id"].as_str().unwrap().to_owned());
+                                break;
+                            }
+                            StatusCode::SERVICE_UNAVAILABLE if attempts < 50 => continue,
+                            other => panic!("{key}: unexpected {other}: {}", res.text().await.unwrap_or_default()),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Kill the manager mid-stream; it comes back with restarts = 1.
+    wait_for("some writes to land", Duration::from_secs(30), || async { (accepted.lock().unwrap().len() >= 10).then_some(()) }).await;
+    let res = app.post(&format!("/debug/actors/{manager}/kill"), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let node = wait_for("the manager to be running again after its restart", Duration::from_secs(30), || {
+        let app = app.clone();
+        let manager = manager.clone();
+        async move {
+            let root = tree(&app).await;
+            find(&root, &manager).filter(|n| n["status"] == "running" && n["restarts"] == 1).cloned()
+        }
+    })
+    .await;
+    assert_eq!(node["last_failure"], "killed");
+
+    // Kill the supervisor above it: root restarts `tenants`.
+    let res = app.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("tenants to be running again after its restart", Duration::from_secs(30), || {
+        let app = app.clone();
+        async move {
+            let root = tree(&app).await;
+            find(&root, "tenants").filter(|n| n["status"] == "running" && n["restarts"] == 1).map(|_| ())
+        }
+    })
+    .await;
+
+    for w in writers {
+        w.await.expect("writer finished without an unexpected answer");
+    }
+    // Every accepted write is there, exactly once.
+    let ids = accepted.lock().unwrap().clone();
+    assert_eq!(ids.len(), 160);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 160, "retries did not create duplicates");
+    for id in &ids {
+        let res = app.get(&format!("/v1/tenants/{}/users/{id}", t.id), &t.admin_key).await;
+        assert_eq!(res.status(), StatusCode::OK, "accepted user {id} is readable");
+    }
+    let s = store::connect(db.url(), 2).await.unwrap();
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 161);
+    let created = s.outbox_after(0, 10_000).await.unwrap().iter().filter(|r| r.event.event_type == EventType::UserCreated).count();
+    assert_eq!(created, 161, "one event per user, none for replays");
+
+    let metrics = app.req(Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("eventra_actor_restarts_total"), "restarts are counted");
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("app still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_actors_under_load_loses_no_accepted_write_sqlite() {
+    kill_while_writing(&TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_actors_under_load_loses_no_accepted_write_postgres() {
+    let Some(db) = TestDb::postgres("supervision::killing_actors_under_load_loses_no_accepted_write_postgres").await else { return };
+    kill_while_writing(&db).await;
+}
+
+// ---- poison messages in the real DLQ -----------------------------------------------
+
+#[derive(Clone)]
+struct Job(String);
+
+impl Work for Job {
+    fn id(&self) -> String {
+        self.0.clone()
+    }
+    fn payload(&self) -> Value {
+        json!({ "job": self.0 })
+    }
+    fn from_payload(v: &Value) -> Option<Self> {
+        v["job"].as_str().map(|s| Job(s.to_owned()))
+    }
+}
+
+struct Picky(Arc<Mutex<Vec<String>>>);
+
+#[async_trait]
+impl WorkHandler<Job> for Picky {
+    async fn handle(&self, j: Job) -> Result<(), String> {
+        if j.0 == "poison" {
+            panic!("handler cannot process {}", j.0);
+        }
+        self.0.lock().unwrap().push(j.0);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn poison_message_is_parked_in_the_admin_dlq() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    // A queue worker under its own supervisor, parking into the same database's DLQ.
+    let queue = WorkQueue::<Job>::new(3);
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let (q, d) = (queue.clone(), done.clone());
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let args = QueueWorkerArgs { queue: q.clone(), handler: Arc::new(Picky(d.clone())) };
+        Box::pin(async move {
+            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Job, Picky>::default(), args, ctx.parent).await?;
+            Ok(a.get_cell())
+        })
+    });
+    let mut spec = SupervisorSpec::new("jobs-test", Strategy::OneForOne, vec![ChildSpec::worker("job-worker-1", start).parking(queue.clone())]);
+    spec.dead_letters = Some(Arc::new(StoreDeadLetters(db.store().await)));
+    let tree = Tree::new();
+    let (sup, _) = Supervisor::start(spec, tree.clone(), None).await.unwrap();
+
+    for j in ["a", "poison", "b", "c"] {
+        queue.push(Job(j.into()));
+    }
+    let dlq = wait_for("the poison message in GET /v1/admin/dlq", Duration::from_secs(30), || {
+        let app = &app;
+        async move {
+            let page: Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.ok()?;
+            (page["items"].as_array()?.len() == 1).then_some(page)
+        }
+    })
+    .await;
+    let letter = &dlq["items"][0];
+    assert_eq!((letter["source"].as_str(), letter["message_id"].as_str(), letter["failures"].as_u64()), (Some("job-worker-1"), Some("poison"), Some(3)));
+    assert!(letter["reason"].as_str().unwrap().contains("handler cannot process poison"));
+    assert_eq!(letter["payload"], json!({"job": "poison"}));
+    wait_for("the messages behind it", Duration::from_secs(30), || async { (done.lock().unwrap().len() == 3).then_some(()) }).await;
+    assert_eq!(*done.lock().unwrap(), ["a", "b", "c"]);
+    assert_eq!(tree.restarts("job-worker-1"), Some(3));
+
+    // This app runs no consumer for that source: a replay is refused and the letter stays.
+    let id = letter["id"].as_str().unwrap();
+    expect_problem(app.post(&format!("/v1/admin/dlq/{id}/replay"), ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT).await;
+    expect_problem(app.get("/v1/admin/dlq", "evk_nope").await, StatusCode::UNAUTHORIZED).await;
+    // Discard: 204, then it is gone.
+    assert_eq!(app.delete(&format!("/v1/admin/dlq/{id}"), ADMIN_TOKEN).await.status(), StatusCode::NO_CONTENT);
+    expect_problem(app.delete(&format!("/v1/admin/dlq/{id}"), ADMIN_TOKEN).await, StatusCode::NOT_FOUND).await;
+    let page: Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 0);
+    sup.stop_and_wait(None, None).await.unwrap();
+    app.stop().await;
+}
+
+/// The tree drawn in ARCHITECTURE.md is the tree that runs.
+#[tokio::test]
+async fn architecture_md_draws_the_running_tree() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ARCHITECTURE.md")).unwrap();
+    let block = doc.split("## The supervision tree").nth(1).and_then(|s| s.split("```text").nth(1)).and_then(|s| s.split("```").next()).expect("tree block");
+    let drawn: Vec<String> = block
+        .lines()
+        .filter_map(|l| l.trim_start_matches(|c: char| " │├└─".contains(c)).split_whitespace().next())
+        .filter(|n| *n != "…")
+        .map(str::to_owned)
+        .collect();
+
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("doc", 0).await;
+    app.user(&t, "a@x.io").await;
+    let mut running = Vec::new();
+    names(&tree(&app).await, &mut running);
+    let running: Vec<String> = running.into_iter().map(|n| if n.starts_with("tenant-") { "tenant-<uuid>".into() } else { n }).collect();
+    assert_eq!(drawn, running, "ARCHITECTURE.md's tree vs /debug/actors");
+    app.stop().await;
+}
