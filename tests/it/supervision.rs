@@ -33,7 +33,8 @@ fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
 /// Checks one node and its subtree against the SPEC's node shape.
 fn assert_node_shape(n: &Value) {
     let obj = n.as_object().expect("node is an object");
-    let allowed = ["name", "kind", "strategy", "status", "restarts", "last_failure", "started_at", "mailbox", "children"];
+    let allowed =
+        ["name", "kind", "strategy", "status", "restarts", "last_failure", "started_at", "mailbox", "children"];
     for key in obj.keys() {
         assert!(allowed.contains(&key.as_str()), "unexpected key {key} in {n}");
     }
@@ -41,12 +42,16 @@ fn assert_node_shape(n: &Value) {
     let kind = n["kind"].as_str().expect("kind");
     assert!(["supervisor", "worker"].contains(&kind));
     if kind == "supervisor" {
-        assert!(["one_for_one", "one_for_all", "rest_for_one"].contains(&n["strategy"].as_str().expect("supervisor strategy")));
+        assert!(["one_for_one", "one_for_all", "rest_for_one"]
+            .contains(&n["strategy"].as_str().expect("supervisor strategy")));
     }
     assert!(["running", "restarting", "stopped", "failed"].contains(&n["status"].as_str().expect("status")));
     assert!(n["restarts"].as_u64().is_some());
     assert!(n["last_failure"].is_null() || n["last_failure"].is_string());
-    assert!(n["started_at"].is_null() || n["started_at"].as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()));
+    assert!(
+        n["started_at"].is_null()
+            || n["started_at"].as_str().is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok())
+    );
     assert!(n.get("mailbox").is_none() || n["mailbox"].as_u64().is_some());
     for c in n["children"].as_array().expect("children array") {
         assert_node_shape(c);
@@ -69,7 +74,10 @@ async fn debug_actors_has_the_spec_shape_and_an_html_view() {
 
     let root = tree(&app).await;
     assert_node_shape(&root);
-    assert_eq!((root["name"].as_str(), root["kind"].as_str(), root["status"].as_str()), (Some("root"), Some("supervisor"), Some("running")));
+    assert_eq!(
+        (root["name"].as_str(), root["kind"].as_str(), root["status"].as_str()),
+        (Some("root"), Some("supervisor"), Some("running"))
+    );
     let manager = find(&root, &format!("tenant-{}", t.id)).expect("the tenant's manager is in the tree");
     assert_eq!((manager["kind"].as_str(), manager["status"].as_str()), (Some("worker"), Some("running")));
     assert_eq!(manager["mailbox"], 0);
@@ -77,10 +85,13 @@ async fn debug_actors_has_the_spec_shape_and_an_html_view() {
     names(&root, &mut all);
     assert_eq!(all.len(), all.iter().collect::<HashSet<_>>().len(), "names are unique: {all:?}");
 
-    let html = app.req(Method::GET, "/debug/actors", Some(ADMIN_TOKEN)).header("accept", "text/html").send().await.unwrap();
+    let html =
+        app.req(Method::GET, "/debug/actors", Some(ADMIN_TOKEN)).header("accept", "text/html").send().await.unwrap();
     assert!(html.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     let page = html.text().await.unwrap();
-    assert!(page.contains("<b>root</b>") && page.contains("<b>tenants</b>") && page.contains(&format!("tenant-{}", t.id)));
+    assert!(
+        page.contains("<b>root</b>") && page.contains("<b>tenants</b>") && page.contains(&format!("tenant-{}", t.id))
+    );
 
     // Operators only.
     expect_problem(app.req(Method::GET, "/debug/actors", None).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
@@ -92,15 +103,21 @@ async fn debug_actors_has_the_spec_shape_and_an_html_view() {
 async fn kill_endpoint_is_guarded() {
     let db = TestDb::sqlite();
     let off = TestApp::start(db.url()).await;
-    let p = expect_problem(off.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await, StatusCode::FORBIDDEN).await;
+    let p = expect_problem(off.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await, StatusCode::FORBIDDEN)
+        .await;
     assert!(p["detail"].as_str().unwrap().contains("EVENTRA_CHAOS=1"));
     off.stop().await;
 
     let app = TestApp::start_with(db.url(), |c| c.chaos = true).await;
     let t = app.tenant("guard", 0).await;
     expect_problem(app.post("/debug/actors/tenants/kill", &t.admin_key, json!({})).await, StatusCode::FORBIDDEN).await;
-    expect_problem(app.req(Method::POST, "/debug/actors/tenants/kill", None).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
-    expect_problem(app.post("/debug/actors/no-such-actor/kill", ADMIN_TOKEN, json!({})).await, StatusCode::NOT_FOUND).await;
+    expect_problem(
+        app.req(Method::POST, "/debug/actors/tenants/kill", None).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    expect_problem(app.post("/debug/actors/no-such-actor/kill", ADMIN_TOKEN, json!({})).await, StatusCode::NOT_FOUND)
+        .await;
     expect_problem(app.post("/debug/actors/root/kill", ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT).await;
     assert_eq!(tree(&app).await["status"], "running");
     app.stop().await;
@@ -148,7 +165,10 @@ async fn kill_while_writing(db: &TestDb) {
         .collect();
 
     // Kill the manager mid-stream; it comes back with restarts = 1.
-    wait_for("some writes to land", Duration::from_secs(30), || async { (accepted.lock().unwrap().len() >= 10).then_some(()) }).await;
+    wait_for("some writes to land", Duration::from_secs(30), || async {
+        (accepted.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
     let res = app.post(&format!("/debug/actors/{manager}/kill"), ADMIN_TOKEN, json!({})).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let node = wait_for("the manager to be running again after its restart", Duration::from_secs(30), || {
@@ -187,7 +207,13 @@ async fn kill_while_writing(db: &TestDb) {
     }
     let s = store::connect(db.url(), 2).await.unwrap();
     assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 161);
-    let created = s.outbox_after(0, 10_000).await.unwrap().iter().filter(|r| r.event.event_type == EventType::UserCreated).count();
+    let created = s
+        .outbox_after(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.event.event_type == EventType::UserCreated)
+        .count();
     assert_eq!(created, 161, "one event per user, none for replays");
 
     let metrics = app.req(Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
@@ -205,8 +231,32 @@ async fn killing_actors_under_load_loses_no_accepted_write_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_actors_under_load_loses_no_accepted_write_postgres() {
-    let Some(db) = TestDb::postgres("supervision::killing_actors_under_load_loses_no_accepted_write_postgres").await else { return };
+    let Some(db) = TestDb::postgres("supervision::killing_actors_under_load_loses_no_accepted_write_postgres").await
+    else {
+        return;
+    };
     kill_while_writing(&db).await;
+}
+
+/// Escalation all the way up: the root exceeds its intensity, the tree is gone, and the
+/// server stops with an error instead of serving requests it can no longer handle.
+#[tokio::test]
+async fn root_escalation_stops_the_process_with_an_error() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start_with(db.url(), |c| c.chaos = true).await;
+    for i in 1..=3u64 {
+        assert_eq!(app.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await.status(), StatusCode::ACCEPTED);
+        wait_for("tenants to restart", Duration::from_secs(10), || {
+            let app = &app;
+            async move {
+                find(&tree(app).await, "tenants").filter(|n| n["restarts"] == i && n["status"] == "running").map(|_| ())
+            }
+        })
+        .await;
+    }
+    assert_eq!(app.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await.status(), StatusCode::ACCEPTED);
+    let outcome = app.exited().await;
+    assert!(matches!(outcome, Err(eventra::app::StartupError::TreeDown)), "{outcome:?}");
 }
 
 // ---- poison messages in the real DLQ -----------------------------------------------
@@ -254,7 +304,11 @@ async fn poison_message_is_parked_in_the_admin_dlq() {
             Ok(a.get_cell())
         })
     });
-    let mut spec = SupervisorSpec::new("jobs-test", Strategy::OneForOne, vec![ChildSpec::worker("job-worker-1", start).parking(queue.clone())]);
+    let mut spec = SupervisorSpec::new(
+        "jobs-test",
+        Strategy::OneForOne,
+        vec![ChildSpec::worker("job-worker-1", start).parking(queue.clone())],
+    );
     spec.dead_letters = Some(Arc::new(StoreDeadLetters(db.store().await)));
     let tree = Tree::new();
     let (sup, _) = Supervisor::start(spec, tree.clone(), None).await.unwrap();
@@ -271,16 +325,23 @@ async fn poison_message_is_parked_in_the_admin_dlq() {
     })
     .await;
     let letter = &dlq["items"][0];
-    assert_eq!((letter["source"].as_str(), letter["message_id"].as_str(), letter["failures"].as_u64()), (Some("job-worker-1"), Some("poison"), Some(3)));
+    assert_eq!(
+        (letter["source"].as_str(), letter["message_id"].as_str(), letter["failures"].as_u64()),
+        (Some("job-worker-1"), Some("poison"), Some(3))
+    );
     assert!(letter["reason"].as_str().unwrap().contains("handler cannot process poison"));
     assert_eq!(letter["payload"], json!({"job": "poison"}));
-    wait_for("the messages behind it", Duration::from_secs(30), || async { (done.lock().unwrap().len() == 3).then_some(()) }).await;
+    wait_for("the messages behind it", Duration::from_secs(30), || async {
+        (done.lock().unwrap().len() == 3).then_some(())
+    })
+    .await;
     assert_eq!(*done.lock().unwrap(), ["a", "b", "c"]);
     assert_eq!(tree.restarts("job-worker-1"), Some(3));
 
     // This app runs no consumer for that source: a replay is refused and the letter stays.
     let id = letter["id"].as_str().unwrap();
-    expect_problem(app.post(&format!("/v1/admin/dlq/{id}/replay"), ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT).await;
+    expect_problem(app.post(&format!("/v1/admin/dlq/{id}/replay"), ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT)
+        .await;
     expect_problem(app.get("/v1/admin/dlq", "evk_nope").await, StatusCode::UNAUTHORIZED).await;
     // Discard: 204, then it is gone.
     assert_eq!(app.delete(&format!("/v1/admin/dlq/{id}"), ADMIN_TOKEN).await.status(), StatusCode::NO_CONTENT);
@@ -295,7 +356,12 @@ async fn poison_message_is_parked_in_the_admin_dlq() {
 #[tokio::test]
 async fn architecture_md_draws_the_running_tree() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ARCHITECTURE.md")).unwrap();
-    let block = doc.split("## The supervision tree").nth(1).and_then(|s| s.split("```text").nth(1)).and_then(|s| s.split("```").next()).expect("tree block");
+    let block = doc
+        .split("## The supervision tree")
+        .nth(1)
+        .and_then(|s| s.split("```text").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("tree block");
     let drawn: Vec<String> = block
         .lines()
         .filter_map(|l| l.trim_start_matches(|c: char| " │├└─".contains(c)).split_whitespace().next())
@@ -309,7 +375,8 @@ async fn architecture_md_draws_the_running_tree() {
     app.user(&t, "a@x.io").await;
     let mut running = Vec::new();
     names(&tree(&app).await, &mut running);
-    let running: Vec<String> = running.into_iter().map(|n| if n.starts_with("tenant-") { "tenant-<uuid>".into() } else { n }).collect();
+    let running: Vec<String> =
+        running.into_iter().map(|n| if n.starts_with("tenant-") { "tenant-<uuid>".into() } else { n }).collect();
     assert_eq!(drawn, running, "ARCHITECTURE.md's tree vs /debug/actors");
     app.stop().await;
 }

@@ -72,6 +72,12 @@ impl TestApp {
         }
     }
 
+    /// Waits for the server to exit by itself and returns what `run` returned.
+    pub async fn exited(mut self) -> Result<(), eventra::app::StartupError> {
+        let t = self.task.take().expect("server task");
+        tokio::time::timeout(Duration::from_secs(30), t).await.expect("server exits in time").expect("server task")
+    }
+
     pub fn req(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
         let mut r = self.client.request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
