@@ -22,6 +22,7 @@ use crate::domain::{EventContext, NewApiKey, NewTenant, Tenant, TenantPatch};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::supervision::intensity::RestartWindow;
+use crate::supervision::supervisor::ChildExit;
 use crate::supervision::{ChildKind, Intensity, Strategy, Tree};
 
 /// What the registry does.
@@ -90,6 +91,8 @@ pub struct RegistryState {
     name: String,
     /// Manager restarts in the intensity window; too many escalate to `root`.
     window: RestartWindow,
+    /// When expired idempotency records were last purged (done on the reaper's tick).
+    last_purge: Option<Instant>,
 }
 
 /// The actor.
@@ -117,6 +120,7 @@ impl Actor for TenantRegistry {
             tree: args.tree,
             name: args.name,
             window: RestartWindow::new(Intensity::default()),
+            last_purge: None,
         })
     }
 
@@ -147,7 +151,10 @@ impl Actor for TenantRegistry {
                 let r = state.store.delete_tenant(id, &ctx).await.map_err(Into::into);
                 let _ = reply.send(r);
             }
-            RegistryMsg::ReapIdle => reap_idle(state),
+            RegistryMsg::ReapIdle => {
+                reap_idle(state);
+                purge_expired_idempotency(state);
+            }
             RegistryMsg::Managers { reply } => {
                 let infos = state
                     .managers
@@ -172,15 +179,7 @@ impl Actor for TenantRegistry {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, crashed, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                // A kill is a crash (OTP's `killed`), not a normal stop.
-                let killed = reason.as_deref() == Some("killed");
-                (cell, killed, reason.unwrap_or_else(|| "normal".into()))
-            }
-            _ => return Ok(()),
-        };
+        let Some(ChildExit { cell, abnormal: crashed, reason }) = ChildExit::of(event) else { return Ok(()) };
         let Some(tenant_id) = tenant_of(state, &cell) else { return Ok(()) };
         let Some(old) = state.managers.remove(&tenant_id) else { return Ok(()) };
         let name = manager_name(tenant_id);
@@ -307,6 +306,25 @@ fn reap_idle(state: &mut RegistryState) {
             let _ = entry.actor.drain();
         }
     }
+}
+
+/// Expired idempotency records are dead weight: delete them every few minutes, off the
+/// registry's mailbox (a large delete must not hold up tenant lookups).
+fn purge_expired_idempotency(state: &mut RegistryState) {
+    const EVERY: Duration = Duration::from_secs(300);
+    if state.last_purge.is_some_and(|t| t.elapsed() < EVERY) {
+        return;
+    }
+    state.last_purge = Some(Instant::now());
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let before = Utc::now() - chrono::Duration::hours(crate::store::IDEMPOTENCY_TTL_HOURS);
+        match store.purge_idempotency_keys(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "purged expired idempotency records"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired idempotency records"),
+        }
+    });
 }
 
 fn tenant_of(state: &RegistryState, cell: &ActorCell) -> Option<Uuid> {

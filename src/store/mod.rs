@@ -133,6 +133,9 @@ pub trait Store: Send + Sync + 'static {
         ctx: &EventContext,
     ) -> StoreResult<()>;
 
+    /// Deletes idempotency records created before `before`; returns how many.
+    async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+
     /// Parks a message in the dead-letter queue.
     async fn park_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()>;
     /// Parked messages, oldest first.

@@ -560,6 +560,11 @@ macro_rules! sql_store_impl {
                 Ok(())
             }
 
+            async fn purge_idempotency_keys(&self, before: chrono::DateTime<chrono::Utc>) -> $crate::store::StoreResult<u64> {
+                let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(before).execute(&self.pool).await?;
+                Ok(done.rows_affected())
+            }
+
             async fn park_dead_letter(&self, l: &$crate::store::DeadLetter) -> $crate::store::StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO dead_letters (id, source, message_id, payload, reason, failures, parked_at) \

@@ -62,6 +62,32 @@ pub struct SupervisorState {
 
 pub struct Supervisor;
 
+/// How a child ended, read off a supervision event.
+pub struct ChildExit {
+    pub cell: ActorCell,
+    /// A crash (error or panic) or a kill: OTP's abnormal exits.
+    pub abnormal: bool,
+    /// The failure, `killed`, the stop reason, or `normal`.
+    pub reason: String,
+}
+
+impl ChildExit {
+    /// `None` for events that are not a child's exit.
+    pub fn of(event: SupervisionEvent) -> Option<Self> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                Some(ChildExit { cell, abnormal: true, reason: err.to_string() })
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                // A kill is an abnormal exit (OTP's `killed`), whatever the actor was doing.
+                let abnormal = reason.as_deref() == Some("killed");
+                Some(ChildExit { cell, abnormal, reason: reason.unwrap_or_else(|| "normal".into()) })
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Supervisor {
     /// Starts a supervisor (and, synchronously, its children) linked to `parent`.
     pub async fn start(
@@ -162,15 +188,7 @@ impl Actor for Supervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, abnormal, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                // A kill is an abnormal exit (OTP's `killed`), whatever the actor was doing.
-                let killed = reason.as_deref() == Some("killed");
-                (cell, killed, reason.unwrap_or_else(|| "normal".into()))
-            }
-            _ => return Ok(()),
-        };
+        let Some(ChildExit { cell, abnormal, reason }) = ChildExit::of(event) else { return Ok(()) };
         let Some(i) = state.children.iter().position(|c| c.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
         else {
             return Ok(()); // a child we stopped on purpose, or an older incarnation

@@ -192,6 +192,23 @@ pub async fn idempotent_create_replays(s: Arc<dyn Store>) {
     assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
 }
 
+pub async fn idempotency_records_can_be_purged(s: Arc<dyn Store>) {
+    let t = tenant(&s, "purge", 0).await;
+    let req = IdempotencyRequest { key: "k".into(), request_hash: "h".into() };
+    let first = s.create_user(&new_user(t.id, "a@x.io"), Some(&req), &ctx()).await.unwrap().value;
+    assert_eq!(
+        s.purge_idempotency_keys(eventra::domain::now() - chrono::Duration::hours(1)).await.unwrap(),
+        0,
+        "fresh records stay"
+    );
+    assert!(s.create_user(&new_user(t.id, "a@x.io"), Some(&req), &ctx()).await.unwrap().replayed);
+    assert_eq!(s.purge_idempotency_keys(eventra::domain::now() + chrono::Duration::seconds(1)).await.unwrap(), 1);
+    // The key is free again: the same request is now a new create (and a duplicate email).
+    let again = s.create_user(&new_user(t.id, "a@x.io"), Some(&req), &ctx()).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(s.get_user(t.id, first.id).await.unwrap(), first);
+}
+
 pub async fn lists_page_by_cursor_within_a_tenant(s: Arc<dyn Store>) {
     let t = tenant(&s, "pages", 0).await;
     let other = tenant(&s, "pages-other", 0).await;
@@ -265,6 +282,7 @@ conformance!(
     user_changes_write_one_event_each,
     failed_changes_write_nothing,
     idempotent_create_replays,
+    idempotency_records_can_be_purged,
     lists_page_by_cursor_within_a_tenant,
     tenants_cannot_touch_each_other,
 );
