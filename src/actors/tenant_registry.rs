@@ -135,21 +135,29 @@ impl Actor for TenantRegistry {
                 let r = manager_for(&myself, state, tenant_id).await;
                 let _ = reply.send(r);
             }
+            // Tenant writes run beside the mailbox, not in it: a long cascade delete must
+            // not hold up every other tenant's manager lookups. The database orders them.
             RegistryMsg::CreateTenant { tenant, admin_key, ctx, reply } => {
-                let r = state.store.create_tenant(&tenant, &admin_key, &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.create_tenant(&tenant, &admin_key, &ctx).await.map_err(Into::into));
+                });
             }
             RegistryMsg::UpdateTenant { id, patch, ctx, reply } => {
-                let r = state.store.update_tenant(id, &patch, &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.update_tenant(id, &patch, &ctx).await.map_err(Into::into));
+                });
             }
             RegistryMsg::DeleteTenant { id, ctx, reply } => {
                 if let Some(entry) = state.managers.remove(&id) {
                     entry.actor.stop(Some("tenant deleted".into()));
                     state.tree.remove(&manager_name(id));
                 }
-                let r = state.store.delete_tenant(id, &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.delete_tenant(id, &ctx).await.map_err(Into::into));
+                });
             }
             RegistryMsg::ReapIdle => {
                 reap_idle(state);
@@ -192,9 +200,17 @@ impl Actor for TenantRegistry {
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        // Drain every manager: requests already queued are still answered.
-        for (tenant_id, entry) in state.managers.drain() {
-            if entry.actor.drain_and_wait(Some(Duration::from_secs(10))).await.is_err() {
+        // Drain every manager at once (requests already queued are still answered),
+        // then wait for them together within one deadline; stragglers are killed.
+        let managers: Vec<(Uuid, Entry)> = state.managers.drain().collect();
+        for (_, entry) in &managers {
+            let _ = entry.actor.drain();
+        }
+        let deadline = tokio::time::Instant::now() + MANAGER_DRAIN;
+        for (tenant_id, entry) in managers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if entry.actor.get_cell().wait(Some(left)).await.is_err() {
+                tracing::warn!(%tenant_id, "tenant manager did not drain in time; killed");
                 entry.actor.kill();
             }
             state.tree.remove(&manager_name(tenant_id));
@@ -202,6 +218,9 @@ impl Actor for TenantRegistry {
         Ok(())
     }
 }
+
+/// How long managers may take, together, to finish their queued requests on shutdown.
+const MANAGER_DRAIN: Duration = Duration::from_secs(10);
 
 /// The tree name of a tenant's manager.
 pub fn manager_name(tenant_id: Uuid) -> String {

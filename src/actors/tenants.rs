@@ -5,7 +5,7 @@
 //! The registry reference sits behind a lock because the root supervisor replaces it
 //! when it restarts the registry.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,9 +193,12 @@ impl Tenants {
     ) -> Result<T> {
         for _ in 0..SEND_ATTEMPTS {
             let manager = self.call_registry(|reply| RegistryMsg::Manager { tenant_id, reply }).await?;
-            manager.pending.fetch_add(1, Ordering::Relaxed);
-            let outcome = manager.actor.call(&build, Some(self.call_timeout)).await;
-            manager.pending.fetch_sub(1, Ordering::Relaxed);
+            let outcome = {
+                // Counted while queued or in process; the guard also undoes the count when
+                // the client goes away and this future is dropped mid-call.
+                let _queued = PendingGuard::new(&manager.pending);
+                manager.actor.call(&build, Some(self.call_timeout)).await
+            };
             match outcome {
                 Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
                 other => return reply_of(other, "tenant manager"),
@@ -217,6 +220,22 @@ fn reply_of<T, M>(r: std::result::Result<CallResult<Result<T>>, MessagingErr<M>>
         Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(format!(
             "the {who} stopped while handling the request; retry with the same Idempotency-Key"
         ))),
+    }
+}
+
+/// Holds one unit of a manager's mailbox gauge for as long as it lives.
+struct PendingGuard<'a>(&'a AtomicUsize);
+
+impl<'a> PendingGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        PendingGuard(counter)
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -11,6 +11,10 @@ use super::validation::{check_name, ValidationErrors};
 
 /// Largest `attributes` object accepted, serialized.
 pub const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+/// Deepest nesting accepted inside `attributes`. Events wrap the user in further levels
+/// and JSON parsers stop at ~128, so an unbounded depth could store a row that no
+/// consumer can read back.
+pub const MAX_ATTRIBUTES_DEPTH: usize = 32;
 /// RFC 5321 limit for an address.
 const MAX_EMAIL_LEN: usize = 254;
 
@@ -177,7 +181,10 @@ fn check_email(errors: &mut ValidationErrors, raw: &str) -> String {
         errors.add("email", "must not be empty");
     } else if email.len() > MAX_EMAIL_LEN {
         errors.add("email", format!("must be at most {MAX_EMAIL_LEN} bytes"));
-    } else if !email_address::EmailAddress::is_valid(&email) || !email.contains('@') {
+    } else if !email_address::EmailAddress::is_valid(&email)
+        || !email.contains('@')
+        || email.chars().any(char::is_control)
+    {
         errors.add("email", "must be an email address like name@example.com");
     }
     email
@@ -187,7 +194,36 @@ fn check_attributes(errors: &mut ValidationErrors, attrs: &Map<String, Value>) {
     let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
     if size > MAX_ATTRIBUTES_BYTES {
         errors.add("attributes", format!("must serialize to at most {MAX_ATTRIBUTES_BYTES} bytes (got {size})"));
+    } else if depth(attrs) > MAX_ATTRIBUTES_DEPTH {
+        errors.add("attributes", format!("must nest at most {MAX_ATTRIBUTES_DEPTH} levels deep"));
+    } else if has_nul(attrs) {
+        // PostgreSQL's JSONB and TEXT cannot store U+0000.
+        errors.add("attributes", "must not contain the NUL character (\\u0000) in keys or strings");
     }
+}
+
+/// Nesting depth of an object (1 for a flat one).
+fn depth(attrs: &Map<String, Value>) -> usize {
+    fn value_depth(v: &Value) -> usize {
+        match v {
+            Value::Object(m) => 1 + m.values().map(value_depth).max().unwrap_or(0),
+            Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    1 + attrs.values().map(value_depth).max().unwrap_or(0)
+}
+
+fn has_nul(attrs: &Map<String, Value>) -> bool {
+    fn value_has(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || value_has(v)),
+            Value::Array(a) => a.iter().any(value_has),
+            _ => false,
+        }
+    }
+    attrs.iter().any(|(k, v)| k.contains('\0') || value_has(v))
 }
 
 #[cfg(test)]
@@ -215,6 +251,25 @@ mod tests {
         let err = NewUser::parse(Uuid::now_v7(), input, Utc::now()).unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["email", "name", "attributes"]);
+    }
+
+    #[test]
+    fn rejects_deep_nesting_and_nul_in_attributes() {
+        let parse = |attrs: Value| {
+            let input =
+                NewUserInput { email: "a@b.io".into(), name: "A".into(), attributes: attrs.as_object().cloned() };
+            NewUser::parse(Uuid::now_v7(), input, Utc::now())
+        };
+        let mut deep = json!(1);
+        for _ in 0..=MAX_ATTRIBUTES_DEPTH {
+            deep = json!({ "k": deep });
+        }
+        let err = parse(deep.clone()).unwrap_err();
+        assert!(err.errors[0].message.contains("levels deep"), "{err:?}");
+        assert!(parse(deep["k"].clone()).is_ok(), "exactly {MAX_ATTRIBUTES_DEPTH} levels is fine");
+        assert!(parse(json!({"a": ["x\u{0}y"]})).is_err());
+        assert!(parse(json!({"a\u{0}": 1})).is_err());
+        assert!(parse(json!({"a": {"b": [1, "ok"]}})).is_ok());
     }
 
     #[test]

@@ -144,7 +144,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a parked message (after a replay, or to discard it).
     async fn delete_dead_letter(&self, id: Uuid) -> StoreResult<()>;
 
-    /// Outbox rows with `seq > after_seq`, oldest first.
+    /// Outbox rows with `seq > after_seq`, oldest first: for inspection and tests.
+    /// Not a relay cursor: on PostgreSQL `seq` is taken at insert, not commit, so a
+    /// row with a lower `seq` can become visible after a higher one. The relay must
+    /// select `published_at IS NULL` and order by `(tenant_id, tenant_seq)`.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
 }
 

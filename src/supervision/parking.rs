@@ -53,9 +53,13 @@ pub struct Poison {
 
 /// Asked by a supervisor after its child failed.
 pub trait ParkingHook: Send + Sync + 'static {
-    /// Records a failure of the in-flight message; returns it (removed from the
-    /// queue) when it has failed too often and must be parked.
+    /// Records a failure of the in-flight message; returns a copy of it when it has
+    /// failed too often and must be parked. It stays in flight until [`parked`].
+    ///
+    /// [`parked`]: ParkingHook::parked
     fn on_failure(&self) -> Option<Poison>;
+    /// The dead-letter queue has the message: drop it from the queue.
+    fn parked(&self);
 }
 
 /// Messages a [`QueueWorker`] handles.
@@ -167,9 +171,11 @@ impl<W: Work> ParkingHook for WorkQueue<W> {
         if *failures < self.max_failures {
             return None;
         }
-        let poison = Poison { message_id: w.id(), payload: w.payload(), failures: *failures };
-        s.in_flight = None;
-        Some(poison)
+        Some(Poison { message_id: w.id(), payload: w.payload(), failures: *failures })
+    }
+
+    fn parked(&self) {
+        self.lock().in_flight = None;
     }
 }
 

@@ -254,7 +254,11 @@ async fn on_child_exit(
     if abnormal {
         tracing::warn!(supervisor = %sup, child = %name, %reason, "child failed");
         state.tree.failed(&name, &reason);
-        park_poison(state, i, &reason).await;
+        // A kill says nothing about the message in hand (chaos, or an operator): only
+        // real handler failures count towards parking it.
+        if reason != "killed" {
+            park_poison(state, i, &reason).await;
+        }
     } else {
         tracing::info!(supervisor = %sup, child = %name, %reason, "child stopped");
         state.tree.stopped(&name);
@@ -303,6 +307,8 @@ async fn on_child_exit(
             if cell.stop_and_wait(Some(format!("restart with {name}")), Some(c.shutdown)).await.is_err() {
                 cell.kill();
             }
+            state.tree.stopped(&c.name);
+            state.tree.remove_descendants(&c.name);
         }
     }
     let mut names = Vec::new();
@@ -337,8 +343,20 @@ async fn on_child_exit(
     if delay.is_zero() {
         restart_group(myself, state, names).await
     } else {
+        // A group already waiting out its backoff is merged, not replaced: every child
+        // in either group must come back.
         let generation = state.generation;
-        state.pending = Some((generation, names));
+        if let Some((_, waiting)) = state.pending.take() {
+            let merged: Vec<String> = state
+                .children
+                .iter()
+                .map(|c| c.spec.name.clone())
+                .filter(|n| waiting.contains(n) || names.contains(n))
+                .collect();
+            state.pending = Some((generation, merged));
+        } else {
+            state.pending = Some((generation, names));
+        }
         myself.send_after(delay, move || SupervisorMsg::RestartGroup { generation });
         Ok(())
     }
@@ -368,6 +386,8 @@ async fn restart_group(
 async fn park_poison(state: &mut SupervisorState, i: usize, reason: &str) {
     let Some(hook) = state.children[i].spec.parking.clone() else { return };
     let Some(poison) = hook.on_failure() else { return };
+    // The queue keeps the message until the DLQ has it; if parking fails it stays in
+    // flight and is retried (and counted) again: never lost.
     let source = state.children[i].spec.name.clone();
     let letter = DeadLetter {
         id: uuid::Uuid::now_v7(),
@@ -378,18 +398,22 @@ async fn park_poison(state: &mut SupervisorState, i: usize, reason: &str) {
         failures: poison.failures,
         parked_at: crate::domain::now(),
     };
-    metrics::counter!("eventra_messages_parked_total", "source" => source.clone()).increment(1);
     match &state.spec.dead_letters {
         Some(sink) => match sink.park(&letter).await {
-            Ok(()) => tracing::warn!(
-                supervisor = %state.spec.name, child = %source, message_id = %letter.message_id,
-                failures = letter.failures, %reason, dead_letter_id = %letter.id, "poison message parked"
-            ),
+            Ok(()) => {
+                hook.parked();
+                metrics::counter!("eventra_messages_parked_total", "source" => source.clone()).increment(1);
+                tracing::warn!(
+                    supervisor = %state.spec.name, child = %source, message_id = %letter.message_id,
+                    failures = letter.failures, %reason, dead_letter_id = %letter.id, "poison message parked"
+                )
+            }
             Err(e) => {
-                tracing::error!(child = %source, message_id = %letter.message_id, error = %e, payload = %letter.payload, "could not park poison message; it is logged here instead")
+                tracing::error!(child = %source, message_id = %letter.message_id, error = %e, "could not park poison message; it stays in flight and is retried")
             }
         },
         None => {
+            hook.parked();
             tracing::error!(child = %source, message_id = %letter.message_id, payload = %letter.payload, "poison message dropped: no dead-letter queue configured")
         }
     }

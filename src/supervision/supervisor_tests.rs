@@ -280,6 +280,23 @@ async fn backoff_delays_restarts_and_grows() {
     sup.stop_and_wait(None, None).await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn overlapping_backoffs_restart_every_failed_child() {
+    let (log, tree) = (Log::default(), Tree::new());
+    let mut s = spec("sup", Strategy::OneForOne, vec![probe("a", &log), probe("b", &log)]);
+    s.backoff = Some(Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), jitter: 0.0 });
+    let (sup, _) = start(s, &tree).await;
+    let before = children(&sup).await;
+    send(&tree, "a", ProbeMsg::Crash);
+    eventually("a to be restarting", 5, || tree.status("a") == Some(Status::Restarting)).await;
+    // b fails while a still waits out its backoff: both must come back.
+    send(&tree, "b", ProbeMsg::Crash);
+    restarted(&sup, "a", id_of(&before, "a")).await;
+    restarted(&sup, "b", id_of(&before, "b")).await;
+    assert_eq!((tree.status("a"), tree.status("b")), (Some(Status::Running), Some(Status::Running)));
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
 #[tokio::test]
 async fn children_start_in_order_and_stop_in_reverse() {
     let (log, tree) = (Log::default(), Tree::new());
@@ -312,7 +329,7 @@ impl Work for Msg {
     }
 }
 
-/// Panics on "poison" unless cured; records what it handled.
+/// Panics on "poison" unless cured, hangs on "slow"; records what it handled.
 struct Handler {
     handled: Log,
     cured: std::sync::atomic::AtomicBool,
@@ -324,20 +341,83 @@ impl WorkHandler<Msg> for Handler {
         if m.0 == "poison" && !self.cured.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("cannot digest {}", m.0);
         }
+        if m.0 == "slow" {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         self.handled.lock().unwrap().push(m.0);
         Ok(())
     }
 }
 
+/// A DLQ in memory that refuses the first `fail_first` letters (a database outage).
 #[derive(Default)]
-struct MemoryDlq(Mutex<Vec<DeadLetter>>);
+struct MemoryDlq(Mutex<Vec<DeadLetter>>, std::sync::atomic::AtomicUsize);
 
 #[async_trait]
 impl DeadLetterSink for MemoryDlq {
     async fn park(&self, letter: &DeadLetter) -> Result<(), String> {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err("dead-letter store unavailable".into());
+        }
         self.0.lock().unwrap().push(letter.clone());
         Ok(())
     }
+}
+
+/// A supervised queue worker over a fresh queue; returns (supervisor, queue, handler, dlq).
+async fn queue_worker(
+    tree: &Tree,
+    dlq_failures: usize,
+) -> (ActorRef<SupervisorMsg>, Arc<WorkQueue<Msg>>, Arc<Handler>, Arc<MemoryDlq>) {
+    let queue = WorkQueue::<Msg>::new(3);
+    let handler = Arc::new(Handler { handled: Log::default(), cured: false.into() });
+    let (q, h) = (queue.clone(), handler.clone());
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let args = QueueWorkerArgs { queue: q.clone(), handler: h.clone() };
+        Box::pin(async move {
+            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Msg, Handler>::default(), args, ctx.parent).await?;
+            Ok(a.get_cell())
+        })
+    });
+    let dlq = Arc::new(MemoryDlq::default());
+    dlq.1.store(dlq_failures, std::sync::atomic::Ordering::SeqCst);
+    let worker = ChildSpec::worker("worker", start).parking(queue.clone()).shutdown(Duration::from_millis(200));
+    let mut s = spec("sup", Strategy::OneForOne, vec![worker]);
+    s.dead_letters = Some(dlq.clone());
+    s.intensity = Intensity { max_restarts: 20, period: Duration::from_secs(5) };
+    let (sup, _) = start_sup(s, tree).await;
+    (sup, queue, handler, dlq)
+}
+
+#[tokio::test]
+async fn a_failing_dead_letter_queue_loses_nothing() {
+    let tree = Tree::new();
+    let (sup, queue, handler, dlq) = queue_worker(&tree, 1).await;
+    for m in ["poison", "after"] {
+        queue.push(Msg(m.into()));
+    }
+    eventually("the poison to be parked once the DLQ works again", 10, || dlq.0.lock().unwrap().len() == 1).await;
+    assert_eq!(dlq.0.lock().unwrap()[0].failures, 4, "the refused park kept it in flight for one more try");
+    eventually("the message behind it", 10, || log_of(&handler.handled) == ["after"]).await;
+    sup.stop_and_wait(None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn kills_do_not_count_towards_parking() {
+    let tree = Tree::new();
+    let (sup, queue, _handler, dlq) = queue_worker(&tree, 0).await;
+    queue.push(Msg("slow".into()));
+    for i in 1..=4 {
+        eventually("the worker to hold the slow message", 10, || queue.depth() == 1 && tree.cell("worker").is_some())
+            .await;
+        tree.cell("worker").unwrap().kill();
+        eventually("the worker to restart", 10, || tree.restarts("worker") == Some(i) && tree.cell("worker").is_some())
+            .await;
+    }
+    assert!(dlq.0.lock().unwrap().is_empty(), "a healthy message killed 4 times is not poison");
+    assert_eq!(queue.depth(), 1, "it is still in flight, to run again");
+    sup.stop_and_wait(None, None).await.unwrap();
 }
 
 #[tokio::test]

@@ -56,6 +56,52 @@ async fn max_users_race(db: &TestDb) {
     b.stop().await;
 }
 
+/// The same keyed request, retried at once through two servers: the database decides.
+async fn idempotent_retries_across_servers(db: &TestDb) {
+    let (a, b) = (TestApp::start(db.url()).await, TestApp::start(db.url()).await);
+    let t = a.tenant("idem-two", 0).await;
+    let path = format!("/v1/tenants/{}/users", t.id);
+    let requests = (0..20).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.req(reqwest::Method::POST, &path, Some(&t.admin_key))
+            .header("idempotency-key", "same-request")
+            .json(&json!({"email": "once@example.com", "name": "Once"}))
+            .send()
+    });
+    let mut ids = std::collections::HashSet::new();
+    for r in futures::future::join_all(requests).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        ids.insert(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "every retry got the one user");
+    let s = store::connect(db.url(), 2).await.unwrap();
+    assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
+    let created = s
+        .outbox_after(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.event.event_type == EventType::UserCreated)
+        .count();
+    assert_eq!(created, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_servers_idempotent_retries_create_once() {
+    let Some(db) = TestDb::postgres("concurrency::postgres_two_servers_idempotent_retries_create_once").await else {
+        return;
+    };
+    idempotent_retries_across_servers(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_two_servers_idempotent_retries_create_once() {
+    idempotent_retries_across_servers(&TestDb::sqlite()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_two_servers_one_email_exactly_one_wins() {
     let Some(db) = TestDb::postgres("concurrency::postgres_two_servers_one_email_exactly_one_wins").await else {

@@ -252,6 +252,30 @@ async fn tenant_max_users_answers_409_and_writes_nothing() {
     assert_eq!(p["type"], "urn:eventra:problem:tenant-user-limit");
     let tenant: Value = app.get(&format!("/v1/tenants/{}", t.id), &t.admin_key).await.json().await.unwrap();
     assert_eq!(tenant["user_count"], 1);
+    let list: Value = app.get(&format!("/v1/tenants/{}/users", t.id), &t.admin_key).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "no user row from the refused create");
+    let s = store::connect(db.url(), 2).await.unwrap();
+    let users_created =
+        s.outbox_after(0, 100).await.unwrap().iter().filter(|r| r.event.event_type == EventType::UserCreated).count();
+    assert_eq!(users_created, 1, "no event from the refused create");
+
+    // Attributes the database could not store, or consumers could not read back: 422.
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!({ "k": deep });
+    }
+    let big = app.tenant("roomy", 0).await;
+    let roomy = format!("/v1/tenants/{}/users", big.id);
+    expect_problem(
+        app.post(&roomy, &big.admin_key, json!({"email": "d@x.io", "name": "D", "attributes": deep})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    expect_problem(
+        app.post(&roomy, &big.admin_key, json!({"email": "n@x.io", "name": "N", "attributes": {"a": "x\u{0}y"}})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     app.stop().await;
 }
 
