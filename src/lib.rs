@@ -9,6 +9,7 @@
 //!   is the door the HTTP layer uses.
 //! - [`supervision`]: the root supervisor and child specifications.
 //! - [`http`]: axum routes, one file per resource; problem+json at the edge.
+//! - [`jobs`]: the `JobQueue` trait, retry schedule and the embedded backend.
 //! - [`error`]: the application error every subsystem converts into.
 //! - [`app`]: wires it all together; [`app::run`] is the testable entry point.
 //! - [`telemetry`]: JSON logging.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod store;
 pub mod supervision;
 pub mod telemetry;

@@ -8,6 +8,7 @@ mod actors;
 mod binary;
 mod concurrency;
 mod http_api;
+mod job_queue_conformance;
 mod store_conformance;
 mod supervision;
 mod utils;

@@ -1,0 +1,183 @@
+//! Background jobs: durable queues with reliable fetch, Sidekiq's retry schedule and a
+//! dead set, behind one [`JobQueue`] trait.
+//!
+//! Status: the queue semantics and the embedded SQLite backend with its conformance suite
+//! are here; the Redis backend, the worker pool, scheduler and reaper actors, job kinds
+//! and the admin API come with the rest of the job-system issue.
+//!
+//! Semantics every backend keeps:
+//! - a job has a unique id and an idempotency key; a second enqueue of the key is a no-op
+//!   while the first is ready, scheduled, running, retrying, dead, or done within
+//!   [`QueueConfig::done_retention`];
+//! - `fetch` leases the oldest ready job of a queue to one worker until a deadline;
+//!   `heartbeat` extends it; a job whose lease expires (its worker died) is put back by
+//!   `reap_expired` and runs again (at-least-once);
+//! - `fail` schedules a retry after [`RetrySchedule::delay`] or, after the last attempt,
+//!   moves the job to the dead set, which is capped by count and age like Sidekiq's;
+//! - `promote_due` moves scheduled and retrying jobs whose time has come to ready.
+
+pub mod schedule;
+mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use schedule::{RetrySchedule, DEFAULT_MAX_ATTEMPTS};
+pub use sqlite::SqliteJobQueue;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Ready,
+    Scheduled,
+    Running,
+    Retry,
+    Dead,
+    Done,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Ready => "ready",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Retry => "retry",
+            JobState::Dead => "dead",
+            JobState::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead, JobState::Done]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub kind: String,
+    pub queue: String,
+    pub args: Value,
+    /// Same key, same effect: e.g. `welcome_email:<user id>`.
+    pub idempotency_key: String,
+    pub max_attempts: u32,
+    /// Run no earlier than this (a scheduled job); `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+impl NewJob {
+    pub fn new(kind: impl Into<String>, idempotency_key: impl Into<String>, args: Value) -> Self {
+        NewJob {
+            kind: kind.into(),
+            queue: "default".into(),
+            args,
+            idempotency_key: idempotency_key.into(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            run_at: None,
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub queue: String,
+    pub args: Value,
+    pub idempotency_key: String,
+    pub state: JobState,
+    /// Failed attempts so far.
+    pub failures: u32,
+    pub max_attempts: u32,
+    pub enqueued_at: DateTime<Utc>,
+    /// When it becomes (or became) ready to run.
+    pub run_at: DateTime<Utc>,
+    /// The worker holding the lease, while running.
+    pub worker: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    New(Uuid),
+    /// The key is taken: nothing was enqueued; the existing job's id.
+    Duplicate(Uuid),
+}
+
+/// What `fail` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failed {
+    /// Retry number `failures` runs at `at`.
+    Retry { at: DateTime<Utc>, failures: u32 },
+    /// That was the last attempt.
+    Dead,
+}
+
+/// Limits of one queue deployment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueConfig {
+    pub schedule: RetrySchedule,
+    /// Dead set capacity (oldest dropped first) and maximum age.
+    pub dead_max_jobs: u64,
+    pub dead_max_age: Duration,
+    /// How long a finished job still blocks its idempotency key.
+    pub done_retention: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            schedule: RetrySchedule::default(),
+            dead_max_jobs: 10_000,
+            dead_max_age: Duration::from_secs(180 * 86_400),
+            done_retention: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job {0} is not leased to this worker")]
+    NotLeased(Uuid),
+    #[error("job queue backend: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError::Backend(e.to_string())
+    }
+}
+
+pub type JobResult<T> = Result<T, JobError>;
+
+/// A durable job queue. Every method is atomic on its own.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued>;
+    /// Leases the oldest ready job of `queue` to `worker` for `lease`.
+    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;
+    /// Extends a lease; `false` when the job is no longer leased to `worker`.
+    async fn heartbeat(&self, id: Uuid, worker: &str, lease: Duration) -> JobResult<bool>;
+    /// The job succeeded.
+    async fn ack(&self, id: Uuid, worker: &str) -> JobResult<()>;
+    /// The job failed with `error`: schedule a retry or bury it.
+    async fn fail(&self, id: Uuid, worker: &str, error: &str) -> JobResult<Failed>;
+    /// Scheduler: due scheduled and retrying jobs become ready. Returns how many.
+    async fn promote_due(&self) -> JobResult<u64>;
+    /// Reaper: running jobs whose lease expired become ready again. Returns how many.
+    async fn reap_expired(&self) -> JobResult<u64>;
+    async fn get(&self, id: Uuid) -> JobResult<Option<Job>>;
+    async fn count(&self, state: JobState) -> JobResult<u64>;
+}

@@ -1,0 +1,198 @@
+//! The `JobQueue` conformance suite: the same functions run against every backend
+//! (embedded SQLite today; Redis joins with the rest of the job-system issue).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventra::jobs::{Enqueued, Failed, JobError, JobQueue, JobState, NewJob, QueueConfig, RetrySchedule};
+use serde_json::json;
+
+use crate::utils::wait_for;
+
+/// A queue with `config` on a fresh backend; the guard keeps the backend alive.
+type Make = fn(QueueConfig) -> futures::future::BoxFuture<'static, (Box<dyn std::any::Any + Send>, Arc<dyn JobQueue>)>;
+
+fn fast() -> QueueConfig {
+    // 100× faster and without jitter: retry 1 after 150 ms, retry 2 after 160 ms, retry 3
+    // after 310 ms: the production code path, exact times.
+    QueueConfig { schedule: RetrySchedule { time_scale: 100.0, jitter: false }, ..QueueConfig::default() }
+}
+
+fn job(key: &str) -> NewJob {
+    NewJob::new("test", key, json!({ "key": key }))
+}
+
+fn new_id(e: Enqueued) -> uuid::Uuid {
+    match e {
+        Enqueued::New(id) => id,
+        Enqueued::Duplicate(id) => panic!("expected a new job, got duplicate {id}"),
+    }
+}
+
+async fn promoted(q: &Arc<dyn JobQueue>, what: &str) {
+    wait_for(what, Duration::from_secs(10), || async { (q.promote_due().await.unwrap() > 0).then_some(()) }).await;
+}
+
+pub async fn enqueue_is_idempotent_by_key(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    let id = new_id(q.enqueue(job("welcome:1")).await.unwrap());
+    assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
+    assert_eq!(q.count(JobState::Ready).await.unwrap(), 1);
+    // Still a duplicate while running and after it is done (within the retention).
+    let j = q.fetch("default", "w1", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
+    q.ack(j.id, "w1").await.unwrap();
+    assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
+    assert_eq!(q.get(id).await.unwrap().unwrap().state, JobState::Done);
+
+    // With no retention, a finished key is free again.
+    let (_g2, q2) = make(QueueConfig { done_retention: Duration::ZERO, ..QueueConfig::default() }).await;
+    let first = new_id(q2.enqueue(job("k")).await.unwrap());
+    let j = q2.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    q2.ack(j.id, "w").await.unwrap();
+    wait_for("the retention to pass", Duration::from_secs(5), || {
+        let q2 = q2.clone();
+        async move {
+            match q2.enqueue(job("k")).await.unwrap() {
+                Enqueued::New(id) => Some(id),
+                Enqueued::Duplicate(_) => None,
+            }
+        }
+    })
+    .await;
+    assert!(q2.get(first).await.unwrap().is_none(), "the old done job made way");
+}
+
+pub async fn fetch_leases_one_job_to_one_worker(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    let a = new_id(q.enqueue(job("a")).await.unwrap());
+    let b = new_id(q.enqueue(job("b")).await.unwrap());
+    let other = q.enqueue(NewJob { queue: "mail".into(), ..job("c") }).await.unwrap();
+    let j = q.fetch("default", "w1", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!((j.id, j.state, j.worker.as_deref()), (a, JobState::Running, Some("w1")), "oldest first");
+    assert_eq!(j.args, json!({"key": "a"}));
+    let j2 = q.fetch("default", "w2", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(j2.id, b);
+    assert!(q.fetch("default", "w3", Duration::from_secs(30)).await.unwrap().is_none(), "queues are separate");
+    assert!(matches!(other, Enqueued::New(_)));
+    assert!(matches!(q.ack(a, "w2").await, Err(JobError::NotLeased(_))), "only the holder acks");
+    assert!(q.heartbeat(a, "w1", Duration::from_secs(30)).await.unwrap());
+    assert!(!q.heartbeat(a, "w2", Duration::from_secs(30)).await.unwrap());
+    q.ack(a, "w1").await.unwrap();
+    assert!(matches!(q.ack(a, "w1").await, Err(JobError::NotLeased(_))), "acked once");
+    assert_eq!(q.count(JobState::Done).await.unwrap(), 1);
+}
+
+pub async fn failures_retry_at_growing_delays_then_die(make: Make) {
+    let (_g, q) = make(QueueConfig { ..fast() }).await;
+    let id = new_id(q.enqueue(NewJob { max_attempts: 3, ..job("flaky") }).await.unwrap());
+    let mut delays = Vec::new();
+    for attempt in 1..=2u32 {
+        let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().expect("ready");
+        // The failure is stamped somewhere between `before` and `after`, so the real
+        // delay lies in [at - after, at - before], however slow this machine is today.
+        let before = chrono::Utc::now();
+        let outcome = q.fail(j.id, "w", &format!("boom {attempt}")).await.unwrap();
+        let after = chrono::Utc::now();
+        match outcome {
+            Failed::Retry { at, failures } => {
+                assert_eq!(failures, attempt);
+                delays.push(((at - after).num_milliseconds(), (at - before).num_milliseconds()));
+            }
+            Failed::Dead => panic!("died after {attempt} failures of 3"),
+        }
+        let stored = q.get(id).await.unwrap().unwrap();
+        assert_eq!((stored.state, stored.failures), (JobState::Retry, attempt));
+        assert_eq!(stored.last_error.as_deref(), Some(format!("boom {attempt}").as_str()));
+        assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none(), "not ready before its time");
+        promoted(&q, "the retry to come due").await;
+    }
+    // Sidekiq's schedule ÷ 100 without jitter: 150 ms, then 160 ms. Each bracket must
+    // contain the exact delay (1 ms of rounding allowed).
+    let holds = |(lo, hi): (i64, i64), exact: i64| lo - 1 <= exact && exact <= hi + 1;
+    assert!(holds(delays[0], 150) && holds(delays[1], 160), "{delays:?}");
+    let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(q.fail(j.id, "w", "final").await.unwrap(), Failed::Dead);
+    let dead = q.get(id).await.unwrap().unwrap();
+    assert_eq!((dead.state, dead.failures, dead.last_error.as_deref()), (JobState::Dead, 3, Some("final")));
+    assert_eq!(q.promote_due().await.unwrap(), 0, "the dead stay dead");
+}
+
+pub async fn dead_set_is_capped(make: Make) {
+    let (_g, q) = make(QueueConfig { dead_max_jobs: 3, ..QueueConfig::default() }).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(new_id(q.enqueue(NewJob { max_attempts: 1, ..job(&format!("d{i}")) }).await.unwrap()));
+        let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
+        assert_eq!(q.fail(j.id, "w", "no").await.unwrap(), Failed::Dead);
+    }
+    assert_eq!(q.count(JobState::Dead).await.unwrap(), 3);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(q.get(*id).await.unwrap().is_some(), i >= 2, "dead job {i}: the oldest go first");
+    }
+}
+
+pub async fn scheduled_jobs_wait_for_their_time(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let id = new_id(q.enqueue(NewJob { run_at: Some(at), ..job("later") }).await.unwrap());
+    assert_eq!(q.get(id).await.unwrap().unwrap().state, JobState::Scheduled);
+    assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none());
+    promoted(&q, "the scheduled job to come due").await;
+    assert!(chrono::Utc::now() >= at, "promoted no earlier than its time");
+    assert_eq!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().map(|j| j.id), Some(id));
+}
+
+pub async fn reaper_returns_jobs_of_dead_workers(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    let id = new_id(q.enqueue(job("orphan")).await.unwrap());
+    q.fetch("default", "crashed-worker", Duration::from_millis(100)).await.unwrap().unwrap();
+    assert_eq!(q.reap_expired().await.unwrap(), 0, "the lease still holds");
+    wait_for("the expired lease to be reaped", Duration::from_secs(10), || {
+        let q = q.clone();
+        async move { (q.reap_expired().await.unwrap() == 1).then_some(()) }
+    })
+    .await;
+    let again = q.fetch("default", "w2", Duration::from_secs(30)).await.unwrap().expect("runs again");
+    assert_eq!(again.id, id);
+    assert!(
+        matches!(q.ack(id, "crashed-worker").await, Err(JobError::NotLeased(_))),
+        "a late ack of the old lease is refused"
+    );
+    q.ack(id, "w2").await.unwrap();
+}
+
+/// Instantiates every conformance function once per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            use super::*;
+
+            fn make(config: QueueConfig) -> futures::future::BoxFuture<'static, (Box<dyn std::any::Any + Send>, Arc<dyn JobQueue>)> {
+                Box::pin(async move {
+                    let db = crate::utils::TestDb::sqlite();
+                    let store = eventra::store::SqliteStore::connect(db.url(), 4).await.expect("sqlite");
+                    eventra::store::Store::migrate(&store).await.expect("migrate");
+                    let q: Arc<dyn JobQueue> = Arc::new(eventra::jobs::SqliteJobQueue::new(store.pool().clone(), config));
+                    (Box::new(db) as Box<dyn std::any::Any + Send>, q)
+                })
+            }
+
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(make).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    enqueue_is_idempotent_by_key,
+    fetch_leases_one_job_to_one_worker,
+    failures_retry_at_growing_delays_then_die,
+    dead_set_is_capped,
+    scheduled_jobs_wait_for_their_time,
+    reaper_returns_jobs_of_dead_workers,
+);
