@@ -30,3 +30,18 @@ where
 pub fn in_ci() -> bool {
     std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
 }
+
+/// The URL of an external service from `var`, or `None` (with a NOT RUN line) when it
+/// is unset outside CI. In CI a missing service fails the test.
+pub fn service_url(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(!in_ci(), "{test}: CI=true but {var} is not set");
+            // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "NOT RUN: {test}: set {var} to run it");
+            None
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The production job queue on Redis (fred). Every step that touches more than one key
+//! is a Lua script, so it is atomic; every key lives under the namespace.
+//!
+//! ## Design note: keys
+//! - `{ns}:job:{id}`: hash with the job's fields (times in µs since the epoch);
+//! - `{ns}:idem:{key}`: the job id holding an idempotency key;
+//! - `{ns}:queue:{name}`: ready ids (LPUSH to add, RPOP to take: oldest first);
+//! - `{ns}:queues`: the set of queue names;
+//! - `{ns}:scheduled`, `{ns}:retry`: ids by due time; `{ns}:running`: ids by lease
+//!   deadline (reliable fetch: a worker that dies lets its lease lapse and the reaper
+//!   puts the job back); `{ns}:dead`, `{ns}:done`: ids by finish time.
+//!
+//! Finished jobs keep their hash and idempotency key for `done_retention` (Redis
+//! expiry); the dead set is trimmed by age and count when a job dies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use uuid::Uuid;
+
+use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobState, NewJob, QueueConfig};
+
+impl From<fred::error::Error> for JobError {
+    fn from(e: fred::error::Error) -> Self {
+        JobError::Backend(e.to_string())
+    }
+}
+
+/// KEYS: idem, job, queue, scheduled, queues. ARGV: id, kind, queue, args, key, max,
+/// now, run_at. Returns the existing id for a taken key, else "".
+const ENQUEUE: &str = r#"
+local existing = redis.call('GET', KEYS[1])
+if existing then return existing end
+local state = 'ready'
+if tonumber(ARGV[8]) > tonumber(ARGV[7]) then state = 'scheduled' end
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'kind', ARGV[2], 'queue', ARGV[3], 'args', ARGV[4],
+  'idempotency_key', ARGV[5], 'state', state, 'failures', 0, 'max_attempts', ARGV[6],
+  'enqueued_at_us', ARGV[7], 'run_at_us', ARGV[8])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[3])
+if state == 'scheduled' then redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+else redis.call('LPUSH', KEYS[3], ARGV[1]) end
+return ''
+"#;
+
+/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until. Returns id or "".
+const FETCH: &str = r#"
+local id = redis.call('RPOP', KEYS[1])
+if not id then return '' end
+redis.call('HSET', ARGV[1] .. id, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], id)
+return id
+"#;
+
+/// KEYS: job, running. ARGV: id, worker, lease_until. Returns 1 if extended.
+const HEARTBEAT: &str = r#"
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until_us', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"#;
+
+/// KEYS: job, running, done, idem. ARGV: id, worker, now, retention_ms. Returns 1 if acked.
+const ACK: &str = r#"
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at_us', ARGV[3])
+redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+local ms = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[3]) - ms * 1000))
+if ms > 0 then
+  redis.call('PEXPIRE', KEYS[1], ms)
+  redis.call('PEXPIRE', KEYS[4], ms)
+else
+  redis.call('DEL', KEYS[1], KEYS[4])
+end
+return 1
+"#;
+
+/// KEYS: job, running, retry, dead. ARGV: id, worker, error, now, retry_at, expected
+/// failures, dead max age (µs), dead max count, job key prefix, idem key prefix.
+/// Returns -1 if not leased, 0 for retry, 1 for dead.
+const FAIL: &str = r#"
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
+local failures = tonumber(redis.call('HGET', KEYS[1], 'failures')) + 1
+if failures ~= tonumber(ARGV[6]) then return -1 end
+local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts'))
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us')
+redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3])
+if failures < max then
+  redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_at_us', ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[4]) - tonumber(ARGV[7])))
+local extra = redis.call('ZCARD', KEYS[4]) - #gone - tonumber(ARGV[8])
+if extra > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], #gone, #gone + extra - 1)) do table.insert(gone, id) end
+end
+for _, id in ipairs(gone) do
+  local key = redis.call('HGET', ARGV[9] .. id, 'idempotency_key')
+  if key then redis.call('DEL', ARGV[10] .. key) end
+  redis.call('DEL', ARGV[9] .. id)
+  redis.call('ZREM', KEYS[4], id)
+end
+return 1
+"#;
+
+/// KEYS: from (scheduled/retry/running zset). ARGV: now, job key prefix, queue key
+/// prefix, 1 to requeue at the head (reaped) else 0. Moves members scored before `now`
+/// to their queue as ready. Returns how many.
+const MOVE_DUE: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+for _, id in ipairs(ids) do
+  local job = ARGV[2] .. id
+  local queue = ARGV[3] .. redis.call('HGET', job, 'queue')
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HSET', job, 'state', 'ready')
+  redis.call('HDEL', job, 'worker', 'lease_until_us')
+  if ARGV[4] == '1' then redis.call('RPUSH', queue, id) else redis.call('LPUSH', queue, id) end
+end
+return #ids
+"#;
+
+pub struct RedisJobQueue {
+    client: Client,
+    ns: String,
+    config: QueueConfig,
+    enqueue: Script,
+    fetch: Script,
+    heartbeat: Script,
+    ack: Script,
+    fail: Script,
+    move_due: Script,
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn dur_us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl RedisJobQueue {
+    /// Connects to `url`; keys go under `namespace`.
+    pub async fn connect(url: &str, namespace: &str, config: QueueConfig) -> JobResult<Self> {
+        let client = Builder::from_config(Config::from_url(url)?).build()?;
+        client.init().await?;
+        Ok(RedisJobQueue {
+            client,
+            ns: namespace.to_owned(),
+            config,
+            enqueue: Script::from_lua(ENQUEUE),
+            fetch: Script::from_lua(FETCH),
+            heartbeat: Script::from_lua(HEARTBEAT),
+            ack: Script::from_lua(ACK),
+            fail: Script::from_lua(FAIL),
+            move_due: Script::from_lua(MOVE_DUE),
+        })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.ns)
+    }
+
+    fn job_key(&self, id: Uuid) -> String {
+        self.key(&format!("job:{id}"))
+    }
+
+    async fn move_due(&self, from: &str, now: i64, head: bool) -> JobResult<u64> {
+        let args = vec![now.to_string(), self.key("job:"), self.key("queue:"), if head { "1" } else { "0" }.to_owned()];
+        let n: i64 = self.move_due.evalsha_with_reload(&self.client, vec![self.key(from)], args).await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
+    let get = |k: &str| fields.get(k).cloned().ok_or_else(|| JobError::Backend(format!("job hash lacks {k}")));
+    let num = |k: &str| -> JobResult<i64> {
+        get(k)?.parse().map_err(|_| JobError::Backend(format!("job field {k} is not a number")))
+    };
+    let at = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or_default();
+    Ok(Job {
+        id: get("id")?.parse().map_err(|_| JobError::Backend("job id is not a UUID".into()))?,
+        kind: get("kind")?,
+        queue: get("queue")?,
+        args: serde_json::from_str(&get("args")?).map_err(|e| JobError::Backend(format!("job args: {e}")))?,
+        idempotency_key: get("idempotency_key")?,
+        state: JobState::parse(&get("state")?).ok_or_else(|| JobError::Backend("unknown job state".into()))?,
+        failures: u32::try_from(num("failures")?).unwrap_or(u32::MAX),
+        max_attempts: u32::try_from(num("max_attempts")?).unwrap_or(u32::MAX),
+        enqueued_at: at(num("enqueued_at_us")?),
+        run_at: at(num("run_at_us")?),
+        worker: fields.get("worker").cloned(),
+        last_error: fields.get("last_error").cloned(),
+    })
+}
+
+#[async_trait]
+impl JobQueue for RedisJobQueue {
+    async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
+        let id = Uuid::now_v7();
+        let now = now_us();
+        let run_at = job.run_at.map(|t| t.timestamp_micros()).filter(|t| *t > now).unwrap_or(now);
+        let keys = vec![
+            self.key(&format!("idem:{}", job.idempotency_key)),
+            self.job_key(id),
+            self.key(&format!("queue:{}", job.queue)),
+            self.key("scheduled"),
+            self.key("queues"),
+        ];
+        let args = vec![
+            id.to_string(),
+            job.kind,
+            job.queue,
+            job.args.to_string(),
+            job.idempotency_key,
+            job.max_attempts.max(1).to_string(),
+            now.to_string(),
+            run_at.to_string(),
+        ];
+        let existing: String = self.enqueue.evalsha_with_reload(&self.client, keys, args).await?;
+        if existing.is_empty() {
+            Ok(Enqueued::New(id))
+        } else {
+            Ok(Enqueued::Duplicate(
+                existing.parse().map_err(|_| JobError::Backend("idempotency key holds a non-UUID".into()))?,
+            ))
+        }
+    }
+
+    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
+        let keys = vec![self.key(&format!("queue:{queue}")), self.key("running")];
+        let args = vec![self.key("job:"), worker.to_owned(), (now_us() + dur_us(lease)).to_string()];
+        let id: String = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let id: Uuid = id.parse().map_err(|_| JobError::Backend("queue holds a non-UUID".into()))?;
+        self.get(id).await
+    }
+
+    async fn heartbeat(&self, id: Uuid, worker: &str, lease: Duration) -> JobResult<bool> {
+        let keys = vec![self.job_key(id), self.key("running")];
+        let args = vec![id.to_string(), worker.to_owned(), (now_us() + dur_us(lease)).to_string()];
+        let ok: i64 = self.heartbeat.evalsha_with_reload(&self.client, keys, args).await?;
+        Ok(ok == 1)
+    }
+
+    async fn ack(&self, id: Uuid, worker: &str) -> JobResult<()> {
+        let key: Option<String> = self.client.hget(self.job_key(id), "idempotency_key").await?;
+        let idem = self.key(&format!("idem:{}", key.unwrap_or_default()));
+        let keys = vec![self.job_key(id), self.key("running"), self.key("done"), idem];
+        let retention_ms = i64::try_from(self.config.done_retention.as_millis()).unwrap_or(i64::MAX);
+        let args = vec![id.to_string(), worker.to_owned(), now_us().to_string(), retention_ms.to_string()];
+        let ok: i64 = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
+        if ok != 1 {
+            return Err(JobError::NotLeased(id));
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, id: Uuid, worker: &str, error: &str) -> JobResult<Failed> {
+        // The delay depends on the failure count; only the lease holder changes it, and
+        // the script re-checks it, so reading it first is safe.
+        let failures: Option<i64> = self.client.hget(self.job_key(id), "failures").await?;
+        let failures = failures.ok_or(JobError::NotLeased(id))? + 1;
+        let n = u32::try_from(failures).unwrap_or(u32::MAX);
+        let now = now_us();
+        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let keys = vec![self.job_key(id), self.key("running"), self.key("retry"), self.key("dead")];
+        let args = vec![
+            id.to_string(),
+            worker.to_owned(),
+            error.to_owned(),
+            now.to_string(),
+            at.to_string(),
+            failures.to_string(),
+            dur_us(self.config.dead_max_age).to_string(),
+            self.config.dead_max_jobs.to_string(),
+            self.key("job:"),
+            self.key("idem:"),
+        ];
+        let outcome: i64 = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
+        match outcome {
+            0 => Ok(Failed::Retry { at: DateTime::from_timestamp_micros(at).unwrap_or_default(), failures: n }),
+            1 => Ok(Failed::Dead),
+            _ => Err(JobError::NotLeased(id)),
+        }
+    }
+
+    async fn promote_due(&self) -> JobResult<u64> {
+        let now = now_us() + 1; // "due" includes now
+        Ok(self.move_due("scheduled", now, false).await? + self.move_due("retry", now, false).await?)
+    }
+
+    async fn reap_expired(&self) -> JobResult<u64> {
+        self.move_due("running", now_us(), true).await
+    }
+
+    async fn get(&self, id: Uuid) -> JobResult<Option<Job>> {
+        let fields: HashMap<String, String> = self.client.hgetall(self.job_key(id)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_job(fields).map(Some)
+    }
+
+    async fn count(&self, state: JobState) -> JobResult<u64> {
+        let n: i64 = match state {
+            JobState::Ready => {
+                let queues: Vec<String> = self.client.smembers(self.key("queues")).await?;
+                let mut total = 0;
+                for q in queues {
+                    let len: i64 = self.client.llen(self.key(&format!("queue:{q}"))).await?;
+                    total += len;
+                }
+                total
+            }
+            JobState::Scheduled => self.client.zcard(self.key("scheduled")).await?,
+            JobState::Retry => self.client.zcard(self.key("retry")).await?,
+            JobState::Running => self.client.zcard(self.key("running")).await?,
+            JobState::Dead => self.client.zcard(self.key("dead")).await?,
+            JobState::Done => {
+                let since = now_us() - dur_us(self.config.done_retention);
+                self.client.zcount(self.key("done"), since as f64, f64::INFINITY).await?
+            }
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
