@@ -241,3 +241,26 @@ conformance!(
     scheduled_jobs_wait_for_their_time,
     reaper_returns_jobs_of_dead_workers,
 );
+
+/// Redis forgets cached scripts on restart (or `SCRIPT FLUSH`): the queue must reload them.
+#[tokio::test]
+async fn redis_queue_survives_a_script_flush() {
+    let Some(url) =
+        crate::utils::service_url("REDIS_URL", "job_queue_conformance::redis_queue_survives_a_script_flush")
+    else {
+        return;
+    };
+    use fred::prelude::*;
+    let ns = format!("eventra-test-{}", uuid::Uuid::now_v7().simple());
+    let q = eventra::jobs::RedisJobQueue::connect(&url, &ns, QueueConfig::default()).await.unwrap();
+    new_id(q.enqueue(job("before")).await.unwrap());
+    let admin = Builder::from_config(Config::from_url(&url).unwrap()).build().unwrap();
+    admin.init().await.unwrap();
+    let _: () = admin.script_flush(false).await.unwrap();
+    new_id(q.enqueue(job("after")).await.unwrap());
+    let first = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(first.idempotency_key, "before");
+    q.ack(first.id, "w").await.unwrap();
+    let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
+    let _: i64 = admin.eval(script, Vec::<String>::new(), vec![format!("{ns}:*")]).await.unwrap();
+}
