@@ -11,6 +11,7 @@ CREATE TABLE jobs (
     enqueued_at_us   INTEGER NOT NULL,
     run_at_us        INTEGER NOT NULL,
     worker           TEXT,
+    lease_id         BLOB,
     lease_until_us   INTEGER,
     last_error       TEXT,
     finished_at_us   INTEGER

@@ -10,9 +10,10 @@
 //! - a job has a unique id and an idempotency key; a second enqueue of the key is a no-op
 //!   while the first is ready, scheduled, running, retrying, dead, or done within
 //!   [`QueueConfig::done_retention`];
-//! - `fetch` leases the oldest ready job of a queue to one worker until a deadline;
-//!   `heartbeat` extends it; a job whose lease expires (its worker died) is put back by
-//!   `reap_expired` and runs again (at-least-once);
+//! - `fetch` leases the oldest ready job of a queue to one worker until a deadline and
+//!   hands out a lease id; `heartbeat`, `ack` and `fail` must present it, so a worker
+//!   whose lease lapsed cannot act on the job's next run; a job whose lease expires (its
+//!   worker died) is put back by `reap_expired` and runs again (at-least-once);
 //! - `fail` schedules a retry after [`RetrySchedule::delay`] or, after the last attempt,
 //!   moves the job to the dead set, which is capped by count and age like Sidekiq's;
 //! - `promote_due` moves scheduled and retrying jobs whose time has come to ready.
@@ -107,6 +108,8 @@ pub struct Job {
     pub run_at: DateTime<Utc>,
     /// The worker holding the lease, while running.
     pub worker: Option<String>,
+    /// The current lease, while running: what `heartbeat`/`ack`/`fail` must present.
+    pub lease: Option<Uuid>,
     pub last_error: Option<String>,
 }
 
@@ -151,7 +154,7 @@ impl Default for QueueConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("job {0} is not leased to this worker")]
+    #[error("job {0} is not held under this lease")]
     NotLeased(Uuid),
     #[error("job queue backend: {0}")]
     Backend(String),
@@ -171,12 +174,12 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued>;
     /// Leases the oldest ready job of `queue` to `worker` for `lease`.
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;
-    /// Extends a lease; `false` when the job is no longer leased to `worker`.
-    async fn heartbeat(&self, id: Uuid, worker: &str, lease: Duration) -> JobResult<bool>;
+    /// Extends a lease; `false` when the job is no longer held under `lease`.
+    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool>;
     /// The job succeeded.
-    async fn ack(&self, id: Uuid, worker: &str) -> JobResult<()>;
+    async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()>;
     /// The job failed with `error`: schedule a retry or bury it.
-    async fn fail(&self, id: Uuid, worker: &str, error: &str) -> JobResult<Failed>;
+    async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed>;
     /// Scheduler: due scheduled and retrying jobs become ready. Returns how many.
     async fn promote_due(&self) -> JobResult<u64>;
     /// Reaper: running jobs whose lease expired become ready again. Returns how many.

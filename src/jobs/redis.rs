@@ -47,28 +47,35 @@ else redis.call('LPUSH', KEYS[3], ARGV[1]) end
 return ''
 "#;
 
-/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until. Returns id or "".
+/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, lease id. Returns
+/// id or "". An id whose job hash is gone (evicted, deleted by hand) is dropped rather
+/// than turned into a half-written job.
 const FETCH: &str = r#"
-local id = redis.call('RPOP', KEYS[1])
-if not id then return '' end
-redis.call('HSET', ARGV[1] .. id, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[3], id)
-return id
+while true do
+  local id = redis.call('RPOP', KEYS[1])
+  if not id then return '' end
+  local job = ARGV[1] .. id
+  if redis.call('HEXISTS', job, 'queue') == 1 then
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', ARGV[4])
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    return id
+  end
+end
 "#;
 
-/// KEYS: job, running. ARGV: id, worker, lease_until. Returns 1 if extended.
+/// KEYS: job, running. ARGV: id, lease id, lease_until. Returns 1 if extended.
 const HEARTBEAT: &str = r#"
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until_us', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
 
-/// KEYS: job, running, done, idem. ARGV: id, worker, now, retention_ms. Returns 1 if acked.
+/// KEYS: job, running, done, idem. ARGV: id, lease id, now, retention_ms. Returns 1 if acked.
 const ACK: &str = r#"
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at_us', ARGV[3])
-redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us')
+redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us', 'lease')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 local ms = tonumber(ARGV[4])
@@ -82,16 +89,16 @@ end
 return 1
 "#;
 
-/// KEYS: job, running, retry, dead. ARGV: id, worker, error, now, retry_at, expected
+/// KEYS: job, running, retry, dead. ARGV: id, lease id, error, now, retry_at, expected
 /// failures, dead max age (µs), dead max count, job key prefix, idem key prefix.
 /// Returns -1 if not leased, 0 for retry, 1 for dead.
 const FAIL: &str = r#"
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures')) + 1
 if failures ~= tonumber(ARGV[6]) then return -1 end
 local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts'))
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us')
+redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us', 'lease')
 redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3])
 if failures < max then
   redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
@@ -116,18 +123,23 @@ return 1
 
 /// KEYS: from (scheduled/retry/running zset). ARGV: now, job key prefix, queue key
 /// prefix, 1 to requeue at the head (reaped) else 0. Moves members scored before `now`
-/// to their queue as ready. Returns how many.
+/// to their queue as ready (members whose job hash is gone are dropped). Returns how many.
 const MOVE_DUE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local moved = 0
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. id
-  local queue = ARGV[3] .. redis.call('HGET', job, 'queue')
+  local name = redis.call('HGET', job, 'queue')
   redis.call('ZREM', KEYS[1], id)
-  redis.call('HSET', job, 'state', 'ready')
-  redis.call('HDEL', job, 'worker', 'lease_until_us')
-  if ARGV[4] == '1' then redis.call('RPUSH', queue, id) else redis.call('LPUSH', queue, id) end
+  if name then
+    local queue = ARGV[3] .. name
+    redis.call('HSET', job, 'state', 'ready')
+    redis.call('HDEL', job, 'worker', 'lease_until_us', 'lease')
+    if ARGV[4] == '1' then redis.call('RPUSH', queue, id) else redis.call('LPUSH', queue, id) end
+    moved = moved + 1
+  end
 end
-return #ids
+return moved
 "#;
 
 pub struct RedisJobQueue {
@@ -201,6 +213,7 @@ fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
         enqueued_at: at(num("enqueued_at_us")?),
         run_at: at(num("run_at_us")?),
         worker: fields.get("worker").cloned(),
+        lease: fields.get("lease").and_then(|l| l.parse().ok()),
         last_error: fields.get("last_error").cloned(),
     })
 }
@@ -240,7 +253,12 @@ impl JobQueue for RedisJobQueue {
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
         let keys = vec![self.key(&format!("queue:{queue}")), self.key("running")];
-        let args = vec![self.key("job:"), worker.to_owned(), (now_us() + dur_us(lease)).to_string()];
+        let args = vec![
+            self.key("job:"),
+            worker.to_owned(),
+            (now_us() + dur_us(lease)).to_string(),
+            Uuid::new_v4().to_string(),
+        ];
         let id: String = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
         if id.is_empty() {
             return Ok(None);
@@ -249,19 +267,19 @@ impl JobQueue for RedisJobQueue {
         self.get(id).await
     }
 
-    async fn heartbeat(&self, id: Uuid, worker: &str, lease: Duration) -> JobResult<bool> {
+    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
         let keys = vec![self.job_key(id), self.key("running")];
-        let args = vec![id.to_string(), worker.to_owned(), (now_us() + dur_us(lease)).to_string()];
+        let args = vec![id.to_string(), lease.to_string(), (now_us() + dur_us(duration)).to_string()];
         let ok: i64 = self.heartbeat.evalsha_with_reload(&self.client, keys, args).await?;
         Ok(ok == 1)
     }
 
-    async fn ack(&self, id: Uuid, worker: &str) -> JobResult<()> {
+    async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()> {
         let key: Option<String> = self.client.hget(self.job_key(id), "idempotency_key").await?;
         let idem = self.key(&format!("idem:{}", key.unwrap_or_default()));
         let keys = vec![self.job_key(id), self.key("running"), self.key("done"), idem];
         let retention_ms = i64::try_from(self.config.done_retention.as_millis()).unwrap_or(i64::MAX);
-        let args = vec![id.to_string(), worker.to_owned(), now_us().to_string(), retention_ms.to_string()];
+        let args = vec![id.to_string(), lease.to_string(), now_us().to_string(), retention_ms.to_string()];
         let ok: i64 = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
         if ok != 1 {
             return Err(JobError::NotLeased(id));
@@ -269,7 +287,7 @@ impl JobQueue for RedisJobQueue {
         Ok(())
     }
 
-    async fn fail(&self, id: Uuid, worker: &str, error: &str) -> JobResult<Failed> {
+    async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
         // The delay depends on the failure count; only the lease holder changes it, and
         // the script re-checks it, so reading it first is safe.
         let failures: Option<i64> = self.client.hget(self.job_key(id), "failures").await?;
@@ -280,7 +298,7 @@ impl JobQueue for RedisJobQueue {
         let keys = vec![self.job_key(id), self.key("running"), self.key("retry"), self.key("dead")];
         let args = vec![
             id.to_string(),
-            worker.to_owned(),
+            lease.to_string(),
             error.to_owned(),
             now.to_string(),
             at.to_string(),

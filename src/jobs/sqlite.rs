@@ -1,7 +1,8 @@
 //! The embedded job queue: one `jobs` table in the SQLite database of record.
 //!
-//! Each operation is a single statement or a short transaction, so SQLite's single
-//! writer makes it atomic; times are integer microseconds since the epoch so every
+//! Every write is a single guarded statement (no read-then-write transactions, which in
+//! WAL mode can fail with a busy snapshot instead of waiting), so SQLite's single writer
+//! makes each one atomic; times are integer microseconds since the epoch so every
 //! comparison is exact.
 
 use std::time::Duration;
@@ -56,6 +57,7 @@ struct JobRow {
     enqueued_at_us: i64,
     run_at_us: i64,
     worker: Option<String>,
+    lease_id: Option<Uuid>,
     last_error: Option<String>,
 }
 
@@ -76,6 +78,7 @@ impl TryFrom<JobRow> for Job {
             enqueued_at: from_us(r.enqueued_at_us),
             run_at: from_us(r.run_at_us),
             worker: r.worker,
+            lease: r.lease_id,
             last_error: r.last_error,
         })
     }
@@ -85,25 +88,19 @@ impl TryFrom<JobRow> for Job {
 impl JobQueue for SqliteJobQueue {
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
         let now = now_us();
-        let mut tx = self.pool.begin().await?;
-        let existing: Option<(Uuid, String, Option<i64>)> =
-            sqlx::query_as("SELECT id, state, finished_at_us FROM jobs WHERE idempotency_key = $1")
-                .bind(&job.idempotency_key)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some((id, state, finished)) = existing {
-            let expired = state == "done" && finished.is_some_and(|f| f < now - dur_us(self.config.done_retention));
-            if !expired {
-                return Ok(Enqueued::Duplicate(id));
-            }
-            sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        }
+        // A finished job past its retention no longer holds its key.
+        sqlx::query("DELETE FROM jobs WHERE idempotency_key = $1 AND state = 'done' AND finished_at_us < $2")
+            .bind(&job.idempotency_key)
+            .bind(now - dur_us(self.config.done_retention))
+            .execute(&self.pool)
+            .await?;
         let id = Uuid::now_v7();
         let run_at = job.run_at.map(micros).filter(|t| *t > now);
         let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
-        sqlx::query(
+        let inserted: Option<(Uuid,)> = sqlx::query_as(
             "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
-             enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9)",
+             enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(id)
         .bind(&job.kind)
@@ -114,96 +111,106 @@ impl JobQueue for SqliteJobQueue {
         .bind(i64::from(job.max_attempts.max(1)))
         .bind(now)
         .bind(run_at.unwrap_or(now))
-        .execute(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(Enqueued::New(id))
+        if inserted.is_some() {
+            return Ok(Enqueued::New(id));
+        }
+        let (existing,): (Uuid,) = sqlx::query_as("SELECT id FROM jobs WHERE idempotency_key = $1")
+            .bind(&job.idempotency_key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Enqueued::Duplicate(existing))
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
-        let now = now_us();
         let row = sqlx::query_as::<_, JobRow>(
-            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2 WHERE id = \
+            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $4 WHERE id = \
              (SELECT id FROM jobs WHERE state = 'ready' AND queue = $3 ORDER BY run_at_us, id LIMIT 1) \
              RETURNING *",
         )
         .bind(worker)
-        .bind(now + dur_us(lease))
+        .bind(now_us() + dur_us(lease))
         .bind(queue)
+        .bind(Uuid::new_v4())
         .fetch_optional(&self.pool)
         .await?;
         row.map(TryInto::try_into).transpose()
     }
 
-    async fn heartbeat(&self, id: Uuid, worker: &str, lease: Duration) -> JobResult<bool> {
+    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
         let done =
-            sqlx::query("UPDATE jobs SET lease_until_us = $3 WHERE id = $1 AND worker = $2 AND state = 'running'")
+            sqlx::query("UPDATE jobs SET lease_until_us = $3 WHERE id = $1 AND lease_id = $2 AND state = 'running'")
                 .bind(id)
-                .bind(worker)
-                .bind(now_us() + dur_us(lease))
+                .bind(lease)
+                .bind(now_us() + dur_us(duration))
                 .execute(&self.pool)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    async fn ack(&self, id: Uuid, worker: &str) -> JobResult<()> {
+    async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()> {
+        let now = now_us();
         let done = sqlx::query(
-            "UPDATE jobs SET state = 'done', worker = NULL, lease_until_us = NULL, finished_at_us = $3 \
-             WHERE id = $1 AND worker = $2 AND state = 'running'",
+            "UPDATE jobs SET state = 'done', worker = NULL, lease_id = NULL, lease_until_us = NULL, finished_at_us = $3 \
+             WHERE id = $1 AND lease_id = $2 AND state = 'running'",
         )
         .bind(id)
-        .bind(worker)
-        .bind(now_us())
+        .bind(lease)
+        .bind(now)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() != 1 {
             return Err(JobError::NotLeased(id));
         }
+        // Finished jobs past their retention are dead weight.
+        sqlx::query("DELETE FROM jobs WHERE state = 'done' AND finished_at_us < $1")
+            .bind(now - dur_us(self.config.done_retention))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
-    async fn fail(&self, id: Uuid, worker: &str, error: &str) -> JobResult<Failed> {
-        let now = now_us();
-        let mut tx = self.pool.begin().await?;
+    async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
+        // The retry delay depends on the failure count; only the lease holder changes it
+        // and the update below re-checks it, so reading it first is safe.
         let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT failures, max_attempts FROM jobs WHERE id = $1 AND worker = $2 AND state = 'running'",
+            "SELECT failures, max_attempts FROM jobs WHERE id = $1 AND lease_id = $2 AND state = 'running'",
         )
         .bind(id)
-        .bind(worker)
-        .fetch_optional(&mut *tx)
+        .bind(lease)
+        .fetch_optional(&self.pool)
         .await?;
         let (failures, max_attempts) = row.ok_or(JobError::NotLeased(id))?;
         let failures = failures + 1;
-        let outcome = if failures >= max_attempts {
-            sqlx::query(
-                "UPDATE jobs SET state = 'dead', failures = $2, last_error = $3, worker = NULL, lease_until_us = NULL, \
-                 finished_at_us = $4 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(failures)
-            .bind(error)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            self.trim_dead(&mut tx, now).await?;
-            Failed::Dead
+        let now = now_us();
+        let dead = failures >= max_attempts;
+        let n = u32::try_from(failures).unwrap_or(u32::MAX);
+        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let done = sqlx::query(
+            "UPDATE jobs SET failures = $3, last_error = $4, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
+             state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \
+             finished_at_us = CASE WHEN $5 = 'dead' THEN $7 ELSE finished_at_us END \
+             WHERE id = $1 AND lease_id = $2 AND state = 'running' AND failures = $3 - 1",
+        )
+        .bind(id)
+        .bind(lease)
+        .bind(failures)
+        .bind(error)
+        .bind(if dead { "dead" } else { "retry" })
+        .bind(at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(JobError::NotLeased(id));
+        }
+        if dead {
+            self.trim_dead(now).await?;
+            Ok(Failed::Dead)
         } else {
-            let n = u32::try_from(failures).unwrap_or(u32::MAX);
-            let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
-            sqlx::query(
-                "UPDATE jobs SET state = 'retry', failures = $2, last_error = $3, worker = NULL, lease_until_us = NULL, \
-                 run_at_us = $4 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(failures)
-            .bind(error)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            Failed::Retry { at: from_us(at), failures: n }
-        };
-        tx.commit().await?;
-        Ok(outcome)
+            Ok(Failed::Retry { at: from_us(at), failures: n })
+        }
     }
 
     async fn promote_due(&self) -> JobResult<u64> {
@@ -217,7 +224,7 @@ impl JobQueue for SqliteJobQueue {
 
     async fn reap_expired(&self) -> JobResult<u64> {
         let done = sqlx::query(
-            "UPDATE jobs SET state = 'ready', worker = NULL, lease_until_us = NULL \
+            "UPDATE jobs SET state = 'ready', worker = NULL, lease_id = NULL, lease_until_us = NULL \
              WHERE state = 'running' AND lease_until_us < $1",
         )
         .bind(now_us())
@@ -233,27 +240,31 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn count(&self, state: JobState) -> JobResult<u64> {
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state = $1")
-            .bind(state.as_str())
-            .fetch_one(&self.pool)
-            .await?;
+        // Done jobs count while they still hold their key (within the retention).
+        let since = if state == JobState::Done { now_us() - dur_us(self.config.done_retention) } else { i64::MIN };
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state = $1 AND COALESCE(finished_at_us, $2) >= $2")
+                .bind(state.as_str())
+                .bind(since)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
 
 impl SqliteJobQueue {
     /// Keeps the dead set within its capacity (oldest first) and age.
-    async fn trim_dead(&self, tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, now: i64) -> JobResult<()> {
+    async fn trim_dead(&self, now: i64) -> JobResult<()> {
         sqlx::query("DELETE FROM jobs WHERE state = 'dead' AND finished_at_us < $1")
             .bind(now - dur_us(self.config.dead_max_age))
-            .execute(&mut **tx)
+            .execute(&self.pool)
             .await?;
         sqlx::query(
             "DELETE FROM jobs WHERE state = 'dead' AND id NOT IN \
              (SELECT id FROM jobs WHERE state = 'dead' ORDER BY finished_at_us DESC, id DESC LIMIT $1)",
         )
         .bind(i64::try_from(self.config.dead_max_jobs).unwrap_or(i64::MAX))
-        .execute(&mut **tx)
+        .execute(&self.pool)
         .await?;
         Ok(())
     }

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventra::jobs::{Enqueued, Failed, JobError, JobQueue, JobState, NewJob, QueueConfig, RetrySchedule};
+use eventra::jobs::{Enqueued, Failed, Job, JobError, JobQueue, JobState, NewJob, QueueConfig, RetrySchedule};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::utils::wait_for;
 
@@ -33,23 +34,38 @@ async fn promoted(q: &Arc<dyn JobQueue>, what: &str) {
     wait_for(what, Duration::from_secs(10), || async { (q.promote_due().await.unwrap() > 0).then_some(()) }).await;
 }
 
+fn lease(j: &Job) -> Uuid {
+    j.lease.expect("a fetched job carries its lease")
+}
+
+async fn take(q: &Arc<dyn JobQueue>, worker: &str) -> Job {
+    q.fetch("default", worker, Duration::from_secs(30)).await.unwrap().expect("a ready job")
+}
+
 pub async fn enqueue_is_idempotent_by_key(make: Make) {
     let (_g, q) = make(QueueConfig::default()).await;
     let id = new_id(q.enqueue(job("welcome:1")).await.unwrap());
     assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
     assert_eq!(q.count(JobState::Ready).await.unwrap(), 1);
     // Still a duplicate while running and after it is done (within the retention).
-    let j = q.fetch("default", "w1", Duration::from_secs(30)).await.unwrap().unwrap();
+    let j = take(&q, "w1").await;
     assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
-    q.ack(j.id, "w1").await.unwrap();
+    q.ack(j.id, lease(&j)).await.unwrap();
     assert_eq!(q.enqueue(job("welcome:1")).await.unwrap(), Enqueued::Duplicate(id));
     assert_eq!(q.get(id).await.unwrap().unwrap().state, JobState::Done);
+    assert_eq!(q.count(JobState::Done).await.unwrap(), 1);
+
+    // Ten enqueues of one new key at once: exactly one job.
+    let results = futures::future::join_all((0..10).map(|_| q.enqueue(job("burst")))).await;
+    let new: Vec<_> = results.iter().filter(|r| matches!(r, Ok(Enqueued::New(_)))).collect();
+    assert_eq!(new.len(), 1, "{results:?}");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
 
     // With no retention, a finished key is free again.
     let (_g2, q2) = make(QueueConfig { done_retention: Duration::ZERO, ..QueueConfig::default() }).await;
     let first = new_id(q2.enqueue(job("k")).await.unwrap());
-    let j = q2.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
-    q2.ack(j.id, "w").await.unwrap();
+    let j = take(&q2, "w").await;
+    q2.ack(j.id, lease(&j)).await.unwrap();
     wait_for("the retention to pass", Duration::from_secs(5), || {
         let q2 = q2.clone();
         async move {
@@ -68,54 +84,69 @@ pub async fn fetch_leases_one_job_to_one_worker(make: Make) {
     let a = new_id(q.enqueue(job("a")).await.unwrap());
     let b = new_id(q.enqueue(job("b")).await.unwrap());
     let other = q.enqueue(NewJob { queue: "mail".into(), ..job("c") }).await.unwrap();
-    let j = q.fetch("default", "w1", Duration::from_secs(30)).await.unwrap().unwrap();
+    let j = take(&q, "w1").await;
     assert_eq!((j.id, j.state, j.worker.as_deref()), (a, JobState::Running, Some("w1")), "oldest first");
     assert_eq!(j.args, json!({"key": "a"}));
-    let j2 = q.fetch("default", "w2", Duration::from_secs(30)).await.unwrap().unwrap();
+    let j2 = take(&q, "w2").await;
     assert_eq!(j2.id, b);
     assert!(q.fetch("default", "w3", Duration::from_secs(30)).await.unwrap().is_none(), "queues are separate");
     assert!(matches!(other, Enqueued::New(_)));
-    assert!(matches!(q.ack(a, "w2").await, Err(JobError::NotLeased(_))), "only the holder acks");
-    assert!(q.heartbeat(a, "w1", Duration::from_secs(30)).await.unwrap());
-    assert!(!q.heartbeat(a, "w2", Duration::from_secs(30)).await.unwrap());
-    q.ack(a, "w1").await.unwrap();
-    assert!(matches!(q.ack(a, "w1").await, Err(JobError::NotLeased(_))), "acked once");
+    assert!(matches!(q.ack(a, lease(&j2)).await, Err(JobError::NotLeased(_))), "only the lease holder acks");
+    assert!(q.heartbeat(a, lease(&j), Duration::from_secs(30)).await.unwrap());
+    assert!(!q.heartbeat(a, lease(&j2), Duration::from_secs(30)).await.unwrap());
+    q.ack(a, lease(&j)).await.unwrap();
+    assert!(matches!(q.ack(a, lease(&j)).await, Err(JobError::NotLeased(_))), "acked once");
     assert_eq!(q.count(JobState::Done).await.unwrap(), 1);
+
+    // Eight workers race for three jobs: each job goes to exactly one.
+    for k in ["p", "q", "r"] {
+        q.enqueue(NewJob { queue: "race".into(), ..job(k) }).await.unwrap();
+    }
+    let got = futures::future::join_all((0..8).map(|i| {
+        let q = q.clone();
+        async move { q.fetch("race", &format!("racer-{i}"), Duration::from_secs(30)).await.unwrap() }
+    }))
+    .await;
+    let ids: Vec<Uuid> = got.into_iter().flatten().map(|j| j.id).collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 3, "no job leased twice");
 }
 
 pub async fn failures_retry_at_growing_delays_then_die(make: Make) {
-    let (_g, q) = make(QueueConfig { ..fast() }).await;
+    let (_g, q) = make(fast()).await;
     let id = new_id(q.enqueue(NewJob { max_attempts: 3, ..job("flaky") }).await.unwrap());
     let mut delays = Vec::new();
     for attempt in 1..=2u32 {
-        let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().expect("ready");
+        let j = take(&q, "w").await;
         // The failure is stamped somewhere between `before` and `after`, so the real
         // delay lies in [at - after, at - before], however slow this machine is today.
         let before = chrono::Utc::now();
-        let outcome = q.fail(j.id, "w", &format!("boom {attempt}")).await.unwrap();
+        let outcome = q.fail(j.id, lease(&j), &format!("boom {attempt}")).await.unwrap();
         let after = chrono::Utc::now();
-        match outcome {
-            Failed::Retry { at, failures } => {
-                assert_eq!(failures, attempt);
-                delays.push(((at - after).num_milliseconds(), (at - before).num_milliseconds()));
-            }
-            Failed::Dead => panic!("died after {attempt} failures of 3"),
-        }
+        let Failed::Retry { at, failures } = outcome else { panic!("died after {attempt} failures of 3") };
+        assert_eq!(failures, attempt);
+        delays.push(((at - after).num_milliseconds(), (at - before).num_milliseconds()));
         let stored = q.get(id).await.unwrap().unwrap();
-        assert_eq!((stored.state, stored.failures), (JobState::Retry, attempt));
+        assert_eq!((stored.state, stored.failures, stored.run_at), (JobState::Retry, attempt, at));
         assert_eq!(stored.last_error.as_deref(), Some(format!("boom {attempt}").as_str()));
         assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none(), "not ready before its time");
         promoted(&q, "the retry to come due").await;
+        assert!(chrono::Utc::now() >= at, "promoted no earlier than its retry time");
     }
     // Sidekiq's schedule ÷ 100 without jitter: 150 ms, then 160 ms. Each bracket must
     // contain the exact delay (1 ms of rounding allowed).
     let holds = |(lo, hi): (i64, i64), exact: i64| lo - 1 <= exact && exact <= hi + 1;
     assert!(holds(delays[0], 150) && holds(delays[1], 160), "{delays:?}");
-    let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
-    assert_eq!(q.fail(j.id, "w", "final").await.unwrap(), Failed::Dead);
+    let j = take(&q, "w").await;
+    assert_eq!(q.fail(j.id, lease(&j), "final").await.unwrap(), Failed::Dead);
     let dead = q.get(id).await.unwrap().unwrap();
     assert_eq!((dead.state, dead.failures, dead.last_error.as_deref()), (JobState::Dead, 3, Some("final")));
     assert_eq!(q.promote_due().await.unwrap(), 0, "the dead stay dead");
+    assert_eq!(
+        q.enqueue(NewJob { max_attempts: 3, ..job("flaky") }).await.unwrap(),
+        Enqueued::Duplicate(id),
+        "a dead job holds its key"
+    );
 }
 
 pub async fn dead_set_is_capped(make: Make) {
@@ -123,13 +154,16 @@ pub async fn dead_set_is_capped(make: Make) {
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(new_id(q.enqueue(NewJob { max_attempts: 1, ..job(&format!("d{i}")) }).await.unwrap()));
-        let j = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
-        assert_eq!(q.fail(j.id, "w", "no").await.unwrap(), Failed::Dead);
+        let j = take(&q, "w").await;
+        assert_eq!(q.fail(j.id, lease(&j), "no").await.unwrap(), Failed::Dead);
     }
     assert_eq!(q.count(JobState::Dead).await.unwrap(), 3);
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(q.get(*id).await.unwrap().is_some(), i >= 2, "dead job {i}: the oldest go first");
     }
+    // A trimmed job's key is free again; a buried one's is not.
+    assert!(matches!(q.enqueue(NewJob { max_attempts: 1, ..job("d0") }).await.unwrap(), Enqueued::New(_)));
+    assert_eq!(q.enqueue(job("d4")).await.unwrap(), Enqueued::Duplicate(ids[4]));
 }
 
 pub async fn scheduled_jobs_wait_for_their_time(make: Make) {
@@ -137,6 +171,7 @@ pub async fn scheduled_jobs_wait_for_their_time(make: Make) {
     let at = chrono::Utc::now() + chrono::Duration::milliseconds(300);
     let id = new_id(q.enqueue(NewJob { run_at: Some(at), ..job("later") }).await.unwrap());
     assert_eq!(q.get(id).await.unwrap().unwrap().state, JobState::Scheduled);
+    assert_eq!(q.enqueue(job("later")).await.unwrap(), Enqueued::Duplicate(id), "a scheduled job holds its key");
     assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none());
     promoted(&q, "the scheduled job to come due").await;
     assert!(chrono::Utc::now() >= at, "promoted no earlier than its time");
@@ -146,20 +181,21 @@ pub async fn scheduled_jobs_wait_for_their_time(make: Make) {
 pub async fn reaper_returns_jobs_of_dead_workers(make: Make) {
     let (_g, q) = make(QueueConfig::default()).await;
     let id = new_id(q.enqueue(job("orphan")).await.unwrap());
-    q.fetch("default", "crashed-worker", Duration::from_millis(100)).await.unwrap().unwrap();
+    let stale = q.fetch("default", "w1", Duration::from_millis(100)).await.unwrap().unwrap();
     assert_eq!(q.reap_expired().await.unwrap(), 0, "the lease still holds");
     wait_for("the expired lease to be reaped", Duration::from_secs(10), || {
         let q = q.clone();
         async move { (q.reap_expired().await.unwrap() == 1).then_some(()) }
     })
     .await;
-    let again = q.fetch("default", "w2", Duration::from_secs(30)).await.unwrap().expect("runs again");
+    // The same worker name takes it again (a restarted process): a fresh lease.
+    let again = take(&q, "w1").await;
     assert_eq!(again.id, id);
-    assert!(
-        matches!(q.ack(id, "crashed-worker").await, Err(JobError::NotLeased(_))),
-        "a late ack of the old lease is refused"
-    );
-    q.ack(id, "w2").await.unwrap();
+    assert_ne!(again.lease, stale.lease);
+    assert!(matches!(q.ack(id, lease(&stale)).await, Err(JobError::NotLeased(_))), "the lapsed lease cannot ack");
+    assert!(matches!(q.fail(id, lease(&stale), "late").await, Err(JobError::NotLeased(_))), "nor fail");
+    assert!(!q.heartbeat(id, lease(&stale), Duration::from_secs(30)).await.unwrap(), "nor extend");
+    q.ack(id, lease(&again)).await.unwrap();
 }
 
 /// Instantiates every conformance function once per backend.
@@ -251,7 +287,7 @@ async fn redis_queue_survives_a_script_flush() {
         return;
     };
     use fred::prelude::*;
-    let ns = format!("eventra-test-{}", uuid::Uuid::now_v7().simple());
+    let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
     let q = eventra::jobs::RedisJobQueue::connect(&url, &ns, QueueConfig::default()).await.unwrap();
     new_id(q.enqueue(job("before")).await.unwrap());
     let admin = Builder::from_config(Config::from_url(&url).unwrap()).build().unwrap();
@@ -260,7 +296,7 @@ async fn redis_queue_survives_a_script_flush() {
     new_id(q.enqueue(job("after")).await.unwrap());
     let first = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
     assert_eq!(first.idempotency_key, "before");
-    q.ack(first.id, "w").await.unwrap();
+    q.ack(first.id, first.lease.unwrap()).await.unwrap();
     let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
     let _: i64 = admin.eval(script, Vec::<String>::new(), vec![format!("{ns}:*")]).await.unwrap();
 }
