@@ -8,6 +8,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// Kills the server if the test fails before it sends SIGTERM: no orphans.
+struct Reap(Option<std::process::Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn serve_on_embedded_defaults_then_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -25,6 +37,7 @@ async fn serve_on_embedded_defaults_then_sigterm() {
         .spawn()
         .expect("spawn eventra");
     let stdout = child.stdout.take().unwrap();
+    let mut child = Reap(Some(child));
     // The first two lines are the URL and the token; the rest is JSON logs.
     let (url, token) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -55,8 +68,9 @@ async fn serve_on_embedded_defaults_then_sigterm() {
     assert_eq!(body["tenant"]["slug"], "bin");
     assert!(dir.path().join("data/eventra.db").exists(), "SQLite database under ./data");
 
-    let pid = child.id().to_string();
+    let mut server = child.0.take().unwrap();
+    let pid = server.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
