@@ -125,12 +125,17 @@ async fn start(s: SupervisorSpec, tree: &Tree) -> (ActorRef<SupervisorMsg>, ract
     Supervisor::start(s, tree.clone(), None).await.expect("supervisor starts")
 }
 
-#[tokio::test]
-async fn one_for_one_restarts_only_the_failed_child() {
+/// A supervisor with children a, b, c (started in that order) under `strategy`.
+async fn abc(strategy: Strategy) -> (ActorRef<SupervisorMsg>, Log, Tree) {
     let (log, tree) = (Log::default(), Tree::new());
     let (sup, _) =
-        start(spec("sup", Strategy::OneForOne, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
-            .await;
+        start(spec("sup", strategy, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree).await;
+    (sup, log, tree)
+}
+
+#[tokio::test]
+async fn one_for_one_restarts_only_the_failed_child() {
+    let (sup, _log, tree) = abc(Strategy::OneForOne).await;
     let before = children(&sup).await;
     send(&tree, "b", ProbeMsg::Crash);
     restarted(&sup, "b", id_of(&before, "b")).await;
@@ -146,10 +151,7 @@ async fn one_for_one_restarts_only_the_failed_child() {
 
 #[tokio::test]
 async fn one_for_all_restarts_every_child_in_order() {
-    let (log, tree) = (Log::default(), Tree::new());
-    let (sup, _) =
-        start(spec("sup", Strategy::OneForAll, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
-            .await;
+    let (sup, log, tree) = abc(Strategy::OneForAll).await;
     let before = children(&sup).await;
     log.lock().unwrap().clear();
     send(&tree, "b", ProbeMsg::Panic);
@@ -166,10 +168,7 @@ async fn one_for_all_restarts_every_child_in_order() {
 
 #[tokio::test]
 async fn rest_for_one_restarts_the_failed_child_and_those_after_it() {
-    let (log, tree) = (Log::default(), Tree::new());
-    let (sup, _) =
-        start(spec("sup", Strategy::RestForOne, vec![probe("a", &log), probe("b", &log), probe("c", &log)]), &tree)
-            .await;
+    let (sup, log, tree) = abc(Strategy::RestForOne).await;
     let before = children(&sup).await;
     log.lock().unwrap().clear();
     send(&tree, "b", ProbeMsg::Crash);

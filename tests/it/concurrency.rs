@@ -6,7 +6,7 @@ use eventra::store;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::utils::{TestApp, TestDb};
+use crate::utils::{outbox_count, TestApp, TestDb};
 
 async fn same_email_race(db: &TestDb) {
     let (a, b) = (TestApp::start(db.url()).await, TestApp::start(db.url()).await);
@@ -25,8 +25,7 @@ async fn same_email_race(db: &TestDb) {
 
     let s = store::connect(db.url(), 2).await.unwrap();
     assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
-    let events = s.outbox_after(0, 10_000).await.unwrap();
-    assert_eq!(events.iter().filter(|r| r.event.event_type == EventType::UserCreated).count(), 1);
+    assert_eq!(outbox_count(&*s, EventType::UserCreated).await, 1);
     a.stop().await;
     b.stop().await;
 }
@@ -77,14 +76,7 @@ async fn idempotent_retries_across_servers(db: &TestDb) {
     assert_eq!(ids.len(), 1, "every retry got the one user");
     let s = store::connect(db.url(), 2).await.unwrap();
     assert_eq!(s.list_users(t.id, PageRequest::first()).await.unwrap().items.len(), 1);
-    let created = s
-        .outbox_after(0, 10_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.event.event_type == EventType::UserCreated)
-        .count();
-    assert_eq!(created, 1);
+    assert_eq!(outbox_count(&*s, EventType::UserCreated).await, 1);
     a.stop().await;
     b.stop().await;
 }

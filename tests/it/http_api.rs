@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::utils::app::{expect_problem, ADMIN_TOKEN};
-use crate::utils::{TestApp, TestDb};
+use crate::utils::{outbox_count, TestApp, TestDb};
 
 #[tokio::test]
 async fn authentication_and_tenant_admin() {
@@ -255,9 +255,7 @@ async fn tenant_max_users_answers_409_and_writes_nothing() {
     let list: Value = app.get(&format!("/v1/tenants/{}/users", t.id), &t.admin_key).await.json().await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "no user row from the refused create");
     let s = store::connect(db.url(), 2).await.unwrap();
-    let users_created =
-        s.outbox_after(0, 100).await.unwrap().iter().filter(|r| r.event.event_type == EventType::UserCreated).count();
-    assert_eq!(users_created, 1, "no event from the refused create");
+    assert_eq!(outbox_count(&*s, EventType::UserCreated).await, 1, "no event from the refused create");
 
     // Attributes the database could not store, or consumers could not read back: 422.
     let mut deep = json!(1);
@@ -383,14 +381,7 @@ async fn idempotent_post_retries_return_the_first_answer() {
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
 
     let store = store::connect(db.url(), 2).await.unwrap();
-    let created = store
-        .outbox_after(0, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.event.event_type == EventType::UserCreated)
-        .count();
-    assert_eq!(created, 2, "replays emit no events");
+    assert_eq!(outbox_count(&*store, EventType::UserCreated).await, 2, "replays emit no events");
     app.stop().await;
 }
 

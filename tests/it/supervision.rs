@@ -15,7 +15,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::utils::app::{expect_problem, ADMIN_TOKEN};
-use crate::utils::{wait_for, TestApp, TestDb};
+use crate::utils::{outbox_count, wait_for, TestApp, TestDb};
 
 async fn tree(app: &TestApp) -> Value {
     let res = app.get("/debug/actors", ADMIN_TOKEN).await;
@@ -207,14 +207,7 @@ async fn kill_while_writing(db: &TestDb) {
     }
     let s = store::connect(db.url(), 2).await.unwrap();
     assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 161);
-    let created = s
-        .outbox_after(0, 10_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.event.event_type == EventType::UserCreated)
-        .count();
-    assert_eq!(created, 161, "one event per user, none for replays");
+    assert_eq!(outbox_count(&*s, EventType::UserCreated).await, 161, "one event per user, none for replays");
 
     let metrics = app.req(Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("eventra_actor_restarts_total"), "restarts are counted");

@@ -5,7 +5,10 @@ pub mod app;
 pub mod db;
 
 pub use app::TestApp;
+
 pub use db::TestDb;
+use eventra::domain::EventType;
+use eventra::store::Store;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -44,4 +47,9 @@ pub fn service_url(var: &str, test: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// How many events of `kind` a store's outbox holds (test databases are small).
+pub async fn outbox_count(store: &dyn Store, kind: EventType) -> usize {
+    store.outbox_after(0, 100_000).await.expect("read the outbox").iter().filter(|r| r.event.event_type == kind).count()
 }
