@@ -1,11 +1,6 @@
 //! Background jobs: durable queues with reliable fetch, Sidekiq's retry schedule and a
 //! dead set, behind one [`JobQueue`] trait.
 //!
-//! Status: the queue semantics with both backends (Redis via fred with Lua scripts, and
-//! the embedded SQLite tables) pass one conformance suite; the worker pool, scheduler
-//! and reaper actors, job kinds and the admin API come with the rest of the job-system
-//! issue. Nothing in the running service enqueues jobs yet.
-//!
 //! Semantics every backend keeps:
 //! - a job has a unique id and an idempotency key; a second enqueue of the key is a no-op
 //!   while the first is ready, scheduled, running, retrying, dead, or done within
@@ -186,4 +181,118 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn reap_expired(&self) -> JobResult<u64>;
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>>;
     async fn count(&self, state: JobState) -> JobResult<u64>;
+
+    // Operator views and actions (`/v1/admin/jobs`).
+
+    /// Every known queue with its size and latency.
+    async fn queues(&self) -> JobResult<Vec<QueueStats>>;
+    /// Up to `limit` jobs of `set` from raw position `offset` in the set's order
+    /// ([`JobSet`]), unfiltered; fewer only at the end of the set.
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>>;
+    /// Scheduled, retrying or dead → ready now (a ready job stays as it is).
+    async fn retry_now(&self, id: Uuid) -> JobResult<Acted>;
+    /// Ready, scheduled or retrying → dead (a dead job stays as it is).
+    async fn kill(&self, id: Uuid) -> JobResult<Acted>;
+    /// Removes a job that is not running or done, and frees its idempotency key.
+    async fn delete(&self, id: Uuid) -> JobResult<Acted>;
+    /// `retry_now` for every job of a scheduled, retry or dead set; returns how many.
+    async fn retry_all(&self, set: &JobSet) -> JobResult<u64>;
+    /// `delete` for every job of a set (a queue, scheduled, retry or dead); returns how many.
+    async fn delete_all(&self, set: &JobSet) -> JobResult<u64>;
+
+    /// One page of `set`, keeping jobs that match `filter` (see [`Job::matches`]). The
+    /// cursor is a raw position, like Sidekiq's pages: jobs that leave the set meanwhile
+    /// shift later pages, which an operator's view tolerates.
+    async fn list(&self, set: &JobSet, filter: Option<&str>, offset: u64, limit: u32) -> JobResult<JobList> {
+        const BATCH: u32 = 200;
+        let limit = limit.max(1);
+        let filter = filter.map(str::to_lowercase).filter(|f| !f.is_empty());
+        let mut items = Vec::new();
+        let mut pos = offset;
+        loop {
+            let batch = self.scan(set, pos, BATCH).await?;
+            let n = batch.len() as u64;
+            for (i, job) in batch.into_iter().enumerate() {
+                if filter.as_deref().is_none_or(|f| job.matches(f)) {
+                    if items.len() == limit as usize {
+                        return Ok(JobList { items, next_offset: Some(pos + i as u64) });
+                    }
+                    items.push(job);
+                }
+            }
+            pos += n;
+            if n < u64::from(BATCH) {
+                return Ok(JobList { items, next_offset: None });
+            }
+        }
+    }
+}
+
+/// A set of jobs an operator looks at, each in its natural order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSet {
+    /// The ready jobs of one queue, next to run first.
+    Queue(String),
+    /// Scheduled jobs, soonest first.
+    Scheduled,
+    /// Jobs waiting for a retry, soonest first.
+    Retry,
+    /// The dead set, most recently buried first.
+    Dead,
+    /// Leased jobs, earliest lease deadline first.
+    Running,
+}
+
+impl JobSet {
+    /// The state of every job in the set.
+    pub fn state(&self) -> JobState {
+        match self {
+            JobSet::Queue(_) => JobState::Ready,
+            JobSet::Scheduled => JobState::Scheduled,
+            JobSet::Retry => JobState::Retry,
+            JobSet::Dead => JobState::Dead,
+            JobSet::Running => JobState::Running,
+        }
+    }
+}
+
+/// A queue as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueStats {
+    pub name: String,
+    pub size: u64,
+    /// How long the next job to run has been ready (zero for an empty queue).
+    pub latency: Duration,
+}
+
+/// A page of [`JobQueue::list`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobList {
+    pub items: Vec<Job>,
+    pub next_offset: Option<u64>,
+}
+
+/// What an operator action did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acted {
+    Done,
+    NotFound,
+    /// The job is in a state the action does not apply to (running or done).
+    Refused(JobState),
+}
+
+impl Job {
+    /// Case-insensitive substring match (`needle` already lowercase) over the id, kind,
+    /// queue, idempotency key, arguments and last error: what an operator searches by.
+    pub fn matches(&self, needle: &str) -> bool {
+        let hay = [
+            self.id.to_string(),
+            self.kind.clone(),
+            self.queue.clone(),
+            self.idempotency_key.clone(),
+            self.args.to_string(),
+            self.last_error.clone().unwrap_or_default(),
+        ];
+        hay.iter().any(|h| h.to_lowercase().contains(needle))
+    }
 }

@@ -22,7 +22,9 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use uuid::Uuid;
 
-use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobState, NewJob, QueueConfig};
+use super::{
+    Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob, QueueConfig, QueueStats,
+};
 
 impl From<fred::error::Error> for JobError {
     fn from(e: fred::error::Error) -> Self {
@@ -89,10 +91,34 @@ end
 return 1
 "#;
 
+/// Lua: drops dead jobs older than `max_age` µs, then the oldest beyond `max_count`,
+/// with their hashes and idempotency keys (Sidekiq's dead-set cap).
+macro_rules! trim_dead_lua {
+    () => {
+        r#"
+local function trim_dead(dead, now, max_age, max_count, job_prefix, idem_prefix)
+  local gone = redis.call('ZRANGEBYSCORE', dead, '-inf', '(' .. (now - max_age))
+  local extra = redis.call('ZCARD', dead) - #gone - max_count
+  if extra > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', dead, #gone, #gone + extra - 1)) do table.insert(gone, id) end
+  end
+  for _, id in ipairs(gone) do
+    local key = redis.call('HGET', job_prefix .. id, 'idempotency_key')
+    if key then redis.call('DEL', idem_prefix .. key) end
+    redis.call('DEL', job_prefix .. id)
+    redis.call('ZREM', dead, id)
+  end
+end
+"#
+    };
+}
+
 /// KEYS: job, running, retry, dead. ARGV: id, lease id, error, now, retry_at, expected
 /// failures, dead max age (µs), dead max count, job key prefix, idem key prefix.
 /// Returns -1 if not leased, 0 for retry, 1 for dead.
-const FAIL: &str = r#"
+const FAIL: &str = concat!(
+    trim_dead_lua!(),
+    r#"
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures')) + 1
 if failures ~= tonumber(ARGV[6]) then return -1 end
@@ -107,19 +133,10 @@ if failures < max then
 end
 redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_at_us', ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[4]) - tonumber(ARGV[7])))
-local extra = redis.call('ZCARD', KEYS[4]) - #gone - tonumber(ARGV[8])
-if extra > 0 then
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], #gone, #gone + extra - 1)) do table.insert(gone, id) end
-end
-for _, id in ipairs(gone) do
-  local key = redis.call('HGET', ARGV[9] .. id, 'idempotency_key')
-  if key then redis.call('DEL', ARGV[10] .. key) end
-  redis.call('DEL', ARGV[9] .. id)
-  redis.call('ZREM', KEYS[4], id)
-end
+trim_dead(KEYS[4], tonumber(ARGV[4]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10])
 return 1
-"#;
+"#
+);
 
 /// KEYS: from (scheduled/retry/running zset). ARGV: now, job key prefix, queue key
 /// prefix, 1 to requeue at the head (reaped) else 0. Moves members scored before `now`
@@ -142,6 +159,41 @@ end
 return moved
 "#;
 
+/// KEYS: job. ARGV: id, action (`retry`, `kill` or `delete`), key namespace prefix
+/// (`{ns}:`), now, dead max age (µs), dead max count. An operator's action on one job:
+/// takes it out of wherever it is (its queue list or its state's sorted set; the sorted
+/// sets are named after the states) and puts it where the action says. Returns `ok`,
+/// `missing`, or the state that refuses the action.
+const ACT: &str = concat!(
+    trim_dead_lua!(),
+    r#"
+local job, id, action, ns, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local state = redis.call('HGET', job, 'state')
+if not state then return 'missing' end
+if state == 'running' or state == 'done' then return state end
+if (action == 'retry' and state == 'ready') or (action == 'kill' and state == 'dead') then return 'ok' end
+local queue = redis.call('HGET', job, 'queue')
+if state == 'ready' then redis.call('LREM', ns .. 'queue:' .. queue, 0, id)
+else redis.call('ZREM', ns .. state, id) end
+if action == 'delete' then
+  local key = redis.call('HGET', job, 'idempotency_key')
+  if key then redis.call('DEL', ns .. 'idem:' .. key) end
+  redis.call('DEL', job)
+elseif action == 'retry' then
+  redis.call('HSET', job, 'state', 'ready', 'run_at_us', now)
+  redis.call('HDEL', job, 'finished_at_us')
+  redis.call('SADD', ns .. 'queues', queue)
+  redis.call('LPUSH', ns .. 'queue:' .. queue, id)
+else
+  if not redis.call('HGET', job, 'last_error') then redis.call('HSET', job, 'last_error', 'killed by an operator') end
+  redis.call('HSET', job, 'state', 'dead', 'finished_at_us', now)
+  redis.call('ZADD', ns .. 'dead', now, id)
+  trim_dead(ns .. 'dead', now, tonumber(ARGV[5]), tonumber(ARGV[6]), ns .. 'job:', ns .. 'idem:')
+end
+return 'ok'
+"#
+);
+
 pub struct RedisJobQueue {
     client: Client,
     ns: String,
@@ -152,6 +204,7 @@ pub struct RedisJobQueue {
     ack: Script,
     fail: Script,
     move_due: Script,
+    act: Script,
 }
 
 fn now_us() -> i64 {
@@ -177,6 +230,7 @@ impl RedisJobQueue {
             ack: Script::from_lua(ACK),
             fail: Script::from_lua(FAIL),
             move_due: Script::from_lua(MOVE_DUE),
+            act: Script::from_lua(ACT),
         })
     }
 
@@ -186,6 +240,45 @@ impl RedisJobQueue {
 
     fn job_key(&self, id: Uuid) -> String {
         self.key(&format!("job:{id}"))
+    }
+
+    async fn act(&self, id: Uuid, action: &str) -> JobResult<Acted> {
+        let args = vec![
+            id.to_string(),
+            action.to_owned(),
+            self.key(""),
+            now_us().to_string(),
+            dur_us(self.config.dead_max_age).to_string(),
+            self.config.dead_max_jobs.to_string(),
+        ];
+        let outcome: String = self.act.evalsha_with_reload(&self.client, vec![self.job_key(id)], args).await?;
+        Ok(match outcome.as_str() {
+            "ok" => Acted::Done,
+            "missing" => Acted::NotFound,
+            other => Acted::Refused(
+                JobState::parse(other).ok_or_else(|| JobError::Backend(format!("unknown job state {other}")))?,
+            ),
+        })
+    }
+
+    /// The ids of a set, in its order, from `offset`.
+    async fn ids(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<String>> {
+        let start = i64::try_from(offset).unwrap_or(i64::MAX);
+        let stop = start.saturating_add(i64::from(limit)) - 1;
+        Ok(match set {
+            JobSet::Queue(name) => {
+                // Workers take from the tail: the next to run is the last element.
+                let mut ids: Vec<String> =
+                    self.client.lrange(self.key(&format!("queue:{name}")), -stop - 1, -start - 1).await?;
+                ids.reverse();
+                ids
+            }
+            JobSet::Dead => self.client.zrange(self.key("dead"), start, stop, None, true, None, false).await?,
+            other => {
+                let key = self.key(other.state().as_str());
+                self.client.zrange(key, start, stop, None, false, None, false).await?
+            }
+        })
     }
 
     async fn move_due(&self, from: &str, now: i64, head: bool) -> JobResult<u64> {
@@ -354,5 +447,78 @@ impl JobQueue for RedisJobQueue {
             }
         };
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn queues(&self) -> JobResult<Vec<QueueStats>> {
+        let mut names: Vec<String> = self.client.smembers(self.key("queues")).await?;
+        names.sort();
+        let now = now_us();
+        let mut stats = Vec::with_capacity(names.len());
+        for name in names {
+            let key = self.key(&format!("queue:{name}"));
+            let size: i64 = self.client.llen(&key).await?;
+            let next: Option<String> = self.client.lindex(&key, -1).await?;
+            let mut latency = Duration::ZERO;
+            if let Some(id) = next {
+                let ready: Option<i64> = self.client.hget(self.key(&format!("job:{id}")), "run_at_us").await?;
+                latency = Duration::from_micros(u64::try_from(ready.map_or(0, |t| now - t)).unwrap_or(0));
+            }
+            stats.push(QueueStats { name, size: u64::try_from(size).unwrap_or(0), latency });
+        }
+        Ok(stats)
+    }
+
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>> {
+        let ids = self.ids(set, offset, limit).await?;
+        let pipeline = self.client.pipeline();
+        for id in &ids {
+            let _: () = pipeline.hgetall(self.key(&format!("job:{id}"))).await?;
+        }
+        let hashes: Vec<HashMap<String, String>> = if ids.is_empty() { Vec::new() } else { pipeline.all().await? };
+        // A hash that vanished between the two reads (finished, trimmed) is skipped.
+        hashes.into_iter().filter(|h| !h.is_empty()).map(parse_job).collect()
+    }
+
+    async fn retry_now(&self, id: Uuid) -> JobResult<Acted> {
+        self.act(id, "retry").await
+    }
+
+    async fn kill(&self, id: Uuid) -> JobResult<Acted> {
+        self.act(id, "kill").await
+    }
+
+    async fn delete(&self, id: Uuid) -> JobResult<Acted> {
+        self.act(id, "delete").await
+    }
+
+    async fn retry_all(&self, set: &JobSet) -> JobResult<u64> {
+        if !matches!(set, JobSet::Scheduled | JobSet::Retry | JobSet::Dead) {
+            return Ok(0);
+        }
+        self.act_on_all(set, "retry").await
+    }
+
+    async fn delete_all(&self, set: &JobSet) -> JobResult<u64> {
+        if matches!(set, JobSet::Running) {
+            return Ok(0);
+        }
+        self.act_on_all(set, "delete").await
+    }
+}
+
+impl RedisJobQueue {
+    /// Applies `action` to a snapshot of the set's ids, one atomic step per job, so a
+    /// big set never blocks Redis for long; jobs that moved meanwhile are left alone.
+    async fn act_on_all(&self, set: &JobSet, action: &str) -> JobResult<u64> {
+        let ids = self.ids(set, 0, u32::MAX).await?;
+        let mut n = 0;
+        for id in ids {
+            let Ok(id) = id.parse::<Uuid>() else { continue };
+            let Some(job) = self.get(id).await? else { continue };
+            if job.state == set.state() && self.act(id, action).await? == Acted::Done {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }

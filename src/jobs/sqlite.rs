@@ -14,7 +14,9 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobState, NewJob, QueueConfig};
+use super::{
+    Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob, QueueConfig, QueueStats,
+};
 
 pub struct SqliteJobQueue {
     /// The store's pool: jobs live in the same database file.
@@ -250,9 +252,132 @@ impl JobQueue for SqliteJobQueue {
                 .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+
+    async fn queues(&self) -> JobResult<Vec<QueueStats>> {
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT queue, COUNT(*) FILTER (WHERE state = 'ready'), MIN(run_at_us) FILTER (WHERE state = 'ready') \
+             FROM jobs GROUP BY queue ORDER BY queue",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let now = now_us();
+        Ok(rows
+            .into_iter()
+            .map(|(name, size, oldest)| QueueStats {
+                name,
+                size: u64::try_from(size).unwrap_or(0),
+                latency: Duration::from_micros(u64::try_from(oldest.map_or(0, |t| now - t)).unwrap_or(0)),
+            })
+            .collect())
+    }
+
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>> {
+        let order = match set {
+            JobSet::Queue(_) | JobSet::Scheduled | JobSet::Retry => "run_at_us, id",
+            JobSet::Dead => "finished_at_us DESC, id DESC",
+            JobSet::Running => "lease_until_us, id",
+        };
+        let queue = match set {
+            JobSet::Queue(q) => Some(q.as_str()),
+            _ => None,
+        };
+        let rows = sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT * FROM jobs WHERE state = $1 AND ($2 IS NULL OR queue = $2) ORDER BY {order} LIMIT $3 OFFSET $4"
+        ))
+        .bind(set.state().as_str())
+        .bind(queue)
+        .bind(i64::from(limit))
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn retry_now(&self, id: Uuid) -> JobResult<Acted> {
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'ready', run_at_us = $2, finished_at_us = NULL \
+             WHERE id = $1 AND state IN ('scheduled', 'retry', 'dead')",
+        )
+        .bind(id)
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        self.acted(id, done.rows_affected(), JobState::Ready).await
+    }
+
+    async fn kill(&self, id: Uuid) -> JobResult<Acted> {
+        let now = now_us();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'dead', finished_at_us = $2, \
+             last_error = COALESCE(last_error, 'killed by an operator') \
+             WHERE id = $1 AND state IN ('ready', 'scheduled', 'retry')",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            self.trim_dead(now).await?;
+        }
+        self.acted(id, done.rows_affected(), JobState::Dead).await
+    }
+
+    async fn delete(&self, id: Uuid) -> JobResult<Acted> {
+        let done = sqlx::query("DELETE FROM jobs WHERE id = $1 AND state IN ('ready', 'scheduled', 'retry', 'dead')")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Acted::Done);
+        }
+        Ok(match self.get(id).await? {
+            None => Acted::NotFound,
+            Some(job) => Acted::Refused(job.state),
+        })
+    }
+
+    async fn retry_all(&self, set: &JobSet) -> JobResult<u64> {
+        if !matches!(set, JobSet::Scheduled | JobSet::Retry | JobSet::Dead) {
+            return Ok(0);
+        }
+        let done =
+            sqlx::query("UPDATE jobs SET state = 'ready', run_at_us = $2, finished_at_us = NULL WHERE state = $1")
+                .bind(set.state().as_str())
+                .bind(now_us())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_all(&self, set: &JobSet) -> JobResult<u64> {
+        let queue = match set {
+            JobSet::Queue(q) => Some(q.as_str()),
+            JobSet::Running => return Ok(0),
+            _ => None,
+        };
+        let done = sqlx::query("DELETE FROM jobs WHERE state = $1 AND ($2 IS NULL OR queue = $2)")
+            .bind(set.state().as_str())
+            .bind(queue)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 impl SqliteJobQueue {
+    /// The outcome of an action that changed `changed` rows: when none, either the job
+    /// is already where the action would put it, or it is missing, or refused.
+    async fn acted(&self, id: Uuid, changed: u64, target: JobState) -> JobResult<Acted> {
+        if changed == 1 {
+            return Ok(Acted::Done);
+        }
+        Ok(match self.get(id).await? {
+            None => Acted::NotFound,
+            Some(job) if job.state == target => Acted::Done,
+            Some(job) => Acted::Refused(job.state),
+        })
+    }
+
     /// Keeps the dead set within its capacity (oldest first) and age.
     async fn trim_dead(&self, now: i64) -> JobResult<()> {
         sqlx::query("DELETE FROM jobs WHERE state = 'dead' AND finished_at_us < $1")

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventra::jobs::{Enqueued, Failed, Job, JobError, JobQueue, JobState, NewJob, QueueConfig, RetrySchedule};
+use eventra::jobs::{
+    Acted, Enqueued, Failed, Job, JobError, JobQueue, JobSet, JobState, NewJob, QueueConfig, RetrySchedule,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -198,6 +200,121 @@ pub async fn reaper_returns_jobs_of_dead_workers(make: Make) {
     q.ack(id, lease(&again)).await.unwrap();
 }
 
+/// Buries a new job with `key` (one attempt, failed).
+async fn bury(q: &Arc<dyn JobQueue>, key: &str) -> Uuid {
+    let id = new_id(q.enqueue(NewJob { max_attempts: 1, queue: "graveyard".into(), ..job(key) }).await.unwrap());
+    let j = q.fetch("graveyard", "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    assert_eq!(q.fail(j.id, lease(&j), &format!("{key} failed")).await.unwrap(), Failed::Dead);
+    id
+}
+
+fn keys(jobs: &[Job]) -> Vec<&str> {
+    jobs.iter().map(|j| j.idempotency_key.as_str()).collect()
+}
+
+pub async fn operators_list_filter_and_page(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    for k in ["alpha-0", "alpha-1", "alpha-2", "beta-0", "beta-1"] {
+        new_id(q.enqueue(job(k)).await.unwrap());
+    }
+    new_id(q.enqueue(NewJob { queue: "mail".into(), ..job("mail-0") }).await.unwrap());
+    let stats = q.queues().await.unwrap();
+    let size = |name: &str| stats.iter().find(|s| s.name == name).map(|s| s.size);
+    assert_eq!((size("default"), size("mail")), (Some(5), Some(1)), "{stats:?}");
+    let default = stats.iter().find(|s| s.name == "default").unwrap();
+    wait_for("the oldest job to age", Duration::from_secs(5), || {
+        let q = q.clone();
+        async move {
+            let s = q.queues().await.unwrap();
+            s.iter().find(|s| s.name == "default").is_some_and(|s| s.latency >= Duration::from_millis(20)).then_some(())
+        }
+    })
+    .await;
+    assert!(default.latency < Duration::from_secs(60), "{default:?}");
+
+    // Pages of two, next to run first, until the end.
+    let mut seen = Vec::new();
+    let mut offset = Some(0);
+    while let Some(o) = offset {
+        let page = q.list(&JobSet::Queue("default".into()), None, o, 2).await.unwrap();
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.iter().map(|j| j.idempotency_key.clone()));
+        offset = page.next_offset;
+    }
+    assert_eq!(seen, ["alpha-0", "alpha-1", "alpha-2", "beta-0", "beta-1"]);
+    let betas = q.list(&JobSet::Queue("default".into()), Some("BETA"), 0, 10).await.unwrap();
+    assert_eq!((keys(&betas.items), betas.next_offset), (vec!["beta-0", "beta-1"], None));
+    let one = q.list(&JobSet::Queue("default".into()), Some("beta"), 0, 1).await.unwrap();
+    let rest = q.list(&JobSet::Queue("default".into()), Some("beta"), one.next_offset.unwrap(), 1).await.unwrap();
+    assert_eq!((keys(&one.items), keys(&rest.items)), (vec!["beta-0"], vec!["beta-1"]), "filtered pages");
+
+    // Scheduled soonest first; dead newest first; running by lease.
+    let soon = chrono::Utc::now() + chrono::Duration::hours(1);
+    new_id(q.enqueue(NewJob { run_at: Some(soon + chrono::Duration::hours(1)), ..job("later") }).await.unwrap());
+    new_id(q.enqueue(NewJob { run_at: Some(soon), ..job("sooner") }).await.unwrap());
+    assert_eq!(keys(&q.list(&JobSet::Scheduled, None, 0, 10).await.unwrap().items), ["sooner", "later"]);
+    bury(&q, "first-dead").await;
+    bury(&q, "second-dead").await;
+    assert_eq!(keys(&q.list(&JobSet::Dead, None, 0, 10).await.unwrap().items), ["second-dead", "first-dead"]);
+    let dead = q.list(&JobSet::Dead, Some("FIRST-dead failed"), 0, 10).await.unwrap();
+    assert_eq!(keys(&dead.items), ["first-dead"], "the filter reads the last error too");
+    let running = take(&q, "w9").await;
+    assert_eq!(keys(&q.list(&JobSet::Running, None, 0, 10).await.unwrap().items), [running.idempotency_key.as_str()]);
+    assert!(q.list(&JobSet::Retry, None, 0, 10).await.unwrap().items.is_empty());
+}
+
+pub async fn operators_retry_kill_and_delete(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    // A dead job, retried now, runs again; one more failure buries it again (its
+    // attempts are spent), as in Sidekiq.
+    let dead = bury(&q, "dead").await;
+    assert_eq!(q.retry_now(dead).await.unwrap(), Acted::Done);
+    let again = q.fetch("graveyard", "w", Duration::from_secs(30)).await.unwrap().expect("retried now");
+    assert_eq!((again.id, again.state), (dead, JobState::Running));
+    assert_eq!(q.count(JobState::Dead).await.unwrap(), 0);
+    assert_eq!(q.fail(dead, lease(&again), "still broken").await.unwrap(), Failed::Dead);
+
+    // A job waiting for its first retry (15 s or more away) runs now.
+    let flaky = new_id(q.enqueue(job("flaky")).await.unwrap());
+    let j = take(&q, "w").await;
+    assert!(matches!(q.fail(flaky, lease(&j), "boom").await.unwrap(), Failed::Retry { .. }));
+    assert_eq!(q.retry_now(flaky).await.unwrap(), Acted::Done);
+    assert_eq!(take(&q, "w").await.id, flaky);
+    // Running jobs refuse every action; missing ones are not found.
+    for act in [q.retry_now(flaky).await, q.kill(flaky).await, q.delete(flaky).await] {
+        assert_eq!(act.unwrap(), Acted::Refused(JobState::Running));
+    }
+    for act in [q.retry_now(Uuid::now_v7()).await, q.kill(Uuid::now_v7()).await, q.delete(Uuid::now_v7()).await] {
+        assert_eq!(act.unwrap(), Acted::NotFound);
+    }
+
+    // Kill a scheduled and a ready job: dead, with a reason; killing again changes nothing.
+    let at = chrono::Utc::now() + chrono::Duration::hours(1);
+    let scheduled = new_id(q.enqueue(NewJob { run_at: Some(at), ..job("scheduled") }).await.unwrap());
+    let ready = new_id(q.enqueue(job("ready")).await.unwrap());
+    for id in [scheduled, ready, scheduled] {
+        assert_eq!(q.kill(id).await.unwrap(), Acted::Done);
+        let j = q.get(id).await.unwrap().unwrap();
+        assert_eq!((j.state, j.last_error.as_deref()), (JobState::Dead, Some("killed by an operator")));
+    }
+    assert_eq!(q.count(JobState::Scheduled).await.unwrap(), 0);
+    assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none(), "the killed job left its queue");
+    assert_eq!(q.count(JobState::Dead).await.unwrap(), 3);
+
+    // Deleting a dead job frees its key.
+    assert_eq!(q.delete(ready).await.unwrap(), Acted::Done);
+    assert!(q.get(ready).await.unwrap().is_none());
+    assert!(matches!(q.enqueue(job("ready")).await.unwrap(), Enqueued::New(_)));
+
+    // Retry all the dead (2), then delete a whole queue.
+    assert_eq!(q.retry_all(&JobSet::Dead).await.unwrap(), 2);
+    assert_eq!((q.count(JobState::Dead).await.unwrap(), q.count(JobState::Ready).await.unwrap()), (0, 3));
+    assert_eq!(q.delete_all(&JobSet::Queue("default".into())).await.unwrap(), 2);
+    assert_eq!(q.count(JobState::Ready).await.unwrap(), 1, "only the graveyard queue's job is left");
+    assert!(matches!(q.enqueue(job("scheduled")).await.unwrap(), Enqueued::New(_)), "deleted keys are free");
+    assert_eq!(q.delete_all(&JobSet::Queue("graveyard".into())).await.unwrap(), 1);
+}
+
 /// Instantiates every conformance function once per backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -276,6 +393,8 @@ conformance!(
     dead_set_is_capped,
     scheduled_jobs_wait_for_their_time,
     reaper_returns_jobs_of_dead_workers,
+    operators_list_filter_and_page,
+    operators_retry_kill_and_delete,
 );
 
 /// Redis forgets cached scripts on restart (or `SCRIPT FLUSH`): the queue must reload them.
