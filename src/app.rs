@@ -12,9 +12,13 @@ use tokio::net::TcpListener;
 use crate::actors::Tenants;
 use crate::config::Config;
 use crate::http::{self, AppState};
+use crate::jobs::{
+    JobClient, JobError, JobQueue, Kinds, QueueConfig, RedisJobQueue, RetrySchedule, Runner, RunnerConfig,
+    SqliteJobQueue,
+};
 use crate::store::{self, redact_url, Store, StoreDeadLetters, StoreError};
 use crate::supervision::parking::ReplayTargets;
-use crate::supervision::root::RootDeps;
+use crate::supervision::root::{JobsDeps, RootDeps};
 use crate::supervision::Root;
 
 /// Longest an actor call may take before the request answers 503.
@@ -26,6 +30,8 @@ const TREE_SHUTDOWN: Duration = Duration::from_secs(20);
 pub enum StartupError {
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Backend(String),
     #[error("could not start the supervision tree: {0}")]
     Actors(String),
     #[error("the supervision tree failed past the root (restart intensity exceeded)")]
@@ -41,18 +47,76 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     Ok(store)
 }
 
+/// The job queue a config names: Redis when `REDIS_URL` is set, else the embedded
+/// SQLite queue (in the database of record's file, or `<data dir>/jobs.db` beside
+/// PostgreSQL: a per-host queue, fine for one process; scale-out wants Redis).
+pub async fn open_job_queue(config: &Config) -> Result<Arc<dyn JobQueue>, StartupError> {
+    let queue_config = QueueConfig {
+        schedule: RetrySchedule { time_scale: config.jobs.time_scale, jitter: true },
+        ..QueueConfig::default()
+    };
+    let backend = |e: JobError| StartupError::Backend(format!("job queue: {e}"));
+    if let Some(url) = &config.redis_url {
+        let q = RedisJobQueue::connect(url, &config.namespace, queue_config).await.map_err(backend)?;
+        return Ok(Arc::new(q));
+    }
+    let url = if config.database_url.starts_with("sqlite:") {
+        config.database_url.clone()
+    } else {
+        tracing::warn!("REDIS_URL is unset: jobs use {}/jobs.db, local to this host", config.data_dir.display());
+        format!("sqlite://{}", config.data_dir.join("jobs.db").display())
+    };
+    Ok(Arc::new(SqliteJobQueue::open(&url, queue_config).await.map_err(backend)?))
+}
+
+fn runner_config(config: &Config) -> RunnerConfig {
+    RunnerConfig {
+        queues: vec!["default".into()],
+        lease: config.jobs.lease,
+        timeout: config.jobs.timeout,
+        idle_poll: config.jobs.poll.min(Duration::from_millis(200)),
+    }
+}
+
 /// Runs the service until `shutdown` resolves, then drains HTTP, then the actor tree.
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    run_with(config, listener, shutdown, Kinds::default()).await
+}
+
+/// [`run`] with extra job kinds beside the standard ones (tests, embedders).
+pub async fn run_with(
+    config: Arc<Config>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extra_kinds: Kinds,
+) -> Result<(), StartupError> {
     let store = open_store(&config).await?;
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
     log_pending_backends(&config);
 
+    let jobs = JobClient::new(open_job_queue(&config).await?);
+    tracing::info!(backend = jobs.queue.backend(), "job queue ready");
+    let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
+        .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
+    let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone()).with_all(extra_kinds);
+    let job_deps = (config.has_role("worker") && config.jobs.workers > 0).then(|| JobsDeps {
+        runner: Arc::new(Runner::new(jobs.clone(), kinds, runner_config(&config))),
+        workers: config.jobs.workers,
+        scheduler_every: config.jobs.poll,
+    });
+    tracing::info!(mail = mailer.kind(), workers = job_deps.as_ref().map_or(0, |j| j.workers), "job workers configured");
+
     let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
-    let deps = RootDeps { store: store.clone(), tenant_idle_timeout: config.tenant_idle_timeout, dead_letters };
+    let deps = RootDeps {
+        store: store.clone(),
+        tenant_idle_timeout: config.tenant_idle_timeout,
+        dead_letters,
+        jobs: job_deps,
+    };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT);
     let state = AppState {
@@ -62,6 +126,7 @@ pub async fn run(
         chaos: config.chaos,
         replay: Arc::new(ReplayTargets::default()),
         metrics: crate::telemetry::metrics(),
+        jobs,
     };
     if config.chaos {
         tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");
@@ -101,9 +166,7 @@ pub async fn run(
 fn log_pending_backends(config: &Config) {
     let pending = [
         ("AMQP_URL", config.amqp_url.is_some(), "event bus"),
-        ("REDIS_URL", config.redis_url.is_some(), "job queue"),
         ("OPENSEARCH_URL", config.opensearch_url.is_some(), "search"),
-        ("SMTP_URL", config.smtp_url.is_some(), "email"),
     ];
     for (var, set, what) in pending {
         if set {

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-/// The processes's roles (SPEC §1). Only `api` has components so far; the others are
-/// accepted so deployments can name them already.
+/// The processes's roles (SPEC §1). `api` serves HTTP and owns the tenant actors;
+/// `worker` runs the job workers, scheduler and reaper. `relay`, `consumer` and
+/// `indexer` are accepted so deployments can name them already.
 pub const ROLES: &[&str] = &["api", "relay", "consumer", "worker", "indexer"];
 
 /// Flags of `eventra serve`.
@@ -49,6 +50,83 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "EVENTRA_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub jobs: JobArgs,
+}
+
+/// Flags of the job system (the `worker` role).
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Job worker actors in this process (0 runs none).
+    #[arg(long, env = "EVENTRA_WORKERS", default_value_t = 10)]
+    pub workers: usize,
+    /// Longest a job may run before the attempt counts as failed, in seconds.
+    #[arg(long, env = "EVENTRA_JOB_TIMEOUT_SECS", default_value_t = 300)]
+    pub job_timeout_secs: u64,
+    /// Lease of a running job, in milliseconds: a dead worker's job runs again after it.
+    #[arg(long, env = "EVENTRA_JOB_LEASE_MS", default_value_t = 30_000)]
+    pub job_lease_ms: u64,
+    /// How often the scheduler promotes due jobs, in milliseconds.
+    #[arg(long, env = "EVENTRA_JOB_POLL_MS", default_value_t = 1_000)]
+    pub job_poll_ms: u64,
+    /// Divides every retry delay (tests run the real schedule fast with e.g. 100).
+    #[arg(long, env = "EVENTRA_JOB_TIME_SCALE", default_value_t = 1.0)]
+    pub job_time_scale: f64,
+    /// Sender of Eventra's emails.
+    #[arg(long, env = "EVENTRA_MAIL_FROM", default_value = "Eventra <no-reply@eventra.invalid>")]
+    pub mail_from: String,
+}
+
+/// Validated job settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobsConfig {
+    pub workers: usize,
+    pub timeout: std::time::Duration,
+    pub lease: std::time::Duration,
+    pub poll: std::time::Duration,
+    pub time_scale: f64,
+    pub mail_from: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            workers: 10,
+            timeout: std::time::Duration::from_secs(300),
+            lease: std::time::Duration::from_secs(30),
+            poll: std::time::Duration::from_secs(1),
+            time_scale: 1.0,
+            mail_from: "Eventra <no-reply@eventra.invalid>".into(),
+        }
+    }
+}
+
+impl JobArgs {
+    fn validate(self) -> Result<JobsConfig, ConfigError> {
+        if self.workers > 1000 {
+            return Err(ConfigError::Invalid("EVENTRA_WORKERS must be at most 1000".into()));
+        }
+        if self.job_lease_ms < 300 {
+            return Err(ConfigError::Invalid("EVENTRA_JOB_LEASE_MS must be at least 300".into()));
+        }
+        if !(self.job_time_scale.is_finite() && self.job_time_scale > 0.0) {
+            return Err(ConfigError::Invalid("EVENTRA_JOB_TIME_SCALE must be a positive number".into()));
+        }
+        if self.mail_from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "EVENTRA_MAIL_FROM {:?} is not an email address (e.g. \"Eventra <no-reply@example.com>\")",
+                self.mail_from
+            )));
+        }
+        Ok(JobsConfig {
+            workers: self.workers,
+            timeout: std::time::Duration::from_secs(self.job_timeout_secs.max(1)),
+            lease: std::time::Duration::from_millis(self.job_lease_ms),
+            poll: std::time::Duration::from_millis(self.job_poll_ms.clamp(10, 60_000)),
+            time_scale: self.job_time_scale,
+            mail_from: self.mail_from,
+        })
+    }
 }
 
 /// Flags shared by every command that opens the database.
@@ -122,6 +200,7 @@ pub struct Config {
     pub smtp_url: Option<String>,
     pub tenant_idle_timeout: std::time::Duration,
     pub max_body_bytes: usize,
+    pub jobs: JobsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +253,7 @@ impl Config {
             smtp_url: a.smtp_url,
             tenant_idle_timeout: std::time::Duration::from_secs(a.tenant_idle_secs.max(1)),
             max_body_bytes: a.max_body_bytes,
+            jobs: a.jobs.validate()?,
         })
     }
 
@@ -196,6 +276,7 @@ impl Config {
             smtp_url: None,
             tenant_idle_timeout: std::time::Duration::from_secs(300),
             max_body_bytes: 64 * 1024,
+            jobs: JobsConfig::default(),
         }
     }
 

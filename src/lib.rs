@@ -21,6 +21,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod mail;
 pub mod store;
 pub mod supervision;
 pub mod telemetry;

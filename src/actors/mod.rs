@@ -4,7 +4,11 @@
 //!   [`tenant_manager`] per active tenant, started on demand and stopped when idle.
 //! - [`tenant_manager`]: serializes the writes of one tenant.
 //! - [`Tenants`]: the handle the HTTP layer talks to; it hides actor lookup and retries.
+//! - [`job_worker`]: the `job-worker-N` actors that run background jobs.
+//! - [`periodic`]: a task on a timer: the job scheduler and the reaper.
 
+pub mod job_worker;
+pub mod periodic;
 pub mod tenant_manager;
 pub mod tenant_registry;
 mod tenants;

@@ -5,6 +5,7 @@
 //! `crate::actors`; both call into this module so the rules exist exactly once.
 
 pub mod api_key;
+pub mod audit;
 pub mod event;
 pub mod page;
 pub mod tenant;
@@ -12,6 +13,7 @@ pub mod user;
 pub mod validation;
 
 pub use api_key::{ApiKey, NewApiKey, Role};
+pub use audit::AuditEntry;
 pub use event::{Actor, DomainEvent, EventContext, EventType};
 pub use page::{Cursor, Page, PageRequest};
 pub use tenant::{NewTenant, Tenant, TenantPatch};

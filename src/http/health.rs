@@ -26,15 +26,21 @@ async fn ready(State(s): State<AppState>) -> Response {
         Ok(m) => (true, Some(format!("{} tenant managers running", m.len()))),
         Err(e) => (false, Some(e.to_string())),
     };
+    let (jobs_ok, jobs_detail) = match s.jobs.queue.ping().await {
+        Ok(()) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
     let up = |ok: bool| if ok { "up" } else { "down" };
+    let all = db_ok && actors_ok && jobs_ok;
     let body = json!({
-        "status": up(db_ok && actors_ok),
+        "status": up(all),
         "checks": {
             "database": { "status": up(db_ok), "backend": store.backend(), "detail": db_detail },
             "actors": { "status": up(actors_ok), "detail": actors_detail },
+            "job_queue": { "status": up(jobs_ok), "backend": s.jobs.queue.backend(), "detail": jobs_detail },
         }
     });
-    let status = if db_ok && actors_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 

@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod debug;
 pub mod extract;
 pub mod health;
+pub mod jobs;
 pub mod problem;
 pub mod tenants;
 pub mod users;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub replay: Arc<ReplayTargets>,
     /// Prometheus exposition (`None` if the recorder could not be installed).
     pub metrics: Option<PrometheusHandle>,
+    /// The job queue (`/v1/admin/jobs`, readiness).
+    pub jobs: crate::jobs::JobClient,
 }
 
 /// The whole API.
@@ -59,6 +62,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(health::router())
         .merge(debug::router())
         .merge(admin::router())
+        .merge(jobs::router())
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -13,7 +13,10 @@
 //!   moves the job to the dead set, which is capped by count and age like Sidekiq's;
 //! - `promote_due` moves scheduled and retrying jobs whose time has come to ready.
 
+pub mod dispatch;
+pub mod kinds;
 mod redis;
+pub mod runner;
 pub mod schedule;
 mod sqlite;
 
@@ -25,7 +28,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use dispatch::jobs_for_event;
+pub use kinds::{JobFailure, JobKind, Kinds};
 pub use redis::RedisJobQueue;
+pub use runner::{JobClient, Runner, RunnerConfig};
 pub use schedule::{RetrySchedule, DEFAULT_MAX_ATTEMPTS};
 pub use sqlite::SqliteJobQueue;
 
@@ -166,6 +172,10 @@ pub type JobResult<T> = Result<T, JobError>;
 /// A durable job queue. Every method is atomic on its own.
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
+    /// `redis` or `sqlite`, for logs and `/health/ready`.
+    fn backend(&self) -> &'static str;
+    /// Answers when the backend does.
+    async fn ping(&self) -> JobResult<()>;
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued>;
     /// Leases the oldest ready job of `queue` to `worker` for `lease`.
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;

@@ -313,6 +313,15 @@ fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
 
 #[async_trait]
 impl JobQueue for RedisJobQueue {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> JobResult<()> {
+        let _: String = self.client.ping(None).await?;
+        Ok(())
+    }
+
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
         let id = Uuid::now_v7();
         let now = now_us();

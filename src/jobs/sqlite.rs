@@ -28,6 +28,16 @@ impl SqliteJobQueue {
     pub fn new(pool: SqlitePool, config: QueueConfig) -> Self {
         SqliteJobQueue { pool, config }
     }
+
+    /// Opens (and migrates) the SQLite database at `url` for jobs: the database of
+    /// record's own file in the embedded default, or `<data dir>/jobs.db` beside a
+    /// PostgreSQL database when no Redis is configured.
+    pub async fn open(url: &str, config: QueueConfig) -> JobResult<Self> {
+        use crate::store::Store;
+        let store = crate::store::SqliteStore::connect(url, 8).await.map_err(|e| JobError::Backend(e.to_string()))?;
+        store.migrate().await.map_err(|e| JobError::Backend(e.to_string()))?;
+        Ok(SqliteJobQueue { pool: store.pool().clone(), config })
+    }
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -88,6 +98,15 @@ impl TryFrom<JobRow> for Job {
 
 #[async_trait]
 impl JobQueue for SqliteJobQueue {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> JobResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
         let now = now_us();
         // A finished job past its retention no longer holds its key.

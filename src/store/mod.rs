@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::{
+    AuditEntry,
     ApiKey, DomainEvent, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Tenant, TenantPatch, User,
     UserPatch,
 };
@@ -149,6 +150,27 @@ pub trait Store: Send + Sync + 'static {
     /// row with a lower `seq` can become visible after a higher one. The relay must
     /// select `published_at IS NULL` and order by `(tenant_id, tenant_seq)`.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
+
+    /// Records an audit entry; `false` when the event already has one (a redelivery).
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<bool>;
+    async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
+    /// How many audit entries a tenant has.
+    async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;
+
+    /// Whether the email with this idempotency key was sent.
+    async fn email_sent(&self, key: &str) -> StoreResult<bool>;
+    /// Records a sent email; `false` when the key was already recorded.
+    async fn record_email(&self, email: &SentEmail) -> StoreResult<bool>;
+}
+
+/// An email that went out, by its idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentEmail {
+    pub key: String,
+    pub tenant_id: Uuid,
+    pub recipient: String,
+    pub message_id: String,
+    pub sent_at: DateTime<Utc>,
 }
 
 /// The store as the supervisors' dead-letter sink.

@@ -126,6 +126,35 @@ impl From<DeadLetterRow> for super::DeadLetter {
     }
 }
 
+#[derive(sqlx::FromRow)]
+pub(super) struct AuditRow {
+    event_id: Uuid,
+    tenant_id: Uuid,
+    event_type: String,
+    subject: String,
+    actor: Json<crate::domain::Actor>,
+    correlation_id: String,
+    at: DateTime<Utc>,
+    before: Option<Json<Value>>,
+    after: Option<Json<Value>>,
+}
+
+impl From<AuditRow> for crate::domain::AuditEntry {
+    fn from(r: AuditRow) -> Self {
+        crate::domain::AuditEntry {
+            event_id: r.event_id,
+            tenant_id: r.tenant_id,
+            event_type: r.event_type,
+            subject: r.subject,
+            actor: r.actor.0,
+            correlation_id: r.correlation_id,
+            at: r.at,
+            before: r.before.map(|j| j.0),
+            after: r.after.map(|j| j.0),
+        }
+    }
+}
+
 /// The tenant row as the lock statement returns it.
 #[derive(sqlx::FromRow)]
 pub(super) struct TenantLock {
@@ -624,6 +653,69 @@ macro_rules! sql_store_impl {
                 .fetch_all(&self.pool)
                 .await?;
                 Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn append_audit(&self, e: &$crate::domain::AuditEntry) -> $crate::store::StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO audit_log (event_id, tenant_id, event_type, subject, actor, correlation_id, at, \
+                     before, after, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(e.event_id)
+                .bind(e.tenant_id)
+                .bind(&e.event_type)
+                .bind(&e.subject)
+                .bind(sqlx::types::Json(&e.actor))
+                .bind(&e.correlation_id)
+                .bind(e.at)
+                .bind(e.before.as_ref().map(sqlx::types::Json))
+                .bind(e.after.as_ref().map(sqlx::types::Json))
+                .bind($crate::domain::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn get_audit(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::AuditEntry>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::AuditRow>(
+                    "SELECT event_id, tenant_id, event_type, subject, actor, correlation_id, at, before, after \
+                     FROM audit_log WHERE event_id = $1",
+                )
+                .bind(event_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(Into::into))
+            }
+
+            async fn count_audit(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<u64> {
+                let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE tenant_id = $1")
+                    .bind(tenant_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            }
+
+            async fn email_sent(&self, key: &str) -> $crate::store::StoreResult<bool> {
+                let row: Option<(String,)> = sqlx::query_as("SELECT key FROM email_log WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
+            async fn record_email(&self, m: &$crate::store::SentEmail) -> $crate::store::StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO email_log (key, tenant_id, recipient, message_id, sent_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(&m.key)
+                .bind(m.tenant_id)
+                .bind(&m.recipient)
+                .bind(&m.message_id)
+                .bind(m.sent_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
             }
         }
     };

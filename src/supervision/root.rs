@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! root (one_for_one, 3 restarts / 5 s)
-//! └── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
+//! ├── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
+//! └── jobs (supervisor, one_for_one; `worker` role)
+//!     ├── job-scheduler: due scheduled and retrying jobs become ready
+//!     ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
+//!     └── job-worker-1 … job-worker-N: run jobs
 //! ```
-//! Later capabilities add `pipeline`, `jobs` and `indexer` rows to [`root_children`].
+//! Later capabilities add `pipeline` and `indexer` rows to [`root_children`].
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -16,7 +20,11 @@ use super::parking::DeadLetterSink;
 use super::spec::{ChildSpec, StartCtx, StartFn, Strategy, SupervisorSpec};
 use super::supervisor::{Supervisor, SupervisorMsg};
 use super::tree::Tree;
+use crate::actors::job_worker::{JobWorker, JobWorkerArgs};
+use crate::actors::periodic::{Periodic, PeriodicArgs, Task};
 use crate::actors::tenant_registry::{RegistryArgs, RegistryMsg, TenantRegistry};
+use crate::jobs::runner::SharedRunner;
+use crate::jobs::JobState;
 use crate::store::Store;
 
 /// Where the live `tenants` registry is published for the `Tenants` handle; the start
@@ -29,6 +37,17 @@ pub struct RootDeps {
     pub store: Arc<dyn Store>,
     pub tenant_idle_timeout: Duration,
     pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// The job system, when this process has the `worker` role.
+    pub jobs: Option<JobsDeps>,
+}
+
+/// What the `jobs` subtree needs.
+#[derive(Clone)]
+pub struct JobsDeps {
+    pub runner: SharedRunner,
+    pub workers: usize,
+    /// How often the scheduler promotes due jobs.
+    pub scheduler_every: Duration,
 }
 
 /// The running tree.
@@ -42,9 +61,78 @@ pub struct RootHandle {
 
 /// The root's children, started in this order and stopped in reverse.
 pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
-    vec![ChildSpec::worker("tenants", tenants_start(deps.clone(), slot.clone()))
+    let mut children = vec![ChildSpec::worker("tenants", tenants_start(deps.clone(), slot.clone()))
         .supervisor()
-        .shutdown(Duration::from_secs(15))]
+        .shutdown(Duration::from_secs(15))];
+    if let Some(jobs) = &deps.jobs {
+        children.push(Supervisor::child(jobs_spec(jobs)).shutdown(Duration::from_secs(16)));
+    }
+    children
+}
+
+/// The `jobs` subtree: scheduler, reaper, then the workers. One-for-one: each piece
+/// recovers alone (a killed worker's job comes back through the reaper).
+pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
+    let queue = jobs.runner.client().queue.clone();
+    let scheduler: Task = {
+        let queue = queue.clone();
+        Arc::new(move || {
+            let queue = queue.clone();
+            Box::pin(async move {
+                let promoted = queue.promote_due().await.map_err(|e| e.to_string())?;
+                // Queue gauges ride along: one place polls the backend's counts.
+                for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead] {
+                    let n = queue.count(state).await.map_err(|e| e.to_string())?;
+                    metrics::gauge!("eventra_jobs", "state" => state.as_str()).set(n as f64);
+                }
+                Ok(promoted)
+            })
+        })
+    };
+    let reaper: Task = {
+        let queue = queue.clone();
+        Arc::new(move || {
+            let queue = queue.clone();
+            Box::pin(async move {
+                let n = queue.reap_expired().await.map_err(|e| e.to_string())?;
+                if n > 0 {
+                    metrics::counter!("eventra_jobs_reaped_total").increment(n);
+                    tracing::warn!(jobs = n, "reaper: leases lapsed (worker died); jobs returned to their queues");
+                }
+                Ok(n)
+            })
+        })
+    };
+    let lease = jobs.runner.config().lease;
+    let mut children = vec![
+        ChildSpec::worker("job-scheduler", periodic_start(jobs.scheduler_every, scheduler)),
+        ChildSpec::worker("job-reaper", periodic_start((lease / 4).max(Duration::from_millis(50)), reaper)),
+    ];
+    for n in 1..=jobs.workers {
+        let runner = jobs.runner.clone();
+        let start: StartFn = Arc::new(move |ctx: StartCtx| {
+            let runner = runner.clone();
+            Box::pin(async move {
+                let args = JobWorkerArgs { runner, name: ctx.name.clone() };
+                let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
+                Ok(worker.get_cell())
+            })
+        });
+        // Stop waits for the job in hand; past this, the job is left to the reaper.
+        children.push(ChildSpec::worker(format!("job-worker-{n}"), start).shutdown(Duration::from_secs(15)));
+    }
+    SupervisorSpec::new("jobs", Strategy::OneForOne, children)
+}
+
+fn periodic_start(every: Duration, task: Task) -> StartFn {
+    Arc::new(move |ctx: StartCtx| {
+        let task = task.clone();
+        Box::pin(async move {
+            let args = PeriodicArgs { name: ctx.name.clone(), every, task };
+            let (actor, _) = Actor::spawn_linked(None, Periodic, args, ctx.parent).await?;
+            Ok(actor.get_cell())
+        })
+    })
 }
 
 pub fn root_spec(deps: &RootDeps, slot: &RegistrySlot) -> SupervisorSpec {

@@ -41,6 +41,10 @@ impl TestApp {
         config.database_url = database_url.to_owned();
         // Tests run in parallel against one PostgreSQL (max_connections = 100).
         config.db_max_connections = 6;
+        // Few workers, a fast scheduler and short leases: the real code paths, quickly.
+        config.jobs.workers = 2;
+        config.jobs.poll = Duration::from_millis(20);
+        config.jobs.lease = Duration::from_millis(1500);
         tweak(&mut config);
         let config = Arc::new(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -1,0 +1,238 @@
+//! `/v1/admin/jobs`: the job system as an operator sees it (Sidekiq's web UI as an
+//! API): queues with size and latency; the scheduled, retry, dead and running sets,
+//! paged with a substring filter; and actions on one job or a whole set.
+//!
+//! | method & path | what |
+//! |---|---|
+//! | `GET /v1/admin/jobs` | counts per state and the queues |
+//! | `GET /v1/admin/jobs/queues` | every queue: `name`, `size`, `latency_ms` |
+//! | `GET /v1/admin/jobs/queues/{name}?q=&cursor=&limit=` | a queue's ready jobs, next first |
+//! | `DELETE /v1/admin/jobs/queues/{name}` | clears a queue |
+//! | `GET /v1/admin/jobs/{scheduled,retries,dead,running}?q=&cursor=&limit=` | a set, paged |
+//! | `POST /v1/admin/jobs/{retries,dead,scheduled}/retry` | retry the whole set now |
+//! | `DELETE /v1/admin/jobs/{retries,dead,scheduled}` | delete the whole set |
+//! | `GET /v1/admin/jobs/{id}` | one job |
+//! | `POST /v1/admin/jobs/{id}/retry` | run it now |
+//! | `POST /v1/admin/jobs/{id}/kill` | move it to the dead set |
+//! | `DELETE /v1/admin/jobs/{id}` | delete it |
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::extract::{ApiPath, ApiQuery, Principal};
+use super::AppState;
+use crate::domain::ValidationErrors;
+use crate::error::{Error, Result};
+use crate::jobs::{Acted, Job, JobError, JobSet, JobState};
+
+const DEFAULT_LIMIT: u32 = 25;
+const MAX_LIMIT: u32 = 200;
+
+impl From<JobError> for Error {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::NotLeased(id) => Error::Conflict(format!("job {id} is held by another worker")),
+            JobError::Backend(msg) => Error::Unavailable(format!("job queue: {msg}")),
+        }
+    }
+}
+
+/// `?q=&cursor=&limit=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuery {
+    q: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+impl SetQuery {
+    fn parse(&self) -> Result<(Option<&str>, u64, u32)> {
+        let mut errors = ValidationErrors::new();
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            errors.add("limit", format!("must be between 1 and {MAX_LIMIT}"));
+        }
+        let offset = match self.cursor.as_deref().filter(|c| !c.is_empty()) {
+            None => 0,
+            Some(c) => c.parse::<u64>().unwrap_or_else(|_| {
+                errors.add("cursor", "is not a cursor this API issued; use next_cursor from the previous page");
+                0
+            }),
+        };
+        if self.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+            errors.add("q", "must be at most 200 characters");
+        }
+        Ok(errors.into_result((self.q.as_deref(), offset, limit))?)
+    }
+}
+
+/// A set by its URL name.
+fn named_set(name: &str) -> Option<JobSet> {
+    match name {
+        "scheduled" => Some(JobSet::Scheduled),
+        "retries" => Some(JobSet::Retry),
+        "dead" => Some(JobSet::Dead),
+        "running" => Some(JobSet::Running),
+        _ => None,
+    }
+}
+
+/// A path segment is a set name or a job id.
+enum Ref {
+    Set(JobSet),
+    Job(Uuid),
+}
+
+fn parse_ref(segment: &str) -> Result<Ref> {
+    if let Some(set) = named_set(segment) {
+        return Ok(Ref::Set(set));
+    }
+    segment.parse::<Uuid>().map(Ref::Job).map_err(|_| {
+        Error::BadRequest(format!(
+            "'{segment}' is neither a job set (scheduled, retries, dead, running) nor a job id (UUID)"
+        ))
+    })
+}
+
+fn job_json(job: &Job) -> Value {
+    let mut v = json!(job);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("lease");
+        o.insert("attempts".into(), json!(job.failures));
+    }
+    v
+}
+
+async fn page(s: &AppState, set: &JobSet, q: &SetQuery) -> Result<Response> {
+    let (filter, offset, limit) = q.parse()?;
+    let list = s.jobs.queue.list(set, filter, offset, limit).await?;
+    let items: Vec<Value> = list.items.iter().map(job_json).collect();
+    Ok(Json(json!({ "items": items, "next_cursor": list.next_offset.map(|o| o.to_string()) })).into_response())
+}
+
+fn queue_json(q: &crate::jobs::QueueStats) -> Value {
+    json!({ "name": q.name, "size": q.size, "latency_ms": q.latency.as_millis() as u64 })
+}
+
+/// `GET /v1/admin/jobs`.
+async fn summary(State(s): State<AppState>, principal: Principal) -> Result<Response> {
+    principal.require_platform_admin()?;
+    let mut counts = serde_json::Map::new();
+    for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead, JobState::Done]
+    {
+        counts.insert(state.as_str().into(), json!(s.jobs.queue.count(state).await?));
+    }
+    let queues: Vec<Value> = s.jobs.queue.queues().await?.iter().map(queue_json).collect();
+    Ok(Json(json!({ "backend": s.jobs.queue.backend(), "counts": counts, "queues": queues })).into_response())
+}
+
+/// `GET /v1/admin/jobs/queues`.
+async fn queues(State(s): State<AppState>, principal: Principal) -> Result<Response> {
+    principal.require_platform_admin()?;
+    let items: Vec<Value> = s.jobs.queue.queues().await?.iter().map(queue_json).collect();
+    Ok(Json(json!({ "items": items, "next_cursor": null })).into_response())
+}
+
+/// `GET /v1/admin/jobs/queues/{name}`.
+async fn queue_jobs(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<SetQuery>,
+) -> Result<Response> {
+    principal.require_platform_admin()?;
+    page(&s, &JobSet::Queue(name), &q).await
+}
+
+/// `DELETE /v1/admin/jobs/queues/{name}`.
+async fn clear_queue(State(s): State<AppState>, principal: Principal, ApiPath(name): ApiPath<String>) -> Result<Response> {
+    principal.require_platform_admin()?;
+    let n = s.jobs.queue.delete_all(&JobSet::Queue(name.clone())).await?;
+    tracing::warn!(queue = %name, deleted = n, "operator cleared a job queue");
+    Ok(Json(json!({ "deleted": n })).into_response())
+}
+
+/// `GET /v1/admin/jobs/{set or id}`.
+async fn show(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiPath(segment): ApiPath<String>,
+    ApiQuery(q): ApiQuery<SetQuery>,
+) -> Result<Response> {
+    principal.require_platform_admin()?;
+    match parse_ref(&segment)? {
+        Ref::Set(set) => page(&s, &set, &q).await,
+        Ref::Job(id) => {
+            let job = s.jobs.queue.get(id).await?.ok_or(Error::NotFound("job"))?;
+            Ok(Json(job_json(&job)).into_response())
+        }
+    }
+}
+
+fn acted(id: Uuid, what: &str, outcome: Acted) -> Result<Response> {
+    match outcome {
+        Acted::Done => {
+            tracing::info!(job_id = %id, action = what, "operator action on a job");
+            Ok(Json(json!({ "id": id, "action": what })).into_response())
+        }
+        Acted::NotFound => Err(Error::NotFound("job")),
+        Acted::Refused(state) => Err(Error::Conflict(format!("job {id} is {}; it cannot be {what}", state.as_str()))),
+    }
+}
+
+/// `DELETE /v1/admin/jobs/{set or id}`.
+async fn remove(State(s): State<AppState>, principal: Principal, ApiPath(segment): ApiPath<String>) -> Result<Response> {
+    principal.require_platform_admin()?;
+    match parse_ref(&segment)? {
+        Ref::Set(JobSet::Running) => {
+            Err(Error::Conflict("running jobs cannot be deleted; they finish or are reaped".into()))
+        }
+        Ref::Set(set) => {
+            let n = s.jobs.queue.delete_all(&set).await?;
+            tracing::warn!(set = %segment, deleted = n, "operator deleted a job set");
+            Ok(Json(json!({ "deleted": n })).into_response())
+        }
+        Ref::Job(id) => acted(id, "deleted", s.jobs.queue.delete(id).await?),
+    }
+}
+
+/// `POST /v1/admin/jobs/{set or id}/retry`.
+async fn retry(State(s): State<AppState>, principal: Principal, ApiPath(segment): ApiPath<String>) -> Result<Response> {
+    principal.require_platform_admin()?;
+    match parse_ref(&segment)? {
+        Ref::Set(JobSet::Running) => Err(Error::Conflict("running jobs are already running".into())),
+        Ref::Set(set) => {
+            let n = s.jobs.queue.retry_all(&set).await?;
+            s.jobs.wake_all();
+            tracing::info!(set = %segment, retried = n, "operator retried a job set");
+            Ok(Json(json!({ "retried": n })).into_response())
+        }
+        Ref::Job(id) => {
+            let outcome = s.jobs.queue.retry_now(id).await?;
+            s.jobs.wake_all();
+            acted(id, "retried", outcome)
+        }
+    }
+}
+
+/// `POST /v1/admin/jobs/{id}/kill`.
+async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<Uuid>) -> Result<Response> {
+    principal.require_platform_admin()?;
+    acted(id, "killed", s.jobs.queue.kill(id).await?)
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/jobs", get(summary))
+        .route("/v1/admin/jobs/queues", get(queues))
+        .route("/v1/admin/jobs/queues/{name}", get(queue_jobs).delete(clear_queue))
+        .route("/v1/admin/jobs/{segment}", get(show).delete(remove))
+        .route("/v1/admin/jobs/{segment}/retry", post(retry))
+        .route("/v1/admin/jobs/{segment}/kill", post(kill))
+}

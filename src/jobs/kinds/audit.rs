@@ -1,0 +1,38 @@
+//! `audit`: writes the audit entry of one domain event (the job's args are the event).
+//! Idempotent by event id: a redelivered event finds its entry already there.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{JobFailure, JobKind};
+use crate::domain::{AuditEntry, DomainEvent};
+use crate::jobs::Job;
+use crate::store::Store;
+
+pub struct Audit {
+    store: Arc<dyn Store>,
+}
+
+impl Audit {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Audit { store }
+    }
+}
+
+#[async_trait]
+impl JobKind for Audit {
+    fn name(&self) -> &'static str {
+        "audit"
+    }
+
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        let event: DomainEvent = serde_json::from_value(job.args.clone())
+            .map_err(|e| JobFailure::new(format!("args are not a domain event: {e}")))?;
+        let new = self.store.append_audit(&AuditEntry::from_event(&event)).await.map_err(JobFailure::new)?;
+        if !new {
+            tracing::debug!(event_id = %event.id, "audit entry already recorded");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! Job kinds: what a job of each `kind` does. A kind is a [`JobKind`]; [`Kinds`] maps
+//! names to them for the workers. Every handler is idempotent, because a job runs at
+//! least once (a worker may die after the effect and before the ack).
+
+mod audit;
+mod noop;
+pub mod welcome_email;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use audit::Audit;
+pub use noop::Noop;
+pub use welcome_email::WelcomeEmail;
+
+use super::{Job, DEFAULT_MAX_ATTEMPTS};
+use crate::mail::Mailer;
+use crate::store::Store;
+
+/// Why a run failed: stored as the job's `last_error`, then retried or buried.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct JobFailure(pub String);
+
+impl JobFailure {
+    pub fn new(msg: impl std::fmt::Display) -> Self {
+        JobFailure(msg.to_string())
+    }
+}
+
+#[async_trait]
+pub trait JobKind: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Attempts before the dead set (Sidekiq's 25 unless a kind says otherwise).
+    fn max_attempts(&self) -> u32 {
+        DEFAULT_MAX_ATTEMPTS
+    }
+    async fn run(&self, job: &Job) -> Result<(), JobFailure>;
+}
+
+/// The kinds a worker pool can run, by name.
+#[derive(Clone, Default)]
+pub struct Kinds(HashMap<String, Arc<dyn JobKind>>);
+
+impl Kinds {
+    /// Eventra's own kinds: `noop`, `audit` and `welcome_email`.
+    pub fn standard(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>, mail_from: String) -> Self {
+        Kinds::default()
+            .with(Arc::new(Noop))
+            .with(Arc::new(Audit::new(store.clone())))
+            .with(Arc::new(WelcomeEmail::new(store, mailer, mail_from)))
+    }
+
+    /// Adds (or replaces) a kind.
+    pub fn with(mut self, kind: Arc<dyn JobKind>) -> Self {
+        self.0.insert(kind.name().to_owned(), kind);
+        self
+    }
+
+    /// Adds every kind of `other` (replacing same-named ones).
+    pub fn with_all(mut self, other: Kinds) -> Self {
+        self.0.extend(other.0);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn JobKind>> {
+        self.0.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.0.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
