@@ -52,7 +52,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 /// PostgreSQL: a per-host queue, fine for one process; scale-out wants Redis).
 pub async fn open_job_queue(config: &Config) -> Result<Arc<dyn JobQueue>, StartupError> {
     let queue_config = QueueConfig {
-        schedule: RetrySchedule { time_scale: config.jobs.time_scale, jitter: true },
+        schedule: RetrySchedule { time_scale: config.jobs.time_scale, jitter: config.jobs.jitter },
         ..QueueConfig::default()
     };
     let backend = |e: JobError| StartupError::Backend(format!("job queue: {e}"));
@@ -108,7 +108,11 @@ pub async fn run_with(
         workers: config.jobs.workers,
         scheduler_every: config.jobs.poll,
     });
-    tracing::info!(mail = mailer.kind(), workers = job_deps.as_ref().map_or(0, |j| j.workers), "job workers configured");
+    tracing::info!(
+        mail = mailer.kind(),
+        workers = job_deps.as_ref().map_or(0, |j| j.workers),
+        "job workers configured"
+    );
 
     let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
     let deps = RootDeps {

@@ -72,6 +72,9 @@ pub struct JobArgs {
     /// Divides every retry delay (tests run the real schedule fast with e.g. 100).
     #[arg(long, env = "EVENTRA_JOB_TIME_SCALE", default_value_t = 1.0)]
     pub job_time_scale: f64,
+    /// `0` turns off the random part of retry delays (tests that check exact delays).
+    #[arg(long, env = "EVENTRA_JOB_JITTER", default_value = "1", value_parser = parse_flag)]
+    pub job_jitter: bool,
     /// Sender of Eventra's emails.
     #[arg(long, env = "EVENTRA_MAIL_FROM", default_value = "Eventra <no-reply@eventra.invalid>")]
     pub mail_from: String,
@@ -85,6 +88,7 @@ pub struct JobsConfig {
     pub lease: std::time::Duration,
     pub poll: std::time::Duration,
     pub time_scale: f64,
+    pub jitter: bool,
     pub mail_from: String,
 }
 
@@ -96,6 +100,7 @@ impl Default for JobsConfig {
             lease: std::time::Duration::from_secs(30),
             poll: std::time::Duration::from_secs(1),
             time_scale: 1.0,
+            jitter: true,
             mail_from: "Eventra <no-reply@eventra.invalid>".into(),
         }
     }
@@ -124,6 +129,7 @@ impl JobArgs {
             lease: std::time::Duration::from_millis(self.job_lease_ms),
             poll: std::time::Duration::from_millis(self.job_poll_ms.clamp(10, 60_000)),
             time_scale: self.job_time_scale,
+            jitter: self.job_jitter,
             mail_from: self.mail_from,
         })
     }

@@ -124,7 +124,8 @@ fn queue_json(q: &crate::jobs::QueueStats) -> Value {
 async fn summary(State(s): State<AppState>, principal: Principal) -> Result<Response> {
     principal.require_platform_admin()?;
     let mut counts = serde_json::Map::new();
-    for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead, JobState::Done]
+    for state in
+        [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead, JobState::Done]
     {
         counts.insert(state.as_str().into(), json!(s.jobs.queue.count(state).await?));
     }
@@ -151,7 +152,11 @@ async fn queue_jobs(
 }
 
 /// `DELETE /v1/admin/jobs/queues/{name}`.
-async fn clear_queue(State(s): State<AppState>, principal: Principal, ApiPath(name): ApiPath<String>) -> Result<Response> {
+async fn clear_queue(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response> {
     principal.require_platform_admin()?;
     let n = s.jobs.queue.delete_all(&JobSet::Queue(name.clone())).await?;
     tracing::warn!(queue = %name, deleted = n, "operator cleared a job queue");
@@ -187,7 +192,11 @@ fn acted(id: Uuid, what: &str, outcome: Acted) -> Result<Response> {
 }
 
 /// `DELETE /v1/admin/jobs/{set or id}`.
-async fn remove(State(s): State<AppState>, principal: Principal, ApiPath(segment): ApiPath<String>) -> Result<Response> {
+async fn remove(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiPath(segment): ApiPath<String>,
+) -> Result<Response> {
     principal.require_platform_admin()?;
     match parse_ref(&segment)? {
         Ref::Set(JobSet::Running) => {

@@ -112,6 +112,8 @@ pub struct Job {
     /// The current lease, while running: what `heartbeat`/`ack`/`fail` must present.
     pub lease: Option<Uuid>,
     pub last_error: Option<String>,
+    /// When the last failure happened (`run_at - failed_at` is the retry delay).
+    pub failed_at: Option<DateTime<Utc>>,
 }
 
 /// What `enqueue` did.

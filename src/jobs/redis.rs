@@ -125,7 +125,7 @@ if failures ~= tonumber(ARGV[6]) then return -1 end
 local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts'))
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us', 'lease')
-redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3])
+redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', ARGV[4])
 if failures < max then
   redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
@@ -308,6 +308,7 @@ fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
         worker: fields.get("worker").cloned(),
         lease: fields.get("lease").and_then(|l| l.parse().ok()),
         last_error: fields.get("last_error").cloned(),
+        failed_at: fields.get("failed_at_us").and_then(|v| v.parse().ok()).map(at),
     })
 }
 

@@ -145,7 +145,9 @@ impl Runner {
             Err(JobError::NotLeased(_)) => {
                 tracing::warn!("lease lost before the job settled; it runs again elsewhere (handlers are idempotent)")
             }
-            Err(e) => tracing::warn!(error = %e, "could not settle the job; the reaper returns it when its lease lapses"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not settle the job; the reaper returns it when its lease lapses")
+            }
         }
     }
 

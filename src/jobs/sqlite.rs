@@ -71,6 +71,7 @@ struct JobRow {
     worker: Option<String>,
     lease_id: Option<Uuid>,
     last_error: Option<String>,
+    failed_at_us: Option<i64>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -92,6 +93,7 @@ impl TryFrom<JobRow> for Job {
             worker: r.worker,
             lease: r.lease_id,
             last_error: r.last_error,
+            failed_at: r.failed_at_us.map(from_us),
         })
     }
 }
@@ -210,7 +212,7 @@ impl JobQueue for SqliteJobQueue {
         let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
         let done = sqlx::query(
             "UPDATE jobs SET failures = $3, last_error = $4, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
-             state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \
+             failed_at_us = $7, state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \
              finished_at_us = CASE WHEN $5 = 'dead' THEN $7 ELSE finished_at_us END \
              WHERE id = $1 AND lease_id = $2 AND state = 'running' AND failures = $3 - 1",
         )

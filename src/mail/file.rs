@@ -19,10 +19,8 @@ impl FileMailer {
 
     /// The file a message id is written to (unsafe characters replaced).
     pub fn path_of(&self, message_id: &str) -> PathBuf {
-        let name: String = message_id
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' })
-            .collect();
+        let name: String =
+            message_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' }).collect();
         self.dir.join(format!("{name}.eml"))
     }
 }

@@ -16,9 +16,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::{
-    AuditEntry,
-    ApiKey, DomainEvent, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Tenant, TenantPatch, User,
-    UserPatch,
+    ApiKey, AuditEntry, DomainEvent, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Tenant,
+    TenantPatch, User, UserPatch,
 };
 
 pub use crate::supervision::parking::DeadLetter;

@@ -81,7 +81,8 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
             Box::pin(async move {
                 let promoted = queue.promote_due().await.map_err(|e| e.to_string())?;
                 // Queue gauges ride along: one place polls the backend's counts.
-                for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead] {
+                for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead]
+                {
                     let n = queue.count(state).await.map_err(|e| e.to_string())?;
                     metrics::gauge!("eventra_jobs", "state" => state.as_str()).set(n as f64);
                 }

@@ -131,6 +131,8 @@ pub async fn failures_retry_at_growing_delays_then_die(make: Make) {
         let stored = q.get(id).await.unwrap().unwrap();
         assert_eq!((stored.state, stored.failures, stored.run_at), (JobState::Retry, attempt, at));
         assert_eq!(stored.last_error.as_deref(), Some(format!("boom {attempt}").as_str()));
+        let failed_at = stored.failed_at.expect("a failed job records when");
+        assert!(before <= failed_at && failed_at <= after, "{before} <= {failed_at} <= {after}");
         assert!(q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().is_none(), "not ready before its time");
         promoted(&q, "the retry to come due").await;
         assert!(chrono::Utc::now() >= at, "promoted no earlier than its retry time");
@@ -347,20 +349,7 @@ macro_rules! conformance {
 
             impl Drop for Namespace {
                 fn drop(&mut self) {
-                    let (url, pattern) = (self.url.clone(), format!("{}:*", self.ns));
-                    let _ = std::thread::spawn(move || {
-                        use fred::prelude::*;
-                        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-                        rt.block_on(async {
-                            let Ok(config) = Config::from_url(&url) else { return };
-                            let Ok(client) = Builder::from_config(config).build() else { return };
-                            if client.init().await.is_ok() {
-                                let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
-                                let _: Result<i64, _> = client.eval(script, Vec::<String>::new(), vec![pattern]).await;
-                            }
-                        });
-                    })
-                    .join();
+                    crate::utils::delete_redis_namespace(&self.url, &self.ns);
                 }
             }
 

@@ -9,6 +9,8 @@ mod binary;
 mod concurrency;
 mod http_api;
 mod job_queue_conformance;
+mod jobs;
+mod mailer_conformance;
 mod store_conformance;
 mod supervision;
 mod utils;

@@ -254,6 +254,33 @@ pub async fn tenants_cannot_touch_each_other(s: Arc<dyn Store>) {
 }
 
 /// Instantiates every conformance function once per backend.
+pub async fn audit_and_email_logs_are_idempotent(s: Arc<dyn Store>) {
+    let t = tenant(&s, "audit", 0).await;
+    let before = outbox(&s).await.len();
+    s.create_user(&new_user(t.id, "a@x.io"), None, &ctx()).await.unwrap();
+    let events = expect_events(&s, 1, before).await;
+    let event = events[0].event.clone();
+    let entry = eventra::domain::AuditEntry::from_event(&event);
+    assert!(s.append_audit(&entry).await.unwrap(), "first write");
+    assert!(!s.append_audit(&entry).await.unwrap(), "a redelivery writes nothing");
+    assert_eq!(s.get_audit(event.id).await.unwrap(), Some(entry.clone()), "reads back as written");
+    assert_eq!(s.count_audit(t.id).await.unwrap(), 1);
+    assert_eq!(s.count_audit(Uuid::now_v7()).await.unwrap(), 0);
+    assert_eq!(s.get_audit(Uuid::now_v7()).await.unwrap(), None);
+
+    let sent = eventra::store::SentEmail {
+        key: format!("welcome:{}", entry.subject),
+        tenant_id: t.id,
+        recipient: "a@x.io".into(),
+        message_id: "m@eventra".into(),
+        sent_at: eventra::domain::now(),
+    };
+    assert!(!s.email_sent(&sent.key).await.unwrap());
+    assert!(s.record_email(&sent).await.unwrap());
+    assert!(!s.record_email(&sent).await.unwrap(), "one record per key");
+    assert!(s.email_sent(&sent.key).await.unwrap());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -285,4 +312,5 @@ conformance!(
     idempotency_records_can_be_purged,
     lists_page_by_cursor_within_a_tenant,
     tenants_cannot_touch_each_other,
+    audit_and_email_logs_are_idempotent,
 );

@@ -36,6 +36,15 @@ impl TestApp {
     }
 
     pub async fn start_with(database_url: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_kinds(database_url, eventra::jobs::Kinds::default(), tweak).await
+    }
+
+    /// [`start_with`](Self::start_with), with extra job kinds beside the standard ones.
+    pub async fn start_with_kinds(
+        database_url: &str,
+        kinds: eventra::jobs::Kinds,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::embedded(dir.path(), ADMIN_TOKEN);
         config.database_url = database_url.to_owned();
@@ -50,9 +59,14 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(eventra::app::run(config.clone(), listener, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(eventra::app::run_with(
+            config.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            kinds,
+        ));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let app = TestApp { base, client, config, stop: Some(stop), task: Some(task), _data_dir: dir };
         let url = format!("{}/health/live", app.base);

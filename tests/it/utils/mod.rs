@@ -53,3 +53,22 @@ pub fn service_url(var: &str, test: &str) -> Option<String> {
 pub async fn outbox_count(store: &dyn Store, kind: EventType) -> usize {
     store.outbox_after(0, 100_000).await.expect("read the outbox").iter().filter(|r| r.event.event_type == kind).count()
 }
+
+/// Deletes every Redis key under `namespace` (a test's unique prefix). Runs on its own
+/// thread and runtime so it can be called from `Drop`.
+pub fn delete_redis_namespace(url: &str, namespace: &str) {
+    let (url, pattern) = (url.to_owned(), format!("{namespace}:*"));
+    let _ = std::thread::spawn(move || {
+        use fred::prelude::*;
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            let Ok(config) = Config::from_url(&url) else { return };
+            let Ok(client) = Builder::from_config(config).build() else { return };
+            if client.init().await.is_ok() {
+                let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
+                let _: Result<i64, _> = client.eval(script, Vec::<String>::new(), vec![pattern]).await;
+            }
+        });
+    })
+    .join();
+}

@@ -1,0 +1,344 @@
+//! The job system end to end, through a running server: workers killed mid-job,
+//! retries and the dead set as the admin API shows them, and one welcome email per
+//! user however often its event arrives. Each runs on the embedded SQLite queue and,
+//! when `REDIS_URL` is set (as in CI), on Redis.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use eventra::config::Config;
+use eventra::domain::{DomainEvent, EventType};
+use eventra::jobs::{Enqueued, Job, JobFailure, JobKind, JobQueue, Kinds, NewJob, QueueConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::mailer_conformance::smtp_server;
+use crate::utils::app::ADMIN_TOKEN;
+use crate::utils::{wait_for, TestApp, TestDb};
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Sqlite,
+    Redis,
+}
+
+/// A server on a fresh SQLite database whose jobs live in `backend`, and the same queue
+/// as the test sees it (to enqueue as a broker consumer would).
+struct Setup {
+    app: TestApp,
+    queue: Arc<dyn JobQueue>,
+    _db: TestDb,
+    _redis: Option<RedisNamespace>,
+}
+
+/// Deletes the test's Redis keys when the test ends.
+struct RedisNamespace(String, String);
+
+impl Drop for RedisNamespace {
+    fn drop(&mut self) {
+        crate::utils::delete_redis_namespace(&self.0, &self.1);
+    }
+}
+
+async fn setup(backend: Backend, test: &str, kinds: Kinds, tweak: impl FnOnce(&mut Config)) -> Option<Setup> {
+    let db = TestDb::sqlite();
+    let redis = match backend {
+        Backend::Sqlite => None,
+        Backend::Redis => Some(crate::utils::service_url("REDIS_URL", test)?),
+    };
+    let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
+    let app = TestApp::start_with_kinds(db.url(), kinds, |c| {
+        c.redis_url = redis.clone();
+        c.namespace = ns.clone();
+        tweak(c);
+    })
+    .await;
+    let config = QueueConfig::default();
+    let queue: Arc<dyn JobQueue> = match &redis {
+        Some(url) => Arc::new(eventra::jobs::RedisJobQueue::connect(url, &ns, config).await.expect("redis")),
+        None => Arc::new(eventra::jobs::SqliteJobQueue::open(db.url(), config).await.expect("sqlite queue")),
+    };
+    Some(Setup { app, queue, _db: db, _redis: redis.map(|url| RedisNamespace(url, ns)) })
+}
+
+async fn enqueue(q: &Arc<dyn JobQueue>, job: NewJob) -> Uuid {
+    match q.enqueue(job).await.expect("enqueue") {
+        Enqueued::New(id) => id,
+        Enqueued::Duplicate(id) => panic!("duplicate {id}"),
+    }
+}
+
+async fn admin_job(app: &TestApp, id: Uuid) -> Value {
+    let res = app.get(&format!("/v1/admin/jobs/{id}"), ADMIN_TOKEN).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json().await.expect("json")
+}
+
+async fn job_in_state(app: &TestApp, id: Uuid, state: &str, within: Duration) -> Value {
+    wait_for(&format!("job {id} to be {state}"), within, || async move {
+        Some(admin_job(app, id).await).filter(|j| j["state"] == state)
+    })
+    .await
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+/// The first run hangs (until its worker is killed); later runs do the effect.
+#[derive(Default)]
+struct HangsOnce {
+    runs: AtomicU32,
+    effects: Mutex<HashMap<String, u32>>,
+}
+
+#[async_trait]
+impl JobKind for HangsOnce {
+    fn name(&self) -> &'static str {
+        "test_hangs_once"
+    }
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::future::pending::<()>().await;
+        }
+        *self.effects.lock().unwrap().entry(job.idempotency_key.clone()).or_default() += 1;
+        Ok(())
+    }
+}
+
+async fn worker_killed_mid_job(backend: Backend, test: &str) {
+    let kind = Arc::new(HangsOnce::default());
+    let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), |c| c.chaos = true).await else { return };
+    let id = enqueue(&s.queue, NewJob::new("test_hangs_once", "hang:1", json!({}))).await;
+    let running = job_in_state(&s.app, id, "running", Duration::from_secs(10)).await;
+    wait_for("the first run to start", Duration::from_secs(10), || async {
+        (kind.runs.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let worker = running["worker"].as_str().expect("a running job names its worker").to_owned();
+    assert!(worker.starts_with("job-worker-"), "{worker}");
+
+    let res = s.app.post(&format!("/debug/actors/{worker}/kill"), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    // The lease (1.5 s in tests) lapses, the reaper puts the job back, a worker runs it.
+    let done = job_in_state(&s.app, id, "done", Duration::from_secs(20)).await;
+    assert_eq!(kind.runs.load(Ordering::SeqCst), 2, "ran again after the kill");
+    assert_eq!(kind.effects.lock().unwrap().get("hang:1"), Some(&1), "its effect once");
+    assert_eq!(done["attempts"], 0, "a killed worker is not a failed attempt");
+    let tree: Value = s.app.get("/debug/actors", ADMIN_TOKEN).await.json().await.unwrap();
+    let node = find(&tree, &worker).expect("the worker is back in the tree");
+    assert_eq!((node["status"].as_str(), node["restarts"].as_u64()), (Some("running"), Some(1)));
+    s.app.stop().await;
+}
+
+fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
+    if node["name"] == name {
+        return Some(node);
+    }
+    node["children"].as_array()?.iter().find_map(|c| find(c, name))
+}
+
+/// Fails while `broken`, or for its first `fail_first` runs.
+struct Flaky {
+    name: &'static str,
+    fail_first: u32,
+    broken: AtomicBool,
+    max_attempts: u32,
+    runs: AtomicU32,
+}
+
+impl Flaky {
+    fn new(name: &'static str, fail_first: u32, broken: bool, max_attempts: u32) -> Arc<Self> {
+        Arc::new(Flaky { name, fail_first, broken: AtomicBool::new(broken), max_attempts, runs: AtomicU32::new(0) })
+    }
+}
+
+#[async_trait]
+impl JobKind for Flaky {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+    async fn run(&self, _job: &Job) -> Result<(), JobFailure> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if n <= self.fail_first || self.broken.load(Ordering::SeqCst) {
+            return Err(JobFailure::new(format!("run {n} failed on purpose")));
+        }
+        Ok(())
+    }
+}
+
+/// Sidekiq's schedule ÷ 10, without jitter: retry 1 after 1.5 s, retry 2 after 1.6 s.
+fn tenfold(c: &mut Config) {
+    c.jobs.time_scale = 10.0;
+    c.jobs.jitter = false;
+}
+
+async fn retries_show_in_the_admin_api(backend: Backend, test: &str) {
+    let kind_name = match backend {
+        Backend::Sqlite => "test_flaky_sqlite",
+        Backend::Redis => "test_flaky_redis",
+    };
+    let kind = Flaky::new(kind_name, 2, false, 25);
+    let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), tenfold).await else { return };
+    let id = enqueue(&s.queue, NewJob::new(kind_name, "flaky:1", json!({"n": 1}))).await;
+
+    // Watch the retry set: each failure shows with its attempt count and next run.
+    let mut seen: Vec<(u64, i64)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page: Value =
+            s.app.get(&format!("/v1/admin/jobs/retries?q={id}"), ADMIN_TOKEN).await.json().await.expect("json");
+        if let Some(j) = page["items"].as_array().and_then(|items| items.first()) {
+            let attempts = j["attempts"].as_u64().unwrap_or(0);
+            let delay = (time(&j["run_at"]) - time(&j["failed_at"])).num_milliseconds();
+            if seen.last().map(|l| l.0) != Some(attempts) {
+                seen.push((attempts, delay));
+            }
+        }
+        if admin_job(&s.app, id).await["state"] == "done" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for two retries then success: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, [(1, 1500), (2, 1600)], "two retries at Sidekiq's growing delays (÷10)");
+    let done = admin_job(&s.app, id).await;
+    assert_eq!((done["attempts"].as_u64(), done["last_error"].as_str()), (Some(2), Some("run 2 failed on purpose")));
+    assert_eq!(kind.runs.load(Ordering::SeqCst), 3);
+    let metrics = s.app.client.get(format!("{}/metrics", s.app.base)).send().await.unwrap().text().await.unwrap();
+    for (name, n) in [("retried", 2), ("succeeded", 1), ("started", 3)] {
+        let line = format!("eventra_jobs_{name}_total{{kind=\"{kind_name}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?}");
+    }
+    s.app.stop().await;
+}
+
+async fn dead_jobs_retry_now(backend: Backend, test: &str) {
+    let kind = Flaky::new("test_broken", 0, true, 2);
+    let tweak = |c: &mut Config| {
+        c.jobs.time_scale = 100.0;
+        c.jobs.jitter = false;
+    };
+    let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), tweak).await else { return };
+    let job = NewJob { max_attempts: kind.max_attempts, ..NewJob::new("test_broken", "broken:1", json!({})) };
+    let id = enqueue(&s.queue, job).await;
+    job_in_state(&s.app, id, "dead", Duration::from_secs(20)).await;
+    assert_eq!(kind.runs.load(Ordering::SeqCst), 2, "two attempts, then the dead set");
+    let dead: Value = s.app.get("/v1/admin/jobs/dead?q=broken:1", ADMIN_TOKEN).await.json().await.unwrap();
+    assert_eq!(dead["items"][0]["id"], id.to_string(), "{dead}");
+    assert_eq!(dead["items"][0]["last_error"], "run 2 failed on purpose");
+
+    kind.broken.store(false, Ordering::SeqCst);
+    let res = s.app.post(&format!("/v1/admin/jobs/{id}/retry"), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    job_in_state(&s.app, id, "done", Duration::from_secs(20)).await;
+    assert_eq!(kind.runs.load(Ordering::SeqCst), 3, "retry now ran it again");
+    // A done job refuses the actions; unknown ids are 404; bad segments are 400.
+    let res = s.app.post(&format!("/v1/admin/jobs/{id}/kill"), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    let res = s.app.post(&format!("/v1/admin/jobs/{}/retry", Uuid::now_v7()), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = s.app.get("/v1/admin/jobs/graveyard", ADMIN_TOKEN).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = s.app.get("/v1/admin/jobs/dead?cursor=abc", ADMIN_TOKEN).await;
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    s.app.stop().await;
+}
+
+/// Creates a user through the API and returns its `user.created` event.
+async fn user_created_event(s: &Setup, email: &str) -> DomainEvent {
+    let t = s.app.tenant("mail", 0).await;
+    let user = s.app.user(&t, email).await;
+    let store = eventra::store::connect(&s.app.config.database_url, 2).await.unwrap();
+    let rows = store.outbox_after(0, 1000).await.unwrap();
+    rows.into_iter()
+        .map(|r| r.event)
+        .find(|e| e.event_type == EventType::UserCreated && e.subject == user["id"].as_str().unwrap())
+        .expect("the user.created event")
+}
+
+/// The same event delivered three times, and a later welcome job for the same user
+/// under another key: exactly one email.
+async fn one_welcome_email(s: &Setup, inbox: impl Fn() -> Vec<String>) {
+    let event = user_created_event(s, "welcome@example.com").await;
+    let mut new = 0;
+    for _ in 0..3 {
+        for job in eventra::jobs::jobs_for_event(&event) {
+            if let Enqueued::New(_) = s.queue.enqueue(job).await.unwrap() {
+                new += 1;
+            }
+        }
+    }
+    assert_eq!(new, 2, "one audit and one welcome job, however often the event arrives");
+    let store = eventra::store::connect(&s.app.config.database_url, 2).await.unwrap();
+    wait_for("the welcome email", Duration::from_secs(20), || async { (!inbox().is_empty()).then_some(()) }).await;
+    let key = format!("welcome:{}", event.subject);
+    wait_for("the email to be recorded", Duration::from_secs(20), || async {
+        store.email_sent(&key).await.unwrap().then_some(())
+    })
+    .await;
+    // Past the key's retention (or an operator re-enqueueing): the email log still holds.
+    let mut again = eventra::jobs::jobs_for_event(&event).pop().unwrap();
+    again.idempotency_key.push_str(":later");
+    let id = enqueue(&s.queue, again).await;
+    job_in_state(&s.app, id, "done", Duration::from_secs(20)).await;
+    let mail = inbox();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    assert!(
+        mail[0].contains("To: welcome@example.com") && mail[0].contains(&format!("welcome.{}@eventra", event.subject))
+    );
+    wait_for("the audit entry", Duration::from_secs(20), || async {
+        store.get_audit(event.id).await.unwrap().filter(|a| a.event_type == "user.created")
+    })
+    .await;
+    assert_eq!(store.count_audit(event.tenantid).await.unwrap(), 1);
+}
+
+async fn welcome_email_over_smtp(backend: Backend, test: &str) {
+    let (url, kept) = smtp_server::start();
+    let Some(s) = setup(backend, test, Kinds::default(), |c| c.smtp_url = Some(url.clone())).await else { return };
+    one_welcome_email(&s, || kept.lock().unwrap().clone()).await;
+    s.app.stop().await;
+}
+
+async fn welcome_email_to_files(backend: Backend, test: &str) {
+    let Some(s) = setup(backend, test, Kinds::default(), |_| {}).await else { return };
+    let dir = s.app.config.data_dir.join("mail");
+    let inbox = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .map(|d| d.flatten().filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect())
+            .unwrap_or_default()
+    };
+    one_welcome_email(&s, inbox).await;
+    s.app.stop().await;
+}
+
+macro_rules! on_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::Sqlite, concat!("jobs::sqlite::", stringify!($name))).await; } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::Redis, concat!("jobs::redis::", stringify!($name))).await; } )*
+        }
+    };
+}
+
+on_each_backend!(
+    worker_killed_mid_job,
+    retries_show_in_the_admin_api,
+    dead_jobs_retry_now,
+    welcome_email_over_smtp,
+    welcome_email_to_files,
+);
