@@ -75,6 +75,8 @@ fn runner_config(config: &Config) -> RunnerConfig {
         lease: config.jobs.lease,
         timeout: config.jobs.timeout,
         idle_poll: config.jobs.poll.min(Duration::from_millis(200)),
+        batch: config.jobs.batch,
+        workers: u32::try_from(config.jobs.workers).unwrap_or(u32::MAX),
     }
 }
 

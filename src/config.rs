@@ -72,6 +72,10 @@ pub struct JobArgs {
     /// Divides every retry delay (tests run the real schedule fast with e.g. 100).
     #[arg(long, env = "EVENTRA_JOB_TIME_SCALE", default_value_t = 1.0)]
     pub job_time_scale: f64,
+    /// Most jobs a worker leases at once (never more than its fair share of the
+    /// queue); 1 turns batching off.
+    #[arg(long, env = "EVENTRA_JOB_BATCH", default_value_t = 10)]
+    pub job_batch: u32,
     /// `0` turns off the random part of retry delays (tests that check exact delays).
     #[arg(long, env = "EVENTRA_JOB_JITTER", default_value = "1", value_parser = parse_flag)]
     pub job_jitter: bool,
@@ -89,6 +93,7 @@ pub struct JobsConfig {
     pub poll: std::time::Duration,
     pub time_scale: f64,
     pub jitter: bool,
+    pub batch: u32,
     pub mail_from: String,
 }
 
@@ -101,6 +106,7 @@ impl Default for JobsConfig {
             poll: std::time::Duration::from_secs(1),
             time_scale: 1.0,
             jitter: true,
+            batch: 10,
             mail_from: "Eventra <no-reply@eventra.invalid>".into(),
         }
     }
@@ -130,6 +136,7 @@ impl JobArgs {
             poll: std::time::Duration::from_millis(self.job_poll_ms.clamp(10, 60_000)),
             time_scale: self.job_time_scale,
             jitter: self.job_jitter,
+            batch: self.job_batch.clamp(1, 1000),
             mail_from: self.mail_from,
         })
     }

@@ -16,6 +16,7 @@
 
 pub mod actors;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;

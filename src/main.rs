@@ -23,6 +23,15 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DataArgs),
+    /// Benchmarks against the raw engines (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// No-op jobs/s: Eventra's Redis queue and workers vs raw Redis vs Sidekiq.
+    Jobs(eventra::bench::jobs::JobsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +48,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Bench(Bench::Jobs(args)) => {
+                let rows = eventra::bench::jobs::run(args).await?;
+                println!("{}", eventra::bench::jobs::table(&rows));
+                Ok(())
+            }
         }
     });
     match result {

@@ -187,6 +187,33 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()>;
     /// The job failed with `error`: schedule a retry or bury it.
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed>;
+    /// Leases up to `max` ready jobs of `queue` at once, but no more than a fair share
+    /// (`ceil(ready / workers)`), so a shallow queue still spreads over idle workers.
+    /// Backends without a batch step take one.
+    async fn fetch_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        max: u32,
+        workers: u32,
+    ) -> JobResult<Vec<Job>> {
+        let _ = (max, workers);
+        Ok(self.fetch(queue, worker, lease).await?.into_iter().collect())
+    }
+    /// Acks several `(job id, lease id)` pairs; returns how many were still leased
+    /// (the others ran out their lease and are someone else's now).
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<u64> {
+        let mut n = 0;
+        for (id, lease) in leases {
+            match self.ack(*id, *lease).await {
+                Ok(()) => n += 1,
+                Err(JobError::NotLeased(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
     /// Scheduler: due scheduled and retrying jobs become ready. Returns how many.
     async fn promote_due(&self) -> JobResult<u64>;
     /// Reaper: running jobs whose lease expired become ready again. Returns how many.

@@ -49,20 +49,24 @@ else redis.call('LPUSH', KEYS[3], ARGV[1]) end
 return ''
 "#;
 
-/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, lease id. Returns
-/// id or "". An id whose job hash is gone (evicted, deleted by hand) is dropped rather
-/// than turned into a half-written job.
+/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, max, workers, then
+/// one lease id per job it may take. Takes up to `min(max, ceil(len / workers))` ids and
+/// returns each job's hash (flat field/value lists). An id whose job hash is gone
+/// (evicted, deleted by hand) is dropped rather than turned into a half-written job.
 const FETCH: &str = r#"
-while true do
+local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
+local out = {}
+while #out < n do
   local id = redis.call('RPOP', KEYS[1])
-  if not id then return '' end
+  if not id then break end
   local job = ARGV[1] .. id
   if redis.call('HEXISTS', job, 'queue') == 1 then
-    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', ARGV[4])
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', ARGV[6 + #out])
     redis.call('ZADD', KEYS[2], ARGV[3], id)
-    return id
+    table.insert(out, redis.call('HGETALL', job))
   end
 end
+return out
 "#;
 
 /// KEYS: job, running. ARGV: id, lease id, lease_until. Returns 1 if extended.
@@ -73,22 +77,30 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
 
-/// KEYS: job, running, done, idem. ARGV: id, lease id, now, retention_ms. Returns 1 if acked.
+/// KEYS: running, done. ARGV: now, retention_ms, job key prefix, idem key prefix, then
+/// (id, lease id) pairs. Acks each pair still leased; returns how many.
 const ACK: &str = r#"
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at_us', ARGV[3])
-redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us', 'lease')
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-local ms = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[3]) - ms * 1000))
-if ms > 0 then
-  redis.call('PEXPIRE', KEYS[1], ms)
-  redis.call('PEXPIRE', KEYS[4], ms)
-else
-  redis.call('DEL', KEYS[1], KEYS[4])
+local now, ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local acked = 0
+for i = 5, #ARGV, 2 do
+  local id, job = ARGV[i], ARGV[3] .. ARGV[i]
+  if redis.call('HGET', job, 'lease') == ARGV[i + 1] and redis.call('HGET', job, 'state') == 'running' then
+    local idem = ARGV[4] .. (redis.call('HGET', job, 'idempotency_key') or '')
+    redis.call('HSET', job, 'state', 'done', 'finished_at_us', now)
+    redis.call('HDEL', job, 'worker', 'lease_until_us', 'lease')
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], now, id)
+    if ms > 0 then
+      redis.call('PEXPIRE', job, ms)
+      redis.call('PEXPIRE', idem, ms)
+    else
+      redis.call('DEL', job, idem)
+    end
+    acked = acked + 1
+  end
 end
-return 1
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - ms * 1000))
+return acked
 "#;
 
 /// Lua: drops dead jobs older than `max_age` µs, then the oldest beyond `max_count`,
@@ -355,19 +367,54 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
+        Ok(self.fetch_many(queue, worker, lease, 1, 1).await?.pop())
+    }
+
+    async fn fetch_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        max: u32,
+        workers: u32,
+    ) -> JobResult<Vec<Job>> {
+        let max = max.max(1);
         let keys = vec![self.key(&format!("queue:{queue}")), self.key("running")];
-        let args = vec![
+        let mut args = vec![
             self.key("job:"),
             worker.to_owned(),
             (now_us() + dur_us(lease)).to_string(),
-            Uuid::new_v4().to_string(),
+            max.to_string(),
+            workers.max(1).to_string(),
         ];
-        let id: String = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
-        if id.is_empty() {
-            return Ok(None);
+        args.extend((0..max).map(|_| Uuid::new_v4().to_string()));
+        let hashes: Vec<Vec<String>> = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
+        hashes
+            .into_iter()
+            .map(|flat| {
+                let mut fields = HashMap::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    fields.insert(k, v);
+                }
+                parse_job(fields)
+            })
+            .collect()
+    }
+
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<u64> {
+        if leases.is_empty() {
+            return Ok(0);
         }
-        let id: Uuid = id.parse().map_err(|_| JobError::Backend("queue holds a non-UUID".into()))?;
-        self.get(id).await
+        let keys = vec![self.key("running"), self.key("done")];
+        let retention_ms = i64::try_from(self.config.done_retention.as_millis()).unwrap_or(i64::MAX);
+        let mut args = vec![now_us().to_string(), retention_ms.to_string(), self.key("job:"), self.key("idem:")];
+        for (id, lease) in leases {
+            args.push(id.to_string());
+            args.push(lease.to_string());
+        }
+        let n: i64 = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
@@ -378,13 +425,7 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()> {
-        let key: Option<String> = self.client.hget(self.job_key(id), "idempotency_key").await?;
-        let idem = self.key(&format!("idem:{}", key.unwrap_or_default()));
-        let keys = vec![self.job_key(id), self.key("running"), self.key("done"), idem];
-        let retention_ms = i64::try_from(self.config.done_retention.as_millis()).unwrap_or(i64::MAX);
-        let args = vec![id.to_string(), lease.to_string(), now_us().to_string(), retention_ms.to_string()];
-        let ok: i64 = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
-        if ok != 1 {
+        if self.ack_many(&[(id, lease)]).await? != 1 {
             return Err(JobError::NotLeased(id));
         }
         Ok(())

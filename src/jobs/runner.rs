@@ -30,6 +30,12 @@ pub struct RunnerConfig {
     /// How long an idle worker waits before looking again (an enqueue in this process
     /// wakes it at once).
     pub idle_poll: Duration,
+    /// Most jobs one worker leases at once (run one after another, acked together).
+    /// A worker never takes more than its fair share of a queue, so a shallow queue
+    /// still spreads over idle workers; 1 turns batching off.
+    pub batch: u32,
+    /// Workers sharing the queue in this process (for the fair share).
+    pub workers: u32,
 }
 
 impl Default for RunnerConfig {
@@ -39,6 +45,8 @@ impl Default for RunnerConfig {
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(300),
             idle_poll: Duration::from_millis(200),
+            batch: 10,
+            workers: 10,
         }
     }
 }
@@ -92,12 +100,14 @@ impl Runner {
         &self.config
     }
 
-    /// Takes the next job of the first non-empty queue and runs it to its settlement.
-    /// `Ok(false)` when every queue is empty.
+    /// Leases the next jobs of the first non-empty queue and runs them to their
+    /// settlement. `Ok(false)` when every queue is empty.
     pub async fn run_next(&self, worker: &str) -> JobResult<bool> {
-        for queue in &self.config.queues {
-            if let Some(job) = self.client.queue.fetch(queue, worker, self.config.lease).await? {
-                self.run(job).await;
+        let c = &self.config;
+        for queue in &c.queues {
+            let jobs = self.client.queue.fetch_many(queue, worker, c.lease, c.batch, c.workers).await?;
+            if !jobs.is_empty() {
+                self.run_batch(jobs).await;
                 return Ok(true);
             }
         }
@@ -109,50 +119,74 @@ impl Runner {
         let _ = tokio::time::timeout(self.config.idle_poll, self.client.wake.notified()).await;
     }
 
-    async fn run(&self, job: Job) {
-        let Some(lease) = job.lease else {
-            tracing::error!(job_id = %job.id, "fetched job carries no lease; left for the reaper");
-            return;
-        };
+    /// Runs leased jobs one after another; failures settle at once, successes are acked
+    /// together at the end (a worker that dies before that leaves them to the reaper:
+    /// at-least-once, as always).
+    async fn run_batch(&self, jobs: Vec<Job>) {
+        let leased: Vec<(uuid::Uuid, uuid::Uuid)> =
+            jobs.iter().filter_map(|j| j.lease.map(|lease| (j.id, lease))).collect();
+        let mut succeeded: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::with_capacity(jobs.len());
+        let mut kinds: Vec<String> = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.iter().enumerate() {
+            let Some(lease) = job.lease else {
+                tracing::error!(job_id = %job.id, "fetched job carries no lease; left for the reaper");
+                continue;
+            };
+            // Keep alive what is still ours: the successes awaiting their ack and the
+            // jobs not run yet.
+            let unsettled: Vec<_> = succeeded.iter().chain(leased.iter().skip(i)).copied().collect();
+            if self.run(job, lease, &unsettled).await {
+                succeeded.push((job.id, lease));
+                kinds.push(job.kind.clone());
+            }
+        }
+        match self.client.queue.ack_many(&succeeded).await {
+            Ok(n) => {
+                for kind in kinds {
+                    metrics::counter!("eventra_jobs_succeeded_total", "kind" => kind).increment(1);
+                }
+                if n < succeeded.len() as u64 {
+                    tracing::warn!(
+                        lost = succeeded.len() as u64 - n,
+                        "leases lost before the ack; those jobs run again elsewhere (handlers are idempotent)"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not ack; the reaper returns the jobs when their leases lapse"),
+        }
+    }
+
+    /// Runs one job; `true` when it succeeded (to be acked), else it is settled here.
+    async fn run(&self, job: &Job, lease: uuid::Uuid, unsettled: &[(uuid::Uuid, uuid::Uuid)]) -> bool {
         let kind = job.kind.clone();
         let span = tracing::info_span!("job", job_id = %job.id, kind = %kind, attempt = job.failures + 1);
         let _enter = span.enter();
         metrics::counter!("eventra_jobs_started_total", "kind" => kind.clone()).increment(1);
         let started = Instant::now();
-        let outcome = self.execute(&job, lease).await;
+        let outcome = self.execute(job, unsettled).await;
         metrics::histogram!("eventra_job_duration_seconds", "kind" => kind.clone())
             .record(started.elapsed().as_secs_f64());
-        let settled = match outcome {
-            Ok(()) => self.client.queue.ack(job.id, lease).await.map(|()| {
-                metrics::counter!("eventra_jobs_succeeded_total", "kind" => kind.clone()).increment(1);
-            }),
-            Err(error) => {
-                metrics::counter!("eventra_jobs_failed_total", "kind" => kind.clone()).increment(1);
-                self.client.queue.fail(job.id, lease, &error).await.map(|failed| match failed {
-                    Failed::Retry { at, failures } => {
-                        metrics::counter!("eventra_jobs_retried_total", "kind" => kind.clone()).increment(1);
-                        tracing::warn!(%error, failures, retry_at = %at, "job failed; retry scheduled");
-                    }
-                    Failed::Dead => {
-                        metrics::counter!("eventra_jobs_dead_total", "kind" => kind.clone()).increment(1);
-                        tracing::error!(%error, "job failed its last attempt; moved to the dead set");
-                    }
-                })
+        let Err(error) = outcome else { return true };
+        metrics::counter!("eventra_jobs_failed_total", "kind" => kind.clone()).increment(1);
+        match self.client.queue.fail(job.id, lease, &error).await {
+            Ok(Failed::Retry { at, failures }) => {
+                metrics::counter!("eventra_jobs_retried_total", "kind" => kind).increment(1);
+                tracing::warn!(%error, failures, retry_at = %at, "job failed; retry scheduled");
             }
-        };
-        match settled {
-            Ok(()) => {}
+            Ok(Failed::Dead) => {
+                metrics::counter!("eventra_jobs_dead_total", "kind" => kind).increment(1);
+                tracing::error!(%error, "job failed its last attempt; moved to the dead set");
+            }
             Err(JobError::NotLeased(_)) => {
-                tracing::warn!("lease lost before the job settled; it runs again elsewhere (handlers are idempotent)")
+                tracing::warn!("lease lost before the failure was recorded; the job runs again elsewhere")
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not settle the job; the reaper returns it when its lease lapses")
-            }
+            Err(e) => tracing::warn!(error = %e, "could not record the failure; the reaper returns the job"),
         }
+        false
     }
 
     /// Runs the handler under the timeout, heartbeating the lease meanwhile.
-    async fn execute(&self, job: &Job, lease: uuid::Uuid) -> Result<(), String> {
+    async fn execute(&self, job: &Job, unsettled: &[(uuid::Uuid, uuid::Uuid)]) -> Result<(), String> {
         let Some(kind) = self.kinds.get(&job.kind) else {
             return Err(format!("unknown job kind {:?} (this worker runs {:?})", job.kind, self.kinds.names()));
         };
@@ -163,11 +197,15 @@ impl Runner {
         let result = loop {
             tokio::select! {
                 r = &mut run => break r,
-                _ = beat.tick() => match self.client.queue.heartbeat(job.id, lease, self.config.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!("lease lost while running (the reaper took the job back)"),
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-                },
+                _ = beat.tick() => {
+                    for (id, lease) in unsettled {
+                        match self.client.queue.heartbeat(*id, *lease, self.config.lease).await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::warn!(job_id = %id, "lease lost while running (the reaper took the job back)"),
+                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        }
+                    }
+                }
             }
         };
         match result {

@@ -202,6 +202,37 @@ pub async fn reaper_returns_jobs_of_dead_workers(make: Make) {
     q.ack(id, lease(&again)).await.unwrap();
 }
 
+pub async fn batches_lease_a_fair_share_and_ack_together(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    for i in 0..12 {
+        new_id(q.enqueue(job(&format!("b{i}"))).await.unwrap());
+    }
+    // 12 ready, 4 workers: a fair share is 3, so at most 3 (backends may take fewer).
+    let first = q.fetch_many("default", "w1", Duration::from_secs(30), 10, 4).await.unwrap();
+    assert!((1..=3).contains(&first.len()), "{}", first.len());
+    assert!(first
+        .iter()
+        .all(|j| j.state == JobState::Running && j.lease.is_some() && j.worker.as_deref() == Some("w1")));
+    let mut taken: Vec<Job> = first;
+    while let Some(more) =
+        Some(q.fetch_many("default", "w2", Duration::from_secs(30), 10, 1).await.unwrap()).filter(|m| !m.is_empty())
+    {
+        taken.extend(more);
+    }
+    let ids: std::collections::HashSet<Uuid> = taken.iter().map(|j| j.id).collect();
+    assert_eq!((taken.len(), ids.len()), (12, 12), "every job once");
+    assert_eq!(keys(&taken[..1]), ["b0"], "oldest first");
+
+    // Ack all but one under their leases, plus one stale lease: only the held count.
+    let mut pairs: Vec<(Uuid, Uuid)> = taken[..11].iter().map(|j| (j.id, lease(j))).collect();
+    pairs.push((taken[11].id, Uuid::new_v4()));
+    assert_eq!(q.ack_many(&pairs).await.unwrap(), 11);
+    assert_eq!(q.count(JobState::Done).await.unwrap(), 11);
+    assert_eq!(q.get(taken[11].id).await.unwrap().unwrap().state, JobState::Running);
+    assert_eq!(q.ack_many(&pairs).await.unwrap(), 0, "acked once");
+    assert_eq!(q.ack_many(&[]).await.unwrap(), 0);
+}
+
 /// Buries a new job with `key` (one attempt, failed).
 async fn bury(q: &Arc<dyn JobQueue>, key: &str) -> Uuid {
     let id = new_id(q.enqueue(NewJob { max_attempts: 1, queue: "graveyard".into(), ..job(key) }).await.unwrap());
@@ -382,6 +413,7 @@ conformance!(
     dead_set_is_capped,
     scheduled_jobs_wait_for_their_time,
     reaper_returns_jobs_of_dead_workers,
+    batches_lease_a_fair_share_and_ack_together,
     operators_list_filter_and_page,
     operators_retry_kill_and_delete,
 );
