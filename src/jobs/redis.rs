@@ -60,10 +60,14 @@ while #out < n do
   local id = redis.call('RPOP', KEYS[1])
   if not id then break end
   local job = ARGV[1] .. id
-  if redis.call('HEXISTS', job, 'queue') == 1 then
-    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', ARGV[6 + #out])
+  local fields = redis.call('HGETALL', job)
+  if #fields > 0 then
+    local lease = ARGV[6 + #out]
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', lease)
     redis.call('ZADD', KEYS[2], ARGV[3], id)
-    table.insert(out, redis.call('HGETALL', job))
+    table.insert(fields, 'lease')
+    table.insert(fields, lease)
+    table.insert(out, fields)
   end
 end
 return out
@@ -84,10 +88,11 @@ local now, ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local acked = 0
 for i = 5, #ARGV, 2 do
   local id, job = ARGV[i], ARGV[3] .. ARGV[i]
-  if redis.call('HGET', job, 'lease') == ARGV[i + 1] and redis.call('HGET', job, 'state') == 'running' then
-    local idem = ARGV[4] .. (redis.call('HGET', job, 'idempotency_key') or '')
+  local f = redis.call('HMGET', job, 'lease', 'state', 'idempotency_key')
+  if f[1] == ARGV[i + 1] and f[2] == 'running' then
+    local idem = ARGV[4] .. (f[3] or '')
+    -- worker and lease fields stay: they mean nothing once the state is not running
     redis.call('HSET', job, 'state', 'done', 'finished_at_us', now)
-    redis.call('HDEL', job, 'worker', 'lease_until_us', 'lease')
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZADD', KEYS[2], now, id)
     if ms > 0 then
@@ -317,8 +322,12 @@ fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
         max_attempts: u32::try_from(num("max_attempts")?).unwrap_or(u32::MAX),
         enqueued_at: at(num("enqueued_at_us")?),
         run_at: at(num("run_at_us")?),
-        worker: fields.get("worker").cloned(),
-        lease: fields.get("lease").and_then(|l| l.parse().ok()),
+        // Kept in the hash after a run for speed; meaningful only while running.
+        worker: fields.get("worker").cloned().filter(|_| fields.get("state").is_some_and(|s| s == "running")),
+        lease: fields
+            .get("lease")
+            .and_then(|l| l.parse().ok())
+            .filter(|_| fields.get("state").is_some_and(|s| s == "running")),
         last_error: fields.get("last_error").cloned(),
         failed_at: fields.get("failed_at_us").and_then(|v| v.parse().ok()).map(at),
     })
@@ -397,6 +406,9 @@ impl JobQueue for RedisJobQueue {
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     fields.insert(k, v);
                 }
+                // The script read the hash before leasing it (and appended the lease).
+                fields.insert("state".into(), "running".into());
+                fields.insert("worker".into(), worker.to_owned());
                 parse_job(fields)
             })
             .collect()
