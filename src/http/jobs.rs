@@ -72,6 +72,17 @@ impl SetQuery {
     }
 }
 
+/// A queue name as queues are named: 1-64 of `a-z 0-9 _ -`.
+fn queue_name(name: String) -> Result<JobSet> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(Error::BadRequest(format!("'{name}' is not a queue name (1-64 characters of a-z, 0-9, '_', '-')")));
+    }
+    Ok(JobSet::Queue(name))
+}
+
 /// A set by its URL name.
 fn named_set(name: &str) -> Option<JobSet> {
     match name {
@@ -148,7 +159,7 @@ async fn queue_jobs(
     ApiQuery(q): ApiQuery<SetQuery>,
 ) -> Result<Response> {
     principal.require_platform_admin()?;
-    page(&s, &JobSet::Queue(name), &q).await
+    page(&s, &queue_name(name)?, &q).await
 }
 
 /// `DELETE /v1/admin/jobs/queues/{name}`.
@@ -158,7 +169,7 @@ async fn clear_queue(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response> {
     principal.require_platform_admin()?;
-    let n = s.jobs.queue.delete_all(&JobSet::Queue(name.clone())).await?;
+    let n = s.jobs.queue.delete_all(&queue_name(name.clone())?).await?;
     tracing::warn!(queue = %name, deleted = n, "operator cleared a job queue");
     Ok(Json(json!({ "deleted": n })).into_response())
 }

@@ -251,6 +251,17 @@ async fn dead_jobs_retry_now(backend: Backend, test: &str) {
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let res = s.app.get("/v1/admin/jobs/dead?cursor=abc", ADMIN_TOKEN).await;
     assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let res = s.app.get("/v1/admin/jobs/queues/Bad:Name", ADMIN_TOKEN).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = s.app.get("/v1/admin/jobs", "not-the-admin-token").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let summary: Value = s.app.get("/v1/admin/jobs", ADMIN_TOKEN).await.json().await.unwrap();
+    assert_eq!(
+        (summary["counts"]["done"].as_u64(), summary["counts"]["dead"].as_u64()),
+        (Some(1), Some(0)),
+        "{summary}"
+    );
+    assert_eq!(summary["queues"][0]["name"], "default", "{summary}");
     s.app.stop().await;
 }
 
