@@ -5,14 +5,17 @@
 //! - [`domain`]: tenants, users, API keys, CloudEvents; pure rules, no I/O.
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite implementations, with
 //!   the transactional outbox.
-//! - [`actors`]: the tenant registry and per-tenant user managers; [`actors::Tenants`]
-//!   is the door the HTTP layer uses.
+//! - [`actors`]: the tenant registry and per-tenant user managers ([`actors::Tenants`]
+//!   is the door the HTTP layer uses), job workers and periodic tasks.
 //! - [`supervision`]: the root supervisor and child specifications.
 //! - [`http`]: axum routes, one file per resource; problem+json at the edge.
-//! - [`jobs`]: the `JobQueue` trait, retry schedule and the embedded backend.
+//! - [`jobs`]: the `JobQueue` trait (Redis and SQLite), Sidekiq's retry schedule, the
+//!   runner the workers use, job kinds, and which jobs an event causes.
+//! - [`mail`]: the `Mailer` trait: SMTP (lettre) or `.eml` files.
+//! - [`bench`]: `eventra bench …` against the raw engines.
 //! - [`error`]: the application error every subsystem converts into.
 //! - [`app`]: wires it all together; [`app::run`] is the testable entry point.
-//! - [`telemetry`]: JSON logging.
+//! - [`telemetry`]: JSON logging and the Prometheus recorder.
 
 pub mod actors;
 pub mod app;
