@@ -192,24 +192,25 @@ async fn retries_show_in_the_admin_api(backend: Backend, test: &str) {
     let id = enqueue(&s.queue, NewJob::new(kind_name, "flaky:1", json!({"n": 1}))).await;
 
     // Watch the retry set: each failure shows with its attempt count and next run.
-    let mut seen: Vec<(u64, i64)> = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let page: Value =
-            s.app.get(&format!("/v1/admin/jobs/retries?q={id}"), ADMIN_TOKEN).await.json().await.expect("json");
-        if let Some(j) = page["items"].as_array().and_then(|items| items.first()) {
-            let attempts = j["attempts"].as_u64().unwrap_or(0);
-            let delay = (time(&j["run_at"]) - time(&j["failed_at"])).num_milliseconds();
-            if seen.last().map(|l| l.0) != Some(attempts) {
-                seen.push((attempts, delay));
+    let seen: Mutex<Vec<(u64, i64)>> = Mutex::new(Vec::new());
+    wait_for("two retries, then success", Duration::from_secs(20), || {
+        let (app, seen) = (&s.app, &seen);
+        async move {
+            let page: Value =
+                app.get(&format!("/v1/admin/jobs/retries?q={id}"), ADMIN_TOKEN).await.json().await.ok()?;
+            if let Some(j) = page["items"].as_array().and_then(|items| items.first()) {
+                let attempts = j["attempts"].as_u64().unwrap_or(0);
+                let delay = (time(&j["run_at"]) - time(&j["failed_at"])).num_milliseconds();
+                let mut seen = seen.lock().unwrap();
+                if seen.last().map(|l| l.0) != Some(attempts) {
+                    seen.push((attempts, delay));
+                }
             }
+            (admin_job(app, id).await["state"] == "done").then_some(())
         }
-        if admin_job(&s.app, id).await["state"] == "done" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for two retries then success: {seen:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
     assert_eq!(seen, [(1, 1500), (2, 1600)], "two retries at Sidekiq's growing delays (÷10)");
     let done = admin_job(&s.app, id).await;
     assert_eq!((done["attempts"].as_u64(), done["last_error"].as_str()), (Some(2), Some("run 2 failed on purpose")));
