@@ -52,6 +52,8 @@ pub struct Row {
     pub enqueue_per_s: Option<f64>,
     pub drain_per_s: f64,
     pub drain: Duration,
+    /// Redis server CPU seconds used while draining, per 10,000 jobs.
+    pub redis_cpu_per_10k: f64,
 }
 
 type BenchResult<T> = Result<T, String>;
@@ -72,6 +74,21 @@ async fn client(url: &str) -> BenchResult<Client> {
     let client = Builder::from_config(Config::from_url(url).map_err(err)?).build().map_err(err)?;
     client.init().await.map_err(err)?;
     Ok(client)
+}
+
+/// The Redis server's CPU seconds so far (`INFO cpu`: user + sys).
+async fn redis_cpu(client: &Client) -> BenchResult<f64> {
+    let cmd = fred::types::CustomCommand::new_static("INFO", None, false);
+    let info: String = client.custom(cmd, vec!["cpu".to_owned()]).await.map_err(err)?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.strip_prefix("used_cpu_sys:").or_else(|| l.strip_prefix("used_cpu_user:")))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum())
+}
+
+fn per_10k(cpu: f64, jobs: usize) -> f64 {
+    cpu * 10_000.0 / jobs.max(1) as f64
 }
 
 async fn delete_keys(client: &Client, pattern: &str) -> BenchResult<()> {
@@ -110,6 +127,8 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
         }
     }));
     let deps = JobsDeps { runner, workers: args.concurrency, scheduler_every: Duration::from_secs(1) };
+    let probe = client(&args.redis_url).await?;
+    let cpu0 = redis_cpu(&probe).await?;
     let started = Instant::now();
     let (sup, _) = Supervisor::start(jobs_spec(&deps), Tree::new(), None).await.map_err(err)?;
     let target = args.jobs as u64;
@@ -120,13 +139,15 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drain = started.elapsed();
+    let cpu = redis_cpu(&probe).await? - cpu0;
     let _ = sup.stop_and_wait(None, Some(Duration::from_secs(10))).await;
-    delete_keys(&client(&args.redis_url).await?, &format!("{ns}:*")).await?;
+    delete_keys(&probe, &format!("{ns}:*")).await?;
     Ok(Row {
         engine: format!("Eventra (Redis queue, {} worker actors, batch {})", args.concurrency, args.batch),
         enqueue_per_s: Some(args.jobs as f64 / enqueue.as_secs_f64()),
         drain_per_s: args.jobs as f64 / drain.as_secs_f64(),
         drain,
+        redis_cpu_per_10k: per_10k(cpu, args.jobs),
     })
 }
 
@@ -144,6 +165,7 @@ async fn raw_redis(args: &JobsBenchArgs) -> BenchResult<Row> {
     if let Some(e) = pushes.into_iter().find_map(Result::err) {
         return Err(format!("LPUSH: {e}"));
     }
+    let cpu0 = redis_cpu(&c).await?;
     let started = Instant::now();
     let consumers = (0..args.concurrency.max(1)).map(|_| {
         let (c, key) = (c.clone(), key.clone());
@@ -160,12 +182,14 @@ async fn raw_redis(args: &JobsBenchArgs) -> BenchResult<Row> {
         r.map_err(err)?;
     }
     let drain = started.elapsed();
+    let cpu = redis_cpu(&c).await? - cpu0;
     let _: i64 = c.del(&key).await.map_err(err)?;
     Ok(Row {
         engine: format!("raw Redis (LPUSH, then RPOP by {} clients)", args.concurrency),
         enqueue_per_s: Some(args.jobs as f64 / enqueue.as_secs_f64()),
         drain_per_s: args.jobs as f64 / drain.as_secs_f64(),
         drain,
+        redis_cpu_per_10k: per_10k(cpu, args.jobs),
     })
 }
 
@@ -222,12 +246,14 @@ async fn sidekiq(args: &JobsBenchArgs) -> BenchResult<Row> {
         .spawn()
         .map_err(|e| format!("sidekiq: {e}"))?;
     let total = args.jobs as i64;
+    let mut cpu0 = redis_cpu(&c).await?;
     let boot_deadline = Instant::now() + Duration::from_secs(60);
     let started = loop {
         let len: i64 = c.llen(&key).await.map_err(err)?;
         if len < total {
             break Instant::now();
         }
+        cpu0 = redis_cpu(&c).await?;
         if Instant::now() > boot_deadline {
             return Err("Sidekiq did not start taking jobs within 60 s".into());
         }
@@ -241,6 +267,7 @@ async fn sidekiq(args: &JobsBenchArgs) -> BenchResult<Row> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drain = started.elapsed();
+    let cpu = redis_cpu(&c).await? - cpu0;
     let _ = child.start_kill();
     let _ = child.wait().await;
     let _: i64 = c.del(&key).await.map_err(err)?;
@@ -251,6 +278,7 @@ async fn sidekiq(args: &JobsBenchArgs) -> BenchResult<Row> {
         enqueue_per_s: Some(args.jobs as f64 / push_secs),
         drain_per_s: args.jobs as f64 / drain.as_secs_f64(),
         drain,
+        redis_cpu_per_10k: per_10k(cpu, args.jobs),
     })
 }
 
@@ -274,15 +302,17 @@ fn tempfile_dir() -> BenchResult<std::path::PathBuf> {
 pub fn table(rows: &[Row]) -> String {
     let base = rows.first().map(|r| r.drain_per_s).unwrap_or(1.0);
     let mut out = String::from(
-        "| engine | enqueue (jobs/s) | run (jobs/s) | drain time | Eventra ÷ engine |\n|---|---:|---:|---:|---:|\n",
+        "| engine | enqueue (jobs/s) | run (jobs/s) | drain time | Redis CPU s / 10k jobs | Eventra ÷ engine |\n\
+         |---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.2} s | {:.1}× |\n",
+            "| {} | {} | {:.0} | {:.2} s | {:.3} | {:.1}× |\n",
             r.engine,
             r.enqueue_per_s.map_or("–".into(), |e| format!("{e:.0}")),
             r.drain_per_s,
             r.drain.as_secs_f64(),
+            r.redis_cpu_per_10k,
             base / r.drain_per_s,
         ));
     }

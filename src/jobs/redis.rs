@@ -8,7 +8,8 @@
 //! - `{ns}:queues`: the set of queue names;
 //! - `{ns}:scheduled`, `{ns}:retry`: ids by due time; `{ns}:running`: ids by lease
 //!   deadline (reliable fetch: a worker that dies lets its lease lapse and the reaper
-//!   puts the job back); `{ns}:dead`, `{ns}:done`: ids by finish time.
+//!   puts the job back; the deadline lives only there); `{ns}:dead`, `{ns}:done`: ids
+//!   by finish time.
 //!
 //! Finished jobs keep their hash and idempotency key for `done_retention` (Redis
 //! expiry); the dead set is trimmed by age and count when a job dies.
@@ -55,7 +56,7 @@ return ''
 /// (evicted, deleted by hand) is dropped rather than turned into a half-written job.
 const FETCH: &str = r#"
 local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
-local out = {}
+local out, leased = {}, {}
 while #out < n do
   local id = redis.call('RPOP', KEYS[1])
   if not id then break end
@@ -63,20 +64,21 @@ while #out < n do
   local fields = redis.call('HGETALL', job)
   if #fields > 0 then
     local lease = ARGV[6 + #out]
-    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease_until_us', ARGV[3], 'lease', lease)
-    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', lease)
+    table.insert(leased, ARGV[3])
+    table.insert(leased, id)
     table.insert(fields, 'lease')
     table.insert(fields, lease)
     table.insert(out, fields)
   end
 end
+if #leased > 0 then redis.call('ZADD', KEYS[2], unpack(leased)) end
 return out
 "#;
 
 /// KEYS: job, running. ARGV: id, lease id, lease_until. Returns 1 if extended.
 const HEARTBEAT: &str = r#"
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until_us', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
@@ -85,7 +87,7 @@ return 1
 /// (id, lease id) pairs. Acks each pair still leased; returns how many.
 const ACK: &str = r#"
 local now, ms = tonumber(ARGV[1]), tonumber(ARGV[2])
-local acked = 0
+local ids, done = {}, {}
 for i = 5, #ARGV, 2 do
   local id, job = ARGV[i], ARGV[3] .. ARGV[i]
   local f = redis.call('HMGET', job, 'lease', 'state', 'idempotency_key')
@@ -93,19 +95,23 @@ for i = 5, #ARGV, 2 do
     local idem = ARGV[4] .. (f[3] or '')
     -- worker and lease fields stay: they mean nothing once the state is not running
     redis.call('HSET', job, 'state', 'done', 'finished_at_us', now)
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], now, id)
     if ms > 0 then
       redis.call('PEXPIRE', job, ms)
       redis.call('PEXPIRE', idem, ms)
     else
       redis.call('DEL', job, idem)
     end
-    acked = acked + 1
+    table.insert(ids, id)
+    table.insert(done, now)
+    table.insert(done, id)
   end
 end
+if #ids > 0 then
+  redis.call('ZREM', KEYS[1], unpack(ids))
+  redis.call('ZADD', KEYS[2], unpack(done))
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - ms * 1000))
-return acked
+return #ids
 "#;
 
 /// Lua: drops dead jobs older than `max_age` µs, then the oldest beyond `max_count`,
@@ -141,7 +147,7 @@ local failures = tonumber(redis.call('HGET', KEYS[1], 'failures')) + 1
 if failures ~= tonumber(ARGV[6]) then return -1 end
 local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts'))
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[1], 'worker', 'lease_until_us', 'lease')
+redis.call('HDEL', KEYS[1], 'worker', 'lease')
 redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', ARGV[4])
 if failures < max then
   redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
@@ -168,7 +174,7 @@ for _, id in ipairs(ids) do
   if name then
     local queue = ARGV[3] .. name
     redis.call('HSET', job, 'state', 'ready')
-    redis.call('HDEL', job, 'worker', 'lease_until_us', 'lease')
+    redis.call('HDEL', job, 'worker', 'lease')
     if ARGV[4] == '1' then redis.call('RPUSH', queue, id) else redis.call('LPUSH', queue, id) end
     moved = moved + 1
   end
