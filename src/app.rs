@@ -50,7 +50,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 /// The job queue a config names: Redis when `REDIS_URL` is set, else the embedded
 /// SQLite queue (in the database of record's file, or `<data dir>/jobs.db` beside
 /// PostgreSQL: a per-host queue, fine for one process; scale-out wants Redis).
-pub async fn open_job_queue(config: &Config) -> Result<Arc<dyn JobQueue>, StartupError> {
+pub async fn open_job_queue(config: &Config, store: &dyn Store) -> Result<Arc<dyn JobQueue>, StartupError> {
     let queue_config = QueueConfig {
         schedule: RetrySchedule { time_scale: config.jobs.time_scale, jitter: config.jobs.jitter },
         ..QueueConfig::default()
@@ -60,12 +60,12 @@ pub async fn open_job_queue(config: &Config) -> Result<Arc<dyn JobQueue>, Startu
         let q = RedisJobQueue::connect(url, &config.namespace, queue_config).await.map_err(backend)?;
         return Ok(Arc::new(q));
     }
-    let url = if config.database_url.starts_with("sqlite:") {
-        config.database_url.clone()
-    } else {
-        tracing::warn!("REDIS_URL is unset: jobs use {}/jobs.db, local to this host", config.data_dir.display());
-        format!("sqlite://{}", config.data_dir.join("jobs.db").display())
-    };
+    if let Some(pool) = store.sqlite_pool() {
+        // The database of record's own file and pool (already migrated).
+        return Ok(Arc::new(SqliteJobQueue::new(pool, queue_config)));
+    }
+    tracing::warn!("REDIS_URL is unset: jobs use {}/jobs.db, local to this host", config.data_dir.display());
+    let url = format!("sqlite://{}", config.data_dir.join("jobs.db").display());
     Ok(Arc::new(SqliteJobQueue::open(&url, queue_config).await.map_err(backend)?))
 }
 
@@ -100,11 +100,11 @@ pub async fn run_with(
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
     log_pending_backends(&config);
 
-    let jobs = JobClient::new(open_job_queue(&config).await?);
-    tracing::info!(backend = jobs.queue.backend(), "job queue ready");
     let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
         .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
     let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone()).with_all(extra_kinds);
+    let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
+    tracing::info!(backend = jobs.queue.backend(), "job queue ready");
     let job_deps = (config.has_role("worker") && config.jobs.workers > 0).then(|| JobsDeps {
         runner: Arc::new(Runner::new(jobs.clone(), kinds, runner_config(&config))),
         workers: config.jobs.workers,
@@ -116,6 +116,7 @@ pub async fn run_with(
         "job workers configured"
     );
 
+    let runner = job_deps.as_ref().map(|j| j.runner.clone());
     let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
     let deps = RootDeps {
         store: store.clone(),
@@ -158,6 +159,10 @@ pub async fn run_with(
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let served = axum::serve(listener, app).with_graceful_shutdown(stop).await;
     tracing::info!("http drained; stopping the supervision tree");
+    if let Some(runner) = &runner {
+        // Workers finish the batch in hand and take no more while the tree stops.
+        runner.drain();
+    }
     if root.actor.stop_and_wait(Some("shutdown".into()), Some(TREE_SHUTDOWN)).await.is_err() {
         tracing::warn!("supervision tree did not stop in time");
     }

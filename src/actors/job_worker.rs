@@ -1,7 +1,7 @@
 //! A job worker: one of the `job-worker-N` actors under `jobs`. It runs one job per
 //! `Poll` message and sends itself the next (at once after a job, after the idle wait
 //! when the queues are empty), so its mailbox stays responsive to stop (which waits for
-//! the job in hand: draining on shutdown) and to kill (which drops it mid-job; the
+//! the batch in hand: draining on shutdown, after `Runner::drain` stopped new fetches) and to kill (which drops it mid-job; the
 //! reaper returns that job once its lease lapses).
 //!
 //! Queue errors (Redis down…) do not crash the worker: it backs off and tries again,

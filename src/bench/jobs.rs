@@ -102,7 +102,8 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
     let ns = format!("eventra-bench-{}", uuid::Uuid::now_v7().simple());
     let queue: Arc<dyn JobQueue> =
         Arc::new(RedisJobQueue::connect(&args.redis_url, &ns, QueueConfig::default()).await.map_err(err)?);
-    let jobs = JobClient::new(queue.clone());
+    let kinds = Kinds::default().with(Arc::new(crate::jobs::kinds::Noop));
+    let jobs = JobClient::new(queue.clone(), &kinds);
 
     let started = Instant::now();
     let results: Vec<_> = futures_util::stream::iter(0..args.jobs)
@@ -118,7 +119,7 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
         return Err(format!("enqueue: {e}"));
     }
 
-    let runner = Arc::new(Runner::new(jobs, Kinds::default().with(Arc::new(crate::jobs::kinds::Noop)), {
+    let runner = Arc::new(Runner::new(jobs, kinds, {
         RunnerConfig {
             idle_poll: Duration::from_millis(50),
             batch: args.batch,

@@ -35,6 +35,19 @@ pub use runner::{JobClient, Runner, RunnerConfig};
 pub use schedule::{RetrySchedule, DEFAULT_MAX_ATTEMPTS};
 pub use sqlite::SqliteJobQueue;
 
+/// Microseconds since the epoch: how both backends store times, so comparisons are exact.
+pub(crate) fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+pub(crate) fn dur_us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn from_us(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,7 +87,9 @@ pub struct NewJob {
     pub args: Value,
     /// Same key, same effect: e.g. `welcome_email:<user id>`.
     pub idempotency_key: String,
-    pub max_attempts: u32,
+    /// `None`: the kind's own limit when enqueued through a [`JobClient`] that knows
+    /// the kind, else [`DEFAULT_MAX_ATTEMPTS`].
+    pub max_attempts: Option<u32>,
     /// Run no earlier than this (a scheduled job); `None` means now.
     pub run_at: Option<DateTime<Utc>>,
 }
@@ -86,9 +101,14 @@ impl NewJob {
             queue: "default".into(),
             args,
             idempotency_key: idempotency_key.into(),
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_attempts: None,
             run_at: None,
         }
+    }
+
+    /// The attempts this job gets (at least one).
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).max(1)
     }
 }
 
@@ -187,6 +207,9 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()>;
     /// The job failed with `error`: schedule a retry or bury it.
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed>;
+    /// The job failed in a way no retry can fix (or is unreadable): straight to the
+    /// dead set, whatever attempts it has left.
+    async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()>;
     /// Leases up to `max` ready jobs of `queue` at once, but no more than a fair share
     /// (`ceil(ready / workers)`), so a shallow queue still spreads over idle workers.
     /// Backends without a batch step take one.
@@ -201,18 +224,18 @@ pub trait JobQueue: Send + Sync + 'static {
         let _ = (max, workers);
         Ok(self.fetch(queue, worker, lease).await?.into_iter().collect())
     }
-    /// Acks several `(job id, lease id)` pairs; returns how many were still leased
+    /// Acks several `(job id, lease id)` pairs; returns the ids that were still leased
     /// (the others ran out their lease and are someone else's now).
-    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<u64> {
-        let mut n = 0;
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<Vec<Uuid>> {
+        let mut acked = Vec::with_capacity(leases.len());
         for (id, lease) in leases {
             match self.ack(*id, *lease).await {
-                Ok(()) => n += 1,
+                Ok(()) => acked.push(*id),
                 Err(JobError::NotLeased(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(n)
+        Ok(acked)
     }
     /// Scheduler: due scheduled and retrying jobs become ready. Returns how many.
     async fn promote_due(&self) -> JobResult<u64>;
@@ -225,9 +248,10 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Every known queue with its size and latency.
     async fn queues(&self) -> JobResult<Vec<QueueStats>>;
-    /// Up to `limit` jobs of `set` from raw position `offset` in the set's order
-    /// ([`JobSet`]), unfiltered; fewer only at the end of the set.
-    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>>;
+    /// The jobs at raw positions `offset..offset + limit` of `set`, in the set's order
+    /// ([`JobSet`]), unfiltered. Positions whose job vanished meanwhile are skipped but
+    /// counted in `consumed`, which is below `limit` only at the end of the set.
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Scanned>;
     /// Scheduled, retrying or dead → ready now (a ready job stays as it is).
     async fn retry_now(&self, id: Uuid) -> JobResult<Acted>;
     /// Ready, scheduled or retrying → dead (a dead job stays as it is).
@@ -248,23 +272,41 @@ pub trait JobQueue: Send + Sync + 'static {
         let filter = filter.map(str::to_lowercase).filter(|f| !f.is_empty());
         let mut items = Vec::new();
         let mut pos = offset;
+        let mut budget = LIST_SCAN_BUDGET;
         loop {
-            let batch = self.scan(set, pos, BATCH).await?;
-            let n = batch.len() as u64;
-            for (i, job) in batch.into_iter().enumerate() {
-                if filter.as_deref().is_none_or(|f| job.matches(f)) {
+            let Scanned { jobs, consumed } = self.scan(set, pos, BATCH).await?;
+            for (position, job) in jobs {
+                // A job that moved between the set and its read belongs elsewhere now.
+                if job.state == set.state() && filter.as_deref().is_none_or(|f| job.matches(f)) {
                     if items.len() == limit as usize {
-                        return Ok(JobList { items, next_offset: Some(pos + i as u64) });
+                        return Ok(JobList { items, next_offset: Some(position) });
                     }
                     items.push(job);
                 }
             }
-            pos += n;
-            if n < u64::from(BATCH) {
+            pos += consumed;
+            if consumed < u64::from(BATCH) {
                 return Ok(JobList { items, next_offset: None });
+            }
+            // A filter that matches little must not make one request read a huge set:
+            // hand back what was found and where to go on from.
+            budget = budget.saturating_sub(consumed);
+            if budget == 0 {
+                return Ok(JobList { items, next_offset: Some(pos) });
             }
         }
     }
+}
+
+/// Most positions one `list` call reads before it returns a partial page.
+pub const LIST_SCAN_BUDGET: u64 = 10_000;
+
+/// What [`JobQueue::scan`] read: jobs with their raw positions, and how many
+/// positions it went past.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scanned {
+    pub jobs: Vec<(u64, Job)>,
+    pub consumed: u64,
 }
 
 /// A set of jobs an operator looks at, each in its natural order.

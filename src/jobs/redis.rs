@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use uuid::Uuid;
 
 use super::{
-    Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob, QueueConfig, QueueStats,
+    dur_us, from_us, now_us, Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob,
+    QueueConfig, QueueStats, Scanned,
 };
 
 impl From<fred::error::Error> for JobError {
@@ -83,18 +83,19 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
 
-/// KEYS: running, done. ARGV: now, retention_ms, job key prefix, idem key prefix, then
-/// (id, lease id) pairs. Acks each pair still leased; returns how many.
+/// KEYS: running, done. ARGV: now, retention_ms, done cutoff (now - retention), job key
+/// prefix, idem key prefix, then (id, lease id) pairs. Acks each pair still leased;
+/// returns the acked ids. Times stay the strings Rust formatted (no Lua float formatting).
 const ACK: &str = r#"
-local now, ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ms = tonumber(ARGV[2])
 local ids, done = {}, {}
-for i = 5, #ARGV, 2 do
-  local id, job = ARGV[i], ARGV[3] .. ARGV[i]
+for i = 6, #ARGV, 2 do
+  local id, job = ARGV[i], ARGV[4] .. ARGV[i]
   local f = redis.call('HMGET', job, 'lease', 'state', 'idempotency_key')
   if f[1] == ARGV[i + 1] and f[2] == 'running' then
-    local idem = ARGV[4] .. (f[3] or '')
+    local idem = ARGV[5] .. (f[3] or '')
     -- worker and lease fields stay: they mean nothing once the state is not running
-    redis.call('HSET', job, 'state', 'done', 'finished_at_us', now)
+    redis.call('HSET', job, 'state', 'done', 'finished_at_us', ARGV[1])
     if ms > 0 then
       redis.call('PEXPIRE', job, ms)
       redis.call('PEXPIRE', idem, ms)
@@ -102,7 +103,7 @@ for i = 5, #ARGV, 2 do
       redis.call('DEL', job, idem)
     end
     table.insert(ids, id)
-    table.insert(done, now)
+    table.insert(done, ARGV[1])
     table.insert(done, id)
   end
 end
@@ -110,17 +111,17 @@ if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
   redis.call('ZADD', KEYS[2], unpack(done))
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - ms * 1000))
-return #ids
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
+return ids
 "#;
 
-/// Lua: drops dead jobs older than `max_age` µs, then the oldest beyond `max_count`,
-/// with their hashes and idempotency keys (Sidekiq's dead-set cap).
+/// Lua: drops dead jobs finished before `cutoff` (a string of µs), then the oldest
+/// beyond `max_count`, with their hashes and idempotency keys (Sidekiq's dead-set cap).
 macro_rules! trim_dead_lua {
     () => {
         r#"
-local function trim_dead(dead, now, max_age, max_count, job_prefix, idem_prefix)
-  local gone = redis.call('ZRANGEBYSCORE', dead, '-inf', '(' .. (now - max_age))
+local function trim_dead(dead, cutoff, max_count, job_prefix, idem_prefix)
+  local gone = redis.call('ZRANGEBYSCORE', dead, '-inf', '(' .. cutoff)
   local extra = redis.call('ZCARD', dead) - #gone - max_count
   if extra > 0 then
     for _, id in ipairs(redis.call('ZRANGE', dead, #gone, #gone + extra - 1)) do table.insert(gone, id) end
@@ -137,35 +138,37 @@ end
 }
 
 /// KEYS: job, running, retry, dead. ARGV: id, lease id, error, now, retry_at, expected
-/// failures, dead max age (µs), dead max count, job key prefix, idem key prefix.
-/// Returns -1 if not leased, 0 for retry, 1 for dead.
+/// failures, dead cutoff (now - max age), dead max count, job key prefix, idem key
+/// prefix, `1` to bury at once (a permanent failure). Returns -1 if not leased, 0 for
+/// retry, 1 for dead.
 const FAIL: &str = concat!(
     trim_dead_lua!(),
     r#"
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
-local failures = tonumber(redis.call('HGET', KEYS[1], 'failures')) + 1
+local f = redis.call('HMGET', KEYS[1], 'lease', 'state', 'failures', 'max_attempts')
+if f[1] ~= ARGV[2] or f[2] ~= 'running' then return -1 end
+local failures = tonumber(f[3]) + 1
 if failures ~= tonumber(ARGV[6]) then return -1 end
-local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts'))
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'worker', 'lease')
 redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', ARGV[4])
-if failures < max then
+if failures < tonumber(f[4]) and ARGV[11] ~= '1' then
   redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_at_us', ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-trim_dead(KEYS[4], tonumber(ARGV[4]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10])
+trim_dead(KEYS[4], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10])
 return 1
 "#
 );
 
 /// KEYS: from (scheduled/retry/running zset). ARGV: now, job key prefix, queue key
-/// prefix, 1 to requeue at the head (reaped) else 0. Moves members scored before `now`
-/// to their queue as ready (members whose job hash is gone are dropped). Returns how many.
+/// prefix, 1 to requeue at the head (reaped) else 0, most ids per call. Moves members
+/// scored before `now` to their queue as ready (members whose job hash is gone are
+/// dropped). Returns {moved, examined}: a full `examined` means call again.
 const MOVE_DUE: &str = r#"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 local moved = 0
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. id
@@ -179,24 +182,26 @@ for _, id in ipairs(ids) do
     moved = moved + 1
   end
 end
-return moved
+return {moved, #ids}
 "#;
 
-/// KEYS: job. ARGV: id, action (`retry`, `kill` or `delete`), key namespace prefix
-/// (`{ns}:`), now, dead max age (µs), dead max count. An operator's action on one job:
-/// takes it out of wherever it is (its queue list or its state's sorted set; the sorted
-/// sets are named after the states) and puts it where the action says. Returns `ok`,
-/// `missing`, or the state that refuses the action.
+/// KEYS: job. ARGV: id, action (`retry`, `kill`, `delete`, or `bury` for a running job
+/// whose hash cannot be read), key namespace prefix (`{ns}:`), now, dead cutoff, dead
+/// max count, and optionally the state the job must be in. An operator's action on one
+/// job: takes it out of wherever it is (its queue list or its state's sorted set; the
+/// sorted sets are named after the states) and puts it where the action says. Returns
+/// `ok`, `missing`, or the state that refuses the action.
 const ACT: &str = concat!(
     trim_dead_lua!(),
     r#"
-local job, id, action, ns, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local job, id, action, ns, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local state = redis.call('HGET', job, 'state')
 if not state then return 'missing' end
-if state == 'running' or state == 'done' then return state end
+if ARGV[7] and ARGV[7] ~= state then return state end
+if state == 'done' or (state == 'running' and action ~= 'bury') then return state end
 if (action == 'retry' and state == 'ready') or (action == 'kill' and state == 'dead') then return 'ok' end
 local queue = redis.call('HGET', job, 'queue')
-if state == 'ready' then redis.call('LREM', ns .. 'queue:' .. queue, 0, id)
+if state == 'ready' then redis.call('LREM', ns .. 'queue:' .. (queue or ''), 0, id)
 else redis.call('ZREM', ns .. state, id) end
 if action == 'delete' then
   local key = redis.call('HGET', job, 'idempotency_key')
@@ -210,17 +215,34 @@ elseif action == 'retry' then
 else
   if not redis.call('HGET', job, 'last_error') then redis.call('HSET', job, 'last_error', 'killed by an operator') end
   redis.call('HSET', job, 'state', 'dead', 'finished_at_us', now)
+  redis.call('HDEL', job, 'worker', 'lease')
   redis.call('ZADD', ns .. 'dead', now, id)
-  trim_dead(ns .. 'dead', now, tonumber(ARGV[5]), tonumber(ARGV[6]), ns .. 'job:', ns .. 'idem:')
+  trim_dead(ns .. 'dead', ARGV[5], tonumber(ARGV[6]), ns .. 'job:', ns .. 'idem:')
 end
 return 'ok'
 "#
 );
 
+/// KEYS: queue. ARGV: job key prefix, idem key prefix, chunk size. Deletes up to a chunk
+/// of a queue's ready jobs (from the newest end: one `LTRIM`, no per-id `LREM`), with
+/// their hashes and idempotency keys. Returns how many ids it took off the list.
+const CLEAR_QUEUE: &str = r#"
+local n = tonumber(ARGV[3])
+local ids = redis.call('LRANGE', KEYS[1], 0, n - 1)
+for _, id in ipairs(ids) do
+  local job = ARGV[1] .. id
+  local key = redis.call('HGET', job, 'idempotency_key')
+  if key then redis.call('DEL', ARGV[2] .. key) end
+  redis.call('DEL', job)
+end
+redis.call('LTRIM', KEYS[1], #ids, -1)
+return #ids
+"#;
+
 pub struct RedisJobQueue {
     client: Client,
-    ns: String,
     config: QueueConfig,
+    keys: Keys,
     enqueue: Script,
     fetch: Script,
     heartbeat: Script,
@@ -228,15 +250,69 @@ pub struct RedisJobQueue {
     fail: Script,
     move_due: Script,
     act: Script,
+    clear_queue: Script,
 }
 
-fn now_us() -> i64 {
-    Utc::now().timestamp_micros()
+/// Key names and prefixes, formatted once at connect.
+struct Keys {
+    /// `{ns}:`
+    ns: String,
+    job: String,
+    idem: String,
+    queue: String,
+    queues: String,
+    scheduled: String,
+    retry: String,
+    running: String,
+    dead: String,
+    done: String,
 }
 
-fn dur_us(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+impl Keys {
+    fn new(ns: &str) -> Self {
+        let k = |rest: &str| format!("{ns}:{rest}");
+        Keys {
+            ns: k(""),
+            job: k("job:"),
+            idem: k("idem:"),
+            queue: k("queue:"),
+            queues: k("queues"),
+            scheduled: k("scheduled"),
+            retry: k("retry"),
+            running: k("running"),
+            dead: k("dead"),
+            done: k("done"),
+        }
+    }
+
+    fn job(&self, id: impl std::fmt::Display) -> String {
+        format!("{}{id}", self.job)
+    }
+
+    fn queue(&self, name: &str) -> String {
+        format!("{}{name}", self.queue)
+    }
+
+    fn idem(&self, key: &str) -> String {
+        format!("{}{key}", self.idem)
+    }
+
+    /// The sorted set holding a (non-ready) state's ids.
+    fn set_of(&self, state: JobState) -> &str {
+        match state {
+            JobState::Scheduled => &self.scheduled,
+            JobState::Retry => &self.retry,
+            JobState::Running => &self.running,
+            JobState::Dead => &self.dead,
+            JobState::Ready | JobState::Done => &self.done,
+        }
+    }
 }
+
+/// Most ids one scheduler or reaper call moves, so a backlog never blocks Redis long.
+const MOVE_CHUNK: u32 = 500;
+/// Most ids one queue-clearing call deletes.
+const CLEAR_CHUNK: u32 = 500;
 
 impl RedisJobQueue {
     /// Connects to `url`; keys go under `namespace`.
@@ -245,8 +321,8 @@ impl RedisJobQueue {
         client.init().await?;
         Ok(RedisJobQueue {
             client,
-            ns: namespace.to_owned(),
             config,
+            keys: Keys::new(namespace),
             enqueue: Script::from_lua(ENQUEUE),
             fetch: Script::from_lua(FETCH),
             heartbeat: Script::from_lua(HEARTBEAT),
@@ -254,27 +330,26 @@ impl RedisJobQueue {
             fail: Script::from_lua(FAIL),
             move_due: Script::from_lua(MOVE_DUE),
             act: Script::from_lua(ACT),
+            clear_queue: Script::from_lua(CLEAR_QUEUE),
         })
     }
 
-    fn key(&self, rest: &str) -> String {
-        format!("{}:{rest}", self.ns)
+    fn dead_cutoff(&self, now: i64) -> String {
+        (now - dur_us(self.config.dead_max_age)).to_string()
     }
 
-    fn job_key(&self, id: Uuid) -> String {
-        self.key(&format!("job:{id}"))
-    }
-
-    async fn act(&self, id: Uuid, action: &str) -> JobResult<Acted> {
-        let args = vec![
+    async fn act(&self, id: Uuid, action: &str, expected: Option<JobState>) -> JobResult<Acted> {
+        let now = now_us();
+        let mut args = vec![
             id.to_string(),
             action.to_owned(),
-            self.key(""),
-            now_us().to_string(),
-            dur_us(self.config.dead_max_age).to_string(),
+            self.keys.ns.clone(),
+            now.to_string(),
+            self.dead_cutoff(now),
             self.config.dead_max_jobs.to_string(),
         ];
-        let outcome: String = self.act.evalsha_with_reload(&self.client, vec![self.job_key(id)], args).await?;
+        args.extend(expected.map(|s| s.as_str().to_owned()));
+        let outcome: String = self.act.evalsha_with_reload(&self.client, vec![self.keys.job(id)], args).await?;
         Ok(match outcome.as_str() {
             "ok" => Acted::Done,
             "missing" => Acted::NotFound,
@@ -291,51 +366,97 @@ impl RedisJobQueue {
         Ok(match set {
             JobSet::Queue(name) => {
                 // Workers take from the tail: the next to run is the last element.
-                let mut ids: Vec<String> =
-                    self.client.lrange(self.key(&format!("queue:{name}")), -stop - 1, -start - 1).await?;
+                let mut ids: Vec<String> = self.client.lrange(self.keys.queue(name), -stop - 1, -start - 1).await?;
                 ids.reverse();
                 ids
             }
-            JobSet::Dead => self.client.zrange(self.key("dead"), start, stop, None, true, None, false).await?,
-            other => {
-                let key = self.key(other.state().as_str());
-                self.client.zrange(key, start, stop, None, false, None, false).await?
-            }
+            JobSet::Dead => self.client.zrange(&self.keys.dead, start, stop, None, true, None, false).await?,
+            other => self.client.zrange(self.keys.set_of(other.state()), start, stop, None, false, None, false).await?,
         })
     }
 
     async fn move_due(&self, from: &str, now: i64, head: bool) -> JobResult<u64> {
-        let args = vec![now.to_string(), self.key("job:"), self.key("queue:"), if head { "1" } else { "0" }.to_owned()];
-        let n: i64 = self.move_due.evalsha_with_reload(&self.client, vec![self.key(from)], args).await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        let mut moved = 0;
+        loop {
+            let args = vec![
+                now.to_string(),
+                self.keys.job.clone(),
+                self.keys.queue.clone(),
+                if head { "1" } else { "0" }.to_owned(),
+                MOVE_CHUNK.to_string(),
+            ];
+            let (n, examined): (i64, i64) =
+                self.move_due.evalsha_with_reload(&self.client, vec![from.to_owned()], args).await?;
+            moved += u64::try_from(n).unwrap_or(0);
+            if examined < i64::from(MOVE_CHUNK) {
+                return Ok(moved);
+            }
+        }
+    }
+
+    async fn settle_failure(&self, id: Uuid, lease: Uuid, error: &str, permanent: bool) -> JobResult<Failed> {
+        // The delay depends on the failure count; only the lease holder changes it, and
+        // the script re-checks it, so reading it first is safe.
+        let failures: Option<i64> = self.client.hget(self.keys.job(id), "failures").await?;
+        let failures = failures.ok_or(JobError::NotLeased(id))? + 1;
+        let n = u32::try_from(failures).unwrap_or(u32::MAX);
+        let now = now_us();
+        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let keys = vec![self.keys.job(id), self.keys.running.clone(), self.keys.retry.clone(), self.keys.dead.clone()];
+        let args = vec![
+            id.to_string(),
+            lease.to_string(),
+            error.to_owned(),
+            now.to_string(),
+            at.to_string(),
+            failures.to_string(),
+            self.dead_cutoff(now),
+            self.config.dead_max_jobs.to_string(),
+            self.keys.job.clone(),
+            self.keys.idem.clone(),
+            if permanent { "1" } else { "0" }.to_owned(),
+        ];
+        let outcome: i64 = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
+        match outcome {
+            0 => Ok(Failed::Retry { at: from_us(at), failures: n }),
+            1 => Ok(Failed::Dead),
+            _ => Err(JobError::NotLeased(id)),
+        }
     }
 }
 
-fn parse_job(fields: HashMap<String, String>) -> JobResult<Job> {
-    let get = |k: &str| fields.get(k).cloned().ok_or_else(|| JobError::Backend(format!("job hash lacks {k}")));
-    let num = |k: &str| -> JobResult<i64> {
-        get(k)?.parse().map_err(|_| JobError::Backend(format!("job field {k} is not a number")))
+fn parse_job(mut fields: HashMap<String, String>) -> JobResult<Job> {
+    let running = fields.get("state").is_some_and(|s| s == "running");
+    let mut take = |k: &str| fields.remove(k).ok_or_else(|| JobError::Backend(format!("job hash lacks {k}")));
+    let num = |k: &str, v: String| -> JobResult<i64> {
+        v.parse().map_err(|_| JobError::Backend(format!("job field {k} is not a number")))
     };
-    let at = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or_default();
+    let id = take("id")?.parse().map_err(|_| JobError::Backend("job id is not a UUID".into()))?;
+    let kind = take("kind")?;
+    let queue = take("queue")?;
+    let args = serde_json::from_str(&take("args")?).map_err(|e| JobError::Backend(format!("job args: {e}")))?;
+    let idempotency_key = take("idempotency_key")?;
+    let state = JobState::parse(&take("state")?).ok_or_else(|| JobError::Backend("unknown job state".into()))?;
+    let failures = u32::try_from(num("failures", take("failures")?)?).unwrap_or(u32::MAX);
+    let max_attempts = u32::try_from(num("max_attempts", take("max_attempts")?)?).unwrap_or(u32::MAX);
+    let enqueued_at = from_us(num("enqueued_at_us", take("enqueued_at_us")?)?);
+    let run_at = from_us(num("run_at_us", take("run_at_us")?)?);
     Ok(Job {
-        id: get("id")?.parse().map_err(|_| JobError::Backend("job id is not a UUID".into()))?,
-        kind: get("kind")?,
-        queue: get("queue")?,
-        args: serde_json::from_str(&get("args")?).map_err(|e| JobError::Backend(format!("job args: {e}")))?,
-        idempotency_key: get("idempotency_key")?,
-        state: JobState::parse(&get("state")?).ok_or_else(|| JobError::Backend("unknown job state".into()))?,
-        failures: u32::try_from(num("failures")?).unwrap_or(u32::MAX),
-        max_attempts: u32::try_from(num("max_attempts")?).unwrap_or(u32::MAX),
-        enqueued_at: at(num("enqueued_at_us")?),
-        run_at: at(num("run_at_us")?),
+        id,
+        kind,
+        queue,
+        args,
+        idempotency_key,
+        state,
+        failures,
+        max_attempts,
+        enqueued_at,
+        run_at,
         // Kept in the hash after a run for speed; meaningful only while running.
-        worker: fields.get("worker").cloned().filter(|_| fields.get("state").is_some_and(|s| s == "running")),
-        lease: fields
-            .get("lease")
-            .and_then(|l| l.parse().ok())
-            .filter(|_| fields.get("state").is_some_and(|s| s == "running")),
-        last_error: fields.get("last_error").cloned(),
-        failed_at: fields.get("failed_at_us").and_then(|v| v.parse().ok()).map(at),
+        worker: fields.remove("worker").filter(|_| running),
+        lease: fields.remove("lease").and_then(|l| l.parse().ok()).filter(|_| running),
+        last_error: fields.remove("last_error"),
+        failed_at: fields.remove("failed_at_us").and_then(|v| v.parse().ok()).map(from_us),
     })
 }
 
@@ -355,19 +476,20 @@ impl JobQueue for RedisJobQueue {
         let now = now_us();
         let run_at = job.run_at.map(|t| t.timestamp_micros()).filter(|t| *t > now).unwrap_or(now);
         let keys = vec![
-            self.key(&format!("idem:{}", job.idempotency_key)),
-            self.job_key(id),
-            self.key(&format!("queue:{}", job.queue)),
-            self.key("scheduled"),
-            self.key("queues"),
+            self.keys.idem(&job.idempotency_key),
+            self.keys.job(id),
+            self.keys.queue(&job.queue),
+            self.keys.scheduled.clone(),
+            self.keys.queues.clone(),
         ];
+        let attempts = job.attempts();
         let args = vec![
             id.to_string(),
             job.kind,
             job.queue,
             job.args.to_string(),
             job.idempotency_key,
-            job.max_attempts.max(1).to_string(),
+            attempts.to_string(),
             now.to_string(),
             run_at.to_string(),
         ];
@@ -394,101 +516,99 @@ impl JobQueue for RedisJobQueue {
         workers: u32,
     ) -> JobResult<Vec<Job>> {
         let max = max.max(1);
-        let keys = vec![self.key(&format!("queue:{queue}")), self.key("running")];
-        let mut args = vec![
-            self.key("job:"),
+        let keys = vec![self.keys.queue(queue), self.keys.running.clone()];
+        let mut args = Vec::with_capacity(5 + max as usize);
+        args.extend([
+            self.keys.job.clone(),
             worker.to_owned(),
             (now_us() + dur_us(lease)).to_string(),
             max.to_string(),
             workers.max(1).to_string(),
-        ];
+        ]);
         args.extend((0..max).map(|_| Uuid::new_v4().to_string()));
         let hashes: Vec<Vec<String>> = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
-        hashes
-            .into_iter()
-            .map(|flat| {
-                let mut fields = HashMap::with_capacity(flat.len() / 2);
-                let mut it = flat.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    fields.insert(k, v);
+        let mut jobs = Vec::with_capacity(hashes.len());
+        for flat in hashes {
+            let mut fields = HashMap::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                fields.insert(k, v);
+            }
+            let raw_id = fields.get("id").cloned();
+            // The script read the hash before leasing it (and appended the lease).
+            fields.insert("state".into(), "running".into());
+            fields.insert("worker".into(), worker.to_owned());
+            match parse_job(fields) {
+                Ok(job) => jobs.push(job),
+                Err(e) => {
+                    // An unreadable job would fail every batch it lands in: bury it.
+                    tracing::error!(job_id = ?raw_id, error = %e, "unreadable job hash; moved to the dead set");
+                    if let Some(id) = raw_id.and_then(|i| i.parse::<Uuid>().ok()) {
+                        self.act(id, "bury", Some(JobState::Running)).await?;
+                    }
                 }
-                // The script read the hash before leasing it (and appended the lease).
-                fields.insert("state".into(), "running".into());
-                fields.insert("worker".into(), worker.to_owned());
-                parse_job(fields)
-            })
-            .collect()
+            }
+        }
+        Ok(jobs)
     }
 
-    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<u64> {
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<Vec<Uuid>> {
         if leases.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let keys = vec![self.key("running"), self.key("done")];
-        let retention_ms = i64::try_from(self.config.done_retention.as_millis()).unwrap_or(i64::MAX);
-        let mut args = vec![now_us().to_string(), retention_ms.to_string(), self.key("job:"), self.key("idem:")];
+        let keys = vec![self.keys.running.clone(), self.keys.done.clone()];
+        let now = now_us();
+        let retention = self.config.done_retention;
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let mut args = Vec::with_capacity(5 + 2 * leases.len());
+        args.extend([
+            now.to_string(),
+            retention_ms.to_string(),
+            (now - dur_us(retention)).to_string(),
+            self.keys.job.clone(),
+            self.keys.idem.clone(),
+        ]);
         for (id, lease) in leases {
             args.push(id.to_string());
             args.push(lease.to_string());
         }
-        let n: i64 = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        let acked: Vec<String> = self.ack.evalsha_with_reload(&self.client, keys, args).await?;
+        Ok(acked.iter().filter_map(|id| id.parse().ok()).collect())
     }
 
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
-        let keys = vec![self.job_key(id), self.key("running")];
+        let keys = vec![self.keys.job(id), self.keys.running.clone()];
         let args = vec![id.to_string(), lease.to_string(), (now_us() + dur_us(duration)).to_string()];
         let ok: i64 = self.heartbeat.evalsha_with_reload(&self.client, keys, args).await?;
         Ok(ok == 1)
     }
 
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()> {
-        if self.ack_many(&[(id, lease)]).await? != 1 {
+        if self.ack_many(&[(id, lease)]).await?.is_empty() {
             return Err(JobError::NotLeased(id));
         }
         Ok(())
     }
 
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
-        // The delay depends on the failure count; only the lease holder changes it, and
-        // the script re-checks it, so reading it first is safe.
-        let failures: Option<i64> = self.client.hget(self.job_key(id), "failures").await?;
-        let failures = failures.ok_or(JobError::NotLeased(id))? + 1;
-        let n = u32::try_from(failures).unwrap_or(u32::MAX);
-        let now = now_us();
-        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
-        let keys = vec![self.job_key(id), self.key("running"), self.key("retry"), self.key("dead")];
-        let args = vec![
-            id.to_string(),
-            lease.to_string(),
-            error.to_owned(),
-            now.to_string(),
-            at.to_string(),
-            failures.to_string(),
-            dur_us(self.config.dead_max_age).to_string(),
-            self.config.dead_max_jobs.to_string(),
-            self.key("job:"),
-            self.key("idem:"),
-        ];
-        let outcome: i64 = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
-        match outcome {
-            0 => Ok(Failed::Retry { at: DateTime::from_timestamp_micros(at).unwrap_or_default(), failures: n }),
-            1 => Ok(Failed::Dead),
-            _ => Err(JobError::NotLeased(id)),
-        }
+        self.settle_failure(id, lease, error, false).await
+    }
+
+    async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {
+        self.settle_failure(id, lease, error, true).await.map(|_| ())
     }
 
     async fn promote_due(&self) -> JobResult<u64> {
         let now = now_us() + 1; // "due" includes now
-        Ok(self.move_due("scheduled", now, false).await? + self.move_due("retry", now, false).await?)
+        Ok(self.move_due(&self.keys.scheduled, now, false).await? + self.move_due(&self.keys.retry, now, false).await?)
     }
 
     async fn reap_expired(&self) -> JobResult<u64> {
-        self.move_due("running", now_us(), true).await
+        self.move_due(&self.keys.running, now_us(), true).await
     }
 
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>> {
-        let fields: HashMap<String, String> = self.client.hgetall(self.job_key(id)).await?;
+        let fields: HashMap<String, String> = self.client.hgetall(self.keys.job(id)).await?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -498,38 +618,35 @@ impl JobQueue for RedisJobQueue {
     async fn count(&self, state: JobState) -> JobResult<u64> {
         let n: i64 = match state {
             JobState::Ready => {
-                let queues: Vec<String> = self.client.smembers(self.key("queues")).await?;
+                let queues: Vec<String> = self.client.smembers(&self.keys.queues).await?;
                 let mut total = 0;
                 for q in queues {
-                    let len: i64 = self.client.llen(self.key(&format!("queue:{q}"))).await?;
+                    let len: i64 = self.client.llen(self.keys.queue(&q)).await?;
                     total += len;
                 }
                 total
             }
-            JobState::Scheduled => self.client.zcard(self.key("scheduled")).await?,
-            JobState::Retry => self.client.zcard(self.key("retry")).await?,
-            JobState::Running => self.client.zcard(self.key("running")).await?,
-            JobState::Dead => self.client.zcard(self.key("dead")).await?,
             JobState::Done => {
                 let since = now_us() - dur_us(self.config.done_retention);
-                self.client.zcount(self.key("done"), since as f64, f64::INFINITY).await?
+                self.client.zcount(&self.keys.done, since as f64, f64::INFINITY).await?
             }
+            other => self.client.zcard(self.keys.set_of(other)).await?,
         };
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn queues(&self) -> JobResult<Vec<QueueStats>> {
-        let mut names: Vec<String> = self.client.smembers(self.key("queues")).await?;
+        let mut names: Vec<String> = self.client.smembers(&self.keys.queues).await?;
         names.sort();
         let now = now_us();
         let mut stats = Vec::with_capacity(names.len());
         for name in names {
-            let key = self.key(&format!("queue:{name}"));
+            let key = self.keys.queue(&name);
             let size: i64 = self.client.llen(&key).await?;
             let next: Option<String> = self.client.lindex(&key, -1).await?;
             let mut latency = Duration::ZERO;
             if let Some(id) = next {
-                let ready: Option<i64> = self.client.hget(self.key(&format!("job:{id}")), "run_at_us").await?;
+                let ready: Option<i64> = self.client.hget(self.keys.job(&id), "run_at_us").await?;
                 latency = Duration::from_micros(u64::try_from(ready.map_or(0, |t| now - t)).unwrap_or(0));
             }
             stats.push(QueueStats { name, size: u64::try_from(size).unwrap_or(0), latency });
@@ -537,27 +654,37 @@ impl JobQueue for RedisJobQueue {
         Ok(stats)
     }
 
-    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>> {
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Scanned> {
         let ids = self.ids(set, offset, limit).await?;
+        let consumed = ids.len() as u64;
+        if ids.is_empty() {
+            return Ok(Scanned { jobs: Vec::new(), consumed });
+        }
         let pipeline = self.client.pipeline();
         for id in &ids {
-            let _: () = pipeline.hgetall(self.key(&format!("job:{id}"))).await?;
+            let _: () = pipeline.hgetall(self.keys.job(id)).await?;
         }
-        let hashes: Vec<HashMap<String, String>> = if ids.is_empty() { Vec::new() } else { pipeline.all().await? };
+        let hashes: Vec<HashMap<String, String>> = pipeline.all().await?;
         // A hash that vanished between the two reads (finished, trimmed) is skipped.
-        hashes.into_iter().filter(|h| !h.is_empty()).map(parse_job).collect()
+        let jobs = hashes
+            .into_iter()
+            .enumerate()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(i, h)| Ok((offset + i as u64, parse_job(h)?)))
+            .collect::<JobResult<Vec<_>>>()?;
+        Ok(Scanned { jobs, consumed })
     }
 
     async fn retry_now(&self, id: Uuid) -> JobResult<Acted> {
-        self.act(id, "retry").await
+        self.act(id, "retry", None).await
     }
 
     async fn kill(&self, id: Uuid) -> JobResult<Acted> {
-        self.act(id, "kill").await
+        self.act(id, "kill", None).await
     }
 
     async fn delete(&self, id: Uuid) -> JobResult<Acted> {
-        self.act(id, "delete").await
+        self.act(id, "delete", None).await
     }
 
     async fn retry_all(&self, set: &JobSet) -> JobResult<u64> {
@@ -568,26 +695,47 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn delete_all(&self, set: &JobSet) -> JobResult<u64> {
-        if matches!(set, JobSet::Running) {
-            return Ok(0);
+        match set {
+            JobSet::Running => Ok(0),
+            JobSet::Queue(name) => self.clear_queue(name).await,
+            _ => self.act_on_all(set, "delete").await,
         }
-        self.act_on_all(set, "delete").await
     }
 }
 
 impl RedisJobQueue {
-    /// Applies `action` to a snapshot of the set's ids, one atomic step per job, so a
-    /// big set never blocks Redis for long; jobs that moved meanwhile are left alone.
+    /// Applies `action` to a snapshot of the set's ids, one atomic step per job (each
+    /// checks the job is still in the set's state), so a big set never blocks Redis.
     async fn act_on_all(&self, set: &JobSet, action: &str) -> JobResult<u64> {
         let ids = self.ids(set, 0, u32::MAX).await?;
         let mut n = 0;
         for id in ids {
             let Ok(id) = id.parse::<Uuid>() else { continue };
-            let Some(job) = self.get(id).await? else { continue };
-            if job.state == set.state() && self.act(id, action).await? == Acted::Done {
+            if self.act(id, action, Some(set.state())).await? == Acted::Done {
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Deletes a queue's ready jobs a chunk at a time, up to the length it had when
+    /// asked (jobs enqueued meanwhile stay).
+    async fn clear_queue(&self, name: &str) -> JobResult<u64> {
+        let key = self.keys.queue(name);
+        let len: i64 = self.client.llen(&key).await?;
+        let mut left = u64::try_from(len).unwrap_or(0);
+        let mut deleted = 0;
+        while left > 0 {
+            let chunk = u32::try_from(left.min(u64::from(CLEAR_CHUNK))).unwrap_or(CLEAR_CHUNK);
+            let args = vec![self.keys.job.clone(), self.keys.idem.clone(), chunk.to_string()];
+            let n: i64 = self.clear_queue.evalsha_with_reload(&self.client, vec![key.clone()], args).await?;
+            let n = u64::try_from(n).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            deleted += n;
+            left = left.saturating_sub(n);
+        }
+        Ok(deleted)
     }
 }

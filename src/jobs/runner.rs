@@ -7,14 +7,18 @@
 //! stops heartbeating; the reaper returns the job once its lease lapses and it runs
 //! again, which is why every handler is idempotent.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::sync::Notify;
+use tracing::Instrument;
+use uuid::Uuid;
 
-use super::kinds::Kinds;
+use super::kinds::{JobFailure, Kinds};
 use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, NewJob};
 
 /// How a worker pool runs.
@@ -51,19 +55,26 @@ impl Default for RunnerConfig {
     }
 }
 
-/// The queue as producers use it: enqueue, and wake an idle worker of this process.
+/// The queue as producers use it: enqueue (filling in each kind's attempt limit), and
+/// wake an idle worker of this process.
 #[derive(Clone)]
 pub struct JobClient {
     pub queue: Arc<dyn JobQueue>,
     wake: Arc<Notify>,
+    max_attempts: Arc<HashMap<String, u32>>,
 }
 
 impl JobClient {
-    pub fn new(queue: Arc<dyn JobQueue>) -> Self {
-        JobClient { queue, wake: Arc::new(Notify::new()) }
+    /// A client for `queue`; jobs of the `kinds` listed get their kind's attempt limit
+    /// unless they set one.
+    pub fn new(queue: Arc<dyn JobQueue>, kinds: &Kinds) -> Self {
+        JobClient { queue, wake: Arc::new(Notify::new()), max_attempts: Arc::new(kinds.max_attempts()) }
     }
 
-    pub async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
+    pub async fn enqueue(&self, mut job: NewJob) -> JobResult<Enqueued> {
+        if job.max_attempts.is_none() {
+            job.max_attempts = self.max_attempts.get(&job.kind).copied();
+        }
         let kind = job.kind.clone();
         let outcome = self.queue.enqueue(job).await?;
         if let Enqueued::New(_) = outcome {
@@ -72,24 +83,57 @@ impl JobClient {
         }
         Ok(outcome)
     }
-}
 
-impl JobClient {
     /// Wakes every idle worker of this process (after an operator's retry).
     pub fn wake_all(&self) {
         self.wake.notify_waiters();
     }
 }
 
+/// One kind's metric handles, looked up once rather than per job.
+#[derive(Clone)]
+struct KindMetrics {
+    started: metrics::Counter,
+    succeeded: metrics::Counter,
+    failed: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl KindMetrics {
+    fn new(kind: &str) -> Self {
+        let k = kind.to_owned();
+        KindMetrics {
+            started: metrics::counter!("eventra_jobs_started_total", "kind" => k.clone()),
+            succeeded: metrics::counter!("eventra_jobs_succeeded_total", "kind" => k.clone()),
+            failed: metrics::counter!("eventra_jobs_failed_total", "kind" => k.clone()),
+            retried: metrics::counter!("eventra_jobs_retried_total", "kind" => k.clone()),
+            dead: metrics::counter!("eventra_jobs_dead_total", "kind" => k.clone()),
+            duration: metrics::histogram!("eventra_job_duration_seconds", "kind" => k),
+        }
+    }
+}
+
+/// How one run ended.
+enum Outcome {
+    Succeeded,
+    Failed(JobFailure),
+    /// Our lease lapsed mid-run (the reaper gave the job to another worker): leave it.
+    LeaseLost,
+}
+
 pub struct Runner {
     client: JobClient,
     kinds: Kinds,
     config: RunnerConfig,
+    metrics: Mutex<HashMap<String, KindMetrics>>,
+    draining: AtomicBool,
 }
 
 impl Runner {
     pub fn new(client: JobClient, kinds: Kinds, config: RunnerConfig) -> Self {
-        Runner { client, kinds, config }
+        Runner { client, kinds, config, metrics: Mutex::new(HashMap::new()), draining: AtomicBool::new(false) }
     }
 
     pub fn client(&self) -> &JobClient {
@@ -100,11 +144,21 @@ impl Runner {
         &self.config
     }
 
+    /// Shutdown begins: workers finish the batch in hand and take no more, so stopping
+    /// them one by one does not leave the others leasing jobs they will not finish.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.client.wake_all();
+    }
+
     /// Leases the next jobs of the first non-empty queue and runs them to their
-    /// settlement. `Ok(false)` when every queue is empty.
+    /// settlement. `Ok(false)` when every queue is empty (or the pool is draining).
     pub async fn run_next(&self, worker: &str) -> JobResult<bool> {
         let c = &self.config;
         for queue in &c.queues {
+            if self.draining.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
             let jobs = self.client.queue.fetch_many(queue, worker, c.lease, c.batch, c.workers).await?;
             if !jobs.is_empty() {
                 self.run_batch(jobs).await;
@@ -119,35 +173,54 @@ impl Runner {
         let _ = tokio::time::timeout(self.config.idle_poll, self.client.wake.notified()).await;
     }
 
-    /// Runs leased jobs one after another; failures settle at once, successes are acked
-    /// together at the end (a worker that dies before that leaves them to the reaper:
-    /// at-least-once, as always).
+    fn metrics_for(&self, kind: &str) -> KindMetrics {
+        let mut cache = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry(kind.to_owned()).or_insert_with(|| KindMetrics::new(kind)).clone()
+    }
+
+    /// Runs leased jobs one after another under one heartbeat (every third of the
+    /// lease, for every job of the batch not settled yet); failures settle at once,
+    /// successes are acked together at the end (a worker that dies before that leaves
+    /// them to the reaper: at-least-once, as always).
     async fn run_batch(&self, jobs: Vec<Job>) {
-        let leased: Vec<(uuid::Uuid, uuid::Uuid)> =
-            jobs.iter().filter_map(|j| j.lease.map(|lease| (j.id, lease))).collect();
-        let mut succeeded: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::with_capacity(jobs.len());
-        let mut kinds: Vec<String> = Vec::with_capacity(jobs.len());
+        let every = self.config.lease / 3;
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Failed or lost: no longer ours to keep alive.
+        let mut settled = vec![false; jobs.len()];
+        let mut succeeded: Vec<(Uuid, Uuid)> = Vec::with_capacity(jobs.len());
+        let mut kinds: HashMap<Uuid, KindMetrics> = HashMap::with_capacity(jobs.len());
         for (i, job) in jobs.iter().enumerate() {
-            let Some(lease) = job.lease else {
-                tracing::error!(job_id = %job.id, "fetched job carries no lease; left for the reaper");
-                continue;
-            };
-            // Keep alive what is still ours: the successes awaiting their ack and the
-            // jobs not run yet.
-            let unsettled: Vec<_> = succeeded.iter().chain(leased.iter().skip(i)).copied().collect();
-            if self.run(job, lease, &unsettled).await {
-                succeeded.push((job.id, lease));
-                kinds.push(job.kind.clone());
+            let Some(lease) = job.lease else { continue };
+            let metrics = self.metrics_for(&job.kind);
+            let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.failures + 1);
+            let outcome = self.execute(job, lease, &jobs, &settled, &mut beat, &metrics).instrument(span.clone()).await;
+            let _enter = span.enter();
+            match outcome {
+                Outcome::Succeeded => {
+                    succeeded.push((job.id, lease));
+                    kinds.insert(job.id, metrics);
+                }
+                Outcome::Failed(failure) => {
+                    settled[i] = true;
+                    self.settle_failure(job, lease, failure, &metrics).await;
+                }
+                Outcome::LeaseLost => {
+                    settled[i] = true;
+                    tracing::warn!("lease lost while running (the reaper took the job back); its result is dropped");
+                }
             }
         }
         match self.client.queue.ack_many(&succeeded).await {
-            Ok(n) => {
-                for kind in kinds {
-                    metrics::counter!("eventra_jobs_succeeded_total", "kind" => kind).increment(1);
+            Ok(acked) => {
+                for id in &acked {
+                    if let Some(m) = kinds.get(id) {
+                        m.succeeded.increment(1);
+                    }
                 }
-                if n < succeeded.len() as u64 {
+                if acked.len() < succeeded.len() {
                     tracing::warn!(
-                        lost = succeeded.len() as u64 - n,
+                        lost = succeeded.len() - acked.len(),
                         "leases lost before the ack; those jobs run again elsewhere (handlers are idempotent)"
                     );
                 }
@@ -156,25 +229,26 @@ impl Runner {
         }
     }
 
-    /// Runs one job; `true` when it succeeded (to be acked), else it is settled here.
-    async fn run(&self, job: &Job, lease: uuid::Uuid, unsettled: &[(uuid::Uuid, uuid::Uuid)]) -> bool {
-        let kind = job.kind.clone();
-        let span = tracing::info_span!("job", job_id = %job.id, kind = %kind, attempt = job.failures + 1);
-        let _enter = span.enter();
-        metrics::counter!("eventra_jobs_started_total", "kind" => kind.clone()).increment(1);
-        let started = Instant::now();
-        let outcome = self.execute(job, unsettled).await;
-        metrics::histogram!("eventra_job_duration_seconds", "kind" => kind.clone())
-            .record(started.elapsed().as_secs_f64());
-        let Err(error) = outcome else { return true };
-        metrics::counter!("eventra_jobs_failed_total", "kind" => kind.clone()).increment(1);
+    async fn settle_failure(&self, job: &Job, lease: Uuid, failure: JobFailure, metrics: &KindMetrics) {
+        metrics.failed.increment(1);
+        let error = failure.message;
+        if failure.permanent {
+            match self.client.queue.bury(job.id, lease, &error).await {
+                Ok(()) => {
+                    metrics.dead.increment(1);
+                    tracing::error!(%error, "job failed permanently; moved to the dead set without retries");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not bury the job; the reaper returns it"),
+            }
+            return;
+        }
         match self.client.queue.fail(job.id, lease, &error).await {
             Ok(Failed::Retry { at, failures }) => {
-                metrics::counter!("eventra_jobs_retried_total", "kind" => kind).increment(1);
+                metrics.retried.increment(1);
                 tracing::warn!(%error, failures, retry_at = %at, "job failed; retry scheduled");
             }
             Ok(Failed::Dead) => {
-                metrics::counter!("eventra_jobs_dead_total", "kind" => kind).increment(1);
+                metrics.dead.increment(1);
                 tracing::error!(%error, "job failed its last attempt; moved to the dead set");
             }
             Err(JobError::NotLeased(_)) => {
@@ -182,38 +256,70 @@ impl Runner {
             }
             Err(e) => tracing::warn!(error = %e, "could not record the failure; the reaper returns the job"),
         }
-        false
     }
 
-    /// Runs the handler under the timeout, heartbeating the lease meanwhile.
-    async fn execute(&self, job: &Job, unsettled: &[(uuid::Uuid, uuid::Uuid)]) -> Result<(), String> {
+    /// Runs one handler under the timeout, with panics caught, while the batch's
+    /// heartbeat keeps every unsettled lease alive.
+    async fn execute(
+        &self,
+        job: &Job,
+        lease: Uuid,
+        batch: &[Job],
+        settled: &[bool],
+        beat: &mut tokio::time::Interval,
+        metrics: &KindMetrics,
+    ) -> Outcome {
         let Some(kind) = self.kinds.get(&job.kind) else {
-            return Err(format!("unknown job kind {:?} (this worker runs {:?})", job.kind, self.kinds.names()));
+            let known = self.kinds.names();
+            return Outcome::Failed(JobFailure::new(format!(
+                "unknown job kind {:?} (this worker runs {known:?})",
+                job.kind
+            )));
         };
+        metrics.started.increment(1);
+        let started = Instant::now();
         let run = tokio::time::timeout(self.config.timeout, AssertUnwindSafe(kind.run(job)).catch_unwind());
         tokio::pin!(run);
-        let beat_every = self.config.lease / 3;
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + beat_every, beat_every);
         let result = loop {
             tokio::select! {
-                r = &mut run => break r,
+                r = &mut run => break Some(r),
                 _ = beat.tick() => {
-                    for (id, lease) in unsettled {
-                        match self.client.queue.heartbeat(*id, *lease, self.config.lease).await {
-                            Ok(true) => {}
-                            Ok(false) => tracing::warn!(job_id = %id, "lease lost while running (the reaper took the job back)"),
-                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-                        }
+                    if !self.heartbeat(batch, settled, job.id, lease).await {
+                        break None;
                     }
                 }
             }
         };
+        metrics.duration.record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(failure))) => Err(failure.0),
-            Ok(Err(panic)) => Err(format!("handler panicked: {}", panic_message(&panic))),
-            Err(_) => Err(format!("timed out after {:?}", self.config.timeout)),
+            None => Outcome::LeaseLost,
+            Some(Ok(Ok(Ok(())))) => Outcome::Succeeded,
+            Some(Ok(Ok(Err(failure)))) => Outcome::Failed(failure),
+            Some(Ok(Err(panic))) => {
+                Outcome::Failed(JobFailure::new(format!("handler panicked: {}", panic_message(&panic))))
+            }
+            Some(Err(_)) => Outcome::Failed(JobFailure::new(format!("timed out after {:?}", self.config.timeout))),
         }
+    }
+
+    /// Extends every unsettled lease of the batch; `false` when the running job's own
+    /// lease is gone.
+    async fn heartbeat(&self, batch: &[Job], settled: &[bool], running: Uuid, running_lease: Uuid) -> bool {
+        let mut own = true;
+        for (job, _) in batch.iter().zip(settled).filter(|(_, done)| !**done) {
+            let Some(lease) = job.lease else { continue };
+            match self.client.queue.heartbeat(job.id, lease, self.config.lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job_id = %job.id, "lease lost (the reaper took the job back)");
+                    if job.id == running && lease == running_lease {
+                        own = false;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed; trying again next beat"),
+            }
+        }
+        own
     }
 }
 
@@ -227,3 +333,42 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// A shared runner, as the worker actors hold it.
 pub type SharedRunner = Arc<Runner>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobKind, QueueConfig, SqliteJobQueue};
+
+    struct Picky;
+
+    #[async_trait::async_trait]
+    impl JobKind for Picky {
+        fn name(&self) -> &'static str {
+            "picky"
+        }
+        fn max_attempts(&self) -> u32 {
+            3
+        }
+        async fn run(&self, _job: &Job) -> Result<(), JobFailure> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_gives_jobs_their_kinds_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+        let queue = Arc::new(SqliteJobQueue::open(&url, QueueConfig::default()).await.unwrap());
+        let client = JobClient::new(queue.clone(), &Kinds::default().with(Arc::new(Picky)));
+        let attempts = |e: Enqueued| async move {
+            let Enqueued::New(id) = e else { panic!("duplicate") };
+            queue.get(id).await.unwrap().unwrap().max_attempts
+        };
+        let kinds = client.enqueue(NewJob::new("picky", "a", serde_json::json!({}))).await.unwrap();
+        assert_eq!(attempts.clone()(kinds).await, 3, "the kind's limit");
+        let own = NewJob { max_attempts: Some(7), ..NewJob::new("picky", "b", serde_json::json!({})) };
+        assert_eq!(attempts.clone()(client.enqueue(own).await.unwrap()).await, 7, "the job's own limit wins");
+        let other = client.enqueue(NewJob::new("other", "c", serde_json::json!({}))).await.unwrap();
+        assert_eq!(attempts(other).await, 25, "Sidekiq's default for kinds it does not know");
+    }
+}

@@ -15,7 +15,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob, QueueConfig, QueueStats,
+    dur_us, from_us, now_us, Acted, Enqueued, Failed, Job, JobError, JobQueue, JobResult, JobSet, JobState, NewJob,
+    QueueConfig, QueueStats, Scanned,
 };
 
 pub struct SqliteJobQueue {
@@ -42,18 +43,6 @@ impl SqliteJobQueue {
 
 fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
-}
-
-fn now_us() -> i64 {
-    micros(Utc::now())
-}
-
-fn dur_us(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn from_us(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
 #[derive(sqlx::FromRow)]
@@ -120,10 +109,12 @@ impl JobQueue for SqliteJobQueue {
         let id = Uuid::now_v7();
         let run_at = job.run_at.map(micros).filter(|t| *t > now);
         let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
-        let inserted: Option<(Uuid,)> = sqlx::query_as(
+        // One statement: a taken key answers the holder's id (the no-op update exists
+        // only to make RETURNING report it), so there is no window between two reads.
+        let (holder,): (Uuid,) = sqlx::query_as(
             "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
              enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+             ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = excluded.idempotency_key RETURNING id",
         )
         .bind(id)
         .bind(&job.kind)
@@ -131,19 +122,12 @@ impl JobQueue for SqliteJobQueue {
         .bind(Json(&job.args))
         .bind(&job.idempotency_key)
         .bind(state.as_str())
-        .bind(i64::from(job.max_attempts.max(1)))
+        .bind(i64::from(job.attempts()))
         .bind(now)
         .bind(run_at.unwrap_or(now))
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        if inserted.is_some() {
-            return Ok(Enqueued::New(id));
-        }
-        let (existing,): (Uuid,) = sqlx::query_as("SELECT id FROM jobs WHERE idempotency_key = $1")
-            .bind(&job.idempotency_key)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Enqueued::Duplicate(existing))
+        Ok(if holder == id { Enqueued::New(id) } else { Enqueued::Duplicate(holder) })
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
@@ -186,54 +170,15 @@ impl JobQueue for SqliteJobQueue {
         if done.rows_affected() != 1 {
             return Err(JobError::NotLeased(id));
         }
-        // Finished jobs past their retention are dead weight.
-        sqlx::query("DELETE FROM jobs WHERE state = 'done' AND finished_at_us < $1")
-            .bind(now - dur_us(self.config.done_retention))
-            .execute(&self.pool)
-            .await?;
         Ok(())
     }
 
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
-        // The retry delay depends on the failure count; only the lease holder changes it
-        // and the update below re-checks it, so reading it first is safe.
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT failures, max_attempts FROM jobs WHERE id = $1 AND lease_id = $2 AND state = 'running'",
-        )
-        .bind(id)
-        .bind(lease)
-        .fetch_optional(&self.pool)
-        .await?;
-        let (failures, max_attempts) = row.ok_or(JobError::NotLeased(id))?;
-        let failures = failures + 1;
-        let now = now_us();
-        let dead = failures >= max_attempts;
-        let n = u32::try_from(failures).unwrap_or(u32::MAX);
-        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
-        let done = sqlx::query(
-            "UPDATE jobs SET failures = $3, last_error = $4, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
-             failed_at_us = $7, state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \
-             finished_at_us = CASE WHEN $5 = 'dead' THEN $7 ELSE finished_at_us END \
-             WHERE id = $1 AND lease_id = $2 AND state = 'running' AND failures = $3 - 1",
-        )
-        .bind(id)
-        .bind(lease)
-        .bind(failures)
-        .bind(error)
-        .bind(if dead { "dead" } else { "retry" })
-        .bind(at)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Err(JobError::NotLeased(id));
-        }
-        if dead {
-            self.trim_dead(now).await?;
-            Ok(Failed::Dead)
-        } else {
-            Ok(Failed::Retry { at: from_us(at), failures: n })
-        }
+        self.settle_failure(id, lease, error, false).await
+    }
+
+    async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {
+        self.settle_failure(id, lease, error, true).await.map(|_| ())
     }
 
     async fn promote_due(&self) -> JobResult<u64> {
@@ -253,6 +198,11 @@ impl JobQueue for SqliteJobQueue {
         .bind(now_us())
         .execute(&self.pool)
         .await?;
+        // Finished jobs past their retention are dead weight (done here, off the ack path).
+        sqlx::query("DELETE FROM jobs WHERE state = 'done' AND finished_at_us < $1")
+            .bind(now_us() - dur_us(self.config.done_retention))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -292,7 +242,7 @@ impl JobQueue for SqliteJobQueue {
             .collect())
     }
 
-    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<Job>> {
+    async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Scanned> {
         let order = match set {
             JobSet::Queue(_) | JobSet::Scheduled | JobSet::Retry => "run_at_us, id",
             JobSet::Dead => "finished_at_us DESC, id DESC",
@@ -311,7 +261,13 @@ impl JobQueue for SqliteJobQueue {
         .bind(i64::try_from(offset).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        let consumed = rows.len() as u64;
+        let jobs = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Ok((offset + i as u64, Job::try_from(r)?)))
+            .collect::<JobResult<Vec<_>>>()?;
+        Ok(Scanned { jobs, consumed })
     }
 
     async fn retry_now(&self, id: Uuid) -> JobResult<Acted> {
@@ -386,6 +342,50 @@ impl JobQueue for SqliteJobQueue {
 }
 
 impl SqliteJobQueue {
+    /// A failed attempt: retry later, or bury (after the last attempt, or at once when
+    /// `permanent`).
+    async fn settle_failure(&self, id: Uuid, lease: Uuid, error: &str, permanent: bool) -> JobResult<Failed> {
+        // The retry delay depends on the failure count; only the lease holder changes it
+        // and the update below re-checks it, so reading it first is safe.
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT failures, max_attempts FROM jobs WHERE id = $1 AND lease_id = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(lease)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (failures, max_attempts) = row.ok_or(JobError::NotLeased(id))?;
+        let failures = failures + 1;
+        let now = now_us();
+        let dead = permanent || failures >= max_attempts;
+        let n = u32::try_from(failures).unwrap_or(u32::MAX);
+        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let done = sqlx::query(
+            "UPDATE jobs SET failures = $3, last_error = $4, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
+             failed_at_us = $7, state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \
+             finished_at_us = CASE WHEN $5 = 'dead' THEN $7 ELSE finished_at_us END \
+             WHERE id = $1 AND lease_id = $2 AND state = 'running' AND failures = $3 - 1",
+        )
+        .bind(id)
+        .bind(lease)
+        .bind(failures)
+        .bind(error)
+        .bind(if dead { "dead" } else { "retry" })
+        .bind(at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(JobError::NotLeased(id));
+        }
+        if dead {
+            self.trim_dead(now).await?;
+            Ok(Failed::Dead)
+        } else {
+            Ok(Failed::Retry { at: from_us(at), failures: n })
+        }
+    }
+
     /// The outcome of an action that changed `changed` rows: when none, either the job
     /// is already where the action would put it, or it is missing, or refused.
     async fn acted(&self, id: Uuid, changed: u64, target: JobState) -> JobResult<Acted> {

@@ -87,6 +87,9 @@ pub trait Store: Send + Sync + 'static {
     /// `postgres` or `sqlite`, for health output and logs.
     fn backend(&self) -> &'static str;
 
+    /// The SQLite pool, when the store is SQLite (the embedded job queue shares it).
+    fn sqlite_pool(&self) -> Option<sqlx::SqlitePool>;
+
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 

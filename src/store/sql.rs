@@ -155,6 +155,24 @@ impl From<AuditRow> for crate::domain::AuditEntry {
     }
 }
 
+/// The SQLite pool behind a store, for the embedded job queue to share (one writer
+/// pool per file); PostgreSQL has none.
+pub trait AsSqlitePool {
+    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool>;
+}
+
+impl AsSqlitePool for sqlx::SqlitePool {
+    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
+        Some(self.clone())
+    }
+}
+
+impl AsSqlitePool for sqlx::PgPool {
+    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
+        None
+    }
+}
+
 /// The tenant row as the lock statement returns it.
 #[derive(sqlx::FromRow)]
 pub(super) struct TenantLock {
@@ -335,6 +353,10 @@ macro_rules! sql_store_impl {
         impl $crate::store::Store for $store {
             fn backend(&self) -> &'static str {
                 $backend
+            }
+
+            fn sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
+                $crate::store::sql::AsSqlitePool::as_sqlite_pool(&self.pool)
             }
 
             async fn migrate(&self) -> $crate::store::StoreResult<()> {

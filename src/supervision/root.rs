@@ -70,21 +70,37 @@ pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
     children
 }
 
+/// How often the scheduler refreshes the `eventra_jobs{state}` gauges.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+
 /// The `jobs` subtree: scheduler, reaper, then the workers. One-for-one: each piece
 /// recovers alone (a killed worker's job comes back through the reaper).
 pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
     let queue = jobs.runner.client().queue.clone();
     let scheduler: Task = {
         let queue = queue.clone();
+        let gauges_due = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
         Arc::new(move || {
-            let queue = queue.clone();
+            let (queue, gauges_due) = (queue.clone(), gauges_due.clone());
             Box::pin(async move {
                 let promoted = queue.promote_due().await.map_err(|e| e.to_string())?;
-                // Queue gauges ride along: one place polls the backend's counts.
-                for state in [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead]
-                {
-                    let n = queue.count(state).await.map_err(|e| e.to_string())?;
-                    metrics::gauge!("eventra_jobs", "state" => state.as_str()).set(n as f64);
+                // Queue gauges ride along, at a gentler pace than the promotions.
+                let now = std::time::Instant::now();
+                let due = {
+                    let mut at = gauges_due.lock().unwrap_or_else(|e| e.into_inner());
+                    let due = now >= *at;
+                    if due {
+                        *at = now + GAUGE_EVERY;
+                    }
+                    due
+                };
+                if due {
+                    for state in
+                        [JobState::Ready, JobState::Scheduled, JobState::Running, JobState::Retry, JobState::Dead]
+                    {
+                        let n = queue.count(state).await.map_err(|e| e.to_string())?;
+                        metrics::gauge!("eventra_jobs", "state" => state.as_str()).set(n as f64);
+                    }
                 }
                 Ok(promoted)
             })
@@ -119,7 +135,8 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
                 Ok(worker.get_cell())
             })
         });
-        // Stop waits for the job in hand; past this, the job is left to the reaper.
+        // Stop waits for the batch in hand (the runner drains first, so no new batch is
+        // taken); past this, the batch is left to the reaper.
         children.push(ChildSpec::worker(format!("job-worker-{n}"), start).shutdown(Duration::from_secs(15)));
     }
     SupervisorSpec::new("jobs", Strategy::OneForOne, children)

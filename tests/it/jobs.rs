@@ -230,7 +230,7 @@ async fn dead_jobs_retry_now(backend: Backend, test: &str) {
         c.jobs.jitter = false;
     };
     let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), tweak).await else { return };
-    let job = NewJob { max_attempts: kind.max_attempts, ..NewJob::new("test_broken", "broken:1", json!({})) };
+    let job = NewJob { max_attempts: Some(kind.max_attempts), ..NewJob::new("test_broken", "broken:1", json!({})) };
     let id = enqueue(&s.queue, job).await;
     job_in_state(&s.app, id, "dead", Duration::from_secs(20)).await;
     assert_eq!(kind.runs.load(Ordering::SeqCst), 2, "two attempts, then the dead set");
@@ -263,6 +263,65 @@ async fn dead_jobs_retry_now(backend: Backend, test: &str) {
         "{summary}"
     );
     assert_eq!(summary["queues"][0]["name"], "default", "{summary}");
+    s.app.stop().await;
+}
+
+/// Takes 400 ms and counts its runs per job.
+#[derive(Default)]
+struct Slow(Mutex<HashMap<String, u32>>);
+
+#[async_trait]
+impl JobKind for Slow {
+    fn name(&self) -> &'static str {
+        "test_slow"
+    }
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        tokio::time::sleep(Duration::from_millis(400)).await; // the job's own work, not a wait
+        *self.0.lock().unwrap().entry(job.idempotency_key.clone()).or_default() += 1;
+        Ok(())
+    }
+}
+
+/// A batch longer than the lease (5 × 400 ms against 1.5 s), each job shorter than a
+/// heartbeat period: the batch's heartbeat must keep every lease, or the reaper hands
+/// the waiting jobs to the other worker and they run twice.
+async fn long_batches_keep_their_leases(backend: Backend, test: &str) {
+    let kind = Arc::new(Slow::default());
+    let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), |_| {}).await else { return };
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(enqueue(&s.queue, NewJob::new("test_slow", format!("slow:{i}"), json!({}))).await);
+    }
+    for id in ids {
+        job_in_state(&s.app, id, "done", Duration::from_secs(30)).await;
+    }
+    let runs = kind.0.lock().unwrap().clone();
+    assert_eq!(runs.len(), 10);
+    assert!(runs.values().all(|n| *n == 1), "every job ran once: {runs:?}");
+    s.app.stop().await;
+}
+
+/// Fails for good on its first run.
+struct Hopeless(AtomicU32);
+
+#[async_trait]
+impl JobKind for Hopeless {
+    fn name(&self) -> &'static str {
+        "test_hopeless"
+    }
+    async fn run(&self, _job: &Job) -> Result<(), JobFailure> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Err(JobFailure::permanent("the address is refused"))
+    }
+}
+
+async fn permanent_failures_skip_the_retries(backend: Backend, test: &str) {
+    let kind = Arc::new(Hopeless(AtomicU32::new(0)));
+    let Some(s) = setup(backend, test, Kinds::default().with(kind.clone()), |_| {}).await else { return };
+    let id = enqueue(&s.queue, NewJob::new("test_hopeless", "hopeless:1", json!({}))).await;
+    let dead = job_in_state(&s.app, id, "dead", Duration::from_secs(20)).await;
+    assert_eq!((dead["attempts"].as_u64(), dead["last_error"].as_str()), (Some(1), Some("the address is refused")));
+    assert_eq!(kind.0.load(Ordering::SeqCst), 1, "no retries");
     s.app.stop().await;
 }
 
@@ -299,11 +358,13 @@ async fn one_welcome_email(s: &Setup, inbox: impl Fn() -> Vec<String>) {
     })
     .await;
     // Past the key's retention (or an operator re-enqueueing): the email log still holds.
+    let before = inbox();
     let mut again = eventra::jobs::jobs_for_event(&event).pop().unwrap();
     again.idempotency_key.push_str(":later");
     let id = enqueue(&s.queue, again).await;
     job_in_state(&s.app, id, "done", Duration::from_secs(20)).await;
     let mail = inbox();
+    assert_eq!(mail, before, "nothing sent (or rewritten) by the later job");
     assert_eq!(mail.len(), 1, "{mail:?}");
     assert!(
         mail[0].contains("To: welcome@example.com") && mail[0].contains(&format!("welcome.{}@eventra", event.subject))
@@ -327,7 +388,16 @@ async fn welcome_email_to_files(backend: Backend, test: &str) {
     let dir = s.app.config.data_dir.join("mail");
     let inbox = || -> Vec<String> {
         std::fs::read_dir(&dir)
-            .map(|d| d.flatten().filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                    .filter_map(|e| {
+                        // The modification time too: a resend rewrites the same file.
+                        let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+                        Some(format!("{}\n(modified {modified:?})", std::fs::read_to_string(e.path()).ok()?))
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     };
     one_welcome_email(&s, inbox).await;
@@ -351,6 +421,8 @@ on_each_backend!(
     worker_killed_mid_job,
     retries_show_in_the_admin_api,
     dead_jobs_retry_now,
+    permanent_failures_skip_the_retries,
+    long_batches_keep_their_leases,
     welcome_email_over_smtp,
     welcome_email_to_files,
 );

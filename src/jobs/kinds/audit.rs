@@ -28,7 +28,7 @@ impl JobKind for Audit {
 
     async fn run(&self, job: &Job) -> Result<(), JobFailure> {
         let event: DomainEvent = serde_json::from_value(job.args.clone())
-            .map_err(|e| JobFailure::new(format!("args are not a domain event: {e}")))?;
+            .map_err(|e| JobFailure::permanent(format!("args are not a domain event: {e}")))?;
         let new = self.store.append_audit(&AuditEntry::from_event(&event)).await.map_err(JobFailure::new)?;
         if !new {
             tracing::debug!(event_id = %event.id, "audit entry already recorded");

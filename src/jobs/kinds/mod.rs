@@ -19,14 +19,25 @@ use super::{Job, DEFAULT_MAX_ATTEMPTS};
 use crate::mail::Mailer;
 use crate::store::Store;
 
-/// Why a run failed: stored as the job's `last_error`, then retried or buried.
+/// Why a run failed: stored as the job's `last_error`, then retried, or buried at once
+/// when `permanent` (no retry can fix it: a malformed job, an address the mail server
+/// refuses).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct JobFailure(pub String);
+#[error("{message}")]
+pub struct JobFailure {
+    pub message: String,
+    pub permanent: bool,
+}
 
 impl JobFailure {
+    /// A failure a later attempt may not hit (retried on the schedule).
     pub fn new(msg: impl std::fmt::Display) -> Self {
-        JobFailure(msg.to_string())
+        JobFailure { message: msg.to_string(), permanent: false }
+    }
+
+    /// A failure every attempt would hit: straight to the dead set.
+    pub fn permanent(msg: impl std::fmt::Display) -> Self {
+        JobFailure { message: msg.to_string(), permanent: true }
     }
 }
 
@@ -63,6 +74,11 @@ impl Kinds {
     pub fn with_all(mut self, other: Kinds) -> Self {
         self.0.extend(other.0);
         self
+    }
+
+    /// The attempts each kind wants, for jobs that do not say.
+    pub fn max_attempts(&self) -> HashMap<String, u32> {
+        self.0.iter().map(|(name, k)| (name.clone(), k.max_attempts())).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn JobKind>> {

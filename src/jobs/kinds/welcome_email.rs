@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{JobFailure, JobKind};
 use crate::jobs::{Job, NewJob};
-use crate::mail::{Email, Mailer};
+use crate::mail::{Email, MailError, Mailer};
 use crate::store::{SentEmail, Store};
 
 /// The job's arguments.
@@ -57,7 +57,7 @@ impl JobKind for WelcomeEmail {
 
     async fn run(&self, job: &Job) -> Result<(), JobFailure> {
         let args: WelcomeArgs = serde_json::from_value(job.args.clone())
-            .map_err(|e| JobFailure::new(format!("welcome_email args: {e}")))?;
+            .map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))?;
         let key = format!("welcome:{}", args.user_id);
         if self.store.email_sent(&key).await.map_err(JobFailure::new)? {
             tracing::info!(user_id = %args.user_id, "welcome email already sent; not sending again");
@@ -73,7 +73,10 @@ impl JobKind for WelcomeEmail {
                 args.name, args.email
             ),
         };
-        self.mailer.send(&email).await.map_err(JobFailure::new)?;
+        self.mailer.send(&email).await.map_err(|e| match e {
+            MailError::Invalid(_) => JobFailure::permanent(e),
+            MailError::Transport(_) => JobFailure::new(e),
+        })?;
         let sent = SentEmail {
             key,
             tenant_id: args.tenant_id,
