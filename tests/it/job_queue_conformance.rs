@@ -392,21 +392,12 @@ macro_rules! conformance {
         mod redis {
             use super::*;
 
-            /// Deletes the test's keys when the test ends.
-            struct Namespace { url: String, ns: String }
-
-            impl Drop for Namespace {
-                fn drop(&mut self) {
-                    crate::utils::delete_redis_namespace(&self.url, &self.ns);
-                }
-            }
-
             fn make(config: QueueConfig) -> futures::future::BoxFuture<'static, (Box<dyn std::any::Any + Send>, Arc<dyn JobQueue>)> {
                 Box::pin(async move {
                     let url = std::env::var("REDIS_URL").expect("checked by the test");
-                    let ns = format!("eventra-test-{}", uuid::Uuid::now_v7().simple());
-                    let q = eventra::jobs::RedisJobQueue::connect(&url, &ns, config).await.expect("connect to Redis at REDIS_URL");
-                    (Box::new(Namespace { url, ns }) as Box<dyn std::any::Any + Send>, Arc::new(q) as Arc<dyn JobQueue>)
+                    let ns = crate::utils::RedisNamespace::new(&url);
+                    let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, config).await.expect("connect to Redis at REDIS_URL");
+                    (Box::new(ns) as Box<dyn std::any::Any + Send>, Arc::new(q) as Arc<dyn JobQueue>)
                 })
             }
 
@@ -445,8 +436,8 @@ async fn redis_queue_survives_a_script_flush() {
         return;
     };
     use fred::prelude::*;
-    let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
-    let q = eventra::jobs::RedisJobQueue::connect(&url, &ns, QueueConfig::default()).await.unwrap();
+    let ns = crate::utils::RedisNamespace::new(&url);
+    let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, QueueConfig::default()).await.unwrap();
     new_id(q.enqueue(job("before")).await.unwrap());
     let admin = Builder::from_config(Config::from_url(&url).unwrap()).build().unwrap();
     admin.init().await.unwrap();
@@ -455,5 +446,4 @@ async fn redis_queue_survives_a_script_flush() {
     let first = q.fetch("default", "w", Duration::from_secs(30)).await.unwrap().unwrap();
     assert_eq!(first.idempotency_key, "before");
     q.ack(first.id, first.lease.unwrap()).await.unwrap();
-    crate::utils::delete_redis_namespace(&url, &ns);
 }

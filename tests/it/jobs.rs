@@ -33,16 +33,7 @@ struct Setup {
     app: TestApp,
     queue: Arc<dyn JobQueue>,
     _db: TestDb,
-    _redis: Option<RedisNamespace>,
-}
-
-/// Deletes the test's Redis keys when the test ends.
-struct RedisNamespace(String, String);
-
-impl Drop for RedisNamespace {
-    fn drop(&mut self) {
-        crate::utils::delete_redis_namespace(&self.0, &self.1);
-    }
+    _redis: Option<crate::utils::RedisNamespace>,
 }
 
 async fn setup(backend: Backend, test: &str, kinds: Kinds, tweak: impl FnOnce(&mut Config)) -> Option<Setup> {
@@ -51,7 +42,9 @@ async fn setup(backend: Backend, test: &str, kinds: Kinds, tweak: impl FnOnce(&m
         Backend::Sqlite => None,
         Backend::Redis => Some(crate::utils::service_url("REDIS_URL", test)?),
     };
-    let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
+    let guard = redis.as_deref().map(crate::utils::RedisNamespace::new);
+    // SQLite runs need a namespace too (the config requires one); nothing to clean up.
+    let ns = guard.as_ref().map_or_else(|| "eventra-test".to_owned(), |g| g.ns.clone());
     let app = TestApp::start_with_kinds(db.url(), kinds, |c| {
         c.redis_url = redis.clone();
         c.namespace = ns.clone();
@@ -63,7 +56,7 @@ async fn setup(backend: Backend, test: &str, kinds: Kinds, tweak: impl FnOnce(&m
         Some(url) => Arc::new(eventra::jobs::RedisJobQueue::connect(url, &ns, config).await.expect("redis")),
         None => Arc::new(eventra::jobs::SqliteJobQueue::open(db.url(), config).await.expect("sqlite queue")),
     };
-    Some(Setup { app, queue, _db: db, _redis: redis.map(|url| RedisNamespace(url, ns)) })
+    Some(Setup { app, queue, _db: db, _redis: guard })
 }
 
 async fn enqueue(q: &Arc<dyn JobQueue>, job: NewJob) -> Uuid {

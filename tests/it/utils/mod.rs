@@ -54,6 +54,25 @@ pub async fn outbox_count(store: &dyn Store, kind: EventType) -> usize {
     store.outbox_after(0, 100_000).await.expect("read the outbox").iter().filter(|r| r.event.event_type == kind).count()
 }
 
+/// A test's unique Redis namespace (`eventra-test-<uuid>`), whose keys are deleted when
+/// the test ends, passed or not.
+pub struct RedisNamespace {
+    pub url: String,
+    pub ns: String,
+}
+
+impl RedisNamespace {
+    pub fn new(url: &str) -> Self {
+        RedisNamespace { url: url.to_owned(), ns: format!("eventra-test-{}", uuid::Uuid::now_v7().simple()) }
+    }
+}
+
+impl Drop for RedisNamespace {
+    fn drop(&mut self) {
+        delete_redis_namespace(&self.url, &self.ns);
+    }
+}
+
 /// Deletes every Redis key under `namespace` (a test's unique prefix). Runs on its own
 /// thread and runtime so it can be called from `Drop`.
 pub fn delete_redis_namespace(url: &str, namespace: &str) {
