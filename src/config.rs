@@ -74,7 +74,7 @@ pub struct JobArgs {
     pub job_time_scale: f64,
     /// Most jobs a worker leases at once (never more than its fair share of the
     /// queue); 1 turns batching off.
-    #[arg(long, env = "EVENTRA_JOB_BATCH", default_value_t = 10)]
+    #[arg(long, env = "EVENTRA_JOB_BATCH", default_value_t = 25)]
     pub job_batch: u32,
     /// `0` turns off the random part of retry delays (tests that check exact delays).
     #[arg(long, env = "EVENTRA_JOB_JITTER", default_value = "1", value_parser = parse_flag)]
@@ -106,7 +106,7 @@ impl Default for JobsConfig {
             poll: std::time::Duration::from_secs(1),
             time_scale: 1.0,
             jitter: true,
-            batch: 10,
+            batch: 25,
             mail_from: "Eventra <no-reply@eventra.invalid>".into(),
         }
     }

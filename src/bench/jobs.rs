@@ -38,7 +38,7 @@ pub struct JobsBenchArgs {
     #[arg(long, default_value_t = 32)]
     pub enqueue_concurrency: usize,
     /// Most jobs an Eventra worker leases at once (`EVENTRA_JOB_BATCH`; 1 = one by one).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 25)]
     pub batch: u32,
     /// Skip Sidekiq (e.g. where Ruby is not installed).
     #[arg(long)]

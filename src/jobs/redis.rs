@@ -52,8 +52,9 @@ return ''
 
 /// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, max, workers, then
 /// one lease id per job it may take. Takes up to `min(max, ceil(len / workers))` ids and
-/// returns each job's hash (flat field/value lists). An id whose job hash is gone
-/// (evicted, deleted by hand) is dropped rather than turned into a half-written job.
+/// returns, per job, its id, lease id and the fields of [`FETCHED_FIELDS`] in order (a
+/// fixed `HMGET`, half the reply of `HGETALL`). An id whose job hash is gone (evicted,
+/// deleted by hand) is dropped rather than turned into a half-written job.
 const FETCH: &str = r#"
 local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
 local out, leased = {}, {}
@@ -61,20 +62,35 @@ while #out < n do
   local id = redis.call('RPOP', KEYS[1])
   if not id then break end
   local job = ARGV[1] .. id
-  local fields = redis.call('HGETALL', job)
-  if #fields > 0 then
+  local f = redis.call('HMGET', job, 'kind', 'queue', 'args', 'idempotency_key', 'failures', 'max_attempts',
+    'enqueued_at_us', 'run_at_us', 'last_error', 'failed_at_us')
+  if f[1] then
     local lease = ARGV[6 + #out]
     redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', lease)
     table.insert(leased, ARGV[3])
     table.insert(leased, id)
-    table.insert(fields, 'lease')
-    table.insert(fields, lease)
-    table.insert(out, fields)
+    table.insert(f, 1, lease)
+    table.insert(f, 1, id)
+    table.insert(out, f)
   end
 end
 if #leased > 0 then redis.call('ZADD', KEYS[2], unpack(leased)) end
 return out
 "#;
+
+/// The fields FETCH returns after the id and lease id, in order.
+const FETCHED_FIELDS: [&str; 10] = [
+    "kind",
+    "queue",
+    "args",
+    "idempotency_key",
+    "failures",
+    "max_attempts",
+    "enqueued_at_us",
+    "run_at_us",
+    "last_error",
+    "failed_at_us",
+];
 
 /// KEYS: job, running. ARGV: id, lease id, lease_until. Returns 1 if extended.
 const HEARTBEAT: &str = r#"
@@ -526,16 +542,21 @@ impl JobQueue for RedisJobQueue {
             workers.max(1).to_string(),
         ]);
         args.extend((0..max).map(|_| Uuid::new_v4().to_string()));
-        let hashes: Vec<Vec<String>> = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
-        let mut jobs = Vec::with_capacity(hashes.len());
-        for flat in hashes {
-            let mut fields = HashMap::with_capacity(flat.len() / 2);
-            let mut it = flat.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                fields.insert(k, v);
+        let rows: Vec<Vec<Option<String>>> = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut values = row.into_iter();
+            let raw_id = values.next().flatten();
+            let mut fields = HashMap::with_capacity(FETCHED_FIELDS.len() + 4);
+            fields.insert("lease".to_owned(), values.next().flatten().unwrap_or_default());
+            for (name, value) in FETCHED_FIELDS.iter().zip(values) {
+                if let Some(v) = value {
+                    fields.insert((*name).to_owned(), v);
+                }
             }
-            let raw_id = fields.get("id").cloned();
-            // The script read the hash before leasing it (and appended the lease).
+            if let Some(id) = &raw_id {
+                fields.insert("id".into(), id.clone());
+            }
             fields.insert("state".into(), "running".into());
             fields.insert("worker".into(), worker.to_owned());
             match parse_job(fields) {

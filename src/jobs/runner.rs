@@ -49,7 +49,7 @@ impl Default for RunnerConfig {
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(300),
             idle_poll: Duration::from_millis(200),
-            batch: 10,
+            batch: 25,
             workers: 10,
         }
     }
@@ -112,6 +112,30 @@ impl KindMetrics {
             dead: metrics::counter!("eventra_jobs_dead_total", "kind" => k.clone()),
             duration: metrics::histogram!("eventra_job_duration_seconds", "kind" => k),
         }
+    }
+}
+
+/// Successes are acked once the oldest has waited this long (checked as each job of
+/// the batch finishes), else with the rest of the batch.
+const MAX_ACK_DELAY: Duration = Duration::from_millis(100);
+
+/// Successes of a batch waiting for their (shared) ack.
+#[derive(Default)]
+struct PendingAcks {
+    leases: Vec<(Uuid, Uuid)>,
+    metrics: HashMap<Uuid, KindMetrics>,
+    /// Their positions in the batch.
+    positions: Vec<usize>,
+    /// When the oldest one succeeded.
+    since: Option<Instant>,
+}
+
+impl PendingAcks {
+    fn add(&mut self, position: usize, id: Uuid, lease: Uuid, metrics: KindMetrics) {
+        self.since.get_or_insert_with(Instant::now);
+        self.leases.push((id, lease));
+        self.metrics.insert(id, metrics);
+        self.positions.push(position);
     }
 }
 
@@ -180,16 +204,16 @@ impl Runner {
 
     /// Runs leased jobs one after another under one heartbeat (every third of the
     /// lease, for every job of the batch not settled yet); failures settle at once,
-    /// successes are acked together at the end (a worker that dies before that leaves
-    /// them to the reaper: at-least-once, as always).
+    /// successes are acked together, at the end of the batch or when a job finishes
+    /// and the oldest waiting success is [`MAX_ACK_DELAY`] old (a worker that dies
+    /// before that leaves them to the reaper: at-least-once, as always).
     async fn run_batch(&self, jobs: Vec<Job>) {
         let every = self.config.lease / 3;
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Failed or lost: no longer ours to keep alive.
+        // Failed, lost or acked: no longer ours to keep alive.
         let mut settled = vec![false; jobs.len()];
-        let mut succeeded: Vec<(Uuid, Uuid)> = Vec::with_capacity(jobs.len());
-        let mut kinds: HashMap<Uuid, KindMetrics> = HashMap::with_capacity(jobs.len());
+        let mut pending = PendingAcks::default();
         for (i, job) in jobs.iter().enumerate() {
             let Some(lease) = job.lease else { continue };
             let metrics = self.metrics_for(&job.kind);
@@ -197,10 +221,7 @@ impl Runner {
             let outcome = self.execute(job, lease, &jobs, &settled, &mut beat, &metrics).instrument(span.clone()).await;
             let _enter = span.enter();
             match outcome {
-                Outcome::Succeeded => {
-                    succeeded.push((job.id, lease));
-                    kinds.insert(job.id, metrics);
-                }
+                Outcome::Succeeded => pending.add(i, job.id, lease, metrics),
                 Outcome::Failed(failure) => {
                     settled[i] = true;
                     self.settle_failure(job, lease, failure, &metrics).await;
@@ -210,17 +231,33 @@ impl Runner {
                     tracing::warn!("lease lost while running (the reaper took the job back); its result is dropped");
                 }
             }
+            // Successes share an ack call, unless the oldest has waited long enough.
+            if pending.since.is_some_and(|t| t.elapsed() >= MAX_ACK_DELAY) {
+                self.ack(&mut pending, &mut settled).await;
+            }
         }
-        match self.client.queue.ack_many(&succeeded).await {
+        self.ack(&mut pending, &mut settled).await;
+    }
+
+    /// Acks the pending successes in one call.
+    async fn ack(&self, pending: &mut PendingAcks, settled: &mut [bool]) {
+        let PendingAcks { leases, metrics, positions, since: _ } = std::mem::take(pending);
+        if leases.is_empty() {
+            return;
+        }
+        for i in positions {
+            settled[i] = true;
+        }
+        match self.client.queue.ack_many(&leases).await {
             Ok(acked) => {
                 for id in &acked {
-                    if let Some(m) = kinds.get(id) {
+                    if let Some(m) = metrics.get(id) {
                         m.succeeded.increment(1);
                     }
                 }
-                if acked.len() < succeeded.len() {
+                if acked.len() < leases.len() {
                     tracing::warn!(
-                        lost = succeeded.len() - acked.len(),
+                        lost = leases.len() - acked.len(),
                         "leases lost before the ack; those jobs run again elsewhere (handlers are idempotent)"
                     );
                 }
