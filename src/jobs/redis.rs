@@ -8,8 +8,11 @@
 //! - `{ns}:queues`: the set of queue names;
 //! - `{ns}:scheduled`, `{ns}:retry`: ids by due time; `{ns}:running`: ids by lease
 //!   deadline (reliable fetch: a worker that dies lets its lease lapse and the reaper
-//!   puts the job back; the deadline lives only there); `{ns}:dead`, `{ns}:done`: ids
-//!   by finish time.
+//!   puts the job back; the deadline lives only there); `{ns}:dead`: ids by finish
+//!   time;
+//! - `{ns}:done:{hour}`: how many jobs finished in that hour (since the epoch), kept
+//!   for the retention: `count(Done)` sums the buckets within it, without a per-job
+//!   sorted-set entry on the hot path.
 //!
 //! Finished jobs keep their hash and idempotency key for `done_retention` (Redis
 //! expiry); the dead set is trimmed by age and count when a job dies.
@@ -99,17 +102,17 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
 
-/// KEYS: running, done. ARGV: now, retention_ms, done cutoff (now - retention), job key
+/// KEYS: running, done bucket (this hour's count). ARGV: now, retention_ms, job key
 /// prefix, idem key prefix, then (id, lease id) pairs. Acks each pair still leased;
 /// returns the acked ids. Times stay the strings Rust formatted (no Lua float formatting).
 const ACK: &str = r#"
 local ms = tonumber(ARGV[2])
-local ids, done = {}, {}
-for i = 6, #ARGV, 2 do
-  local id, job = ARGV[i], ARGV[4] .. ARGV[i]
+local ids = {}
+for i = 5, #ARGV, 2 do
+  local id, job = ARGV[i], ARGV[3] .. ARGV[i]
   local f = redis.call('HMGET', job, 'lease', 'state', 'idempotency_key')
   if f[1] == ARGV[i + 1] and f[2] == 'running' then
-    local idem = ARGV[5] .. (f[3] or '')
+    local idem = ARGV[4] .. (f[3] or '')
     -- worker and lease fields stay: they mean nothing once the state is not running
     redis.call('HSET', job, 'state', 'done', 'finished_at_us', ARGV[1])
     if ms > 0 then
@@ -119,15 +122,13 @@ for i = 6, #ARGV, 2 do
       redis.call('DEL', job, idem)
     end
     table.insert(ids, id)
-    table.insert(done, ARGV[1])
-    table.insert(done, id)
   end
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
-  redis.call('ZADD', KEYS[2], unpack(done))
+  redis.call('INCRBY', KEYS[2], #ids)
+  redis.call('PEXPIRE', KEYS[2], ms + 3600000)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
 return ids
 "#;
 
@@ -281,6 +282,7 @@ struct Keys {
     retry: String,
     running: String,
     dead: String,
+    /// `{ns}:done:` (hourly buckets follow).
     done: String,
 }
 
@@ -297,7 +299,7 @@ impl Keys {
             retry: k("retry"),
             running: k("running"),
             dead: k("dead"),
-            done: k("done"),
+            done: k("done:"),
         }
     }
 
@@ -313,17 +315,21 @@ impl Keys {
         format!("{}{key}", self.idem)
     }
 
-    /// The sorted set holding a (non-ready) state's ids.
-    fn set_of(&self, state: JobState) -> &str {
+    /// The sorted set holding a state's ids (ready ids live in queue lists, done jobs
+    /// only in the hourly counts).
+    fn set_of(&self, state: JobState) -> Option<&str> {
         match state {
-            JobState::Scheduled => &self.scheduled,
-            JobState::Retry => &self.retry,
-            JobState::Running => &self.running,
-            JobState::Dead => &self.dead,
-            JobState::Ready | JobState::Done => &self.done,
+            JobState::Scheduled => Some(&self.scheduled),
+            JobState::Retry => Some(&self.retry),
+            JobState::Running => Some(&self.running),
+            JobState::Dead => Some(&self.dead),
+            JobState::Ready | JobState::Done => None,
         }
     }
 }
+
+/// One done-count bucket, in µs.
+const HOUR_US: i64 = 3_600_000_000;
 
 /// Most ids one scheduler or reaper call moves, so a backlog never blocks Redis long.
 const MOVE_CHUNK: u32 = 500;
@@ -387,7 +393,10 @@ impl RedisJobQueue {
                 ids
             }
             JobSet::Dead => self.client.zrange(&self.keys.dead, start, stop, None, true, None, false).await?,
-            other => self.client.zrange(self.keys.set_of(other.state()), start, stop, None, false, None, false).await?,
+            other => match self.keys.set_of(other.state()) {
+                Some(key) => self.client.zrange(key, start, stop, None, false, None, false).await?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -577,18 +586,12 @@ impl JobQueue for RedisJobQueue {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = vec![self.keys.running.clone(), self.keys.done.clone()];
+        let keys = vec![self.keys.running.clone(), format!("{}{}", self.keys.done, now_us() / HOUR_US)];
         let now = now_us();
         let retention = self.config.done_retention;
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let mut args = Vec::with_capacity(5 + 2 * leases.len());
-        args.extend([
-            now.to_string(),
-            retention_ms.to_string(),
-            (now - dur_us(retention)).to_string(),
-            self.keys.job.clone(),
-            self.keys.idem.clone(),
-        ]);
+        let mut args = Vec::with_capacity(4 + 2 * leases.len());
+        args.extend([now.to_string(), retention_ms.to_string(), self.keys.job.clone(), self.keys.idem.clone()]);
         for (id, lease) in leases {
             args.push(id.to_string());
             args.push(lease.to_string());
@@ -648,10 +651,16 @@ impl JobQueue for RedisJobQueue {
                 total
             }
             JobState::Done => {
-                let since = now_us() - dur_us(self.config.done_retention);
-                self.client.zcount(&self.keys.done, since as f64, f64::INFINITY).await?
+                let now = now_us();
+                let first = (now - dur_us(self.config.done_retention)) / HOUR_US;
+                let buckets: Vec<String> = (first..=now / HOUR_US).map(|h| format!("{}{h}", self.keys.done)).collect();
+                let counts: Vec<Option<i64>> = self.client.mget(buckets).await?;
+                counts.into_iter().flatten().sum()
             }
-            other => self.client.zcard(self.keys.set_of(other)).await?,
+            other => match self.keys.set_of(other) {
+                Some(key) => self.client.zcard(key).await?,
+                None => 0,
+            },
         };
         Ok(u64::try_from(n).unwrap_or(0))
     }
