@@ -201,7 +201,8 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued>;
     /// Leases the oldest ready job of `queue` to `worker` for `lease`.
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;
-    /// Extends a lease; `false` when the job is no longer held under `lease`.
+    /// Extends a lease; `false` when the job is no longer held under `lease`. (Redis
+    /// leases a fetched batch under one lease id, so this extends the whole batch.)
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool>;
     /// The job succeeded.
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()>;

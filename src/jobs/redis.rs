@@ -6,10 +6,11 @@
 //! - `{ns}:idem:{key}`: the job id holding an idempotency key;
 //! - `{ns}:queue:{name}`: ready ids (LPUSH to add, RPOP to take: oldest first);
 //! - `{ns}:queues`: the set of queue names;
-//! - `{ns}:scheduled`, `{ns}:retry`: ids by due time; `{ns}:running`: ids by lease
-//!   deadline (reliable fetch: a worker that dies lets its lease lapse and the reaper
-//!   puts the job back; the deadline lives only there); `{ns}:dead`: ids by finish
-//!   time;
+//! - `{ns}:scheduled`, `{ns}:retry`: ids by due time; `{ns}:dead`: ids by finish time;
+//! - `{ns}:running`: lease ids by deadline, and `{ns}:lease:{lease}`: the ids a fetch
+//!   leased under it (reliable fetch: a worker that dies lets its lease lapse and the
+//!   reaper puts its jobs back). One lease per fetched batch keeps the per-job work
+//!   off this set;
 //! - `{ns}:done:{hour}`: how many jobs finished in that hour (since the epoch), kept
 //!   for the retention: `count(Done)` sums the buckets within it, without a per-job
 //!   sorted-set entry on the hot path.
@@ -53,14 +54,15 @@ else redis.call('LPUSH', KEYS[3], ARGV[1]) end
 return ''
 "#;
 
-/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, max, workers, then
-/// one lease id per job it may take. Takes up to `min(max, ceil(len / workers))` ids and
-/// returns, per job, its id, lease id and the fields of [`FETCHED_FIELDS`] in order (a
-/// fixed `HMGET`, half the reply of `HGETALL`). An id whose job hash is gone (evicted,
-/// deleted by hand) is dropped rather than turned into a half-written job.
+/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, max, workers, lease
+/// id, lease-set key prefix. Takes up to `min(max, ceil(len / workers))` ids under one
+/// lease (one `running` entry and one id set per fetch, not per job) and returns, per
+/// job, its id and the fields of [`FETCHED_FIELDS`] in order (a fixed `HMGET`, half the
+/// reply of `HGETALL`). An id whose job hash is gone (evicted, deleted by hand) is
+/// dropped rather than turned into a half-written job.
 const FETCH: &str = r#"
 local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
-local out, leased = {}, {}
+local out, ids = {}, {}
 while #out < n do
   local id = redis.call('RPOP', KEYS[1])
   if not id then break end
@@ -68,20 +70,20 @@ while #out < n do
   local f = redis.call('HMGET', job, 'kind', 'queue', 'args', 'idempotency_key', 'failures', 'max_attempts',
     'enqueued_at_us', 'run_at_us', 'last_error', 'failed_at_us')
   if f[1] then
-    local lease = ARGV[6 + #out]
-    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', lease)
-    table.insert(leased, ARGV[3])
-    table.insert(leased, id)
-    table.insert(f, 1, lease)
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', ARGV[6])
+    table.insert(ids, id)
     table.insert(f, 1, id)
     table.insert(out, f)
   end
 end
-if #leased > 0 then redis.call('ZADD', KEYS[2], unpack(leased)) end
+if #ids > 0 then
+  redis.call('SADD', ARGV[7] .. ARGV[6], unpack(ids))
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+end
 return out
 "#;
 
-/// The fields FETCH returns after the id and lease id, in order.
+/// The fields FETCH returns after the id, in order.
 const FETCHED_FIELDS: [&str; 10] = [
     "kind",
     "queue",
@@ -95,23 +97,44 @@ const FETCHED_FIELDS: [&str; 10] = [
     "failed_at_us",
 ];
 
-/// KEYS: job, running. ARGV: id, lease id, lease_until. Returns 1 if extended.
+/// KEYS: job, running. ARGV: id, lease id, lease_until. Extends the lease (and with it
+/// every job of its batch) if the job is still held under it; returns 1 if so.
 const HEARTBEAT: &str = r#"
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local f = redis.call('HMGET', KEYS[1], 'lease', 'state')
+if f[1] ~= ARGV[2] or f[2] ~= 'running' then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 return 1
 "#;
 
+/// Lua: takes settled job ids out of their lease's set; a lease with no jobs left
+/// leaves the `running` set.
+macro_rules! release_lua {
+    () => {
+        r#"
+local function release(prefix, running, lease, ids)
+  local set = prefix .. lease
+  redis.call('SREM', set, unpack(ids))
+  if redis.call('SCARD', set) == 0 then
+    redis.call('DEL', set)
+    redis.call('ZREM', running, lease)
+  end
+end
+"#
+    };
+}
+
 /// KEYS: running, done bucket (this hour's count). ARGV: now, retention_ms, job key
-/// prefix, idem key prefix, then (id, lease id) pairs. Acks each pair still leased;
-/// returns the acked ids. Times stay the strings Rust formatted (no Lua float formatting).
-const ACK: &str = r#"
+/// prefix, idem key prefix, lease-set key prefix, then (id, lease id) pairs. Acks each
+/// pair still leased; returns the acked ids. Times stay the strings Rust formatted.
+const ACK: &str = concat!(
+    release_lua!(),
+    r#"
 local ms = tonumber(ARGV[2])
-local ids = {}
-for i = 5, #ARGV, 2 do
-  local id, job = ARGV[i], ARGV[3] .. ARGV[i]
+local ids, by_lease = {}, {}
+for i = 6, #ARGV, 2 do
+  local id, job, lease = ARGV[i], ARGV[3] .. ARGV[i], ARGV[i + 1]
   local f = redis.call('HMGET', job, 'lease', 'state', 'idempotency_key')
-  if f[1] == ARGV[i + 1] and f[2] == 'running' then
+  if f[1] == lease and f[2] == 'running' then
     local idem = ARGV[4] .. (f[3] or '')
     -- worker and lease fields stay: they mean nothing once the state is not running
     redis.call('HSET', job, 'state', 'done', 'finished_at_us', ARGV[1])
@@ -122,15 +145,18 @@ for i = 5, #ARGV, 2 do
       redis.call('DEL', job, idem)
     end
     table.insert(ids, id)
+    by_lease[lease] = by_lease[lease] or {}
+    table.insert(by_lease[lease], id)
   end
 end
+for lease, members in pairs(by_lease) do release(ARGV[5], KEYS[1], lease, members) end
 if #ids > 0 then
-  redis.call('ZREM', KEYS[1], unpack(ids))
   redis.call('INCRBY', KEYS[2], #ids)
   redis.call('PEXPIRE', KEYS[2], ms + 3600000)
 end
 return ids
-"#;
+"#
+);
 
 /// Lua: drops dead jobs finished before `cutoff` (a string of µs), then the oldest
 /// beyond `max_count`, with their hashes and idempotency keys (Sidekiq's dead-set cap).
@@ -156,16 +182,17 @@ end
 
 /// KEYS: job, running, retry, dead. ARGV: id, lease id, error, now, retry_at, expected
 /// failures, dead cutoff (now - max age), dead max count, job key prefix, idem key
-/// prefix, `1` to bury at once (a permanent failure). Returns -1 if not leased, 0 for
-/// retry, 1 for dead.
+/// prefix, `1` to bury at once (a permanent failure), lease-set key prefix. Returns -1
+/// if not leased, 0 for retry, 1 for dead.
 const FAIL: &str = concat!(
     trim_dead_lua!(),
+    release_lua!(),
     r#"
 local f = redis.call('HMGET', KEYS[1], 'lease', 'state', 'failures', 'max_attempts')
 if f[1] ~= ARGV[2] or f[2] ~= 'running' then return -1 end
 local failures = tonumber(f[3]) + 1
 if failures ~= tonumber(ARGV[6]) then return -1 end
-redis.call('ZREM', KEYS[2], ARGV[1])
+release(ARGV[12], KEYS[2], ARGV[2], {ARGV[1]})
 redis.call('HDEL', KEYS[1], 'worker', 'lease')
 redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', ARGV[4])
 if failures < tonumber(f[4]) and ARGV[11] ~= '1' then
@@ -180,8 +207,8 @@ return 1
 "#
 );
 
-/// KEYS: from (scheduled/retry/running zset). ARGV: now, job key prefix, queue key
-/// prefix, 1 to requeue at the head (reaped) else 0, most ids per call. Moves members
+/// KEYS: from (scheduled/retry zset). ARGV: now, job key prefix, queue key prefix, 1 to
+/// requeue at the head else 0, most ids per call. Moves members
 /// scored before `now` to their queue as ready (members whose job hash is gone are
 /// dropped). Returns {moved, examined}: a full `examined` means call again.
 const MOVE_DUE: &str = r#"
@@ -202,14 +229,39 @@ end
 return {moved, #ids}
 "#;
 
+/// KEYS: running. ARGV: now, job key prefix, queue key prefix, lease-set key prefix,
+/// most leases per call. Every lease whose deadline passed (its worker died): the jobs
+/// still held under it go back to the head of their queue. Returns {moved, examined}.
+const REAP: &str = r#"
+local leases = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
+local moved = 0
+for _, lease in ipairs(leases) do
+  local set = ARGV[4] .. lease
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    local job = ARGV[2] .. id
+    local f = redis.call('HMGET', job, 'state', 'lease', 'queue')
+    if f[1] == 'running' and f[2] == lease and f[3] then
+      redis.call('HSET', job, 'state', 'ready')
+      redis.call('HDEL', job, 'worker', 'lease')
+      redis.call('RPUSH', ARGV[3] .. f[3], id)
+      moved = moved + 1
+    end
+  end
+  redis.call('DEL', set)
+  redis.call('ZREM', KEYS[1], lease)
+end
+return {moved, #leases}
+"#;
+
 /// KEYS: job. ARGV: id, action (`retry`, `kill`, `delete`, or `bury` for a running job
 /// whose hash cannot be read), key namespace prefix (`{ns}:`), now, dead cutoff, dead
 /// max count, and optionally the state the job must be in. An operator's action on one
-/// job: takes it out of wherever it is (its queue list or its state's sorted set; the
-/// sorted sets are named after the states) and puts it where the action says. Returns
+/// job: takes it out of wherever it is (its queue list, its lease, or its state's sorted
+/// set; the sorted sets are named after the states) and puts it where the action says. Returns
 /// `ok`, `missing`, or the state that refuses the action.
 const ACT: &str = concat!(
     trim_dead_lua!(),
+    release_lua!(),
     r#"
 local job, id, action, ns, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local state = redis.call('HGET', job, 'state')
@@ -219,6 +271,9 @@ if state == 'done' or (state == 'running' and action ~= 'bury') then return stat
 if (action == 'retry' and state == 'ready') or (action == 'kill' and state == 'dead') then return 'ok' end
 local queue = redis.call('HGET', job, 'queue')
 if state == 'ready' then redis.call('LREM', ns .. 'queue:' .. (queue or ''), 0, id)
+elseif state == 'running' then
+  local lease = redis.call('HGET', job, 'lease')
+  if lease then release(ns .. 'lease:', ns .. 'running', lease, {id}) end
 else redis.call('ZREM', ns .. state, id) end
 if action == 'delete' then
   local key = redis.call('HGET', job, 'idempotency_key')
@@ -266,6 +321,7 @@ pub struct RedisJobQueue {
     ack: Script,
     fail: Script,
     move_due: Script,
+    reap: Script,
     act: Script,
     clear_queue: Script,
 }
@@ -284,6 +340,8 @@ struct Keys {
     dead: String,
     /// `{ns}:done:` (hourly buckets follow).
     done: String,
+    /// `{ns}:lease:` (a fetch's lease id follows): the ids it holds.
+    lease: String,
 }
 
 impl Keys {
@@ -300,6 +358,7 @@ impl Keys {
             running: k("running"),
             dead: k("dead"),
             done: k("done:"),
+            lease: k("lease:"),
         }
     }
 
@@ -315,13 +374,13 @@ impl Keys {
         format!("{}{key}", self.idem)
     }
 
-    /// The sorted set holding a state's ids (ready ids live in queue lists, done jobs
-    /// only in the hourly counts).
+    /// The sorted set holding a state's ids (ready ids live in queue lists, running ones
+    /// in their lease's set, done jobs only in the hourly counts).
     fn set_of(&self, state: JobState) -> Option<&str> {
         match state {
             JobState::Scheduled => Some(&self.scheduled),
             JobState::Retry => Some(&self.retry),
-            JobState::Running => Some(&self.running),
+            JobState::Running => None,
             JobState::Dead => Some(&self.dead),
             JobState::Ready | JobState::Done => None,
         }
@@ -351,6 +410,7 @@ impl RedisJobQueue {
             ack: Script::from_lua(ACK),
             fail: Script::from_lua(FAIL),
             move_due: Script::from_lua(MOVE_DUE),
+            reap: Script::from_lua(REAP),
             act: Script::from_lua(ACT),
             clear_queue: Script::from_lua(CLEAR_QUEUE),
         })
@@ -381,6 +441,11 @@ impl RedisJobQueue {
         })
     }
 
+    /// The leases of running batches, earliest deadline first.
+    async fn running_leases(&self) -> JobResult<Vec<String>> {
+        Ok(self.client.zrange(&self.keys.running, 0, -1, None, false, None, false).await?)
+    }
+
     /// The ids of a set, in its order, from `offset`.
     async fn ids(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Vec<String>> {
         let start = i64::try_from(offset).unwrap_or(i64::MAX);
@@ -393,6 +458,17 @@ impl RedisJobQueue {
                 ids
             }
             JobSet::Dead => self.client.zrange(&self.keys.dead, start, stop, None, true, None, false).await?,
+            JobSet::Running => {
+                // Leases by deadline, each lease's jobs by id.
+                let mut ids = Vec::new();
+                for lease in self.running_leases().await? {
+                    let mut held: Vec<String> = self.client.smembers(format!("{}{lease}", self.keys.lease)).await?;
+                    held.sort();
+                    ids.extend(held);
+                }
+                let from = usize::try_from(offset).unwrap_or(usize::MAX).min(ids.len());
+                ids.into_iter().skip(from).take(limit as usize).collect()
+            }
             other => match self.keys.set_of(other.state()) {
                 Some(key) => self.client.zrange(key, start, stop, None, false, None, false).await?,
                 None => Vec::new(),
@@ -440,6 +516,7 @@ impl RedisJobQueue {
             self.keys.job.clone(),
             self.keys.idem.clone(),
             if permanent { "1" } else { "0" }.to_owned(),
+            self.keys.lease.clone(),
         ];
         let outcome: i64 = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
         match outcome {
@@ -542,7 +619,7 @@ impl JobQueue for RedisJobQueue {
     ) -> JobResult<Vec<Job>> {
         let max = max.max(1);
         let keys = vec![self.keys.queue(queue), self.keys.running.clone()];
-        let mut args = Vec::with_capacity(5 + max as usize);
+        let mut args = Vec::with_capacity(7);
         args.extend([
             self.keys.job.clone(),
             worker.to_owned(),
@@ -550,14 +627,15 @@ impl JobQueue for RedisJobQueue {
             max.to_string(),
             workers.max(1).to_string(),
         ]);
-        args.extend((0..max).map(|_| Uuid::new_v4().to_string()));
+        let lease_id = Uuid::new_v4().to_string();
+        args.extend([lease_id.clone(), self.keys.lease.clone()]);
         let rows: Vec<Vec<Option<String>>> = self.fetch.evalsha_with_reload(&self.client, keys, args).await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
             let mut values = row.into_iter();
             let raw_id = values.next().flatten();
             let mut fields = HashMap::with_capacity(FETCHED_FIELDS.len() + 4);
-            fields.insert("lease".to_owned(), values.next().flatten().unwrap_or_default());
+            fields.insert("lease".to_owned(), lease_id.clone());
             for (name, value) in FETCHED_FIELDS.iter().zip(values) {
                 if let Some(v) = value {
                     fields.insert((*name).to_owned(), v);
@@ -590,8 +668,14 @@ impl JobQueue for RedisJobQueue {
         let now = now_us();
         let retention = self.config.done_retention;
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let mut args = Vec::with_capacity(4 + 2 * leases.len());
-        args.extend([now.to_string(), retention_ms.to_string(), self.keys.job.clone(), self.keys.idem.clone()]);
+        let mut args = Vec::with_capacity(5 + 2 * leases.len());
+        args.extend([
+            now.to_string(),
+            retention_ms.to_string(),
+            self.keys.job.clone(),
+            self.keys.idem.clone(),
+            self.keys.lease.clone(),
+        ]);
         for (id, lease) in leases {
             args.push(id.to_string());
             args.push(lease.to_string());
@@ -628,7 +712,23 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn reap_expired(&self) -> JobResult<u64> {
-        self.move_due(&self.keys.running, now_us(), true).await
+        let mut moved = 0;
+        let now = now_us().to_string();
+        loop {
+            let args = vec![
+                now.clone(),
+                self.keys.job.clone(),
+                self.keys.queue.clone(),
+                self.keys.lease.clone(),
+                MOVE_CHUNK.to_string(),
+            ];
+            let (n, examined): (i64, i64) =
+                self.reap.evalsha_with_reload(&self.client, vec![self.keys.running.clone()], args).await?;
+            moved += u64::try_from(n).unwrap_or(0);
+            if examined < i64::from(MOVE_CHUNK) {
+                return Ok(moved);
+            }
+        }
     }
 
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>> {
@@ -647,6 +747,14 @@ impl JobQueue for RedisJobQueue {
                 for q in queues {
                     let len: i64 = self.client.llen(self.keys.queue(&q)).await?;
                     total += len;
+                }
+                total
+            }
+            JobState::Running => {
+                let mut total = 0;
+                for lease in self.running_leases().await? {
+                    let n: i64 = self.client.scard(format!("{}{lease}", self.keys.lease)).await?;
+                    total += n;
                 }
                 total
             }

@@ -343,10 +343,15 @@ impl Runner {
     /// lease is gone.
     async fn heartbeat(&self, batch: &[Job], settled: &[bool], running: Uuid, running_lease: Uuid) -> bool {
         let mut own = true;
+        // A backend may lease a whole batch under one lease id: extend each lease once.
+        let mut extended: Vec<Uuid> = Vec::new();
         for (job, _) in batch.iter().zip(settled).filter(|(_, done)| !**done) {
             let Some(lease) = job.lease else { continue };
+            if extended.contains(&lease) {
+                continue;
+            }
             match self.client.queue.heartbeat(job.id, lease, self.config.lease).await {
-                Ok(true) => {}
+                Ok(true) => extended.push(lease),
                 Ok(false) => {
                     tracing::warn!(job_id = %job.id, "lease lost (the reaper took the job back)");
                     if job.id == running && lease == running_lease {
