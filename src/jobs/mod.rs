@@ -35,6 +35,16 @@ pub use runner::{JobClient, Runner, RunnerConfig};
 pub use schedule::{RetrySchedule, DEFAULT_MAX_ATTEMPTS};
 pub use sqlite::SqliteJobQueue;
 
+/// A job whose worker died under it this many times (its lease lapsed: a crash, an
+/// OOM kill, a chaos kill) is buried instead of run again: a poison job must not take
+/// workers down forever. Kills are not failed attempts, so this is a separate count.
+pub const MAX_REAPS: u32 = 5;
+
+/// The `last_error` of a job buried by the reaper.
+pub(crate) fn reaped_error(n: u32) -> String {
+    format!("its worker died under it {n} times (crash or kill); buried as a poison job")
+}
+
 /// Microseconds since the epoch: how both backends store times, so comparisons are exact.
 pub(crate) fn now_us() -> i64 {
     Utc::now().timestamp_micros()
@@ -240,7 +250,8 @@ pub trait JobQueue: Send + Sync + 'static {
     }
     /// Scheduler: due scheduled and retrying jobs become ready. Returns how many.
     async fn promote_due(&self) -> JobResult<u64>;
-    /// Reaper: running jobs whose lease expired become ready again. Returns how many.
+    /// Reaper: running jobs whose lease expired become ready again, or dead after
+    /// [`MAX_REAPS`] lapses. Returns how many it handled.
     async fn reap_expired(&self) -> JobResult<u64>;
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>>;
     async fn count(&self, state: JobState) -> JobResult<u64>;

@@ -229,29 +229,41 @@ end
 return {moved, #ids}
 "#;
 
-/// KEYS: running. ARGV: now, job key prefix, queue key prefix, lease-set key prefix,
-/// most leases per call. Every lease whose deadline passed (its worker died): the jobs
-/// still held under it go back to the head of their queue. Returns {moved, examined}.
-const REAP: &str = r#"
+/// KEYS: running, dead. ARGV: now, job key prefix, queue key prefix, lease-set key
+/// prefix, most leases per call, max reaps, the buried job's error, dead cutoff, dead
+/// max count, idem key prefix. Every lease whose deadline passed (its worker died): the
+/// jobs still held under it go back to the head of their queue, or to the dead set once
+/// their worker died under them `max reaps` times. Returns {handled, examined}.
+const REAP: &str = concat!(
+    trim_dead_lua!(),
+    r#"
 local leases = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
-local moved = 0
+local moved, buried = 0, 0
 for _, lease in ipairs(leases) do
   local set = ARGV[4] .. lease
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
     local job = ARGV[2] .. id
     local f = redis.call('HMGET', job, 'state', 'lease', 'queue')
     if f[1] == 'running' and f[2] == lease and f[3] then
-      redis.call('HSET', job, 'state', 'ready')
       redis.call('HDEL', job, 'worker', 'lease')
-      redis.call('RPUSH', ARGV[3] .. f[3], id)
+      if redis.call('HINCRBY', job, 'reaped', 1) >= tonumber(ARGV[6]) then
+        redis.call('HSET', job, 'state', 'dead', 'finished_at_us', ARGV[1], 'last_error', ARGV[7])
+        redis.call('ZADD', KEYS[2], ARGV[1], id)
+        buried = buried + 1
+      else
+        redis.call('HSET', job, 'state', 'ready')
+        redis.call('RPUSH', ARGV[3] .. f[3], id)
+      end
       moved = moved + 1
     end
   end
   redis.call('DEL', set)
   redis.call('ZREM', KEYS[1], lease)
 end
+if buried > 0 then trim_dead(KEYS[2], ARGV[8], tonumber(ARGV[9]), ARGV[2], ARGV[10]) end
 return {moved, #leases}
-"#;
+"#
+);
 
 /// KEYS: job. ARGV: id, action (`retry`, `kill`, `delete`, or `bury` for a running job
 /// whose hash cannot be read), key namespace prefix (`{ns}:`), now, dead cutoff, dead
@@ -713,17 +725,22 @@ impl JobQueue for RedisJobQueue {
 
     async fn reap_expired(&self) -> JobResult<u64> {
         let mut moved = 0;
-        let now = now_us().to_string();
+        let now = now_us();
         loop {
             let args = vec![
-                now.clone(),
+                now.to_string(),
                 self.keys.job.clone(),
                 self.keys.queue.clone(),
                 self.keys.lease.clone(),
                 MOVE_CHUNK.to_string(),
+                super::MAX_REAPS.to_string(),
+                super::reaped_error(super::MAX_REAPS),
+                self.dead_cutoff(now),
+                self.config.dead_max_jobs.to_string(),
+                self.keys.idem.clone(),
             ];
-            let (n, examined): (i64, i64) =
-                self.reap.evalsha_with_reload(&self.client, vec![self.keys.running.clone()], args).await?;
+            let keys = vec![self.keys.running.clone(), self.keys.dead.clone()];
+            let (n, examined): (i64, i64) = self.reap.evalsha_with_reload(&self.client, keys, args).await?;
             moved += u64::try_from(n).unwrap_or(0);
             if examined < i64::from(MOVE_CHUNK) {
                 return Ok(moved);

@@ -191,13 +191,22 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn reap_expired(&self) -> JobResult<u64> {
+        let now = now_us();
         let done = sqlx::query(
-            "UPDATE jobs SET state = 'ready', worker = NULL, lease_id = NULL, lease_until_us = NULL \
+            "UPDATE jobs SET reaped = reaped + 1, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
+             state = CASE WHEN reaped + 1 >= $2 THEN 'dead' ELSE 'ready' END, \
+             finished_at_us = CASE WHEN reaped + 1 >= $2 THEN $1 ELSE finished_at_us END, \
+             last_error = CASE WHEN reaped + 1 >= $2 THEN $3 ELSE last_error END \
              WHERE state = 'running' AND lease_until_us < $1",
         )
-        .bind(now_us())
+        .bind(now)
+        .bind(i64::from(super::MAX_REAPS))
+        .bind(super::reaped_error(super::MAX_REAPS))
         .execute(&self.pool)
         .await?;
+        if done.rows_affected() > 0 {
+            self.trim_dead(now).await?;
+        }
         // Finished jobs past their retention are dead weight (done here, off the ack path).
         sqlx::query("DELETE FROM jobs WHERE state = 'done' AND finished_at_us < $1")
             .bind(now_us() - dur_us(self.config.done_retention))

@@ -237,6 +237,28 @@ pub async fn batches_lease_a_fair_share_and_ack_together(make: Make) {
     assert!(q.ack_many(&[]).await.unwrap().is_empty());
 }
 
+pub async fn a_job_that_keeps_losing_its_worker_is_buried(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    let id = new_id(q.enqueue(job("poison")).await.unwrap());
+    for round in 1..=eventra::jobs::MAX_REAPS {
+        let j = take(&q, "w").await;
+        // The worker dies: its lease runs out at once.
+        assert!(q.heartbeat(id, lease(&j), Duration::ZERO).await.unwrap());
+        wait_for("the lapsed lease to be reaped", Duration::from_secs(10), || {
+            let q = q.clone();
+            async move { (q.reap_expired().await.unwrap() == 1).then_some(()) }
+        })
+        .await;
+        let state = q.get(id).await.unwrap().unwrap().state;
+        let expected = if round < eventra::jobs::MAX_REAPS { JobState::Ready } else { JobState::Dead };
+        assert_eq!(state, expected, "after {round} lapses");
+    }
+    let dead = q.get(id).await.unwrap().unwrap();
+    assert_eq!(dead.failures, 0, "lapses are not failed attempts");
+    assert!(dead.last_error.unwrap().contains("worker died under it"));
+    assert_eq!(q.count(JobState::Running).await.unwrap(), 0);
+}
+
 pub async fn permanent_failures_skip_the_retries(make: Make) {
     let (_g, q) = make(QueueConfig::default()).await;
     let id = new_id(q.enqueue(job("hopeless")).await.unwrap());
@@ -423,6 +445,7 @@ conformance!(
     reaper_returns_jobs_of_dead_workers,
     batches_lease_a_fair_share_and_ack_together,
     permanent_failures_skip_the_retries,
+    a_job_that_keeps_losing_its_worker_is_buried,
     operators_list_filter_and_page,
     operators_retry_kill_and_delete,
 );
