@@ -20,6 +20,7 @@
 pub mod actors;
 pub mod app;
 pub mod bench;
+pub mod bus;
 pub mod config;
 pub mod domain;
 pub mod error;

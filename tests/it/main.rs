@@ -6,6 +6,7 @@
 
 mod actors;
 mod binary;
+mod bus_conformance;
 mod concurrency;
 mod http_api;
 mod job_queue_conformance;

@@ -1,0 +1,255 @@
+//! The embedded event bus: one `bus_messages` table in the SQLite database.
+//!
+//! Every state change is one guarded statement (SQLite's single writer makes each
+//! atomic). A delivery is leased to its consumer until `visible_at_us`; a consumer that
+//! vanished without settling lets that lapse and the next `next()` of any consumer puts
+//! the message back (or parks it at the delivery limit), as RabbitMQ does when a
+//! consumer's channel closes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{BusConfig, BusError, BusMessage, BusResult, Consumer, Delivery, EventBus, Parked};
+use crate::jobs::{dur_us, now_us};
+
+/// How often a waiting consumer looks for messages published by other processes.
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct SqliteBus {
+    pool: SqlitePool,
+    config: BusConfig,
+    /// Wakes this process's waiting consumers when it publishes.
+    wake: Arc<Notify>,
+}
+
+impl SqliteBus {
+    /// A bus in the database behind `pool` (migrated with the store's SQLite migrations).
+    pub fn new(pool: SqlitePool, config: BusConfig) -> Self {
+        SqliteBus { pool, config, wake: Arc::new(Notify::new()) }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    seq: i64,
+    id: String,
+    routing_key: String,
+    body: Vec<u8>,
+    deliveries: i64,
+    reason: Option<String>,
+}
+
+impl Row {
+    fn message(self) -> BusMessage {
+        BusMessage { id: self.id, routing_key: self.routing_key, body: self.body }
+    }
+}
+
+fn count(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[async_trait]
+impl EventBus for SqliteBus {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_us();
+        for m in messages {
+            sqlx::query(
+                "INSERT INTO bus_messages (id, routing_key, body, state, published_at_us) VALUES ($1, $2, $3, 'ready', $4)",
+            )
+            .bind(&m.id)
+            .bind(&m.routing_key)
+            .bind(&m.body)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn consume(&self, name: &str, prefetch: u16) -> BusResult<Box<dyn Consumer>> {
+        Ok(Box::new(SqliteConsumer {
+            pool: self.pool.clone(),
+            config: self.config,
+            wake: self.wake.clone(),
+            name: format!("{name}-{}", Uuid::new_v4().simple()),
+            prefetch: usize::from(prefetch.max(1)),
+            held: HashSet::new(),
+        }))
+    }
+
+    async fn parked(&self, limit: usize) -> BusResult<Vec<Parked>> {
+        let rows = sqlx::query_as::<_, Row>(
+            "SELECT seq, id, routing_key, body, deliveries, reason FROM bus_messages WHERE state = 'parked' \
+             ORDER BY parked_at_us, seq LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Parked {
+                reason: r.reason.clone().unwrap_or_default(),
+                delivery_count: count(r.deliveries),
+                message: r.message(),
+            })
+            .collect())
+    }
+
+    async fn replay(&self, id: &str) -> BusResult<bool> {
+        let done = sqlx::query(
+            "UPDATE bus_messages SET state = 'ready', deliveries = 0, reason = NULL, parked_at_us = NULL \
+             WHERE seq = (SELECT seq FROM bus_messages WHERE state = 'parked' AND id = $1 ORDER BY seq LIMIT 1)",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.wake.notify_waiters();
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+pub struct SqliteConsumer {
+    pool: SqlitePool,
+    config: BusConfig,
+    wake: Arc<Notify>,
+    /// Unique per consumer instance: whose deliveries are whose.
+    name: String,
+    prefetch: usize,
+    /// Sequence numbers delivered to this consumer and not settled yet.
+    held: HashSet<i64>,
+}
+
+impl SqliteConsumer {
+    /// Deliveries whose consumer vanished go back to the queue (or are parked at the
+    /// delivery limit).
+    async fn reclaim_lapsed(&self) -> BusResult<()> {
+        let now = now_us();
+        sqlx::query(
+            "UPDATE bus_messages SET consumer = NULL, visible_at_us = NULL, \
+             state = CASE WHEN deliveries >= $2 THEN 'parked' ELSE 'ready' END, \
+             reason = CASE WHEN deliveries >= $2 THEN 'delivery limit reached' ELSE reason END, \
+             parked_at_us = CASE WHEN deliveries >= $2 THEN $1 ELSE parked_at_us END \
+             WHERE state = 'delivered' AND visible_at_us < $1",
+        )
+        .bind(now)
+        .bind(i64::from(self.config.max_deliveries))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take(&mut self) -> BusResult<Option<Delivery>> {
+        let row = sqlx::query_as::<_, Row>(
+            "UPDATE bus_messages SET state = 'delivered', deliveries = deliveries + 1, consumer = $1, \
+             visible_at_us = $2 WHERE seq = \
+             (SELECT seq FROM bus_messages WHERE state = 'ready' ORDER BY seq LIMIT 1) \
+             RETURNING seq, id, routing_key, body, deliveries, reason",
+        )
+        .bind(&self.name)
+        .bind(now_us() + dur_us(self.config.visibility))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| {
+            self.held.insert(r.seq);
+            let tag = u64::try_from(r.seq).unwrap_or(0);
+            Delivery { delivery_count: count(r.deliveries), tag, message: r.message() }
+        }))
+    }
+
+    /// Takes a delivery off this consumer's books; its sequence number.
+    fn claim(&mut self, delivery: &Delivery) -> BusResult<i64> {
+        let seq = i64::try_from(delivery.tag).map_err(|_| BusError::UnknownDelivery(delivery.tag))?;
+        if !self.held.remove(&seq) {
+            return Err(BusError::UnknownDelivery(delivery.tag));
+        }
+        Ok(seq)
+    }
+
+    /// The settlement changed `rows` rows: none means the delivery was held too long,
+    /// went back to the queue and is someone else's now.
+    fn settled(&self, delivery: &Delivery, rows: u64) -> BusResult<()> {
+        self.wake.notify_waiters();
+        if rows != 1 {
+            return Err(BusError::UnknownDelivery(delivery.tag));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for SqliteConsumer {
+    async fn next(&mut self, wait: Duration) -> BusResult<Option<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.held.len() < self.prefetch {
+                self.reclaim_lapsed().await?;
+                if let Some(d) = self.take().await? {
+                    return Ok(Some(d));
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let nap = (deadline - now).min(POLL);
+            let _ = tokio::time::timeout(nap, self.wake.notified()).await;
+        }
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> BusResult<()> {
+        let seq = self.claim(delivery)?;
+        let done = sqlx::query("DELETE FROM bus_messages WHERE seq = $1 AND consumer = $2 AND state = 'delivered'")
+            .bind(seq)
+            .bind(&self.name)
+            .execute(&self.pool)
+            .await?;
+        self.settled(delivery, done.rows_affected())
+    }
+
+    async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()> {
+        let seq = self.claim(delivery)?;
+        let done = sqlx::query(
+            "UPDATE bus_messages SET consumer = NULL, visible_at_us = NULL, \
+             state = CASE WHEN deliveries >= $4 THEN 'parked' ELSE 'ready' END, \
+             reason = CASE WHEN deliveries >= $4 THEN 'delivery limit reached' ELSE reason END, \
+             parked_at_us = CASE WHEN deliveries >= $4 THEN $3 ELSE parked_at_us END \
+             WHERE seq = $1 AND consumer = $2 AND state = 'delivered'",
+        )
+        .bind(seq)
+        .bind(&self.name)
+        .bind(now_us())
+        .bind(i64::from(self.config.max_deliveries))
+        .execute(&self.pool)
+        .await?;
+        self.settled(delivery, done.rows_affected())
+    }
+
+    async fn park(&mut self, delivery: &Delivery, reason: &str) -> BusResult<()> {
+        let seq = self.claim(delivery)?;
+        let done = sqlx::query(
+            "UPDATE bus_messages SET consumer = NULL, visible_at_us = NULL, state = 'parked', reason = $3, \
+             parked_at_us = $4 WHERE seq = $1 AND consumer = $2 AND state = 'delivered'",
+        )
+        .bind(seq)
+        .bind(&self.name)
+        .bind(reason)
+        .bind(now_us())
+        .execute(&self.pool)
+        .await?;
+        self.settled(delivery, done.rows_affected())
+    }
+}
