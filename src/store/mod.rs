@@ -153,6 +153,20 @@ pub trait Store: Send + Sync + 'static {
     /// select `published_at IS NULL` and order by `(tenant_id, tenant_seq)`.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
 
+    /// Unpublished outbox rows, oldest first (by `seq`). Within a tenant this is commit
+    /// order: the tenant-row lock makes a tenant's next write wait for the previous
+    /// commit, so a row is never visible before its tenant's earlier rows.
+    async fn unpublished_outbox(&self, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
+    /// Marks rows published (after the bus confirmed them).
+    async fn mark_published(&self, seqs: &[i64]) -> StoreResult<()>;
+    /// When the oldest unpublished row was written (the relay's lag), if any.
+    async fn oldest_unpublished(&self) -> StoreResult<Option<DateTime<Utc>>>;
+    /// Takes or renews the lease `name` for `holder` until `until`; `false` while another
+    /// holder's lease is still valid.
+    async fn try_lease(&self, name: &str, holder: &str, until: DateTime<Utc>) -> StoreResult<bool>;
+    /// Gives the lease up (a clean shutdown), if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+
     /// Records an audit entry; `false` when the event already has one (a redelivery).
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<bool>;
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;

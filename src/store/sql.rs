@@ -677,6 +677,71 @@ macro_rules! sql_store_impl {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
+            async fn unpublished_outbox(&self, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxRecord>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::OutboxRow>(
+                    "SELECT seq, tenant_seq, tenant_id, payload, created_at, published_at FROM outbox \
+                     WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn mark_published(&self, seqs: &[i64]) -> $crate::store::StoreResult<()> {
+                if seqs.is_empty() {
+                    return Ok(());
+                }
+                let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE outbox SET published_at = ");
+                q.push_bind($crate::domain::now());
+                q.push(" WHERE published_at IS NULL AND seq IN (");
+                let mut list = q.separated(", ");
+                for seq in seqs {
+                    list.push_bind(*seq);
+                }
+                q.push(")");
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn oldest_unpublished(&self) -> $crate::store::StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+                let row: Option<(chrono::DateTime<chrono::Utc>,)> = sqlx::query_as(
+                    "SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1",
+                )
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|r| r.0))
+            }
+
+            async fn try_lease(
+                &self,
+                name: &str,
+                holder: &str,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+                     WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
+                )
+                .bind(name)
+                .bind(holder)
+                .bind(until)
+                .bind($crate::domain::now())
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn release_lease(&self, name: &str, holder: &str) -> $crate::store::StoreResult<()> {
+                sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+                    .bind(name)
+                    .bind(holder)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
             async fn append_audit(&self, e: &$crate::domain::AuditEntry) -> $crate::store::StoreResult<bool> {
                 let done = sqlx::query(
                     "INSERT INTO audit_log (event_id, tenant_id, event_type, subject, actor, correlation_id, at, \

@@ -281,6 +281,42 @@ pub async fn audit_and_email_logs_are_idempotent(s: Arc<dyn Store>) {
     assert!(s.email_sent(&sent.key).await.unwrap());
 }
 
+pub async fn the_relay_reads_unpublished_rows_and_leases(s: Arc<dyn Store>) {
+    let t = tenant(&s, "relay", 0).await;
+    for i in 0..3 {
+        s.create_user(&new_user(t.id, &format!("u{i}@x.io")), None, &ctx()).await.unwrap();
+    }
+    let pending = s.unpublished_outbox(100).await.unwrap();
+    assert_eq!(pending.len(), 4, "tenant.created and three user.created");
+    let seqs: Vec<i64> = pending.iter().map(|r| r.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+    let tenant_seqs: Vec<i64> = pending.iter().map(|r| r.tenant_seq).collect();
+    assert_eq!(tenant_seqs, [1, 2, 3, 4], "a tenant's commit order");
+    assert!(s.oldest_unpublished().await.unwrap().is_some());
+    s.mark_published(&seqs[..2]).await.unwrap();
+    let left = s.unpublished_outbox(100).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs[2..]);
+    s.mark_published(&seqs).await.unwrap();
+    assert!(s.unpublished_outbox(100).await.unwrap().is_empty());
+    assert_eq!(s.oldest_unpublished().await.unwrap(), None);
+    let published = s.outbox_after(0, 100).await.unwrap();
+    assert!(published.iter().all(|r| r.published_at.is_some()));
+
+    // One holder at a time; the holder renews; a lapsed lease can be taken over.
+    let later = eventra::domain::now() + chrono::Duration::seconds(30);
+    assert!(s.try_lease("outbox-relay", "a", later).await.unwrap());
+    assert!(!s.try_lease("outbox-relay", "b", later).await.unwrap(), "a holds it");
+    assert!(s.try_lease("outbox-relay", "a", later).await.unwrap(), "a renews");
+    let lapsed = eventra::domain::now() - chrono::Duration::seconds(1);
+    assert!(s.try_lease("outbox-relay", "a", lapsed).await.unwrap());
+    assert!(s.try_lease("outbox-relay", "b", later).await.unwrap(), "b takes over a lapsed lease");
+    assert!(!s.try_lease("outbox-relay", "a", later).await.unwrap());
+    s.release_lease("outbox-relay", "a").await.unwrap();
+    assert!(!s.try_lease("outbox-relay", "a", later).await.unwrap(), "only the holder releases");
+    s.release_lease("outbox-relay", "b").await.unwrap();
+    assert!(s.try_lease("outbox-relay", "a", later).await.unwrap(), "released: free to take");
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -313,4 +349,5 @@ conformance!(
     lists_page_by_cursor_within_a_tenant,
     tenants_cannot_touch_each_other,
     audit_and_email_logs_are_idempotent,
+    the_relay_reads_unpublished_rows_and_leases,
 );
