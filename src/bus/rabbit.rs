@@ -16,6 +16,7 @@
 //! original: at-least-once into the DLQ, never lost.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,12 +56,18 @@ impl Names {
 }
 
 pub struct RabbitBus {
-    connection: Connection,
-    /// The publishing channel, in confirm mode (one publisher at a time keeps confirms
-    /// and their messages paired).
-    publisher: Mutex<Channel>,
+    url: String,
+    /// The live connection and its publishing channel (confirm mode; one publisher at a
+    /// time keeps confirms and their messages paired). `None` after the broker went
+    /// away: the next call reconnects and declares the topology again.
+    live: Mutex<Option<Live>>,
     names: Names,
     config: BusConfig,
+}
+
+struct Live {
+    connection: Arc<Connection>,
+    publisher: Channel,
 }
 
 fn short(s: &str) -> ShortString {
@@ -154,9 +161,33 @@ async fn confirmed(
 impl RabbitBus {
     /// Connects and declares the topology under `namespace`.
     pub async fn connect(url: &str, namespace: &str, config: BusConfig) -> BusResult<Self> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        let names = Names::new(namespace);
-        let channel = connection.create_channel().await?;
+        let bus = RabbitBus { url: url.to_owned(), live: Mutex::new(None), names: Names::new(namespace), config };
+        bus.connection().await?;
+        Ok(bus)
+    }
+
+    /// The live connection, reconnecting (and declaring the topology) if the broker
+    /// dropped the last one.
+    async fn connection(&self) -> BusResult<Arc<Connection>> {
+        let mut live = self.live.lock().await;
+        if let Some(l) = live.as_ref().filter(|l| l.connection.status().connected() && l.publisher.status().connected())
+        {
+            return Ok(l.connection.clone());
+        }
+        // Named after the namespace, so operators (and tests) can tell connections apart.
+        let props =
+            ConnectionProperties::default().with_connection_name(LongString::from(self.names.exchange.as_str()));
+        let connection = Arc::new(Connection::connect(&self.url, props).await?);
+        let publisher = connection.create_channel().await?;
+        self.declare(&publisher).await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        *live = Some(Live { connection: connection.clone(), publisher });
+        tracing::info!(exchange = %self.names.exchange, "connected to RabbitMQ; topology declared");
+        Ok(connection)
+    }
+
+    async fn declare(&self, channel: &Channel) -> BusResult<()> {
+        let names = &self.names;
         let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
         channel.exchange_declare(short(&names.exchange), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         channel.exchange_declare(short(&names.dlx), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
@@ -172,7 +203,7 @@ impl RabbitBus {
             )
             .await?;
         let work_args = quorum_args(&[
-            ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(config.max_deliveries.max(1) - 1))),
+            ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(self.config.max_deliveries.max(1) - 1))),
             ("x-dead-letter-exchange", AMQPValue::LongString(LongString::from(names.dlx.as_str()))),
             ("x-dead-letter-strategy", AMQPValue::LongString(LongString::from("at-least-once"))),
             ("x-overflow", AMQPValue::LongString(LongString::from("reject-publish"))),
@@ -187,13 +218,48 @@ impl RabbitBus {
                 FieldTable::default(),
             )
             .await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(RabbitBus { connection, publisher: Mutex::new(channel), names, config })
+        Ok(())
+    }
+
+    /// Publishes on the confirm channel; a failure drops the connection so the next call
+    /// starts from a fresh one.
+    async fn publish_confirmed(&self, exchange: &str, messages: &[(BusMessage, BasicProperties)]) -> BusResult<()> {
+        self.connection().await?;
+        let mut live = self.live.lock().await;
+        let Some(l) = live.as_ref() else { return Err(BusError::Backend("not connected".into())) };
+        let result = async {
+            let mut confirms = Vec::with_capacity(messages.len());
+            for (m, props) in messages {
+                let confirm = l
+                    .publisher
+                    .basic_publish(
+                        short(exchange),
+                        short(&m.routing_key),
+                        BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                        &m.body,
+                        props.clone(),
+                    )
+                    .await?;
+                confirms.push((m.id.as_str(), confirm));
+            }
+            for (id, confirm) in confirms {
+                let confirm = confirm.await?;
+                if !confirm.is_ack() || confirm.take_message().is_some() {
+                    return Err(BusError::Refused(id.to_owned()));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if matches!(result, Err(BusError::Backend(_))) {
+            *live = None;
+        }
+        result
     }
 
     /// Deletes this namespace's queues and exchanges (tests; decommissioning).
     pub async fn delete_topology(&self) -> BusResult<()> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.connection().await?.create_channel().await?;
         for q in [&self.names.work, &self.names.dlq] {
             channel.queue_delete(short(q), QueueDeleteOptions::default()).await?;
         }
@@ -247,43 +313,26 @@ impl EventBus for RabbitBus {
     }
 
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
-        let channel = self.publisher.lock().await;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let confirm = channel
-                .basic_publish(
-                    short(&self.names.exchange),
-                    short(&m.routing_key),
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                    &m.body,
-                    properties(&m.id),
-                )
-                .await?;
-            confirms.push((m.id.as_str(), confirm));
-        }
-        for (id, confirm) in confirms {
-            let confirm = confirm.await?;
-            if !confirm.is_ack() || confirm.take_message().is_some() {
-                return Err(BusError::Refused(id.to_owned()));
-            }
-        }
-        Ok(())
+        let batch: Vec<(BusMessage, BasicProperties)> =
+            messages.iter().map(|m| (m.clone(), properties(&m.id))).collect();
+        self.publish_confirmed(&self.names.exchange, &batch).await
     }
 
     async fn consume(&self, name: &str, prefetch: u16) -> BusResult<Box<dyn Consumer>> {
-        let channel = self.connection.create_channel().await?;
+        let connection = self.connection().await?;
+        let channel = connection.create_channel().await?;
         channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
         let tag = format!("{name}-{}", uuid::Uuid::new_v4().simple());
         let consumer = channel
             .basic_consume(short(&self.names.work), short(&tag), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        let parking = self.connection.create_channel().await?;
+        let parking = connection.create_channel().await?;
         parking.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Box::new(RabbitConsumer { channel, parking, consumer, dlx: self.names.dlx.clone(), held: HashMap::new() }))
     }
 
     async fn parked(&self, limit: usize) -> BusResult<Vec<Parked>> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.connection().await?.create_channel().await?;
         let got = self.peek_dlq(&channel, limit).await?;
         let parked = got.iter().map(|d| parked_of(d, self.config.max_deliveries)).collect();
         // Closing the channel returns every unacked message to the DLQ.
@@ -292,7 +341,7 @@ impl EventBus for RabbitBus {
     }
 
     async fn replay(&self, id: &str) -> BusResult<bool> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.connection().await?.create_channel().await?;
         let mut found = false;
         'scan: loop {
             let batch = self.peek_dlq(&channel, 100).await?;
@@ -302,10 +351,8 @@ impl EventBus for RabbitBus {
             for d in &batch {
                 if message_of(d).id == id {
                     let m = message_of(d);
-                    let publisher = self.publisher.lock().await;
-                    confirmed(&publisher, &self.names.exchange, &m.routing_key, &m.body, properties(&m.id), &m.id)
-                        .await?;
-                    drop(publisher);
+                    let props = properties(&m.id);
+                    self.publish_confirmed(&self.names.exchange, &[(m, props)]).await?;
                     d.acker.ack(BasicAckOptions::default()).await?;
                     found = true;
                     break 'scan;

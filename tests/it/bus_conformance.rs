@@ -192,3 +192,37 @@ conformance!(
     a_vanished_consumers_deliveries_go_to_another,
     settling_twice_is_refused,
 );
+
+/// The broker drops the bus's connections (`rabbitmqctl close_connection`): the bus
+/// reconnects, declares its topology again and goes on publishing; a new consumer gets
+/// what was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_bus_reconnects_after_the_broker_drops_it() {
+    let Some(url) =
+        crate::utils::service_url("AMQP_URL", "bus_conformance::rabbitmq_bus_reconnects_after_the_broker_drops_it")
+    else {
+        return;
+    };
+    let ns = format!("eventra-test-{}", uuid::Uuid::now_v7().simple());
+    let bus = Arc::new(eventra::bus::RabbitBus::connect(&url, &ns, config()).await.unwrap());
+    bus.publish(&[msg("before")]).await.unwrap();
+    // Cut this test's connections only (others run in parallel on the same broker).
+    let cut = crate::utils::close_rabbitmq_connections(&ns);
+    assert!(cut >= 1, "found no connection named after {ns}");
+    // Publishing may fail while the drop is noticed; it must succeed again soon.
+    crate::utils::wait_for("a publish after the cut", WAIT, || {
+        let bus = bus.clone();
+        async move { bus.publish(&[msg("after")]).await.ok() }
+    })
+    .await;
+    let mut c = bus.consume("t", 10).await.unwrap();
+    let mut ids = Vec::new();
+    while let Some(d) = c.next(QUIET).await.unwrap() {
+        ids.push(d.message.id.clone());
+        c.ack(&d).await.unwrap();
+    }
+    assert_eq!(ids.first().map(String::as_str), Some("before"), "{ids:?}");
+    assert!(ids.iter().any(|i| i == "after"), "{ids:?}");
+    drop(c);
+    bus.delete_topology().await.unwrap();
+}

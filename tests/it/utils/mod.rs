@@ -91,3 +91,27 @@ pub fn delete_redis_namespace(url: &str, namespace: &str) {
     })
     .join();
 }
+
+/// Makes RabbitMQ close every connection whose name contains `needle` (the bus names
+/// its connections after its namespace), as a broker restart or network cut would.
+/// Returns how many it closed.
+pub fn close_rabbitmq_connections(needle: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "name", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<String> = listing
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "eventra test: connection cut"])
+            .output()
+            .expect("rabbitmqctl close_connection");
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    }
+    pids.len()
+}
