@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::actors::outbox_relay::RelayArgs;
 use crate::actors::Tenants;
+use crate::bus::{BusConfig, BusError, EventBus, RabbitBus, SqliteBus};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::jobs::{
@@ -18,7 +20,7 @@ use crate::jobs::{
 };
 use crate::store::{self, redact_url, Store, StoreDeadLetters, StoreError};
 use crate::supervision::parking::ReplayTargets;
-use crate::supervision::root::{JobsDeps, RootDeps};
+use crate::supervision::root::{JobsDeps, PipelineDeps, RootDeps};
 use crate::supervision::Root;
 
 /// Longest an actor call may take before the request answers 503.
@@ -69,6 +71,30 @@ pub async fn open_job_queue(config: &Config, store: &dyn Store) -> Result<Arc<dy
     Ok(Arc::new(SqliteJobQueue::open(&url, queue_config).await.map_err(backend)?))
 }
 
+/// The event bus a config names: RabbitMQ when `AMQP_URL` is set, else the embedded
+/// SQLite bus (in the database of record's file, or `<data dir>/bus.db` beside
+/// PostgreSQL: local to that host).
+pub async fn open_bus(config: &Config, store: &dyn Store) -> Result<Arc<dyn EventBus>, StartupError> {
+    let bus_config =
+        BusConfig { max_deliveries: config.pipeline.max_deliveries, visibility: config.pipeline.visibility };
+    let backend = |e: BusError| StartupError::Backend(format!("event bus: {e}"));
+    if let Some(url) = &config.amqp_url {
+        return Ok(Arc::new(RabbitBus::connect(url, &config.namespace, bus_config).await.map_err(backend)?));
+    }
+    if let Some(pool) = store.sqlite_pool() {
+        return Ok(Arc::new(SqliteBus::new(pool, bus_config)));
+    }
+    tracing::warn!("AMQP_URL is unset: the event bus uses {}/bus.db, local to this host", config.data_dir.display());
+    let url = format!("sqlite://{}", config.data_dir.join("bus.db").display());
+    let db = crate::store::SqliteStore::connect(&url, 8).await?;
+    db.migrate().await?;
+    Ok(Arc::new(SqliteBus::new(db.pool().clone(), bus_config)))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "eventra".into())
+}
+
 fn runner_config(config: &Config) -> RunnerConfig {
     RunnerConfig {
         queues: vec!["default".into()],
@@ -117,15 +143,39 @@ pub async fn run_with(
     );
 
     let runner = job_deps.as_ref().map(|j| j.runner.clone());
+
+    let bus = open_bus(&config, store.as_ref()).await?;
+    tracing::info!(backend = bus.backend(), "event bus ready");
+    let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    let p = &config.pipeline;
+    let relay = config.has_role("relay").then(|| RelayArgs {
+        store: store.clone(),
+        bus: bus.clone(),
+        holder: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+        lease_ttl: p.relay_lease,
+        poll: p.relay_poll,
+        batch: p.relay_batch,
+        wake: outbox_wake.clone(),
+        database_url: Some(config.database_url.clone()),
+    });
+    let consumers = if config.has_role("consumer") { p.consumers } else { 0 };
+    let pipeline = (relay.is_some() || consumers > 0).then(|| PipelineDeps {
+        relay,
+        consumers,
+        bus: bus.clone(),
+        jobs: jobs.clone(),
+        prefetch: p.prefetch,
+    });
     let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: config.tenant_idle_timeout,
         dead_letters,
         jobs: job_deps,
+        pipeline,
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
-    let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT);
+    let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT).with_outbox_wake(outbox_wake);
     let state = AppState {
         tenants,
         admin_token: Arc::new(config.admin_token.clone()),
@@ -175,10 +225,7 @@ pub async fn run_with(
 
 /// Backends that later capabilities wire in: say plainly that they are not used yet.
 fn log_pending_backends(config: &Config) {
-    let pending = [
-        ("AMQP_URL", config.amqp_url.is_some(), "event bus"),
-        ("OPENSEARCH_URL", config.opensearch_url.is_some(), "search"),
-    ];
+    let pending = [("OPENSEARCH_URL", config.opensearch_url.is_some(), "search")];
     for (var, set, what) in pending {
         if set {
             tracing::warn!(variable = var, "{var} is set but the {what} is not wired in this version; it is ignored");

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 /// The processes's roles (SPEC §1). `api` serves HTTP and owns the tenant actors;
-/// `worker` runs the job workers, scheduler and reaper. `relay`, `consumer` and
-/// `indexer` are accepted so deployments can name them already.
+/// `worker` runs the job workers, scheduler and reaper; `relay` the outbox relay;
+/// `consumer` the broker consumers. `indexer` is accepted so deployments can name it.
 pub const ROLES: &[&str] = &["api", "relay", "consumer", "worker", "indexer"];
 
 /// Flags of `eventra serve`.
@@ -52,6 +52,79 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
     #[command(flatten)]
     pub jobs: JobArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+/// Flags of the event pipeline (the `relay` and `consumer` roles).
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Broker-consumer actors in this process (0 runs none).
+    #[arg(long, env = "EVENTRA_CONSUMERS", default_value_t = 2)]
+    pub consumers: usize,
+    /// Most unacked deliveries per consumer.
+    #[arg(long, env = "EVENTRA_PREFETCH", default_value_t = 100)]
+    pub prefetch: u16,
+    /// Deliveries after which an unacked event is parked in the DLQ.
+    #[arg(long, env = "EVENTRA_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u32,
+    /// The outbox relay's poll period, in milliseconds (it also wakes on new rows).
+    #[arg(long, env = "EVENTRA_RELAY_POLL_MS", default_value_t = 500)]
+    pub relay_poll_ms: u64,
+    /// The active relay's lease, in milliseconds: a standby takes over this long after
+    /// the active one died.
+    #[arg(long, env = "EVENTRA_RELAY_LEASE_MS", default_value_t = 5_000)]
+    pub relay_lease_ms: u64,
+}
+
+/// Validated pipeline settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    pub consumers: usize,
+    pub prefetch: u16,
+    pub max_deliveries: u32,
+    pub relay_poll: std::time::Duration,
+    pub relay_lease: std::time::Duration,
+    /// Rows per publish.
+    pub relay_batch: u32,
+    /// Embedded bus: how long an unsettled delivery stays with a vanished consumer.
+    pub visibility: std::time::Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            consumers: 2,
+            prefetch: 100,
+            max_deliveries: 5,
+            relay_poll: std::time::Duration::from_millis(500),
+            relay_lease: std::time::Duration::from_secs(5),
+            relay_batch: 500,
+            visibility: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+impl PipelineArgs {
+    fn validate(self) -> Result<PipelineConfig, ConfigError> {
+        if self.consumers > 100 {
+            return Err(ConfigError::Invalid("EVENTRA_CONSUMERS must be at most 100".into()));
+        }
+        if self.max_deliveries == 0 || self.max_deliveries > 1000 {
+            return Err(ConfigError::Invalid("EVENTRA_MAX_DELIVERIES must be between 1 and 1000".into()));
+        }
+        if self.relay_lease_ms < 300 {
+            return Err(ConfigError::Invalid("EVENTRA_RELAY_LEASE_MS must be at least 300".into()));
+        }
+        Ok(PipelineConfig {
+            consumers: self.consumers,
+            prefetch: self.prefetch.max(1),
+            max_deliveries: self.max_deliveries,
+            relay_poll: std::time::Duration::from_millis(self.relay_poll_ms.clamp(10, 60_000)),
+            relay_lease: std::time::Duration::from_millis(self.relay_lease_ms),
+            ..PipelineConfig::default()
+        })
+    }
 }
 
 /// Flags of the job system (the `worker` role).
@@ -214,6 +287,7 @@ pub struct Config {
     pub tenant_idle_timeout: std::time::Duration,
     pub max_body_bytes: usize,
     pub jobs: JobsConfig,
+    pub pipeline: PipelineConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +341,7 @@ impl Config {
             tenant_idle_timeout: std::time::Duration::from_secs(a.tenant_idle_secs.max(1)),
             max_body_bytes: a.max_body_bytes,
             jobs: a.jobs.validate()?,
+            pipeline: a.pipeline.validate()?,
         })
     }
 
@@ -290,6 +365,7 @@ impl Config {
             tenant_idle_timeout: std::time::Duration::from_secs(300),
             max_body_bytes: 64 * 1024,
             jobs: JobsConfig::default(),
+            pipeline: PipelineConfig::default(),
         }
     }
 

@@ -6,8 +6,12 @@
 //! - [`Tenants`]: the handle the HTTP layer talks to; it hides actor lookup and retries.
 //! - [`job_worker`]: the `job-worker-N` actors that run background jobs.
 //! - [`periodic`]: a task on a timer: the job scheduler and the reaper.
+//! - [`outbox_relay`]: the `outbox-relay`: outbox rows → event bus, one active per database.
+//! - [`event_consumer`]: the `event-consumer-N` actors: events → jobs, then ack.
 
+pub mod event_consumer;
 pub mod job_worker;
+pub mod outbox_relay;
 pub mod periodic;
 pub mod tenant_manager;
 pub mod tenant_registry;

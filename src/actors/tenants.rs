@@ -34,11 +34,27 @@ pub struct Tenants {
     store: Arc<dyn Store>,
     /// Longest a request waits for an actor's reply before answering 503.
     call_timeout: Duration,
+    /// Rung after every write, so this process's outbox relay publishes at once.
+    outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Tenants {
     pub fn new(registry: RegistrySlot, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
-        Tenants { registry, store, call_timeout }
+        Tenants { registry, store, call_timeout, outbox_wake: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Rings `wake` after every write (the outbox relay listens).
+    pub fn with_outbox_wake(mut self, wake: Arc<tokio::sync::Notify>) -> Self {
+        self.outbox_wake = wake;
+        self
+    }
+
+    /// A write finished: if it committed, the outbox has a new row.
+    fn wrote<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_ok() {
+            self.outbox_wake.notify_one();
+        }
+        result
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -57,8 +73,8 @@ impl Tenants {
                 ctx: ctx.clone(),
                 reply,
             })
-            .await?;
-        Ok((t, admin_key))
+            .await;
+        Ok((self.wrote(t)?, admin_key))
     }
 
     pub async fn get_tenant(&self, id: Uuid) -> Result<Tenant> {
@@ -70,12 +86,15 @@ impl Tenants {
     }
 
     pub async fn update_tenant(&self, id: Uuid, patch: TenantPatch, ctx: EventContext) -> Result<Tenant> {
-        self.call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply })
-            .await
+        let r = self
+            .call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply })
+            .await;
+        self.wrote(r)
     }
 
     pub async fn delete_tenant(&self, id: Uuid, ctx: EventContext) -> Result<()> {
-        self.call_registry(|reply| RegistryMsg::DeleteTenant { id, ctx: ctx.clone(), reply }).await
+        let r = self.call_registry(|reply| RegistryMsg::DeleteTenant { id, ctx: ctx.clone(), reply }).await;
+        self.wrote(r)
     }
 
     /// The running tenant managers (for the supervision-tree view).
@@ -201,7 +220,7 @@ impl Tenants {
             };
             match outcome {
                 Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
-                other => return reply_of(other, "tenant manager"),
+                other => return self.wrote(reply_of(other, "tenant manager")),
             }
         }
         Err(Error::Unavailable("the tenant manager is restarting; retry shortly".into()))

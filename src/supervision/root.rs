@@ -3,12 +3,15 @@
 //! ```text
 //! root (one_for_one, 3 restarts / 5 s)
 //! ├── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
-//! └── jobs (supervisor, one_for_one; `worker` role)
-//!     ├── job-scheduler: due scheduled and retrying jobs become ready
-//!     ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
-//!     └── job-worker-1 … job-worker-N: run jobs
+//! ├── jobs (supervisor, one_for_one; `worker` role)
+//! │   ├── job-scheduler: due scheduled and retrying jobs become ready
+//! │   ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
+//! │   └── job-worker-1 … job-worker-N: run jobs
+//! └── pipeline (supervisor, one_for_one; `relay` and `consumer` roles)
+//!     ├── outbox-relay: outbox rows → event bus (one active per database)
+//!     └── event-consumer-1 … N: events → jobs, ack after enqueue
 //! ```
-//! Later capabilities add `pipeline` and `indexer` rows to [`root_children`].
+//! A later capability adds the `indexer` row to [`root_children`].
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -20,10 +23,14 @@ use super::parking::DeadLetterSink;
 use super::spec::{ChildSpec, StartCtx, StartFn, Strategy, SupervisorSpec};
 use super::supervisor::{Supervisor, SupervisorMsg};
 use super::tree::Tree;
+use crate::actors::event_consumer::{ConsumerArgs, EventConsumer};
 use crate::actors::job_worker::{JobWorker, JobWorkerArgs};
+use crate::actors::outbox_relay::{OutboxRelay, RelayArgs};
 use crate::actors::periodic::{Periodic, PeriodicArgs, Task};
 use crate::actors::tenant_registry::{RegistryArgs, RegistryMsg, TenantRegistry};
+use crate::bus::EventBus;
 use crate::jobs::runner::SharedRunner;
+use crate::jobs::JobClient;
 use crate::jobs::JobState;
 use crate::store::Store;
 
@@ -39,6 +46,20 @@ pub struct RootDeps {
     pub dead_letters: Arc<dyn DeadLetterSink>,
     /// The job system, when this process has the `worker` role.
     pub jobs: Option<JobsDeps>,
+    /// The event pipeline (relay and/or consumers), by role.
+    pub pipeline: Option<PipelineDeps>,
+}
+
+/// What the `pipeline` subtree needs.
+#[derive(Clone)]
+pub struct PipelineDeps {
+    /// The outbox relay (`relay` role).
+    pub relay: Option<RelayArgs>,
+    /// Broker consumers (`consumer` role): how many, on which bus, feeding which queue.
+    pub consumers: usize,
+    pub bus: Arc<dyn EventBus>,
+    pub jobs: JobClient,
+    pub prefetch: u16,
 }
 
 /// What the `jobs` subtree needs.
@@ -67,7 +88,39 @@ pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
     if let Some(jobs) = &deps.jobs {
         children.push(Supervisor::child(jobs_spec(jobs)).shutdown(Duration::from_secs(16)));
     }
+    // After `jobs`: the consumers' output is jobs.
+    if let Some(pipeline) = &deps.pipeline {
+        children.push(Supervisor::child(pipeline_spec(pipeline)).shutdown(Duration::from_secs(10)));
+    }
     children
+}
+
+/// The `pipeline` subtree: the relay, then the consumers; one-for-one.
+pub fn pipeline_spec(p: &PipelineDeps) -> SupervisorSpec {
+    let mut children = Vec::new();
+    if let Some(relay) = &p.relay {
+        let relay = relay.clone();
+        let start: StartFn = Arc::new(move |ctx: StartCtx| {
+            let relay = relay.clone();
+            Box::pin(async move {
+                let (actor, _) = Actor::spawn_linked(None, OutboxRelay, relay, ctx.parent).await?;
+                Ok(actor.get_cell())
+            })
+        });
+        children.push(ChildSpec::worker("outbox-relay", start));
+    }
+    for n in 1..=p.consumers {
+        let (bus, jobs, prefetch) = (p.bus.clone(), p.jobs.clone(), p.prefetch);
+        let start: StartFn = Arc::new(move |ctx: StartCtx| {
+            let args = ConsumerArgs { bus: bus.clone(), jobs: jobs.clone(), name: ctx.name.clone(), prefetch };
+            Box::pin(async move {
+                let (actor, _) = Actor::spawn_linked(None, EventConsumer, args, ctx.parent).await?;
+                Ok(actor.get_cell())
+            })
+        });
+        children.push(ChildSpec::worker(format!("event-consumer-{n}"), start));
+    }
+    SupervisorSpec::new("pipeline", Strategy::OneForOne, children)
 }
 
 /// How often the scheduler refreshes the `eventra_jobs{state}` gauges.

@@ -22,8 +22,13 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let db = TestDb::sqlite();
     let store = db.store().await;
     let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
-    let deps =
-        RootDeps { store: store.clone(), tenant_idle_timeout: Duration::from_millis(200), dead_letters, jobs: None };
+    let deps = RootDeps {
+        store: store.clone(),
+        tenant_idle_timeout: Duration::from_millis(200),
+        dead_letters,
+        jobs: None,
+        pipeline: None,
+    };
     let root = Root::start(deps).await.unwrap();
     let tenants = Tenants::new(root.registry.clone(), store, Duration::from_secs(10));
 

@@ -1,0 +1,206 @@
+//! The outbox relay (`outbox-relay` under `pipeline`): carries committed outbox rows to
+//! the event bus, in commit order per tenant, marking a row published only after the bus
+//! confirmed it.
+//!
+//! - **One active relay per database**: a `leases` row (`outbox-relay`) held for
+//!   `lease_ttl` and renewed every tick; the others stand by and take over once it lapses
+//!   (a dead relay stops renewing). A crash between publish and mark republishes: the
+//!   bus is at-least-once and consumers are idempotent by event id.
+//! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, fed by a trigger;
+//!   in-process writes through `Tenants`), and also polls every `poll`.
+//! - **Broker errors** are retried with exponential backoff (the `backoff` crate); the
+//!   rows stay unpublished meanwhile, so nothing is lost or skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{Mutex, Notify};
+
+use crate::bus::{BusMessage, EventBus};
+use crate::store::Store;
+
+/// The lease row's name.
+pub const RELAY_LEASE: &str = "outbox-relay";
+
+// Messages
+
+pub enum RelayMsg {
+    /// Renew the lease and publish what is pending.
+    Tick,
+}
+
+// State
+
+#[derive(Clone)]
+pub struct RelayArgs {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn EventBus>,
+    /// This relay's identity in the lease (unique per process and start).
+    pub holder: String,
+    pub lease_ttl: Duration,
+    pub poll: Duration,
+    pub batch: u32,
+    /// Rung by in-process writes.
+    pub wake: Arc<Notify>,
+    /// `LISTEN eventra_outbox` on PostgreSQL, for writes by other processes.
+    pub database_url: Option<String>,
+}
+
+pub struct RelayState {
+    args: RelayArgs,
+    leader: bool,
+    backoff: ExponentialBackoff,
+    listener: Option<Arc<Mutex<sqlx::postgres::PgListener>>>,
+}
+
+// Handling
+
+pub struct OutboxRelay;
+
+impl Actor for OutboxRelay {
+    type Msg = RelayMsg;
+    type State = RelayState;
+    type Arguments = RelayArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: RelayArgs) -> Result<RelayState, ActorProcessingErr> {
+        let listener = match args.database_url.as_deref().filter(|u| u.starts_with("postgres")) {
+            Some(url) => match listen(url).await {
+                Ok(l) => Some(Arc::new(Mutex::new(l))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay: LISTEN failed; polling only");
+                    None
+                }
+            },
+            None => None,
+        };
+        myself.send_message(RelayMsg::Tick)?;
+        Ok(RelayState { args, leader: false, backoff: broker_backoff(), listener })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+        if state.leader {
+            // A clean stop hands over at once instead of after the lease lapses.
+            let _ = state.args.store.release_lease(RELAY_LEASE, &state.args.holder).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        RelayMsg::Tick: Self::Msg,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
+        let a = &state.args;
+        let until = crate::domain::now() + chrono::Duration::from_std(a.lease_ttl).unwrap_or_default();
+        match a.store.try_lease(RELAY_LEASE, &a.holder, until).await {
+            Ok(true) if !state.leader => {
+                tracing::info!(holder = %a.holder, "this process is now the active outbox relay");
+                state.leader = true;
+            }
+            Ok(true) => {}
+            Ok(false) => {
+                if state.leader {
+                    tracing::warn!(holder = %a.holder, "outbox relay lease lost; standing by");
+                }
+                state.leader = false;
+                metrics::gauge!("eventra_relay_active").set(0.0);
+                myself.send_after(a.lease_ttl / 3, || RelayMsg::Tick);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: cannot reach the database for the lease");
+                myself.send_after(a.lease_ttl / 3, || RelayMsg::Tick);
+                return Ok(());
+            }
+        }
+        metrics::gauge!("eventra_relay_active").set(1.0);
+        match relay_once(a).await {
+            Ok(full) => {
+                state.backoff.reset();
+                record_lag(a).await;
+                if full {
+                    myself.send_message(RelayMsg::Tick)?;
+                } else {
+                    wait_then_tick(myself, state);
+                }
+            }
+            Err(e) => {
+                let delay = state.backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?delay, "outbox relay: publishing failed; rows stay pending");
+                metrics::counter!("eventra_relay_failures_total").increment(1);
+                myself.send_after(delay, || RelayMsg::Tick);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn broker_backoff() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(5),
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    }
+}
+
+async fn listen(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut l = sqlx::postgres::PgListener::connect(url).await?;
+    l.listen("eventra_outbox").await?;
+    Ok(l)
+}
+
+/// Publishes one batch; `true` when it was full (more may be waiting).
+async fn relay_once(a: &RelayArgs) -> Result<bool, String> {
+    let rows = a.store.unpublished_outbox(a.batch).await.map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    let mut messages = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let body = serde_json::to_vec(&r.event).map_err(|e| e.to_string())?;
+        messages.push(BusMessage {
+            id: r.event.id.to_string(),
+            routing_key: r.event.event_type.as_str().to_owned(),
+            body,
+        });
+    }
+    a.bus.publish(&messages).await.map_err(|e| e.to_string())?;
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    a.store.mark_published(&seqs).await.map_err(|e| e.to_string())?;
+    metrics::counter!("eventra_events_published_total").increment(rows.len() as u64);
+    Ok(rows.len() as u32 >= a.batch)
+}
+
+async fn record_lag(a: &RelayArgs) {
+    if let Ok(oldest) = a.store.oldest_unpublished().await {
+        let lag = oldest.map_or(0.0, |t| (crate::domain::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+        metrics::gauge!("eventra_relay_lag_seconds").set(lag);
+    }
+}
+
+/// Ticks again on a new-row signal (in-process or `NOTIFY`) or after `poll`, waiting
+/// outside the handler so a stop is never held up.
+fn wait_then_tick(myself: ActorRef<RelayMsg>, state: &RelayState) {
+    let (wake, poll, listener) = (state.args.wake.clone(), state.args.poll, state.listener.clone());
+    tokio::spawn(async move {
+        let notified = async {
+            match listener {
+                Some(l) => {
+                    let mut l = l.lock().await;
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        r = l.recv() => { let _ = r; }
+                    }
+                }
+                None => wake.notified().await,
+            }
+        };
+        let _ = tokio::time::timeout(poll, notified).await;
+        let _ = myself.send_message(RelayMsg::Tick);
+    });
+}
