@@ -86,7 +86,7 @@ impl Actor for EventConsumer {
             }
         }
         let Some(sub) = state.subscription.as_mut() else { return Ok(()) };
-        match sub.next(Duration::from_millis(500)).await {
+        match sub.next(Duration::from_millis(200)).await {
             Ok(None) => {}
             Ok(Some(delivery)) => {
                 if let Err(e) = process(&state.args, sub.as_mut(), &delivery).await {

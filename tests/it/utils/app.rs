@@ -54,6 +54,8 @@ impl TestApp {
         config.jobs.workers = 2;
         config.jobs.poll = Duration::from_millis(20);
         config.jobs.lease = Duration::from_millis(1500);
+        config.pipeline.consumers = 1;
+        config.pipeline.relay_poll = Duration::from_millis(100);
         tweak(&mut config);
         let config = Arc::new(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
