@@ -147,11 +147,12 @@ pub async fn run_with(
     let bus = open_bus(&config, store.as_ref()).await?;
     tracing::info!(backend = bus.backend(), "event bus ready");
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    let port = listener.local_addr()?.port();
     let p = &config.pipeline;
     let relay = config.has_role("relay").then(|| RelayArgs {
         store: store.clone(),
         bus: bus.clone(),
-        holder: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+        holder: format!("{}:{}", hostname(), port),
         lease_ttl: p.relay_lease,
         poll: p.relay_poll,
         batch: p.relay_batch,

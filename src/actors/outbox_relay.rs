@@ -38,7 +38,9 @@ pub enum RelayMsg {
 pub struct RelayArgs {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn EventBus>,
-    /// This relay's identity in the lease (unique per process and start).
+    /// This relay's name in the lease (the process: host and port); each start adds a
+    /// fresh suffix, so a killed and restarted relay waits for its old lease to lapse
+    /// like any standby does.
     pub holder: String,
     pub lease_ttl: Duration,
     pub poll: Duration,
@@ -65,7 +67,12 @@ impl Actor for OutboxRelay {
     type State = RelayState;
     type Arguments = RelayArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: RelayArgs) -> Result<RelayState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        mut args: RelayArgs,
+    ) -> Result<RelayState, ActorProcessingErr> {
+        args.holder = format!("{}/{}", args.holder, uuid::Uuid::new_v4().simple());
         let listener = match args.database_url.as_deref().filter(|u| u.starts_with("postgres")) {
             Some(url) => match listen(url).await {
                 Ok(l) => Some(Arc::new(Mutex::new(l))),

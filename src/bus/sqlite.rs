@@ -138,6 +138,14 @@ impl SqliteConsumer {
     /// delivery limit).
     async fn reclaim_lapsed(&self) -> BusResult<()> {
         let now = now_us();
+        let lapsed: Option<(i64,)> =
+            sqlx::query_as("SELECT seq FROM bus_messages WHERE state = 'delivered' AND visible_at_us < $1 LIMIT 1")
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+        if lapsed.is_none() {
+            return Ok(());
+        }
         sqlx::query(
             "UPDATE bus_messages SET consumer = NULL, visible_at_us = NULL, \
              state = CASE WHEN deliveries >= $2 THEN 'parked' ELSE 'ready' END, \
@@ -153,14 +161,20 @@ impl SqliteConsumer {
     }
 
     async fn take(&mut self) -> BusResult<Option<Delivery>> {
+        // Look before taking the write lock (idle consumers poll).
+        let next: Option<(i64,)> =
+            sqlx::query_as("SELECT seq FROM bus_messages WHERE state = 'ready' ORDER BY seq LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((seq,)) = next else { return Ok(None) };
         let row = sqlx::query_as::<_, Row>(
             "UPDATE bus_messages SET state = 'delivered', deliveries = deliveries + 1, consumer = $1, \
-             visible_at_us = $2 WHERE seq = \
-             (SELECT seq FROM bus_messages WHERE state = 'ready' ORDER BY seq LIMIT 1) \
+             visible_at_us = $2 WHERE seq = $3 AND state = 'ready' \
              RETURNING seq, id, routing_key, body, deliveries, reason",
         )
         .bind(&self.name)
         .bind(now_us() + dur_us(self.config.visibility))
+        .bind(seq)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| {

@@ -131,18 +131,32 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
-        let row = sqlx::query_as::<_, JobRow>(
-            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $4 WHERE id = \
-             (SELECT id FROM jobs WHERE state = 'ready' AND queue = $3 ORDER BY run_at_us, id LIMIT 1) \
-             RETURNING *",
-        )
-        .bind(worker)
-        .bind(now_us() + dur_us(lease))
-        .bind(queue)
-        .bind(Uuid::new_v4())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(TryInto::try_into).transpose()
+        // Look before taking the write lock: idle workers poll, and an empty queue must
+        // not serialize every other writer of the database behind them.
+        for _ in 0..8 {
+            let next: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM jobs WHERE state = 'ready' AND queue = $1 ORDER BY run_at_us, id LIMIT 1",
+            )
+            .bind(queue)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some((id,)) = next else { return Ok(None) };
+            let row = sqlx::query_as::<_, JobRow>(
+                "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $3 \
+                 WHERE id = $4 AND state = 'ready' RETURNING *",
+            )
+            .bind(worker)
+            .bind(now_us() + dur_us(lease))
+            .bind(Uuid::new_v4())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                return Ok(Some(row.try_into()?));
+            }
+            // Another worker took it between the look and the take: look again.
+        }
+        Ok(None)
     }
 
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {

@@ -125,16 +125,9 @@ async fn worker_killed_mid_job(backend: Backend, test: &str) {
     assert_eq!(kind.effects.lock().unwrap().get("hang:1"), Some(&1), "its effect once");
     assert_eq!(done["attempts"], 0, "a killed worker is not a failed attempt");
     let tree: Value = s.app.get("/debug/actors", ADMIN_TOKEN).await.json().await.unwrap();
-    let node = find(&tree, &worker).expect("the worker is back in the tree");
+    let node = crate::utils::find_actor(&tree, &worker).expect("the worker is back in the tree");
     assert_eq!((node["status"].as_str(), node["restarts"].as_u64()), (Some("running"), Some(1)));
     s.app.stop().await;
-}
-
-fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
-    if node["name"] == name {
-        return Some(node);
-    }
-    node["children"].as_array()?.iter().find_map(|c| find(c, name))
 }
 
 /// Fails while `broken`, or for its first `fail_first` runs.

@@ -47,7 +47,8 @@ pub mod smtp_server {
         let keep = Keep::default();
         let inbox = keep.inbox.clone();
         let mut server = mailin_embedded::Server::new(keep);
-        server.with_name("localhost").with_num_threads(1).with_tcp_listener(listener);
+        // A thread per connection: the client pools connections (lettre keeps idle ones).
+        server.with_name("localhost").with_num_threads(32).with_tcp_listener(listener);
         std::thread::spawn(move || {
             let _ = server.serve();
         });

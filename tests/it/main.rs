@@ -12,6 +12,7 @@ mod http_api;
 mod job_queue_conformance;
 mod jobs;
 mod mailer_conformance;
+mod pipeline;
 mod store_conformance;
 mod supervision;
 mod utils;

@@ -23,13 +23,6 @@ async fn tree(app: &TestApp) -> Value {
     res.json().await.unwrap()
 }
 
-fn find<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
-    if node["name"] == name {
-        return Some(node);
-    }
-    node["children"].as_array()?.iter().find_map(|c| find(c, name))
-}
-
 /// Checks one node and its subtree against the SPEC's node shape.
 fn assert_node_shape(n: &Value) {
     let obj = n.as_object().expect("node is an object");
@@ -78,7 +71,8 @@ async fn debug_actors_has_the_spec_shape_and_an_html_view() {
         (root["name"].as_str(), root["kind"].as_str(), root["status"].as_str()),
         (Some("root"), Some("supervisor"), Some("running"))
     );
-    let manager = find(&root, &format!("tenant-{}", t.id)).expect("the tenant's manager is in the tree");
+    let manager =
+        crate::utils::find_actor(&root, &format!("tenant-{}", t.id)).expect("the tenant's manager is in the tree");
     assert_eq!((manager["kind"].as_str(), manager["status"].as_str()), (Some("worker"), Some("running")));
     assert_eq!(manager["mailbox"], 0);
     let mut all = Vec::new();
@@ -176,7 +170,9 @@ async fn kill_while_writing(db: &TestDb) {
         let manager = manager.clone();
         async move {
             let root = tree(&app).await;
-            find(&root, &manager).filter(|n| n["status"] == "running" && n["restarts"] == 1).cloned()
+            crate::utils::find_actor(&root, &manager)
+                .filter(|n| n["status"] == "running" && n["restarts"] == 1)
+                .cloned()
         }
     })
     .await;
@@ -189,7 +185,9 @@ async fn kill_while_writing(db: &TestDb) {
         let app = app.clone();
         async move {
             let root = tree(&app).await;
-            find(&root, "tenants").filter(|n| n["status"] == "running" && n["restarts"] == 1).map(|_| ())
+            crate::utils::find_actor(&root, "tenants")
+                .filter(|n| n["status"] == "running" && n["restarts"] == 1)
+                .map(|_| ())
         }
     })
     .await;
@@ -242,7 +240,9 @@ async fn root_escalation_stops_the_process_with_an_error() {
         wait_for("tenants to restart", Duration::from_secs(10), || {
             let app = &app;
             async move {
-                find(&tree(app).await, "tenants").filter(|n| n["restarts"] == i && n["status"] == "running").map(|_| ())
+                crate::utils::find_actor(&tree(app).await, "tenants")
+                    .filter(|n| n["restarts"] == i && n["status"] == "running")
+                    .map(|_| ())
             }
         })
         .await;

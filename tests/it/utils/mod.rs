@@ -115,3 +115,11 @@ pub fn close_rabbitmq_connections(needle: &str) -> usize {
     }
     pids.len()
 }
+
+/// The node named `name` in a `/debug/actors` tree, if any.
+pub fn find_actor<'a>(node: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    if node["name"] == name {
+        return Some(node);
+    }
+    node["children"].as_array()?.iter().find_map(|c| find_actor(c, name))
+}
