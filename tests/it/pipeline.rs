@@ -130,3 +130,180 @@ async fn embedded_pipeline_survives_killed_relay_and_consumer() {
     }
     app.stop().await;
 }
+
+/// A server on the production stack: PostgreSQL, RabbitMQ and Redis, under a fresh
+/// namespace, with an SMTP server; `None` (NOT RUN) without the services.
+struct Stack {
+    app: TestApp,
+    store: Arc<dyn eventra::store::Store>,
+    bus: Arc<eventra::bus::RabbitBus>,
+    ns: String,
+    inbox: Arc<std::sync::Mutex<Vec<String>>>,
+    _db: TestDb,
+    _redis: crate::utils::RedisNamespace,
+}
+
+async fn production_stack(test: &str) -> Option<Stack> {
+    let amqp = crate::utils::service_url("AMQP_URL", test)?;
+    let redis = crate::utils::service_url("REDIS_URL", test)?;
+    let db = TestDb::postgres(test).await?;
+    let redis_ns = crate::utils::RedisNamespace::new(&redis);
+    let ns = redis_ns.ns.clone();
+    let (smtp, inbox) = smtp_server::start();
+    let app = TestApp::start_with(db.url(), |c| {
+        c.chaos = true;
+        c.smtp_url = Some(smtp.clone());
+        c.amqp_url = Some(amqp.clone());
+        c.redis_url = Some(redis.clone());
+        c.namespace = ns.clone();
+        c.pipeline.consumers = 2;
+        c.pipeline.relay_lease = Duration::from_secs(2);
+        c.jobs.workers = 4;
+    })
+    .await;
+    let store = db.store().await;
+    // A second client on the app's topology, to read its DLQ (declaring is idempotent:
+    // same names, same arguments).
+    let config = eventra::bus::BusConfig { max_deliveries: app.config.pipeline.max_deliveries, ..Default::default() };
+    let bus = Arc::new(eventra::bus::RabbitBus::connect(&amqp, &ns, config).await.expect("probe connects"));
+    Some(Stack { app, store, bus, ns, inbox, _db: db, _redis: redis_ns })
+}
+
+impl Stack {
+    async fn finish(self) {
+        self.app.stop().await;
+        let _ = self.bus.delete_topology().await;
+    }
+}
+
+/// Must-show 2a: PostgreSQL + RabbitMQ + Redis, the broker connections cut twice while
+/// 2,000 users are created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_pipeline_survives_broker_connection_cuts() {
+    const N: usize = 2000;
+    let Some(s) = production_stack("pipeline::production_pipeline_survives_broker_connection_cuts").await else {
+        return;
+    };
+    let t = s.app.tenant("cut", 0).await;
+    let ns = s.ns.clone();
+    create_users(&s.app, &t, N, 8, |i| {
+        // The app's connections are named after its namespace; the probe's too, which
+        // only adds to the cut.
+        let ns = ns.clone();
+        matches!(i, 500 | 1400).then(|| -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(async move {
+                let cut =
+                    tokio::task::spawn_blocking(move || crate::utils::close_rabbitmq_connections(&ns)).await.unwrap();
+                assert!(cut >= 1, "no connection to cut");
+            })
+        })
+    })
+    .await;
+    let bus: Arc<dyn eventra::bus::EventBus> = s.bus.clone();
+    assert_every_effect_once(&s.app, &s.store, &bus, t.id, N, &s.inbox).await;
+    s.finish().await;
+}
+
+/// Must-show 2b: the same stack, the relay and a consumer killed mid-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_pipeline_survives_killed_relay_and_consumer() {
+    const N: usize = 2000;
+    let Some(s) = production_stack("pipeline::production_pipeline_survives_killed_relay_and_consumer").await else {
+        return;
+    };
+    let t = s.app.tenant("kill", 0).await;
+    create_users(&s.app, &t, N, 8, |i| match i {
+        600 => Some(kill(&s.app, "outbox-relay")),
+        1300 => Some(kill(&s.app, "event-consumer-2")),
+        _ => None,
+    })
+    .await;
+    let bus: Arc<dyn eventra::bus::EventBus> = s.bus.clone();
+    assert_every_effect_once(&s.app, &s.store, &bus, t.id, N, &s.inbox).await;
+    s.finish().await;
+}
+
+/// The port in a relay lease holder (`host:port/start`).
+async fn relay_holder_port(db_url: &str) -> Option<u16> {
+    let pool = sqlx::PgPool::connect(db_url).await.ok()?;
+    let row: Option<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT holder, expires_at FROM leases WHERE name = 'outbox-relay'")
+            .fetch_optional(&pool)
+            .await
+            .ok()?;
+    pool.close().await;
+    let (holder, expires) = row?;
+    (expires > chrono::Utc::now()).then_some(())?;
+    holder.split('/').next()?.rsplit(':').next()?.parse().ok()
+}
+
+fn port(app: &TestApp) -> u16 {
+    app.base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
+}
+
+/// Must-show 3: two servers (two relays) on one PostgreSQL database and one broker: one
+/// relay is active; kill it, a relay takes over after its lease lapses; stop the process
+/// then holding the lease, the other takes over; no event is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_relay_takes_over() {
+    let Some(Stack { app, store, bus, ns, inbox: _, _db, _redis }) =
+        production_stack("pipeline::a_standby_relay_takes_over").await
+    else {
+        return;
+    };
+    let db_url = app.config.database_url.clone();
+    let other = TestApp::start_with(&db_url, |c| {
+        c.chaos = true;
+        c.smtp_url = app.config.smtp_url.clone();
+        c.amqp_url = app.config.amqp_url.clone();
+        c.redis_url = app.config.redis_url.clone();
+        c.namespace = ns.clone();
+        c.pipeline.relay_lease = Duration::from_secs(2);
+    })
+    .await;
+    let drained = || async {
+        wait_for("the outbox to drain", Duration::from_secs(30), || async {
+            store.unpublished_outbox(1).await.ok().filter(|r| r.is_empty())
+        })
+        .await
+    };
+    let holder = || wait_for("a relay holding the lease", Duration::from_secs(20), || relay_holder_port(&db_url));
+    let mut tenants = Vec::new();
+
+    let t1 = app.tenant("relays-a", 0).await;
+    create_users(&app, &t1, 100, 4, |_| None).await;
+    tenants.push((t1.id, 100));
+    drained().await;
+    let active = holder().await;
+    assert!([port(&app), port(&other)].contains(&active), "{active}");
+    let (first, second) = if active == port(&app) { (&app, &other) } else { (&other, &app) };
+
+    // Kill the active relay: nothing renews its lease; once it lapses a relay (the
+    // restarted one or the standby) takes over and publishes what piled up.
+    kill(first, "outbox-relay").await;
+    let t2 = second.tenant("relays-b", 0).await;
+    create_users(second, &t2, 100, 4, |_| None).await;
+    tenants.push((t2.id, 100));
+    drained().await;
+
+    // Stop the process that holds the lease now: the other one takes over.
+    let now_active = holder().await;
+    let (stopping, survivor) = if now_active == port(&app) { (app, other) } else { (other, app) };
+    stopping.stop().await;
+    let t3 = survivor.tenant("relays-c", 0).await;
+    create_users(&survivor, &t3, 50, 4, |_| None).await;
+    tenants.push((t3.id, 50));
+    drained().await;
+    assert_eq!(relay_holder_port(&db_url).await, Some(port(&survivor)), "the survivor took over");
+
+    // No event lost: every event of every tenant reached its audit entry.
+    for (tenant, users) in tenants {
+        wait_for("every event audited", Duration::from_secs(60), || async {
+            (store.count_audit(tenant).await.ok()? == users + 1).then_some(())
+        })
+        .await;
+    }
+    assert!(eventra::bus::EventBus::parked(bus.as_ref(), 10).await.unwrap().is_empty());
+    survivor.stop().await;
+    let _ = bus.delete_topology().await;
+}
