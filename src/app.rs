@@ -185,6 +185,7 @@ pub async fn run_with(
         replay: Arc::new(ReplayTargets::default()),
         metrics: crate::telemetry::metrics(),
         jobs,
+        bus,
     };
     if config.chaos {
         tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");

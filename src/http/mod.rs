@@ -51,6 +51,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The job queue (`/v1/admin/jobs`, readiness).
     pub jobs: crate::jobs::JobClient,
+    /// The event bus (its dead-letter queue in `/v1/admin/dlq`).
+    pub bus: Arc<dyn crate::bus::EventBus>,
 }
 
 /// The whole API.

@@ -307,3 +307,57 @@ async fn a_standby_relay_takes_over() {
     survivor.stop().await;
     let _ = bus.delete_topology().await;
 }
+
+/// Invalid messages go to the DLQ at once with their reason; `/v1/admin/dlq` lists them
+/// from the bus with reason and delivery count; replay puts one back on the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_are_parked_and_listed_in_the_admin_dlq() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let pool = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pool().clone();
+    let bus = eventra::bus::SqliteBus::new(pool, eventra::bus::BusConfig::default());
+    let bad_json = eventra::bus::BusMessage {
+        id: Uuid::now_v7().to_string(),
+        routing_key: "user.created".into(),
+        body: b"{nope".to_vec(),
+    };
+    let unknown = eventra::bus::BusMessage {
+        id: Uuid::now_v7().to_string(),
+        routing_key: "user.exploded".into(),
+        body: serde_json::to_vec(&json!({"specversion": "1.0", "type": "user.exploded", "id": "x"})).unwrap(),
+    };
+    eventra::bus::EventBus::publish(&bus, &[bad_json.clone(), unknown.clone()]).await.unwrap();
+    let dlq = wait_for("both in GET /v1/admin/dlq", Duration::from_secs(20), || async {
+        let page: serde_json::Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.ok()?;
+        (page["items"].as_array()?.len() == 2).then_some(page)
+    })
+    .await;
+    let item = |id: &str| dlq["items"].as_array().unwrap().iter().find(|i| i["id"] == id).cloned().expect("listed");
+    let (b, u) = (item(&bad_json.id), item(&unknown.id));
+    assert_eq!((b["source"].as_str(), b["delivery_count"].as_u64()), (Some("event-bus"), Some(1)));
+    assert!(b["reason"].as_str().unwrap().starts_with("not JSON"), "{b}");
+    assert!(u["reason"].as_str().unwrap().contains("unknown type"), "{u}");
+    assert_eq!(u["payload"]["type"], "user.exploded");
+
+    // Replay: back on the bus, consumed again (and, still invalid, parked again: later).
+    let pool = eventra::store::SqliteStore::connect(db.url(), 1).await.unwrap().pool().clone();
+    let parked_at = || async {
+        let row: Option<(Option<i64>, String)> =
+            sqlx::query_as("SELECT parked_at_us, state FROM bus_messages WHERE id = $1")
+                .bind(&unknown.id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        row.and_then(|(at, state)| (state == "parked").then_some(at).flatten())
+    };
+    let first = parked_at().await.expect("parked");
+    let res = app.post(&format!("/v1/admin/dlq/{}/replay", unknown.id), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("the replayed message consumed and parked again", Duration::from_secs(20), || async {
+        parked_at().await.filter(|at| *at > first)
+    })
+    .await;
+    let res = app.post(&format!("/v1/admin/dlq/{}/replay", Uuid::now_v7()), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
+}
