@@ -32,6 +32,8 @@ enum Command {
 enum Bench {
     /// No-op jobs/s: Eventra's Redis queue and workers vs raw Redis vs Sidekiq.
     Jobs(eventra::bench::jobs::JobsBenchArgs),
+    /// Commit → consumed latency and events/s through the pipeline vs raw lapin.
+    Pipeline(eventra::bench::pipeline::PipelineBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Bench(Bench::Pipeline(args)) => {
+                let rows = eventra::bench::pipeline::run(args).await?;
+                println!("{}", eventra::bench::pipeline::table(&rows));
+                Ok(())
+            }
             Command::Bench(Bench::Jobs(args)) => {
                 let rows = eventra::bench::jobs::run(args).await?;
                 println!("{}", eventra::bench::jobs::table(&rows));

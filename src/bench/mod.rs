@@ -3,3 +3,4 @@
 //! figure comes with its baseline. Results go to BENCHMARKS.md with the command.
 
 pub mod jobs;
+pub mod pipeline;
