@@ -6,12 +6,14 @@
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite implementations, with
 //!   the transactional outbox.
 //! - [`actors`]: the tenant registry and per-tenant user managers ([`actors::Tenants`]
-//!   is the door the HTTP layer uses), job workers and periodic tasks.
+//!   is the door the HTTP layer uses), job workers, periodic tasks, the outbox relay
+//!   and the broker consumers.
 //! - [`supervision`]: the root supervisor and child specifications.
 //! - [`http`]: axum routes, one file per resource; problem+json at the edge.
 //! - [`jobs`]: the `JobQueue` trait (Redis and SQLite), Sidekiq's retry schedule, the
 //!   runner the workers use, job kinds, and which jobs an event causes.
 //! - [`mail`]: the `Mailer` trait: SMTP (lettre) or `.eml` files.
+//! - [`bus`]: the `EventBus` trait: RabbitMQ (lapin) or tables in SQLite.
 //! - [`bench`]: `eventra bench …` against the raw engines.
 //! - [`error`]: the application error every subsystem converts into.
 //! - [`app`]: wires it all together; [`app::run`] is the testable entry point.

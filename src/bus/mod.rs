@@ -14,9 +14,8 @@
 //! - a consumer that goes away with unacked messages gets them redelivered to others;
 //! - parked messages can be listed (with reason and delivery count) and replayed.
 //!
-//! Status: the trait and both backends exist with their conformance suite; the outbox
-//! relay and broker-consumer actors that use them come with the rest of the pipeline
-//! issue.
+//! Users: the outbox relay publishes (`actors::outbox_relay`), the broker consumers
+//! consume (`actors::event_consumer`), `/v1/admin/dlq` lists and replays parked messages.
 
 mod rabbit;
 mod sqlite;
