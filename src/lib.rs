@@ -29,6 +29,7 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod mail;
+pub mod search;
 pub mod store;
 pub mod supervision;
 pub mod telemetry;
