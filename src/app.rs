@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::actors::outbox_relay::RelayArgs;
 use crate::actors::Tenants;
-use crate::bus::{BusConfig, BusError, EventBus, RabbitBus, SqliteBus};
+use crate::bus::{BusConfig, EventBus, RabbitBus, SqliteBus};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::jobs::{
@@ -77,9 +77,12 @@ pub async fn open_job_queue(config: &Config, store: &dyn Store) -> Result<Arc<dy
 pub async fn open_bus(config: &Config, store: &dyn Store) -> Result<Arc<dyn EventBus>, StartupError> {
     let bus_config =
         BusConfig { max_deliveries: config.pipeline.max_deliveries, visibility: config.pipeline.visibility };
-    let backend = |e: BusError| StartupError::Backend(format!("event bus: {e}"));
     if let Some(url) = &config.amqp_url {
-        return Ok(Arc::new(RabbitBus::connect(url, &config.namespace, bus_config).await.map_err(backend)?));
+        let bus = RabbitBus::lazy(url, &config.namespace, bus_config);
+        if let Err(e) = bus.ping().await {
+            tracing::warn!(error = %e, "RabbitMQ is unreachable at start; the relay and consumers retry until it is back");
+        }
+        return Ok(Arc::new(bus));
     }
     if let Some(pool) = store.sqlite_pool() {
         return Ok(Arc::new(SqliteBus::new(pool, bus_config)));

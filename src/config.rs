@@ -116,6 +116,11 @@ impl PipelineArgs {
         if self.relay_lease_ms < 300 {
             return Err(ConfigError::Invalid("EVENTRA_RELAY_LEASE_MS must be at least 300".into()));
         }
+        if self.relay_poll_ms.saturating_mul(3) > self.relay_lease_ms {
+            return Err(ConfigError::Invalid(
+                "EVENTRA_RELAY_POLL_MS must be at most a third of EVENTRA_RELAY_LEASE_MS (the active relay renews its lease every poll)".into(),
+            ));
+        }
         Ok(PipelineConfig {
             consumers: self.consumers,
             prefetch: self.prefetch.max(1),

@@ -6,7 +6,8 @@
 //! - Processing is idempotent by event id: every job's idempotency key derives from the
 //!   event (or its user), so a redelivery enqueues nothing new.
 //! - If the job queue is down, the delivery is held and the enqueue retried with backoff
-//!   for a while, then requeued (the bus's delivery count and limit apply).
+//!   until it is back: an outage is backpressure, never a reason to spend the message's
+//!   delivery attempts and park valid events.
 //! - Bus errors (broker gone) drop the subscription; the actor reconnects with backoff
 //!   and resumes. It never crashes for an outage, so the supervisor's restart intensity
 //!   is kept for real faults.
@@ -21,9 +22,6 @@ use tracing::Instrument;
 use crate::bus::{Consumer, Delivery, EventBus};
 use crate::domain::DomainEvent;
 use crate::jobs::{jobs_for_event, JobClient};
-
-/// How long the consumer keeps retrying an enqueue before it requeues the delivery.
-const ENQUEUE_PATIENCE: Duration = Duration::from_secs(30);
 
 // Messages
 
@@ -145,25 +143,27 @@ async fn enqueue_then_ack(
     event: &DomainEvent,
 ) -> Result<(), crate::bus::BusError> {
     let mut retry = backoff_policy(Duration::from_secs(5));
-    retry.max_elapsed_time = Some(ENQUEUE_PATIENCE);
     for job in jobs_for_event(event) {
         loop {
             match args.jobs.enqueue(job.clone()).await {
                 Ok(_) => break,
-                Err(e) => match retry.next_backoff() {
-                    Some(delay) => {
-                        tracing::warn!(error = %e, retry_in = ?delay, "job queue unavailable; holding the event");
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => {
-                        tracing::warn!(error = %e, "job queue still unavailable; requeueing the event");
-                        return sub.requeue(d).await;
-                    }
-                },
+                Err(e) => {
+                    let delay = retry.next_backoff().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?delay, "job queue unavailable; holding the event");
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }
-    sub.ack(d).await?;
+    match sub.ack(d).await {
+        // Held past the bus's visibility: it was handed to another consumer, which will
+        // find its jobs already enqueued. Not a reason to drop the subscription.
+        Err(crate::bus::BusError::UnknownDelivery(tag)) => {
+            tracing::warn!(tag, "delivery reclaimed by the bus before the ack; another consumer has it");
+            return Ok(());
+        }
+        other => other?,
+    }
     metrics::counter!("eventra_events_consumed_total", "type" => event.event_type.as_str()).increment(1);
     Ok(())
 }

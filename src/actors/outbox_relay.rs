@@ -6,8 +6,11 @@
 //!   `lease_ttl` and renewed every tick; the others stand by and take over once it lapses
 //!   (a dead relay stops renewing). A crash between publish and mark republishes: the
 //!   bus is at-least-once and consumers are idempotent by event id.
-//! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, fed by a trigger;
-//!   in-process writes through `Tenants`), and also polls every `poll`.
+//! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, fed by a trigger,
+//!   held only while active; in-process writes through `Tenants`), and also polls.
+//! - **Fenced**: a batch must be published and marked within half the lease, and the
+//!   mark only applies while this relay still holds the lease, so a stalled relay that
+//!   lost its lease cannot mark rows the new holder is publishing.
 //! - **Broker errors** are retried with exponential backoff (the `backoff` crate); the
 //!   rows stay unpublished meanwhile, so nothing is lost or skipped.
 
@@ -55,6 +58,8 @@ pub struct RelayState {
     args: RelayArgs,
     leader: bool,
     backoff: ExponentialBackoff,
+    /// `LISTEN eventra_outbox`, held only while this relay is active (an unread
+    /// subscription would make PostgreSQL queue notifications for it without end).
     listener: Option<Arc<Mutex<sqlx::postgres::PgListener>>>,
 }
 
@@ -73,18 +78,9 @@ impl Actor for OutboxRelay {
         mut args: RelayArgs,
     ) -> Result<RelayState, ActorProcessingErr> {
         args.holder = format!("{}/{}", args.holder, uuid::Uuid::new_v4().simple());
-        let listener = match args.database_url.as_deref().filter(|u| u.starts_with("postgres")) {
-            Some(url) => match listen(url).await {
-                Ok(l) => Some(Arc::new(Mutex::new(l))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay: LISTEN failed; polling only");
-                    None
-                }
-            },
-            None => None,
-        };
         myself.send_message(RelayMsg::Tick)?;
-        Ok(RelayState { args, leader: false, backoff: broker_backoff(), listener })
+        let backoff = broker_backoff(args.lease_ttl);
+        Ok(RelayState { args, leader: false, backoff, listener: None })
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
@@ -107,6 +103,12 @@ impl Actor for OutboxRelay {
             Ok(true) if !state.leader => {
                 tracing::info!(holder = %a.holder, "this process is now the active outbox relay");
                 state.leader = true;
+                if let Some(url) = a.database_url.as_deref().filter(|u| u.starts_with("postgres")) {
+                    match listen(url).await {
+                        Ok(l) => state.listener = Some(Arc::new(Mutex::new(l))),
+                        Err(e) => tracing::warn!(error = %e, "outbox relay: LISTEN failed; polling only"),
+                    }
+                }
             }
             Ok(true) => {}
             Ok(false) => {
@@ -114,6 +116,7 @@ impl Actor for OutboxRelay {
                     tracing::warn!(holder = %a.holder, "outbox relay lease lost; standing by");
                 }
                 state.leader = false;
+                state.listener = None;
                 metrics::gauge!("eventra_relay_active").set(0.0);
                 myself.send_after(a.lease_ttl / 3, || RelayMsg::Tick);
                 return Ok(());
@@ -125,7 +128,14 @@ impl Actor for OutboxRelay {
             }
         }
         metrics::gauge!("eventra_relay_active").set(1.0);
-        match relay_once(a).await {
+        // Publish and mark well within the lease just renewed, so a relay that stalls
+        // (a blocked broker, a dead connection) gives up before a standby can take over.
+        let budget = a.lease_ttl / 2;
+        let outcome = match tokio::time::timeout(budget, relay_once(a)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("publishing took longer than {budget:?} (half the lease)")),
+        };
+        match outcome {
             Ok(full) => {
                 state.backoff.reset();
                 record_lag(a).await;
@@ -146,10 +156,14 @@ impl Actor for OutboxRelay {
     }
 }
 
-fn broker_backoff() -> ExponentialBackoff {
+/// Retry delays after broker errors, kept below a third of the lease (jitter included)
+/// so the active relay renews its lease while it waits.
+fn broker_backoff(lease: Duration) -> ExponentialBackoff {
+    let max = (lease / 4).min(Duration::from_secs(5));
     ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
-        max_interval: Duration::from_secs(5),
+        initial_interval: Duration::from_millis(100).min(max),
+        max_interval: max,
+        randomization_factor: 0.25,
         max_elapsed_time: None,
         ..ExponentialBackoff::default()
     }
@@ -178,7 +192,12 @@ async fn relay_once(a: &RelayArgs) -> Result<bool, String> {
     }
     a.bus.publish(&messages).await.map_err(|e| e.to_string())?;
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    a.store.mark_published(&seqs).await.map_err(|e| e.to_string())?;
+    let marked = a.store.mark_published(&seqs, RELAY_LEASE, &a.holder).await.map_err(|e| e.to_string())?;
+    if marked < seqs.len() as u64 {
+        // Our lease lapsed meanwhile: the new holder republishes what we could not mark
+        // (at-least-once; consumers are idempotent).
+        return Err(format!("lease lapsed before {} of {} rows were marked", seqs.len() as u64 - marked, seqs.len()));
+    }
     metrics::counter!("eventra_events_published_total").increment(rows.len() as u64);
     Ok(rows.len() as u32 >= a.batch)
 }
@@ -201,7 +220,13 @@ fn wait_then_tick(myself: ActorRef<RelayMsg>, state: &RelayState) {
                     let mut l = l.lock().await;
                     tokio::select! {
                         _ = wake.notified() => {}
-                        r = l.recv() => { let _ = r; }
+                        r = l.recv() => {
+                            if let Err(e) = r {
+                                // The listener reconnects on its next call; until then, poll.
+                                tracing::debug!(error = %e, "outbox LISTEN interrupted");
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 }
                 None => wake.notified().await,

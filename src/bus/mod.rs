@@ -101,6 +101,8 @@ pub type BusResult<T> = Result<T, BusError>;
 pub trait EventBus: Send + Sync + 'static {
     /// `rabbitmq` or `sqlite`.
     fn backend(&self) -> &'static str;
+    /// Answers when the bus does (connecting if need be).
+    async fn ping(&self) -> BusResult<()>;
     /// Publishes in order; returns once the bus confirmed every message.
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()>;
     /// A consumer named `name` holding at most `prefetch` unsettled deliveries.

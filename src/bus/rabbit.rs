@@ -6,8 +6,8 @@
 //!   `x-delivery-limit` (a message returned `max_deliveries - 1` times is dead-lettered
 //!   on its next return), `x-dead-letter-exchange = {ns}.events.dlx` and at-least-once
 //!   dead-lettering (`x-dead-letter-strategy`, which needs `x-overflow = reject-publish`);
-//! - `{ns}.events.dlx` (fanout) → `{ns}.events.dlq`: durable quorum queue of parked
-//!   messages.
+//! - `{ns}.events.dlx` (fanout) → `{ns}.events.dlq`: durable classic queue of parked
+//!   messages (peeking must not count deliveries against them).
 //!
 //! Messages are persistent, `content-type: application/cloudevents+json`, message id =
 //! event id. Publishing waits for publisher confirms and fails on a nack or an
@@ -34,6 +34,9 @@ use super::{BusConfig, BusError, BusMessage, BusResult, Consumer, Delivery, Even
 
 const CONTENT_TYPE: &str = "application/cloudevents+json";
 const REASON_HEADER: &str = "x-eventra-reason";
+/// Our own copy of the delivery count on parked messages (the broker's
+/// `x-delivery-count` changes when the DLQ itself redelivers).
+const COUNT_HEADER: &str = "x-eventra-deliveries";
 
 /// The names of one deployment's topology.
 #[derive(Debug, Clone)]
@@ -134,36 +137,55 @@ fn delivery_count(d: &lapin::message::Delivery) -> u32 {
     u32::try_from(returned.saturating_add(1)).unwrap_or(u32::MAX)
 }
 
-async fn confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    props: BasicProperties,
-    id: &str,
-) -> BusResult<()> {
-    let confirm = channel
-        .basic_publish(
-            short(exchange),
-            short(routing_key),
-            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-            body,
-            props,
-        )
-        .await?
-        .await?;
-    if !confirm.is_ack() || confirm.take_message().is_some() {
-        return Err(BusError::Refused(id.to_owned()));
+/// Longest wait for the broker's confirms of one publish call.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Publishes every message (pipelined) and checks every confirm: a nack or a returned
+/// (unroutable) message is a refusal.
+async fn publish_all(channel: &Channel, exchange: &str, messages: &[(BusMessage, BasicProperties)]) -> BusResult<()> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (m, props) in messages {
+        let confirm = channel
+            .basic_publish(
+                short(exchange),
+                short(&m.routing_key),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &m.body,
+                props.clone(),
+            )
+            .await?;
+        confirms.push((m.id.as_str(), confirm));
+    }
+    for (id, confirm) in confirms {
+        let confirm = confirm.await?;
+        if !confirm.is_ack() || confirm.take_message().is_some() {
+            return Err(BusError::Refused(id.to_owned()));
+        }
     }
     Ok(())
+}
+
+/// lapin answers `Ok(false)` when an ack or nack could not be sent (closed channel).
+fn settled(done: bool, what: &str) -> BusResult<()> {
+    if done {
+        Ok(())
+    } else {
+        Err(BusError::Backend(format!("the {what} could not be sent (channel closed)")))
+    }
 }
 
 impl RabbitBus {
     /// Connects and declares the topology under `namespace`.
     pub async fn connect(url: &str, namespace: &str, config: BusConfig) -> BusResult<Self> {
-        let bus = RabbitBus { url: url.to_owned(), live: Mutex::new(None), names: Names::new(namespace), config };
+        let bus = Self::lazy(url, namespace, config);
         bus.connection().await?;
         Ok(bus)
+    }
+
+    /// A bus that connects on first use (a process must start, and its API serve, while
+    /// the broker is down; the relay and consumers retry until it is back).
+    pub fn lazy(url: &str, namespace: &str, config: BusConfig) -> Self {
+        RabbitBus { url: url.to_owned(), live: Mutex::new(None), names: Names::new(namespace), config }
     }
 
     /// The live connection, reconnecting (and declaring the topology) if the broker
@@ -192,7 +214,11 @@ impl RabbitBus {
         channel.exchange_declare(short(&names.exchange), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         channel.exchange_declare(short(&names.dlx), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
         let queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        channel.queue_declare(short(&names.dlq), queue, quorum_args(&[])).await?;
+        // A classic queue: peeking (get, then return) must not count as deliveries, and no
+        // broker default delivery limit may ever drop a parked message.
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert(short("x-queue-type"), AMQPValue::LongString(LongString::from("classic")));
+        channel.queue_declare(short(&names.dlq), queue, dlq_args).await?;
         channel
             .queue_bind(
                 short(&names.dlq),
@@ -221,40 +247,29 @@ impl RabbitBus {
         Ok(())
     }
 
-    /// Publishes on the confirm channel; a failure drops the connection so the next call
-    /// starts from a fresh one.
+    /// Publishes on the confirm channel and waits (bounded) for every confirm; a failure
+    /// drops the connection so the next call starts from a fresh one. The lock is held
+    /// only to pick the channel, never across the broker's answers.
     async fn publish_confirmed(&self, exchange: &str, messages: &[(BusMessage, BasicProperties)]) -> BusResult<()> {
-        self.connection().await?;
-        let mut live = self.live.lock().await;
-        let Some(l) = live.as_ref() else { return Err(BusError::Backend("not connected".into())) };
-        let result = async {
-            let mut confirms = Vec::with_capacity(messages.len());
-            for (m, props) in messages {
-                let confirm = l
-                    .publisher
-                    .basic_publish(
-                        short(exchange),
-                        short(&m.routing_key),
-                        BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                        &m.body,
-                        props.clone(),
-                    )
-                    .await?;
-                confirms.push((m.id.as_str(), confirm));
-            }
-            for (id, confirm) in confirms {
-                let confirm = confirm.await?;
-                if !confirm.is_ack() || confirm.take_message().is_some() {
-                    return Err(BusError::Refused(id.to_owned()));
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let publisher = self.publisher().await?;
+        let result = match tokio::time::timeout(CONFIRM_TIMEOUT, publish_all(&publisher, exchange, messages)).await {
+            Ok(r) => r,
+            Err(_) => Err(BusError::Backend(format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))),
+        };
         if matches!(result, Err(BusError::Backend(_))) {
-            *live = None;
+            let mut live = self.live.lock().await;
+            if live.as_ref().is_some_and(|l| l.publisher.id() == publisher.id()) {
+                *live = None;
+            }
         }
         result
+    }
+
+    /// The live publishing channel (connecting if need be).
+    async fn publisher(&self) -> BusResult<Channel> {
+        self.connection().await?;
+        let live = self.live.lock().await;
+        live.as_ref().map(|l| l.publisher.clone()).ok_or_else(|| BusError::Backend("not connected".into()))
     }
 
     /// Deletes this namespace's queues and exchanges (tests; decommissioning).
@@ -283,26 +298,19 @@ impl RabbitBus {
     }
 }
 
-/// A DLQ message as the API shows it. The broker dead-letters at the limit without a
-/// count header, so such a message was delivered exactly `max_deliveries` times.
+/// A DLQ message as the API shows it. A consumer-parked message carries its reason and
+/// delivery count; one the broker dead-lettered at the limit was delivered exactly
+/// `max_deliveries` times.
 fn parked_of(d: &lapin::message::Delivery, max_deliveries: u32) -> Parked {
     let headers = d.properties.headers().as_ref();
-    if string_header(headers, REASON_HEADER).is_none() && death_reason(headers).as_deref() == Some("delivery_limit") {
-        return Parked {
-            message: message_of(d),
-            reason: "delivery limit reached".into(),
-            delivery_count: max_deliveries,
-        };
-    }
-    let reason = string_header(headers, REASON_HEADER).unwrap_or_else(|| match death_reason(headers).as_deref() {
-        Some("delivery_limit") => "delivery limit reached".to_owned(),
-        Some(other) => format!("dead-lettered by the broker: {other}"),
-        None => "unknown".to_owned(),
-    });
-    // A message the consumer parked carries its delivery count; for anything else the
-    // broker counted returns.
-    let count = int_header(headers, "x-delivery-count").unwrap_or(0);
-    let delivery_count = if string_header(headers, REASON_HEADER).is_some() { count } else { count + 1 };
+    let (reason, delivery_count) = match string_header(headers, REASON_HEADER) {
+        Some(reason) => (reason, int_header(headers, COUNT_HEADER).unwrap_or(1)),
+        None => match death_reason(headers).as_deref() {
+            Some("delivery_limit") => ("delivery limit reached".to_owned(), i64::from(max_deliveries)),
+            Some(other) => (format!("dead-lettered by the broker: {other}"), 1),
+            None => ("unknown".to_owned(), 1),
+        },
+    };
     Parked { message: message_of(d), reason, delivery_count: u32::try_from(delivery_count.max(1)).unwrap_or(u32::MAX) }
 }
 
@@ -310,6 +318,10 @@ fn parked_of(d: &lapin::message::Delivery, max_deliveries: u32) -> Parked {
 impl EventBus for RabbitBus {
     fn backend(&self) -> &'static str {
         "rabbitmq"
+    }
+
+    async fn ping(&self) -> BusResult<()> {
+        self.connection().await.map(|_| ())
     }
 
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
@@ -328,7 +340,13 @@ impl EventBus for RabbitBus {
             .await?;
         let parking = connection.create_channel().await?;
         parking.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Box::new(RabbitConsumer { channel, parking, consumer, dlx: self.names.dlx.clone(), held: HashMap::new() }))
+        Ok(Box::new(RabbitConsumer {
+            _channel: channel,
+            parking,
+            consumer,
+            dlx: self.names.dlx.clone(),
+            held: HashMap::new(),
+        }))
     }
 
     async fn parked(&self, limit: usize) -> BusResult<Vec<Parked>> {
@@ -353,7 +371,7 @@ impl EventBus for RabbitBus {
                     let m = message_of(d);
                     let props = properties(&m.id);
                     self.publish_confirmed(&self.names.exchange, &[(m, props)]).await?;
-                    d.acker.ack(BasicAckOptions::default()).await?;
+                    settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the replayed message")?;
                     found = true;
                     break 'scan;
                 }
@@ -365,7 +383,9 @@ impl EventBus for RabbitBus {
 }
 
 pub struct RabbitConsumer {
-    channel: Channel,
+    /// Kept for the consumer's lifetime; dropping the last handle closes the channel,
+    /// which returns unsettled deliveries to the queue.
+    _channel: Channel,
     /// Confirm-mode channel for parking copies into the DLX.
     parking: Channel,
     consumer: lapin::Consumer,
@@ -391,38 +411,25 @@ impl Consumer for RabbitConsumer {
 
     async fn ack(&mut self, delivery: &Delivery) -> BusResult<()> {
         let (acker, _, _) = self.held.remove(&delivery.tag).ok_or(BusError::UnknownDelivery(delivery.tag))?;
-        acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        settled(acker.ack(BasicAckOptions::default()).await?, "ack")
     }
 
     async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()> {
         let (acker, _, _) = self.held.remove(&delivery.tag).ok_or(BusError::UnknownDelivery(delivery.tag))?;
-        acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
-        Ok(())
+        settled(acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?, "nack")
     }
 
     async fn park(&mut self, delivery: &Delivery, reason: &str) -> BusResult<()> {
         let (acker, message, count) = self.held.remove(&delivery.tag).ok_or(BusError::UnknownDelivery(delivery.tag))?;
         let mut headers = FieldTable::default();
         headers.insert(short(REASON_HEADER), AMQPValue::LongString(LongString::from(reason)));
-        headers.insert(short("x-delivery-count"), AMQPValue::LongLongInt(i64::from(count)));
+        headers.insert(short(COUNT_HEADER), AMQPValue::LongLongInt(i64::from(count)));
         let props = properties(&message.id).with_headers(headers);
         // The copy is safe in the DLQ before the original goes: at-least-once.
-        confirmed(&self.parking, &self.dlx, &message.routing_key, &message.body, props, &message.id).await?;
-        acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
-    }
-}
-
-impl Drop for RabbitConsumer {
-    fn drop(&mut self) {
-        // Unsettled deliveries go back to the queue when the channel closes.
-        let (channel, parking) = (self.channel.clone(), self.parking.clone());
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = channel.close(200, short("consumer dropped")).await;
-                let _ = parking.close(200, short("consumer dropped")).await;
-            });
+        match tokio::time::timeout(CONFIRM_TIMEOUT, publish_all(&self.parking, &self.dlx, &[(message, props)])).await {
+            Ok(r) => r?,
+            Err(_) => return Err(BusError::Backend("no confirm for the parked copy".into())),
         }
+        settled(acker.ack(BasicAckOptions::default()).await?, "ack of the parked original")
     }
 }

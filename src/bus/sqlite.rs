@@ -61,6 +61,11 @@ impl EventBus for SqliteBus {
         "sqlite"
     }
 
+    async fn ping(&self) -> BusResult<()> {
+        sqlx::query("SELECT 1 FROM bus_messages LIMIT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
         let mut tx = self.pool.begin().await?;
         let now = now_us();

@@ -30,14 +30,20 @@ async fn ready(State(s): State<AppState>) -> Response {
         Ok(()) => (true, None),
         Err(e) => (false, Some(e.to_string())),
     };
+    let (bus_ok, bus_detail) = match tokio::time::timeout(std::time::Duration::from_secs(5), s.bus.ping()).await {
+        Ok(Ok(())) => (true, None),
+        Ok(Err(e)) => (false, Some(e.to_string())),
+        Err(_) => (false, Some("no answer within 5 s".to_owned())),
+    };
     let up = |ok: bool| if ok { "up" } else { "down" };
-    let all = db_ok && actors_ok && jobs_ok;
+    let all = db_ok && actors_ok && jobs_ok && bus_ok;
     let body = json!({
         "status": up(all),
         "checks": {
             "database": { "status": up(db_ok), "backend": store.backend(), "detail": db_detail },
             "actors": { "status": up(actors_ok), "detail": actors_detail },
             "job_queue": { "status": up(jobs_ok), "backend": s.jobs.queue.backend(), "detail": jobs_detail },
+            "event_bus": { "status": up(bus_ok), "backend": s.bus.backend(), "detail": bus_detail },
         }
     });
     let status = if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

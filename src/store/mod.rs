@@ -149,16 +149,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Outbox rows with `seq > after_seq`, oldest first: for inspection and tests.
     /// Not a relay cursor: on PostgreSQL `seq` is taken at insert, not commit, so a
-    /// row with a lower `seq` can become visible after a higher one. The relay must
-    /// select `published_at IS NULL` and order by `(tenant_id, tenant_seq)`.
+    /// row with a lower `seq` can become visible after a higher one (of another tenant).
+    /// The relay uses [`unpublished_outbox`](Store::unpublished_outbox) instead.
     async fn outbox_after(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
 
     /// Unpublished outbox rows, oldest first (by `seq`). Within a tenant this is commit
     /// order: the tenant-row lock makes a tenant's next write wait for the previous
-    /// commit, so a row is never visible before its tenant's earlier rows.
+    /// commit, so a row is never visible before its tenant's earlier rows (this is why
+    /// a `seq > cursor` scan would be wrong but a `published_at IS NULL` scan is right).
     async fn unpublished_outbox(&self, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
-    /// Marks rows published (after the bus confirmed them).
-    async fn mark_published(&self, seqs: &[i64]) -> StoreResult<()>;
+    /// Marks rows published (after the bus confirmed them), but only while `holder` still
+    /// holds the lease `lease` (fencing: a relay whose lease lapsed mid-publish cannot
+    /// mark); returns how many rows it marked.
+    async fn mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> StoreResult<u64>;
     /// When the oldest unpublished row was written (the relay's lag), if any.
     async fn oldest_unpublished(&self) -> StoreResult<Option<DateTime<Utc>>>;
     /// Takes or renews the lease `name` for `holder` until `until`; `false` while another

@@ -688,20 +688,27 @@ macro_rules! sql_store_impl {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
-            async fn mark_published(&self, seqs: &[i64]) -> $crate::store::StoreResult<()> {
+            async fn mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> $crate::store::StoreResult<u64> {
                 if seqs.is_empty() {
-                    return Ok(());
+                    return Ok(0);
                 }
+                let now = $crate::domain::now();
                 let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE outbox SET published_at = ");
-                q.push_bind($crate::domain::now());
-                q.push(" WHERE published_at IS NULL AND seq IN (");
+                q.push_bind(now);
+                q.push(" WHERE published_at IS NULL AND EXISTS (SELECT 1 FROM leases WHERE name = ");
+                q.push_bind(lease.to_owned());
+                q.push(" AND holder = ");
+                q.push_bind(holder.to_owned());
+                q.push(" AND expires_at > ");
+                q.push_bind(now);
+                q.push(") AND seq IN (");
                 let mut list = q.separated(", ");
                 for seq in seqs {
                     list.push_bind(*seq);
                 }
                 q.push(")");
-                q.build().execute(&self.pool).await?;
-                Ok(())
+                let done = q.build().execute(&self.pool).await?;
+                Ok(done.rows_affected())
             }
 
             async fn oldest_unpublished(&self) -> $crate::store::StoreResult<Option<chrono::DateTime<chrono::Utc>>> {

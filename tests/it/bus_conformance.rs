@@ -84,8 +84,11 @@ pub async fn invalid_messages_park_at_once_with_their_reason(make: Make) {
     assert_eq!(parked[0].message, msg("bad"));
     assert_eq!((parked[0].reason.as_str(), parked[0].delivery_count), ("not a CloudEvent: missing `specversion`", 1));
     assert!(c.next(QUIET).await.unwrap().is_none(), "parked, not redelivered");
-    // Listing leaves it parked.
-    assert_eq!(bus.parked(10).await.unwrap().len(), 1);
+    // Listing leaves it parked, however often an operator looks.
+    for _ in 0..25 {
+        let again = bus.parked(10).await.unwrap();
+        assert_eq!((again.len(), again[0].delivery_count), (1, 1));
+    }
 
     // Replay puts it back on the bus, once.
     assert!(bus.replay("bad").await.unwrap());

@@ -85,6 +85,13 @@ async fn assert_every_effect_once(
     })
     .await;
     assert!(store.unpublished_outbox(10).await.unwrap().is_empty(), "every row published");
+    // Let stragglers show: no job may still be waiting or running before we count.
+    wait_for("the job queue to go idle", Duration::from_secs(60), || async {
+        let summary: serde_json::Value = app.get("/v1/admin/jobs", ADMIN_TOKEN).await.json().await.ok()?;
+        let c = &summary["counts"];
+        ["ready", "running", "retry", "scheduled"].iter().all(|k| c[*k] == 0).then_some(())
+    })
+    .await;
     let mail = inbox.lock().unwrap().clone();
     assert_eq!(mail.len(), n, "one welcome email per user, none twice");
     let mut recipients: Vec<String> =

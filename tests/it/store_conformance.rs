@@ -293,10 +293,15 @@ pub async fn the_relay_reads_unpublished_rows_and_leases(s: Arc<dyn Store>) {
     let tenant_seqs: Vec<i64> = pending.iter().map(|r| r.tenant_seq).collect();
     assert_eq!(tenant_seqs, [1, 2, 3, 4], "a tenant's commit order");
     assert!(s.oldest_unpublished().await.unwrap().is_some());
-    s.mark_published(&seqs[..2]).await.unwrap();
+    // Marking is fenced by the relay lease: without it, nothing is marked.
+    assert_eq!(s.mark_published(&seqs, "relay-test", "r1").await.unwrap(), 0, "no lease, no mark");
+    let soon = eventra::domain::now() + chrono::Duration::seconds(30);
+    assert!(s.try_lease("relay-test", "r1", soon).await.unwrap());
+    assert_eq!(s.mark_published(&seqs[..2], "relay-test", "r2").await.unwrap(), 0, "another holder's lease");
+    assert_eq!(s.mark_published(&seqs[..2], "relay-test", "r1").await.unwrap(), 2);
     let left = s.unpublished_outbox(100).await.unwrap();
     assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs[2..]);
-    s.mark_published(&seqs).await.unwrap();
+    assert_eq!(s.mark_published(&seqs, "relay-test", "r1").await.unwrap(), 2, "only the unpublished ones");
     assert!(s.unpublished_outbox(100).await.unwrap().is_empty());
     assert_eq!(s.oldest_unpublished().await.unwrap(), None);
     let published = s.outbox_after(0, 100).await.unwrap();
