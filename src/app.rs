@@ -131,7 +131,12 @@ pub async fn run_with(
 
     let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
         .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
-    let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone()).with_all(extra_kinds);
+    let search: Arc<dyn crate::search::SearchIndex> = Arc::new(Arc::new(
+        crate::search::TantivyIndex::open(&config.data_dir.join("index").join("users"))
+            .map_err(|e| StartupError::Backend(e.to_string()))?,
+    ));
+    let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone(), search.clone())
+        .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
     tracing::info!(backend = jobs.queue.backend(), "job queue ready");
     let job_deps = (config.has_role("worker") && config.jobs.workers > 0).then(|| JobsDeps {
@@ -189,6 +194,7 @@ pub async fn run_with(
         metrics: crate::telemetry::metrics(),
         jobs,
         bus,
+        search,
     };
     if config.chaos {
         tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod problem;
+pub mod search;
 pub mod tenants;
 pub mod users;
 
@@ -53,6 +54,8 @@ pub struct AppState {
     pub jobs: crate::jobs::JobClient,
     /// The event bus (its dead-letter queue in `/v1/admin/dlq`).
     pub bus: Arc<dyn crate::bus::EventBus>,
+    /// The search index (`/users/search`).
+    pub search: Arc<dyn crate::search::SearchIndex>,
 }
 
 /// The whole API.
@@ -65,6 +68,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(debug::router())
         .merge(admin::router())
         .merge(jobs::router())
+        .merge(search::router())
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

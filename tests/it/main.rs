@@ -13,6 +13,7 @@ mod job_queue_conformance;
 mod jobs;
 mod mailer_conformance;
 mod pipeline;
+mod search;
 mod search_conformance;
 mod store_conformance;
 mod supervision;

@@ -3,6 +3,7 @@
 //! least once (a worker may die after the effect and before the ack).
 
 mod audit;
+pub mod index;
 mod noop;
 pub mod welcome_email;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use audit::Audit;
+pub use index::Indexing;
 pub use noop::Noop;
 pub use welcome_email::WelcomeEmail;
 
@@ -56,12 +58,22 @@ pub trait JobKind: Send + Sync + 'static {
 pub struct Kinds(HashMap<String, Arc<dyn JobKind>>);
 
 impl Kinds {
-    /// Eventra's own kinds: `noop`, `audit` and `welcome_email`.
-    pub fn standard(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>, mail_from: String) -> Self {
-        Kinds::default()
+    /// Eventra's own kinds: `noop`, `audit`, `welcome_email`, and the indexing kinds
+    /// (`index_user`, `unindex_user`, `unindex_tenant`).
+    pub fn standard(
+        store: Arc<dyn Store>,
+        mailer: Arc<dyn Mailer>,
+        mail_from: String,
+        index: Arc<dyn crate::search::SearchIndex>,
+    ) -> Self {
+        let mut kinds = Kinds::default()
             .with(Arc::new(Noop))
             .with(Arc::new(Audit::new(store.clone())))
-            .with(Arc::new(WelcomeEmail::new(store, mailer, mail_from)))
+            .with(Arc::new(WelcomeEmail::new(store.clone(), mailer, mail_from)));
+        for k in Indexing::kinds(store, index) {
+            kinds = kinds.with(k);
+        }
+        kinds
     }
 
     /// Adds (or replaces) a kind.

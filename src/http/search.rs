@@ -1,0 +1,76 @@
+//! `GET /v1/tenants/{tenant_id}/users/search?q=&limit=&cursor=`: users of the tenant
+//! whose name or email words start with every word of `q`, best first (reader).
+//!
+//! The index answers which users match; the users themselves are read from the database
+//! of record, so a hit always shows the current user (and a user deleted since the last
+//! index update is left out).
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::extract::{ApiPath, ApiQuery, Caller};
+use super::AppState;
+use crate::domain::{Role, ValidationErrors};
+use crate::error::{Error, Result};
+
+const DEFAULT_LIMIT: u32 = 20;
+const MAX_LIMIT: u32 = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchQuery {
+    q: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn search_users(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(tenant_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<SearchQuery>,
+) -> Result<Response> {
+    caller.principal.require_tenant(tenant_id, Role::Reader)?;
+    let mut errors = ValidationErrors::new();
+    let q = query.q.unwrap_or_default();
+    if q.trim().is_empty() {
+        errors.add("q", "is required: the words to search names and emails for");
+    } else if q.chars().count() > 200 {
+        errors.add("q", "must be at most 200 characters");
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        errors.add("limit", format!("must be between 1 and {MAX_LIMIT}"));
+    }
+    let offset = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => 0,
+        Some(c) => c.parse::<u32>().unwrap_or_else(|_| {
+            errors.add("cursor", "is not a cursor this API issued; use next_cursor from the previous page");
+            0
+        }),
+    };
+    errors.into_result(())?;
+    // A tenant that does not exist (for the platform admin) is a 404, not an empty list.
+    s.tenants.get_tenant(tenant_id).await?;
+    let hits =
+        s.search.search_users(tenant_id, &q, offset, limit).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+    let mut items = Vec::with_capacity(hits.items.len());
+    for hit in hits.items {
+        match s.tenants.get_user(tenant_id, hit.user_id).await {
+            Ok(user) => items.push(user),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let next = hits.next_offset.map(|o| o.to_string());
+    Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/tenants/{tenant_id}/users/search", get(search_users))
+}
