@@ -3,8 +3,9 @@
 //! Schema: `tenant_id` and `user_id` (raw, stored), `name` and `email` (stored),
 //! `prefix` (every prefix of every word, raw), `word` (every whole word, raw; ranks
 //! whole-word matches first), `email_exact` (the lowercased address), `version` (stored).
-//! Writes go through one `IndexWriter` behind a mutex and are committed per batch; the
-//! reader is reloaded after each commit, so a batch is searchable when `apply` returns.
+//! Writes go through one `IndexWriter` behind a mutex with group commit (changes that
+//! arrive while a commit runs share the next one); the reader is reloaded after each
+//! commit, so a change is searchable when `apply` returns.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,17 @@ pub struct TantivyIndex {
     fields: Fields,
     reader: IndexReader,
     writer: Arc<Mutex<IndexWriter>>,
+    /// Changes waiting for the next commit, and who waits for it (group commit).
+    pending: Mutex<Pending>,
+}
+
+/// Group commit: concurrent `apply` calls queue their changes here; whoever holds the
+/// writer next commits them all at once and tells every waiter, so a commit (an fsync)
+/// is shared by everything that arrived while the previous one ran.
+#[derive(Default)]
+struct Pending {
+    ops: Vec<IndexOp>,
+    waiters: Vec<std::sync::mpsc::Sender<Result<(), String>>>,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -74,7 +86,12 @@ impl TantivyIndex {
     fn with_index(index: Index, fields: Fields) -> SearchResult<Self> {
         let writer: IndexWriter = index.writer(50_000_000)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-        Ok(TantivyIndex { fields, reader, writer: Arc::new(Mutex::new(writer)) })
+        Ok(TantivyIndex {
+            fields,
+            reader,
+            writer: Arc::new(Mutex::new(writer)),
+            pending: Mutex::new(Pending::default()),
+        })
     }
 
     fn user_term(&self, user_id: Uuid) -> Term {
@@ -118,14 +135,41 @@ impl TantivyIndex {
     }
 
     fn apply_blocking(&self, ops: &[IndexOp]) -> SearchResult<()> {
-        let mut writer = self.writer.lock().map_err(|_| backend("index writer poisoned"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut pending = self.pending.lock().map_err(|_| backend("index queue poisoned"))?;
+            pending.ops.extend_from_slice(ops);
+            pending.waiters.push(tx);
+        }
+        {
+            let mut writer = self.writer.lock().map_err(|_| backend("index writer poisoned"))?;
+            let batch = std::mem::take(&mut *self.pending.lock().map_err(|_| backend("index queue poisoned"))?);
+            if !batch.waiters.is_empty() {
+                let result = self.commit(&mut writer, &batch.ops).map_err(|e| e.to_string());
+                for waiter in batch.waiters {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        }
+        // Ours was committed by us or by whoever held the writer before us.
+        rx.recv().map_err(backend)?.map_err(SearchError::Backend)
+    }
+
+    /// Applies a batch and commits it; makes it visible to searches.
+    fn commit(&self, writer: &mut IndexWriter, ops: &[IndexOp]) -> SearchResult<()> {
+        // The newest version seen per user in this batch (the index itself only shows
+        // what was committed before it).
+        let mut newest: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
         for op in ops {
             match op {
                 IndexOp::UpsertUser(u) => {
                     // Never go back to an older version (events may arrive out of order).
-                    if self.indexed_version(u.user_id)?.is_some_and(|v| v > u.version) {
+                    let seen = newest.get(&u.user_id).copied();
+                    let indexed = if seen.is_some() { seen } else { self.indexed_version(u.user_id)? };
+                    if indexed.is_some_and(|v| v > u.version) {
                         continue;
                     }
+                    newest.insert(u.user_id, u.version);
                     writer.delete_term(self.user_term(u.user_id));
                     writer.add_document(self.user_doc(u))?;
                 }

@@ -109,6 +109,29 @@ pub async fn pages_through_hits(make: Make) {
     assert_eq!((seen.len(), pages), (25, 3));
 }
 
+pub async fn concurrent_changes_are_all_applied(make: Make) {
+    let (_g, ix) = make();
+    let t = Uuid::now_v7();
+    let docs: Vec<UserDoc> = (0..40).map(|i| user(t, &format!("Parallel {i}"), &format!("p{i}@x.io"))).collect();
+    let writes = docs.iter().cloned().map(|d| {
+        let ix = ix.clone();
+        async move { ix.apply(&[IndexOp::UpsertUser(d)]).await }
+    });
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    // Each apply returned only once its change was searchable.
+    assert_eq!(ix.search_users(t, "parallel", 0, 100).await.unwrap().items.len(), 40);
+    // Within one batch, a stale version after a newer one does not win either.
+    let mut u = docs[0].clone();
+    u.version = 5;
+    u.name = "Fifth".into();
+    let stale = UserDoc { version: 4, name: "Fourth".into(), ..u.clone() };
+    ix.apply(&[IndexOp::UpsertUser(u), IndexOp::UpsertUser(stale)]).await.unwrap();
+    assert_eq!(names(&ix, t, "fifth").await, ["Fifth"]);
+    assert!(names(&ix, t, "fourth").await.is_empty());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod tantivy {
@@ -130,6 +153,7 @@ conformance!(
     tenants_never_see_each_other,
     updates_replace_and_deletes_remove,
     pages_through_hits,
+    concurrent_changes_are_all_applied,
 );
 
 /// The on-disk index keeps what was committed across a reopen.
