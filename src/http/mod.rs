@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod api_keys;
+pub mod audit;
 pub mod debug;
 pub mod extract;
 pub mod health;
@@ -69,6 +70,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(admin::router())
         .merge(jobs::router())
         .merge(search::router())
+        .merge(audit::router())
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -175,11 +175,32 @@ pub trait Store: Send + Sync + 'static {
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
     /// How many audit entries a tenant has.
     async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;
+    /// A tenant's audit entries matching `filter`, oldest first (by event id, which is
+    /// time-ordered), paged by cursor.
+    async fn list_audit(
+        &self,
+        tenant_id: Uuid,
+        filter: &AuditFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<AuditEntry>>;
 
     /// Whether the email with this idempotency key was sent.
     async fn email_sent(&self, key: &str) -> StoreResult<bool>;
     /// Records a sent email; `false` when the key was already recorded.
     async fn record_email(&self, email: &SentEmail) -> StoreResult<bool>;
+}
+
+/// What `list_audit` keeps: all given conditions hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    /// Event type, exactly (`user.updated`).
+    pub event_type: Option<String>,
+    /// `at >= from`.
+    pub from: Option<DateTime<Utc>>,
+    /// `at < to`.
+    pub to: Option<DateTime<Utc>>,
+    /// Case-insensitive substring of the subject, actor, or before/after states.
+    pub text: Option<String>,
 }
 
 /// An email that went out, by its idempotency key.

@@ -789,6 +789,51 @@ macro_rules! sql_store_impl {
                 Ok(u64::try_from(n).unwrap_or(0))
             }
 
+            async fn list_audit(
+                &self,
+                tenant_id: uuid::Uuid,
+                filter: &$crate::store::AuditFilter,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::AuditEntry>> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT event_id, tenant_id, event_type, subject, actor, correlation_id, at, before, after \
+                     FROM audit_log WHERE tenant_id = ",
+                );
+                q.push_bind(tenant_id);
+                q.push(" AND event_id > ");
+                q.push_bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()));
+                if let Some(t) = &filter.event_type {
+                    q.push(" AND event_type = ");
+                    q.push_bind(t.clone());
+                }
+                if let Some(from) = filter.from {
+                    q.push(" AND at >= ");
+                    q.push_bind(from);
+                }
+                if let Some(to) = filter.to {
+                    q.push(" AND at < ");
+                    q.push_bind(to);
+                }
+                if let Some(text) = filter.text.as_deref().filter(|t| !t.is_empty()) {
+                    let escaped: String = text
+                        .to_lowercase()
+                        .chars()
+                        .flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] })
+                        .collect();
+                    q.push(
+                        " AND LOWER(subject || ' ' || CAST(actor AS TEXT) || ' ' || COALESCE(CAST(before AS TEXT), '') \
+                         || ' ' || COALESCE(CAST(after AS TEXT), '')) LIKE ",
+                    );
+                    q.push_bind(format!("%{escaped}%"));
+                    q.push(" ESCAPE '\\'");
+                }
+                q.push(" ORDER BY event_id LIMIT ");
+                q.push_bind(i64::from(page.limit) + 1);
+                let rows: Vec<$crate::store::sql::AuditRow> = q.build_query_as().fetch_all(&self.pool).await?;
+                let entries: Vec<$crate::domain::AuditEntry> = rows.into_iter().map(Into::into).collect();
+                Ok($crate::domain::Page::from_rows(entries, page.limit, |e| e.event_id))
+            }
+
             async fn email_sent(&self, key: &str) -> $crate::store::StoreResult<bool> {
                 let row: Option<(String,)> = sqlx::query_as("SELECT key FROM email_log WHERE key = $1")
                     .bind(key)

@@ -5,6 +5,7 @@
 //! where a missing service fails the test.
 
 mod actors;
+mod audit;
 mod binary;
 mod bus_conformance;
 mod concurrency;
