@@ -23,6 +23,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DataArgs),
+    /// Rebuild the search index from the database (stop the server first).
+    Reindex {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<uuid::Uuid>,
+    },
     /// Benchmarks against the raw engines (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(Bench),
@@ -50,6 +58,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Reindex { data, tenant } => reindex(data, tenant).await,
             Command::Bench(Bench::Pipeline(args)) => {
                 let rows = eventra::bench::pipeline::run(args).await?;
                 println!("{}", eventra::bench::pipeline::table(&rows));
@@ -91,6 +100,25 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     app::run(Arc::new(config), listener, app::shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+async fn reindex(args: DataArgs, tenant: Option<uuid::Uuid>) -> Result<(), String> {
+    let url = args.database_url();
+    let store = store::connect(&url, 4).await.map_err(|e| e.to_string())?;
+    store.migrate().await.map_err(|e| e.to_string())?;
+    let dir = args.data_dir.join("index").join("users");
+    let index = eventra::search::TantivyIndex::open(&dir)
+        .map_err(|e| format!("{e} (is a server running on this data dir? stop it first)"))?;
+    let index: Arc<dyn eventra::search::SearchIndex> = Arc::new(Arc::new(index));
+    let done = eventra::search::reindex::reindex(&store, &index, tenant, true).await?;
+    println!(
+        "reindexed {} users of {} tenants in {:.1} s ({:.0} users/s)",
+        done.users,
+        done.tenants,
+        done.elapsed.as_secs_f64(),
+        done.users as f64 / done.elapsed.as_secs_f64().max(1e-9)
+    );
+    Ok(())
 }
 
 async fn migrate(args: DataArgs) -> Result<(), String> {

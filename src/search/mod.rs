@@ -7,6 +7,7 @@
 //! word of the document. Whole-word and exact-email matches rank first. Every document
 //! carries its tenant id and every query is filtered by it.
 
+pub mod reindex;
 mod tantivy_index;
 
 use async_trait::async_trait;
