@@ -131,10 +131,14 @@ pub async fn run_with(
 
     let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
         .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
-    let search: Arc<dyn crate::search::SearchIndex> = Arc::new(Arc::new(
+    let raw_index: Arc<dyn crate::search::SearchIndex> = Arc::new(Arc::new(
         crate::search::TantivyIndex::open(&config.data_dir.join("index").join("users"))
             .map_err(|e| StartupError::Backend(e.to_string()))?,
     ));
+    let indexer_slot: crate::actors::indexer::IndexerSlot = Arc::new(std::sync::RwLock::new(None));
+    // Writes go through the indexer actor; searches straight to the index.
+    let search: Arc<dyn crate::search::SearchIndex> =
+        Arc::new(crate::actors::indexer::IndexerHandle { slot: indexer_slot.clone(), index: raw_index.clone() });
     let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone(), search.clone())
         .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
@@ -182,6 +186,7 @@ pub async fn run_with(
         dead_letters,
         jobs: job_deps,
         pipeline,
+        indexer: Some((raw_index, indexer_slot)),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT).with_outbox_wake(outbox_wake);

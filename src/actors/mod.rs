@@ -8,8 +8,10 @@
 //! - [`periodic`]: a task on a timer: the job scheduler and the reaper.
 //! - [`outbox_relay`]: the `outbox-relay`: outbox rows → event bus, one active per database.
 //! - [`event_consumer`]: the `event-consumer-N` actors: events → jobs, then ack.
+//! - [`indexer`]: the `indexer`: batches index changes, with a circuit breaker.
 
 pub mod event_consumer;
+pub mod indexer;
 pub mod job_worker;
 pub mod outbox_relay;
 pub mod periodic;

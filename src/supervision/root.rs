@@ -3,6 +3,7 @@
 //! ```text
 //! root (one_for_one, 3 restarts / 5 s)
 //! ├── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
+//! ├── indexer: batches index changes by count and time; circuit breaker
 //! ├── jobs (supervisor, one_for_one; `worker` role)
 //! │   ├── job-scheduler: due scheduled and retrying jobs become ready
 //! │   ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
@@ -11,7 +12,6 @@
 //!     ├── outbox-relay: outbox rows → event bus (one active per database)
 //!     └── event-consumer-1 … N: events → jobs, ack after enqueue
 //! ```
-//! A later capability adds the `indexer` row to [`root_children`].
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -48,6 +48,8 @@ pub struct RootDeps {
     pub jobs: Option<JobsDeps>,
     /// The event pipeline (relay and/or consumers), by role.
     pub pipeline: Option<PipelineDeps>,
+    /// The indexing actor: the index it writes to and where it publishes itself.
+    pub indexer: Option<(Arc<dyn crate::search::SearchIndex>, crate::actors::indexer::IndexerSlot)>,
 }
 
 /// What the `pipeline` subtree needs.
@@ -85,6 +87,22 @@ pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
     let mut children = vec![ChildSpec::worker("tenants", tenants_start(deps.clone(), slot.clone()))
         .supervisor()
         .shutdown(Duration::from_secs(15))];
+    // Before `jobs`: the index jobs write through it.
+    if let Some((index, slot)) = &deps.indexer {
+        let (index, slot) = (index.clone(), slot.clone());
+        let start: StartFn = Arc::new(move |ctx: StartCtx| {
+            let (index, slot) = (index.clone(), slot.clone());
+            Box::pin(async move {
+                let args = crate::actors::indexer::IndexerArgs { index };
+                let (actor, _) = Actor::spawn_linked(None, crate::actors::indexer::Indexer, args, ctx.parent).await?;
+                if let Ok(mut s) = slot.write() {
+                    *s = Some(actor.clone());
+                }
+                Ok(actor.get_cell())
+            })
+        });
+        children.push(ChildSpec::worker("indexer", start));
+    }
     if let Some(jobs) = &deps.jobs {
         children.push(Supervisor::child(jobs_spec(jobs)).shutdown(Duration::from_secs(16)));
     }

@@ -28,6 +28,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
         dead_letters,
         jobs: None,
         pipeline: None,
+        indexer: None,
     };
     let root = Root::start(deps).await.unwrap();
     let tenants = Tenants::new(root.registry.clone(), store, Duration::from_secs(10));

@@ -1,0 +1,254 @@
+//! The indexing actor (`indexer` under `root`): every index change goes through it, so
+//! changes are batched by count and time into one bulk write (one tantivy commit, one
+//! OpenSearch `_bulk`), retried with backoff, and a circuit breaker stops hammering a
+//! failing engine: while it is open, changes are refused at once and the index jobs that
+//! sent them retry later on their own schedule.
+//!
+//! [`IndexerHandle`] is the `SearchIndex` the rest of the process uses: writes go to the
+//! actor (whichever instance is running after restarts), searches straight to the index.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use uuid::Uuid;
+
+use crate::search::{Hits, IndexOp, SearchError, SearchIndex, SearchResult, UserDoc};
+
+/// Most changes per bulk write.
+const MAX_BATCH: usize = 500;
+/// Longest a change waits for companions before the batch is written.
+const MAX_DELAY: Duration = Duration::from_millis(20);
+/// Consecutive failed batches that open the breaker, and for how long.
+const BREAKER_FAILURES: u32 = 5;
+const BREAKER_OPEN: Duration = Duration::from_secs(30);
+
+// Messages
+
+pub enum IndexerMsg {
+    Apply(Vec<IndexOp>, RpcReplyPort<Result<(), String>>),
+    Flush,
+}
+
+// State
+
+pub struct IndexerArgs {
+    pub index: Arc<dyn SearchIndex>,
+}
+
+/// Changes waiting for the next batch, with whom to answer.
+type Waiting = Vec<(Vec<IndexOp>, RpcReplyPort<Result<(), String>>)>;
+
+pub struct IndexerState {
+    index: Arc<dyn SearchIndex>,
+    pending: Waiting,
+    pending_ops: usize,
+    flush_scheduled: bool,
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+// Handling
+
+pub struct Indexer;
+
+impl Actor for Indexer {
+    type Msg = IndexerMsg;
+    type State = IndexerState;
+    type Arguments = IndexerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: IndexerArgs,
+    ) -> Result<IndexerState, ActorProcessingErr> {
+        Ok(IndexerState {
+            index: args.index,
+            pending: Vec::new(),
+            pending_ops: 0,
+            flush_scheduled: false,
+            failures: 0,
+            open_until: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: IndexerMsg,
+        state: &mut IndexerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            IndexerMsg::Apply(ops, reply) => {
+                if let Some(until) = state.open_until.filter(|u| Instant::now() < *u) {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let _ =
+                        reply.send(Err(format!("circuit open: the search engine keeps failing; retry in {left:?}")));
+                    metrics::counter!("eventra_indexer_refused_total").increment(1);
+                    return Ok(());
+                }
+                state.pending_ops += ops.len();
+                state.pending.push((ops, reply));
+                metrics::gauge!("eventra_indexer_queue").set(state.pending_ops as f64);
+                if state.pending_ops >= MAX_BATCH {
+                    flush(state).await;
+                } else if !state.flush_scheduled {
+                    state.flush_scheduled = true;
+                    myself.send_after(MAX_DELAY, || IndexerMsg::Flush);
+                }
+            }
+            IndexerMsg::Flush => {
+                state.flush_scheduled = false;
+                flush(state).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes everything pending as one batch (with a few quick retries) and answers every
+/// sender; repeated failures open the breaker.
+async fn flush(state: &mut IndexerState) {
+    if state.pending.is_empty() {
+        return;
+    }
+    let batch = std::mem::take(&mut state.pending);
+    state.pending_ops = 0;
+    metrics::gauge!("eventra_indexer_queue").set(0.0);
+    let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
+    let mut result = Err(String::new());
+    for attempt in 0..3u32 {
+        result = state.index.apply(&ops).await.map_err(|e| e.to_string());
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+    }
+    match &result {
+        Ok(()) => {
+            state.failures = 0;
+            state.open_until = None;
+            metrics::counter!("eventra_indexer_batches_total").increment(1);
+            metrics::counter!("eventra_indexer_changes_total").increment(ops.len() as u64);
+        }
+        Err(e) => {
+            state.failures += 1;
+            metrics::counter!("eventra_indexer_failures_total").increment(1);
+            tracing::warn!(error = %e, failures = state.failures, changes = ops.len(), "index batch failed");
+            if state.failures >= BREAKER_FAILURES {
+                state.open_until = Some(Instant::now() + BREAKER_OPEN);
+                tracing::error!(open_for = ?BREAKER_OPEN, "indexer circuit breaker open: the search engine keeps failing");
+            }
+        }
+    }
+    for (_, reply) in batch {
+        let _ = reply.send(result.clone());
+    }
+}
+
+/// Where the live indexer is published (replaced on every restart).
+pub type IndexerSlot = Arc<RwLock<Option<ActorRef<IndexerMsg>>>>;
+
+/// The process's `SearchIndex`: writes through the indexer actor, reads from the index.
+pub struct IndexerHandle {
+    pub slot: IndexerSlot,
+    pub index: Arc<dyn SearchIndex>,
+}
+
+#[async_trait]
+impl SearchIndex for IndexerHandle {
+    fn backend(&self) -> &'static str {
+        self.index.backend()
+    }
+
+    async fn apply(&self, ops: &[IndexOp]) -> SearchResult<()> {
+        let actor = self.slot.read().ok().and_then(|s| s.clone());
+        let Some(actor) = actor else { return Err(SearchError::Backend("the indexer is not running".into())) };
+        let ops = ops.to_vec();
+        match actor.call(|reply| IndexerMsg::Apply(ops, reply), Some(Duration::from_secs(60))).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r.map_err(SearchError::Backend),
+            Ok(_) | Err(_) => Err(SearchError::Backend("the indexer did not answer (restarting?)".into())),
+        }
+    }
+
+    async fn search_users(&self, tenant_id: Uuid, q: &str, offset: u32, limit: u32) -> SearchResult<Hits<UserDoc>> {
+        self.index.search_users(tenant_id, q, offset, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Counts writes; fails them all while `broken`.
+    struct Flaky {
+        writes: AtomicU32,
+        ops: AtomicU32,
+        broken: bool,
+    }
+
+    #[async_trait]
+    impl SearchIndex for Flaky {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        async fn apply(&self, ops: &[IndexOp]) -> SearchResult<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.ops.fetch_add(ops.len() as u32, Ordering::SeqCst);
+            if self.broken {
+                Err(SearchError::Backend("engine down".into()))
+            } else {
+                Ok(())
+            }
+        }
+        async fn search_users(&self, _: Uuid, _: &str, _: u32, _: u32) -> SearchResult<Hits<UserDoc>> {
+            Ok(Hits { items: Vec::new(), next_offset: None })
+        }
+    }
+
+    async fn handle(index: Arc<Flaky>) -> IndexerHandle {
+        let (actor, _) = Actor::spawn(None, Indexer, IndexerArgs { index: index.clone() }).await.unwrap();
+        IndexerHandle { slot: Arc::new(RwLock::new(Some(actor))), index }
+    }
+
+    fn op() -> IndexOp {
+        IndexOp::DeleteTenant { tenant_id: Uuid::now_v7() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_changes_share_one_write() {
+        let index = Arc::new(Flaky { writes: AtomicU32::new(0), ops: AtomicU32::new(0), broken: false });
+        let h = Arc::new(handle(index.clone()).await);
+        let calls = (0..50).map(|_| {
+            let h = h.clone();
+            async move { h.apply(&[op()]).await }
+        });
+        for r in futures_util::future::join_all(calls).await {
+            r.unwrap();
+        }
+        assert_eq!(index.ops.load(Ordering::SeqCst), 50);
+        assert!(index.writes.load(Ordering::SeqCst) <= 2, "batched: {} writes", index.writes.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_engine_opens_the_breaker() {
+        let index = Arc::new(Flaky { writes: AtomicU32::new(0), ops: AtomicU32::new(0), broken: true });
+        let h = handle(index.clone()).await;
+        for _ in 0..BREAKER_FAILURES {
+            assert!(h.apply(&[op()]).await.is_err());
+        }
+        let writes = index.writes.load(Ordering::SeqCst);
+        assert_eq!(writes, BREAKER_FAILURES * 3, "three tries per batch");
+        let refused = h.apply(&[op()]).await.unwrap_err().to_string();
+        assert!(refused.contains("circuit open"), "{refused}");
+        assert_eq!(index.writes.load(Ordering::SeqCst), writes, "the engine is left alone while open");
+        tokio::time::advance(BREAKER_OPEN + Duration::from_secs(1)).await;
+        assert!(h.apply(&[op()]).await.is_err());
+        assert!(index.writes.load(Ordering::SeqCst) > writes, "tried again after the pause");
+    }
+}
