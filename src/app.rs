@@ -127,18 +127,16 @@ pub async fn run_with(
 ) -> Result<(), StartupError> {
     let store = open_store(&config).await?;
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
-    log_pending_backends(&config);
 
     let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
         .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
-    let raw_index: Arc<dyn crate::search::SearchIndex> = Arc::new(Arc::new(
-        crate::search::TantivyIndex::open(&config.data_dir.join("index").join("users"))
-            .map_err(|e| StartupError::Backend(e.to_string()))?,
-    ));
-    let indexer_slot: crate::actors::indexer::IndexerSlot = Arc::new(std::sync::RwLock::new(None));
+    let raw_index = crate::search::open(config.opensearch_url.as_deref(), &config.namespace, &config.data_dir)
+        .await
+        .map_err(|e| StartupError::Backend(e.to_string()))?;
+    tracing::info!(backend = raw_index.backend(), "search index ready");
     // Writes go through the indexer actor; searches straight to the index.
-    let search: Arc<dyn crate::search::SearchIndex> =
-        Arc::new(crate::actors::indexer::IndexerHandle { slot: indexer_slot.clone(), index: raw_index.clone() });
+    let (indexer, search) = crate::actors::indexer::IndexerDeps::new(raw_index);
+    let search: Arc<dyn crate::search::SearchIndex> = Arc::new(search);
     let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone(), search.clone())
         .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
@@ -186,7 +184,7 @@ pub async fn run_with(
         dead_letters,
         jobs: job_deps,
         pipeline,
-        indexer: Some((raw_index, indexer_slot)),
+        indexer: Some(indexer),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT).with_outbox_wake(outbox_wake);
@@ -237,16 +235,6 @@ pub async fn run_with(
     }
     tracing::info!("shutdown complete");
     served.map_err(StartupError::from)
-}
-
-/// Backends that later capabilities wire in: say plainly that they are not used yet.
-fn log_pending_backends(config: &Config) {
-    let pending = [("OPENSEARCH_URL", config.opensearch_url.is_some(), "search")];
-    for (var, set, what) in pending {
-        if set {
-            tracing::warn!(variable = var, "{var} is set but the {what} is not wired in this version; it is ignored");
-        }
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

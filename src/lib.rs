@@ -33,3 +33,4 @@ pub mod search;
 pub mod store;
 pub mod supervision;
 pub mod telemetry;
+pub mod tls;

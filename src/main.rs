@@ -30,6 +30,12 @@ enum Command {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<uuid::Uuid>,
+        /// Rebuild this OpenSearch cluster's indices instead of the embedded index.
+        #[arg(long, env = "OPENSEARCH_URL", hide_env_values = true)]
+        opensearch_url: Option<String>,
+        /// Prefix of the OpenSearch index names.
+        #[arg(long, env = "EVENTRA_NAMESPACE", default_value = "eventra")]
+        namespace: String,
     },
     /// Benchmarks against the raw engines (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -42,11 +48,16 @@ enum Bench {
     Jobs(eventra::bench::jobs::JobsBenchArgs),
     /// Commit → consumed latency and events/s through the pipeline vs raw lapin.
     Pipeline(eventra::bench::pipeline::PipelineBenchArgs),
+    /// User search latency (embedded): the HTTP API vs the index in-process.
+    Search(eventra::bench::search::SearchBenchArgs),
+    /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
+    Reindex(eventra::bench::search::ReindexBenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(!cli.pretty_logs);
+    eventra::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -58,7 +69,19 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
-            Command::Reindex { data, tenant } => reindex(data, tenant).await,
+            Command::Reindex { data, tenant, opensearch_url, namespace } => {
+                reindex(data, tenant, opensearch_url, namespace).await
+            }
+            Command::Bench(Bench::Search(args)) => {
+                let rows = eventra::bench::search::search(args).await?;
+                println!("{}", eventra::bench::search::table(&rows));
+                Ok(())
+            }
+            Command::Bench(Bench::Reindex(args)) => {
+                let rows = eventra::bench::search::reindex_bench(args).await?;
+                println!("{}", eventra::bench::search::table(&rows));
+                Ok(())
+            }
             Command::Bench(Bench::Pipeline(args)) => {
                 let rows = eventra::bench::pipeline::run(args).await?;
                 println!("{}", eventra::bench::pipeline::table(&rows));
@@ -102,19 +125,25 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     app::run(Arc::new(config), listener, app::shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
-async fn reindex(args: DataArgs, tenant: Option<uuid::Uuid>) -> Result<(), String> {
+async fn reindex(
+    args: DataArgs,
+    tenant: Option<uuid::Uuid>,
+    opensearch_url: Option<String>,
+    namespace: String,
+) -> Result<(), String> {
     let url = args.database_url();
     let store = store::connect(&url, 4).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
-    let dir = args.data_dir.join("index").join("users");
-    let index = eventra::search::TantivyIndex::open(&dir)
+    let index = eventra::search::open(opensearch_url.as_deref(), &namespace, &args.data_dir)
+        .await
         .map_err(|e| format!("{e} (is a server running on this data dir? stop it first)"))?;
-    let index: Arc<dyn eventra::search::SearchIndex> = Arc::new(Arc::new(index));
     let done = eventra::search::reindex::reindex(&store, &index, tenant, true).await?;
     println!(
-        "reindexed {} users of {} tenants in {:.1} s ({:.0} users/s)",
+        "reindexed {} users and {} audit entries of {} tenants into {} in {:.1} s ({:.0} users/s)",
         done.users,
+        done.audit_entries,
         done.tenants,
+        index.backend(),
         done.elapsed.as_secs_f64(),
         done.users as f64 / done.elapsed.as_secs_f64().max(1e-9)
     );

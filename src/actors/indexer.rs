@@ -6,7 +6,9 @@
 //!
 //! [`IndexerHandle`] is the `SearchIndex` the rest of the process uses: writes go to the
 //! actor (whichever instance is running after restarts), searches straight to the index.
+//! [`IndexerStats`] outlive restarts and show in `/metrics` and `/debug/actors`.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,7 +18,9 @@ use async_trait::async_trait;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
+use crate::domain::{AuditEntry, Page, PageRequest};
 use crate::search::{Hits, IndexOp, SearchError, SearchIndex, SearchResult, UserDoc};
+use crate::store::AuditFilter;
 
 /// Most changes per bulk write.
 const MAX_BATCH: usize = 500;
@@ -37,6 +41,55 @@ pub enum IndexerMsg {
 
 pub struct IndexerArgs {
     pub index: Arc<dyn SearchIndex>,
+    pub stats: Arc<IndexerStats>,
+}
+
+/// What operators see of the indexer (kept across restarts).
+#[derive(Debug, Default)]
+pub struct IndexerStats {
+    /// Changes waiting for the next batch.
+    pub queued: AtomicUsize,
+    pub batches: AtomicU64,
+    pub changes: AtomicU64,
+    /// Failed batches (after their retries), ever.
+    pub failures: AtomicU64,
+    /// Changes refused while the breaker was open, ever.
+    pub refused: AtomicU64,
+    /// Until when (Unix ms) the breaker is open; 0 when closed.
+    pub open_until_ms: AtomicI64,
+}
+
+impl IndexerStats {
+    /// The `/debug/actors` view.
+    pub fn view(&self) -> serde_json::Value {
+        let open_until = self.open_until_ms.load(Ordering::Relaxed);
+        let open = open_until > chrono::Utc::now().timestamp_millis();
+        serde_json::json!({
+            "queue": self.queued.load(Ordering::Relaxed),
+            "batches": self.batches.load(Ordering::Relaxed),
+            "changes": self.changes.load(Ordering::Relaxed),
+            "failures": self.failures.load(Ordering::Relaxed),
+            "refused": self.refused.load(Ordering::Relaxed),
+            "breaker": if open { "open" } else { "closed" },
+            "breaker_open_until": open.then(|| chrono::DateTime::from_timestamp_millis(open_until)).flatten(),
+        })
+    }
+}
+
+/// What the tree needs to run the indexer, and the handle the process writes through.
+#[derive(Clone)]
+pub struct IndexerDeps {
+    pub index: Arc<dyn SearchIndex>,
+    pub slot: IndexerSlot,
+    pub stats: Arc<IndexerStats>,
+}
+
+impl IndexerDeps {
+    pub fn new(index: Arc<dyn SearchIndex>) -> (Self, IndexerHandle) {
+        let slot: IndexerSlot = Arc::new(RwLock::new(None));
+        let handle = IndexerHandle { slot: slot.clone(), index: index.clone() };
+        (IndexerDeps { index, slot, stats: Arc::default() }, handle)
+    }
 }
 
 /// Changes waiting for the next batch, with whom to answer.
@@ -44,6 +97,7 @@ type Waiting = Vec<(Vec<IndexOp>, RpcReplyPort<Result<(), String>>)>;
 
 pub struct IndexerState {
     index: Arc<dyn SearchIndex>,
+    stats: Arc<IndexerStats>,
     pending: Waiting,
     pending_ops: usize,
     flush_scheduled: bool,
@@ -65,8 +119,10 @@ impl Actor for Indexer {
         _myself: ActorRef<Self::Msg>,
         args: IndexerArgs,
     ) -> Result<IndexerState, ActorProcessingErr> {
+        args.stats.queued.store(0, Ordering::Relaxed);
         Ok(IndexerState {
             index: args.index,
+            stats: args.stats,
             pending: Vec::new(),
             pending_ops: 0,
             flush_scheduled: false,
@@ -88,11 +144,13 @@ impl Actor for Indexer {
                     let _ =
                         reply.send(Err(format!("circuit open: the search engine keeps failing; retry in {left:?}")));
                     metrics::counter!("eventra_indexer_refused_total").increment(1);
+                    state.stats.refused.fetch_add(ops.len() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
                 state.pending_ops += ops.len();
                 state.pending.push((ops, reply));
                 metrics::gauge!("eventra_indexer_queue").set(state.pending_ops as f64);
+                state.stats.queued.store(state.pending_ops, Ordering::Relaxed);
                 if state.pending_ops >= MAX_BATCH {
                     flush(state).await;
                 } else if !state.flush_scheduled {
@@ -118,6 +176,7 @@ async fn flush(state: &mut IndexerState) {
     let batch = std::mem::take(&mut state.pending);
     state.pending_ops = 0;
     metrics::gauge!("eventra_indexer_queue").set(0.0);
+    state.stats.queued.store(0, Ordering::Relaxed);
     let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
     let mut result = Err(String::new());
     for attempt in 0..3u32 {
@@ -131,15 +190,21 @@ async fn flush(state: &mut IndexerState) {
         Ok(()) => {
             state.failures = 0;
             state.open_until = None;
+            state.stats.open_until_ms.store(0, Ordering::Relaxed);
+            state.stats.batches.fetch_add(1, Ordering::Relaxed);
+            state.stats.changes.fetch_add(ops.len() as u64, Ordering::Relaxed);
             metrics::counter!("eventra_indexer_batches_total").increment(1);
             metrics::counter!("eventra_indexer_changes_total").increment(ops.len() as u64);
         }
         Err(e) => {
             state.failures += 1;
+            state.stats.failures.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("eventra_indexer_failures_total").increment(1);
             tracing::warn!(error = %e, failures = state.failures, changes = ops.len(), "index batch failed");
             if state.failures >= BREAKER_FAILURES {
                 state.open_until = Some(Instant::now() + BREAKER_OPEN);
+                let until = chrono::Utc::now() + BREAKER_OPEN;
+                state.stats.open_until_ms.store(until.timestamp_millis(), Ordering::Relaxed);
                 tracing::error!(open_for = ?BREAKER_OPEN, "indexer circuit breaker open: the search engine keeps failing");
             }
         }
@@ -177,6 +242,19 @@ impl SearchIndex for IndexerHandle {
     async fn search_users(&self, tenant_id: Uuid, q: &str, offset: u32, limit: u32) -> SearchResult<Hits<UserDoc>> {
         self.index.search_users(tenant_id, q, offset, limit).await
     }
+
+    async fn search_audit(
+        &self,
+        tenant_id: Uuid,
+        filter: &AuditFilter,
+        page: PageRequest,
+    ) -> SearchResult<Page<AuditEntry>> {
+        self.index.search_audit(tenant_id, filter, page).await
+    }
+
+    async fn ping(&self) -> SearchResult<()> {
+        self.index.ping().await
+    }
 }
 
 #[cfg(test)]
@@ -209,11 +287,16 @@ mod tests {
         async fn search_users(&self, _: Uuid, _: &str, _: u32, _: u32) -> SearchResult<Hits<UserDoc>> {
             Ok(Hits { items: Vec::new(), next_offset: None })
         }
+        async fn search_audit(&self, _: Uuid, _: &AuditFilter, _: PageRequest) -> SearchResult<Page<AuditEntry>> {
+            Ok(Page { items: Vec::new(), next_cursor: None })
+        }
     }
 
-    async fn handle(index: Arc<Flaky>) -> IndexerHandle {
-        let (actor, _) = Actor::spawn(None, Indexer, IndexerArgs { index: index.clone() }).await.unwrap();
-        IndexerHandle { slot: Arc::new(RwLock::new(Some(actor))), index }
+    async fn handle(index: Arc<Flaky>) -> (IndexerHandle, Arc<IndexerStats>) {
+        let stats = Arc::new(IndexerStats::default());
+        let args = IndexerArgs { index: index.clone(), stats: stats.clone() };
+        let (actor, _) = Actor::spawn(None, Indexer, args).await.unwrap();
+        (IndexerHandle { slot: Arc::new(RwLock::new(Some(actor))), index }, stats)
     }
 
     fn op() -> IndexOp {
@@ -223,7 +306,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_changes_share_one_write() {
         let index = Arc::new(Flaky { writes: AtomicU32::new(0), ops: AtomicU32::new(0), broken: false });
-        let h = Arc::new(handle(index.clone()).await);
+        let (h, stats) = handle(index.clone()).await;
+        let h = Arc::new(h);
         let calls = (0..50).map(|_| {
             let h = h.clone();
             async move { h.apply(&[op()]).await }
@@ -233,12 +317,15 @@ mod tests {
         }
         assert_eq!(index.ops.load(Ordering::SeqCst), 50);
         assert!(index.writes.load(Ordering::SeqCst) <= 2, "batched: {} writes", index.writes.load(Ordering::SeqCst));
+        let view = stats.view();
+        assert_eq!((view["changes"].as_u64(), view["queue"].as_u64()), (Some(50), Some(0)));
+        assert_eq!(view["breaker"], "closed");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_engine_opens_the_breaker() {
         let index = Arc::new(Flaky { writes: AtomicU32::new(0), ops: AtomicU32::new(0), broken: true });
-        let h = handle(index.clone()).await;
+        let (h, stats) = handle(index.clone()).await;
         for _ in 0..BREAKER_FAILURES {
             assert!(h.apply(&[op()]).await.is_err());
         }
@@ -246,6 +333,12 @@ mod tests {
         assert_eq!(writes, BREAKER_FAILURES * 3, "three tries per batch");
         let refused = h.apply(&[op()]).await.unwrap_err().to_string();
         assert!(refused.contains("circuit open"), "{refused}");
+        let view = stats.view();
+        assert_eq!(
+            (view["breaker"].as_str(), view["failures"].as_u64()),
+            (Some("open"), Some(BREAKER_FAILURES.into()))
+        );
+        assert_eq!(view["refused"].as_u64(), Some(1));
         assert_eq!(index.writes.load(Ordering::SeqCst), writes, "the engine is left alone while open");
         tokio::time::advance(BREAKER_OPEN + Duration::from_secs(1)).await;
         assert!(h.apply(&[op()]).await.is_err());

@@ -4,3 +4,4 @@
 
 pub mod jobs;
 pub mod pipeline;
+pub mod search;

@@ -88,6 +88,7 @@ async fn eventra(args: &PipelineBenchArgs) -> BenchResult<(Row, Vec<(String, Vec
     let server = tokio::spawn(crate::app::run(config.clone(), listener, async {
         let _ = stopped.await;
     }));
+    crate::tls::install_crypto_provider();
     let client = reqwest::Client::new();
     // Ready?
     let ready_by = Instant::now() + Duration::from_secs(60);

@@ -1,8 +1,11 @@
 //! `GET /v1/tenants/{tenant_id}/audit?q=&type=&from=&to=&limit=&cursor=`: the tenant's
 //! audit log (one entry per domain event: who, what, when, before/after), oldest first,
-//! filtered by event type, time range (`from` inclusive, `to` exclusive, RFC 3339) and a
-//! case-insensitive text (subject, actor, before/after). Tenant `admin` keys and the
-//! platform admin.
+//! filtered by event type and time range (`from` inclusive, `to` exclusive, RFC 3339).
+//! Tenant `admin` keys and the platform admin.
+//!
+//! Without `q` the database of record answers (every recorded entry, at once). With `q`
+//! the search index does: every word of `q` must prefix a word of the entry (its type,
+//! subject, actor and before/after values), as in user search.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +18,7 @@ use uuid::Uuid;
 use super::extract::{ApiPath, ApiQuery, Caller};
 use super::AppState;
 use crate::domain::{EventType, PageRequest, Role, ValidationErrors};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::AuditFilter;
 
 #[derive(Debug, Deserialize)]
@@ -72,8 +75,15 @@ async fn list(
     }
     let page = errors.into_result(page)?.unwrap_or_else(PageRequest::first);
     s.tenants.get_tenant(tenant_id).await?;
-    let filter = AuditFilter { event_type: query.event_type, from, to, text: query.q };
-    Ok(Json(s.tenants.store().list_audit(tenant_id, &filter, page).await?).into_response())
+    let q = query.q.filter(|q| !crate::search::words(q).is_empty());
+    let searched = q.is_some();
+    let filter = AuditFilter { event_type: query.event_type, from, to, text: q };
+    let entries = if searched {
+        s.search.search_audit(tenant_id, &filter, page).await.map_err(|e| Error::Unavailable(e.to_string()))?
+    } else {
+        s.tenants.store().list_audit(tenant_id, &filter, page).await?
+    };
+    Ok(Json(entries).into_response())
 }
 
 pub fn router() -> Router<AppState> {

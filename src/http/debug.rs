@@ -79,6 +79,9 @@ fn render_node(n: &ActorNode, out: &mut String) {
     if let Some(m) = n.mailbox {
         out.push_str(&format!(", mailbox {m}"));
     }
+    if let Some(stats) = &n.stats {
+        out.push_str(&format!(", {}", escape(&stats.to_string())));
+    }
     if let Some(t) = n.started_at {
         out.push_str(&format!(", started {}", t.to_rfc3339()));
     }

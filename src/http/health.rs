@@ -35,8 +35,14 @@ async fn ready(State(s): State<AppState>) -> Response {
         Ok(Err(e)) => (false, Some(e.to_string())),
         Err(_) => (false, Some("no answer within 5 s".to_owned())),
     };
+    let (search_ok, search_detail) =
+        match tokio::time::timeout(std::time::Duration::from_secs(5), s.search.ping()).await {
+            Ok(Ok(())) => (true, None),
+            Ok(Err(e)) => (false, Some(e.to_string())),
+            Err(_) => (false, Some("no answer within 5 s".to_owned())),
+        };
     let up = |ok: bool| if ok { "up" } else { "down" };
-    let all = db_ok && actors_ok && jobs_ok && bus_ok;
+    let all = db_ok && actors_ok && jobs_ok && bus_ok && search_ok;
     let body = json!({
         "status": up(all),
         "checks": {
@@ -44,6 +50,7 @@ async fn ready(State(s): State<AppState>) -> Response {
             "actors": { "status": up(actors_ok), "detail": actors_detail },
             "job_queue": { "status": up(jobs_ok), "backend": s.jobs.queue.backend(), "detail": jobs_detail },
             "event_bus": { "status": up(bus_ok), "backend": s.bus.backend(), "detail": bus_detail },
+            "search": { "status": up(search_ok), "backend": s.search.backend(), "detail": search_detail },
         }
     });
     let status = if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

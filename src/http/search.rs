@@ -59,14 +59,8 @@ async fn search_users(
     s.tenants.get_tenant(tenant_id).await?;
     let hits =
         s.search.search_users(tenant_id, &q, offset, limit).await.map_err(|e| Error::Unavailable(e.to_string()))?;
-    let mut items = Vec::with_capacity(hits.items.len());
-    for hit in hits.items {
-        match s.tenants.get_user(tenant_id, hit.user_id).await {
-            Ok(user) => items.push(user),
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let ids: Vec<Uuid> = hits.items.iter().map(|hit| hit.user_id).collect();
+    let items = s.tenants.get_users(tenant_id, &ids).await?;
     let next = hits.next_offset.map(|o| o.to_string());
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }

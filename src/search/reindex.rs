@@ -1,7 +1,7 @@
 //! `eventra reindex [--tenant ID]`: rebuilds the search index from the database of
-//! record, tenant by tenant: drops the tenant's documents, then indexes every user in
-//! pages, with a progress bar on stderr. Run it with the server stopped (the embedded
-//! index has one writer).
+//! record, tenant by tenant: drops the tenant's user documents, then indexes every user
+//! and every audit entry in pages, with a progress bar on stderr. Run it with the server
+//! stopped (the embedded index has one writer).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{IndexOp, SearchIndex, UserDoc};
-use crate::domain::{Page, PageRequest, Tenant};
-use crate::store::Store;
+use crate::domain::{Cursor, Page, PageRequest, Tenant};
+use crate::store::{AuditFilter, Store};
 
 /// Users per index batch (one commit each).
 const BATCH: u32 = 500;
@@ -20,6 +20,7 @@ const BATCH: u32 = 500;
 pub struct Reindexed {
     pub tenants: u64,
     pub users: u64,
+    pub audit_entries: u64,
     pub elapsed: Duration,
 }
 
@@ -45,7 +46,7 @@ pub async fn reindex(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut users = 0;
+    let (mut users, mut audit_entries) = (0, 0);
     for t in &tenants {
         index.apply(&[IndexOp::DeleteTenant { tenant_id: t.id }]).await.map_err(|e| e.to_string())?;
         let mut page = PageRequest { after: None, limit: BATCH };
@@ -67,15 +68,27 @@ pub async fn reindex(
             users += ops.len() as u64;
             bar.inc(ops.len() as u64);
             match (next_cursor, items.last()) {
-                (Some(_), Some(last)) => {
-                    page = PageRequest { after: Some(crate::domain::Cursor(last.id)), limit: BATCH }
-                }
+                (Some(_), Some(last)) => page = PageRequest { after: Some(Cursor(last.id)), limit: BATCH },
+                _ => break,
+            }
+        }
+        // Audit entries never change or go away: upserting them all is a rebuild.
+        let mut page = PageRequest { after: None, limit: BATCH };
+        loop {
+            let Page { items, next_cursor } =
+                store.list_audit(t.id, &AuditFilter::default(), page).await.map_err(|e| e.to_string())?;
+            let last = items.last().map(|e| e.event_id);
+            audit_entries += items.len() as u64;
+            let ops: Vec<IndexOp> = items.into_iter().map(IndexOp::UpsertAudit).collect();
+            index.apply(&ops).await.map_err(|e| e.to_string())?;
+            match (next_cursor, last) {
+                (Some(_), Some(id)) => page = PageRequest { after: Some(Cursor(id)), limit: BATCH },
                 _ => break,
             }
         }
     }
     bar.finish_and_clear();
-    Ok(Reindexed { tenants: tenants.len() as u64, users, elapsed: started.elapsed() })
+    Ok(Reindexed { tenants: tenants.len() as u64, users, audit_entries, elapsed: started.elapsed() })
 }
 
 async fn all_tenants(store: &Arc<dyn Store>) -> Result<Vec<Tenant>, String> {

@@ -1,26 +1,40 @@
-//! The embedded search index: tantivy on disk (`<data dir>/index/users`).
+//! The embedded search index: tantivy on disk, one index per document kind under
+//! `<data dir>/index/`: `users` and `audit`.
 //!
-//! Schema: `tenant_id` and `user_id` (raw, stored), `name` and `email` (stored),
-//! `prefix` (every prefix of every word, raw), `word` (every whole word, raw; ranks
-//! whole-word matches first), `email_exact` (the lowercased address), `version` (stored).
-//! Writes go through one `IndexWriter` behind a mutex with group commit (changes that
-//! arrive while a commit runs share the next one); the reader is reloaded after each
-//! commit, so a change is searchable when `apply` returns.
+//! Users: `tenant_id` and `user_id` (raw, stored), `name` and `email` (stored), `prefix`
+//! (every prefix of every word, raw), `word` (every whole word, raw; ranks whole-word
+//! matches first), `email_exact` (the lowercased address), `version` (stored).
+//! Audit: `event_id` (raw, stored, fast: the sort key and cursor), `tenant_id`, `type`
+//! (raw), `at` (microseconds, indexed and fast: time ranges), `prefix` (of the entry's
+//! text) and `entry` (the whole entry as stored JSON).
+//!
+//! Writes go through the two `IndexWriter`s behind one mutex with group commit (changes
+//! that arrive while a commit runs share the next one); the readers are reloaded after
+//! each commit, so a change is searchable when `apply` returns.
 
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING};
-use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, RangeQuery, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, NumericOptions, Schema, Value, FAST, STORED, STRING};
+use tantivy::{doc, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
 use uuid::Uuid;
 
-use super::{prefixes, query_prefix, words, Hits, IndexOp, SearchError, SearchIndex, SearchResult, UserDoc};
+use super::{
+    audit_text, prefixes, query_prefix, words, Hits, IndexOp, SearchError, SearchIndex, SearchResult, UserDoc,
+};
+use crate::domain::{AuditEntry, Page, PageRequest};
+use crate::store::AuditFilter;
+
+/// Memory budget of each writer.
+const WRITER_HEAP: usize = 50_000_000;
 
 #[derive(Clone, Copy)]
-struct Fields {
+struct UserFields {
     tenant_id: Field,
     user_id: Field,
     name: Field,
@@ -31,26 +45,19 @@ struct Fields {
     version: Field,
 }
 
-pub struct TantivyIndex {
-    fields: Fields,
-    reader: IndexReader,
-    writer: Arc<Mutex<IndexWriter>>,
-    /// Changes waiting for the next commit, and who waits for it (group commit).
-    pending: Mutex<Pending>,
+#[derive(Clone, Copy)]
+struct AuditFields {
+    event_id: Field,
+    tenant_id: Field,
+    event_type: Field,
+    at: Field,
+    prefix: Field,
+    entry: Field,
 }
 
-/// Group commit: concurrent `apply` calls queue their changes here; whoever holds the
-/// writer next commits them all at once and tells every waiter, so a commit (an fsync)
-/// is shared by everything that arrived while the previous one ran.
-#[derive(Default)]
-struct Pending {
-    ops: Vec<IndexOp>,
-    waiters: Vec<std::sync::mpsc::Sender<Result<(), String>>>,
-}
-
-fn schema() -> (Schema, Fields) {
+fn user_schema() -> (Schema, UserFields) {
     let mut b = Schema::builder();
-    let fields = Fields {
+    let fields = UserFields {
         tenant_id: b.add_text_field("tenant_id", STRING | STORED),
         user_id: b.add_text_field("user_id", STRING | STORED),
         name: b.add_text_field("name", STORED),
@@ -63,53 +70,112 @@ fn schema() -> (Schema, Fields) {
     (b.build(), fields)
 }
 
+fn audit_schema() -> (Schema, AuditFields) {
+    let mut b = Schema::builder();
+    let fields = AuditFields {
+        event_id: b.add_text_field("event_id", STRING | STORED | FAST),
+        tenant_id: b.add_text_field("tenant_id", STRING),
+        event_type: b.add_text_field("type", STRING),
+        at: b.add_i64_field("at", NumericOptions::default().set_indexed().set_fast()),
+        prefix: b.add_text_field("prefix", STRING),
+        entry: b.add_text_field("entry", STORED),
+    };
+    (b.build(), fields)
+}
+
+/// One tantivy index: its reader (searches) and its writer (behind the commit lock).
+struct Part {
+    reader: IndexReader,
+}
+
+struct Writers {
+    users: IndexWriter,
+    audit: IndexWriter,
+}
+
+pub struct TantivyIndex {
+    users: UserFields,
+    audit: AuditFields,
+    user_part: Part,
+    audit_part: Part,
+    writers: Mutex<Writers>,
+    /// Changes waiting for the next commit, and who waits for it (group commit).
+    pending: Mutex<Pending>,
+}
+
+/// Group commit: concurrent `apply` calls queue their changes here; whoever holds the
+/// writers next commits them all at once and tells every waiter, so a commit (an fsync)
+/// is shared by everything that arrived while the previous one ran.
+#[derive(Default)]
+struct Pending {
+    ops: Vec<IndexOp>,
+    waiters: Vec<std::sync::mpsc::Sender<Result<(), String>>>,
+}
+
 fn backend(e: impl std::fmt::Display) -> SearchError {
     SearchError::Backend(e.to_string())
 }
 
+fn open_dir(dir: &Path, schema: Schema) -> SearchResult<Index> {
+    std::fs::create_dir_all(dir).map_err(backend)?;
+    let directory = tantivy::directory::MmapDirectory::open(dir).map_err(backend)?;
+    Ok(Index::open_or_create(directory, schema)?)
+}
+
+fn part(index: &Index) -> SearchResult<(Part, IndexWriter)> {
+    let writer: IndexWriter = index.writer(WRITER_HEAP)?;
+    let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+    Ok((Part { reader }, writer))
+}
+
+fn text_term(field: Field, text: &str) -> Box<dyn Query> {
+    Box::new(TermQuery::new(Term::from_field_text(field, text), IndexRecordOption::Basic))
+}
+
 impl TantivyIndex {
-    /// Opens (or creates) the index in `dir`.
+    /// Opens (or creates) the indices under `dir` (`dir/users`, `dir/audit`).
     pub fn open(dir: &Path) -> SearchResult<Self> {
-        std::fs::create_dir_all(dir).map_err(backend)?;
-        let (schema, fields) = schema();
-        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(backend)?;
-        let index = Index::open_or_create(directory, schema)?;
-        Self::with_index(index, fields)
+        let (us, uf) = user_schema();
+        let (aus, af) = audit_schema();
+        Self::with_indices(open_dir(&dir.join("users"), us)?, uf, open_dir(&dir.join("audit"), aus)?, af)
     }
 
-    /// An index in memory (tests, tools).
+    /// Indices in memory (tests, tools).
     pub fn in_memory() -> SearchResult<Self> {
-        let (schema, fields) = schema();
-        Self::with_index(Index::create_in_ram(schema), fields)
+        let (us, uf) = user_schema();
+        let (aus, af) = audit_schema();
+        Self::with_indices(Index::create_in_ram(us), uf, Index::create_in_ram(aus), af)
     }
 
-    fn with_index(index: Index, fields: Fields) -> SearchResult<Self> {
-        let writer: IndexWriter = index.writer(50_000_000)?;
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+    fn with_indices(users: Index, uf: UserFields, audit: Index, af: AuditFields) -> SearchResult<Self> {
+        let (user_part, users_writer) = part(&users)?;
+        let (audit_part, audit_writer) = part(&audit)?;
         Ok(TantivyIndex {
-            fields,
-            reader,
-            writer: Arc::new(Mutex::new(writer)),
+            users: uf,
+            audit: af,
+            user_part,
+            audit_part,
+            writers: Mutex::new(Writers { users: users_writer, audit: audit_writer }),
             pending: Mutex::new(Pending::default()),
         })
     }
 
     fn user_term(&self, user_id: Uuid) -> Term {
-        Term::from_field_text(self.fields.user_id, &user_id.to_string())
+        Term::from_field_text(self.users.user_id, &user_id.to_string())
     }
 
     /// The stored version of a user, if indexed.
     fn indexed_version(&self, user_id: Uuid) -> SearchResult<Option<i64>> {
-        let searcher = self.reader.searcher();
+        let searcher = self.user_part.reader.searcher();
         let query = TermQuery::new(self.user_term(user_id), IndexRecordOption::Basic);
         let top = searcher.search(&query, &TopDocs::with_limit(1).order_by_score())?;
         let Some((_, address)) = top.first() else { return Ok(None) };
         let doc: TantivyDocument = searcher.doc(*address)?;
-        Ok(doc.get_first(self.fields.version).and_then(|v| v.as_i64()))
+        Ok(doc.get_first(self.users.version).and_then(|v| v.as_i64()))
     }
 
     fn user_doc(&self, u: &UserDoc) -> TantivyDocument {
-        let f = self.fields;
+        let f = self.users;
         let mut d = doc!(
             f.tenant_id => u.tenant_id.to_string(),
             f.user_id => u.user_id.to_string(),
@@ -122,7 +188,7 @@ impl TantivyIndex {
         all.extend(words(&u.email));
         all.sort();
         all.dedup();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for w in &all {
             d.add_text(f.word, w);
             for p in prefixes(w) {
@@ -134,6 +200,26 @@ impl TantivyIndex {
         d
     }
 
+    fn audit_doc(&self, e: &AuditEntry) -> SearchResult<TantivyDocument> {
+        let f = self.audit;
+        let mut d = doc!(
+            f.event_id => e.event_id.to_string(),
+            f.tenant_id => e.tenant_id.to_string(),
+            f.event_type => e.event_type.clone(),
+            f.at => e.at.timestamp_micros(),
+            f.entry => serde_json::to_string(e).map_err(backend)?,
+        );
+        let mut seen = HashSet::new();
+        for w in words(&audit_text(e)) {
+            for p in prefixes(&w) {
+                if seen.insert(p.clone()) {
+                    d.add_text(f.prefix, &p);
+                }
+            }
+        }
+        Ok(d)
+    }
+
     fn apply_blocking(&self, ops: &[IndexOp]) -> SearchResult<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
@@ -142,24 +228,25 @@ impl TantivyIndex {
             pending.waiters.push(tx);
         }
         {
-            let mut writer = self.writer.lock().map_err(|_| backend("index writer poisoned"))?;
+            let mut writers = self.writers.lock().map_err(|_| backend("index writer poisoned"))?;
             let batch = std::mem::take(&mut *self.pending.lock().map_err(|_| backend("index queue poisoned"))?);
             if !batch.waiters.is_empty() {
-                let result = self.commit(&mut writer, &batch.ops).map_err(|e| e.to_string());
+                let result = self.commit(&mut writers, &batch.ops).map_err(|e| e.to_string());
                 for waiter in batch.waiters {
                     let _ = waiter.send(result.clone());
                 }
             }
         }
-        // Ours was committed by us or by whoever held the writer before us.
+        // Ours was committed by us or by whoever held the writers before us.
         rx.recv().map_err(backend)?.map_err(SearchError::Backend)
     }
 
     /// Applies a batch and commits it; makes it visible to searches.
-    fn commit(&self, writer: &mut IndexWriter, ops: &[IndexOp]) -> SearchResult<()> {
+    fn commit(&self, writers: &mut Writers, ops: &[IndexOp]) -> SearchResult<()> {
         // The newest version seen per user in this batch (the index itself only shows
         // what was committed before it).
-        let mut newest: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
+        let mut newest: HashMap<Uuid, i64> = HashMap::new();
+        let (mut users_changed, mut audit_changed) = (false, false);
         for op in ops {
             match op {
                 IndexOp::UpsertUser(u) => {
@@ -170,33 +257,44 @@ impl TantivyIndex {
                         continue;
                     }
                     newest.insert(u.user_id, u.version);
-                    writer.delete_term(self.user_term(u.user_id));
-                    writer.add_document(self.user_doc(u))?;
+                    writers.users.delete_term(self.user_term(u.user_id));
+                    writers.users.add_document(self.user_doc(u))?;
+                    users_changed = true;
                 }
                 IndexOp::DeleteUser { user_id, .. } => {
-                    writer.delete_term(self.user_term(*user_id));
+                    writers.users.delete_term(self.user_term(*user_id));
+                    users_changed = true;
                 }
                 IndexOp::DeleteTenant { tenant_id } => {
-                    writer.delete_term(Term::from_field_text(self.fields.tenant_id, &tenant_id.to_string()));
+                    writers.users.delete_term(Term::from_field_text(self.users.tenant_id, &tenant_id.to_string()));
+                    users_changed = true;
+                }
+                IndexOp::UpsertAudit(entry) => {
+                    writers.audit.delete_term(Term::from_field_text(self.audit.event_id, &entry.event_id.to_string()));
+                    writers.audit.add_document(self.audit_doc(entry)?)?;
+                    audit_changed = true;
                 }
             }
         }
-        writer.commit()?;
-        self.reader.reload()?;
+        if users_changed {
+            writers.users.commit()?;
+            self.user_part.reader.reload()?;
+        }
+        if audit_changed {
+            writers.audit.commit()?;
+            self.audit_part.reader.reload()?;
+        }
         Ok(())
     }
 
-    fn search_blocking(&self, tenant_id: Uuid, q: &str, offset: u32, limit: u32) -> SearchResult<Hits<UserDoc>> {
-        let f = self.fields;
+    fn search_users_blocking(&self, tenant_id: Uuid, q: &str, offset: u32, limit: u32) -> SearchResult<Hits<UserDoc>> {
+        let f = self.users;
         let query_words = words(q);
         if query_words.is_empty() {
             return Ok(Hits { items: Vec::new(), next_offset: None });
         }
-        let tenant: Box<dyn Query> = Box::new(TermQuery::new(
-            Term::from_field_text(f.tenant_id, &tenant_id.to_string()),
-            IndexRecordOption::Basic,
-        ));
-        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Must, tenant)];
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> =
+            vec![(Occur::Must, text_term(f.tenant_id, &tenant_id.to_string()))];
         for w in &query_words {
             let prefix =
                 TermQuery::new(Term::from_field_text(f.prefix, &query_prefix(w)), IndexRecordOption::WithFreqs);
@@ -208,7 +306,7 @@ impl TantivyIndex {
             TermQuery::new(Term::from_field_text(f.email_exact, &q.trim().to_lowercase()), IndexRecordOption::Basic);
         clauses.push((Occur::Should, Box::new(BoostQuery::new(Box::new(exact), 5.0))));
         let query = BooleanQuery::new(clauses);
-        let searcher = self.reader.searcher();
+        let searcher = self.user_part.reader.searcher();
         let limit = limit.max(1);
         let top = searcher
             .search(&query, &TopDocs::with_limit(limit as usize + 1).and_offset(offset as usize).order_by_score())?;
@@ -227,6 +325,46 @@ impl TantivyIndex {
         }
         Ok(Hits { items, next_offset: more.then_some(offset + limit) })
     }
+
+    fn search_audit_blocking(
+        &self,
+        tenant_id: Uuid,
+        filter: &AuditFilter,
+        page: PageRequest,
+    ) -> SearchResult<Page<AuditEntry>> {
+        let f = self.audit;
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> =
+            vec![(Occur::Must, text_term(f.tenant_id, &tenant_id.to_string()))];
+        if let Some(t) = &filter.event_type {
+            clauses.push((Occur::Must, text_term(f.event_type, t)));
+        }
+        if filter.from.is_some() || filter.to.is_some() {
+            let micros = |t: chrono::DateTime<chrono::Utc>| Term::from_field_i64(f.at, t.timestamp_micros());
+            let lower = filter.from.map_or(Bound::Unbounded, |t| Bound::Included(micros(t)));
+            let upper = filter.to.map_or(Bound::Unbounded, |t| Bound::Excluded(micros(t)));
+            clauses.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        if let Some(after) = page.after {
+            let term = Term::from_field_text(f.event_id, &after.0.to_string());
+            clauses.push((Occur::Must, Box::new(RangeQuery::new(Bound::Excluded(term), Bound::Unbounded))));
+        }
+        for w in words(filter.text.as_deref().unwrap_or_default()) {
+            clauses.push((Occur::Must, text_term(f.prefix, &query_prefix(&w))));
+        }
+        let query = BooleanQuery::new(clauses);
+        let searcher = self.audit_part.reader.searcher();
+        let top = searcher.search(
+            &query,
+            &TopDocs::with_limit(page.limit.max(1) as usize + 1).order_by_string_fast_field("event_id", Order::Asc),
+        )?;
+        let mut rows = Vec::with_capacity(top.len());
+        for (_, address) in top {
+            let d: TantivyDocument = searcher.doc(address)?;
+            let json = d.get_first(f.entry).and_then(|v| v.as_str()).unwrap_or_default();
+            rows.push(serde_json::from_str::<AuditEntry>(json).map_err(backend)?);
+        }
+        Ok(Page::from_rows(rows, page.limit.max(1), |e| e.event_id))
+    }
 }
 
 #[async_trait]
@@ -242,7 +380,19 @@ impl SearchIndex for Arc<TantivyIndex> {
 
     async fn search_users(&self, tenant_id: Uuid, q: &str, offset: u32, limit: u32) -> SearchResult<Hits<UserDoc>> {
         let (index, q) = (self.clone(), q.to_owned());
-        tokio::task::spawn_blocking(move || index.search_blocking(tenant_id, &q, offset, limit))
+        tokio::task::spawn_blocking(move || index.search_users_blocking(tenant_id, &q, offset, limit))
+            .await
+            .map_err(backend)?
+    }
+
+    async fn search_audit(
+        &self,
+        tenant_id: Uuid,
+        filter: &AuditFilter,
+        page: PageRequest,
+    ) -> SearchResult<Page<AuditEntry>> {
+        let (index, filter) = (self.clone(), filter.clone());
+        tokio::task::spawn_blocking(move || index.search_audit_blocking(tenant_id, &filter, page))
             .await
             .map_err(backend)?
     }

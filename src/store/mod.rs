@@ -118,6 +118,8 @@ pub trait Store: Send + Sync + 'static {
         ctx: &EventContext,
     ) -> StoreResult<Created<User>>;
     async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<User>;
+    /// The tenant's users with these ids, in the order given; ids not found are left out.
+    async fn get_users(&self, tenant_id: Uuid, ids: &[Uuid]) -> StoreResult<Vec<User>>;
     async fn list_users(&self, tenant_id: Uuid, page: PageRequest) -> StoreResult<Page<User>>;
     /// Applies a patch if `expected_version` (when given) is current.
     async fn update_user(

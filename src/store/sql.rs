@@ -542,6 +542,28 @@ macro_rules! sql_store_impl {
                 row.try_into()
             }
 
+            async fn get_users(
+                &self,
+                tenant_id: uuid::Uuid,
+                ids: &[uuid::Uuid],
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::User>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+                let sql = format!("SELECT * FROM users WHERE tenant_id = $1 AND id IN ({})", marks.join(", "));
+                let mut query = sqlx::query_as::<_, $crate::store::sql::UserRow>(&sql).bind(tenant_id);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                let mut found: std::collections::HashMap<uuid::Uuid, $crate::domain::User> = std::collections::HashMap::new();
+                for row in query.fetch_all(&self.pool).await? {
+                    let user: $crate::domain::User = row.try_into()?;
+                    found.insert(user.id, user);
+                }
+                Ok(ids.iter().filter_map(|id| found.get(id).cloned()).collect())
+            }
+
             async fn list_users(
                 &self,
                 tenant_id: uuid::Uuid,

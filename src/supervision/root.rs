@@ -49,7 +49,7 @@ pub struct RootDeps {
     /// The event pipeline (relay and/or consumers), by role.
     pub pipeline: Option<PipelineDeps>,
     /// The indexing actor: the index it writes to and where it publishes itself.
-    pub indexer: Option<(Arc<dyn crate::search::SearchIndex>, crate::actors::indexer::IndexerSlot)>,
+    pub indexer: Option<crate::actors::indexer::IndexerDeps>,
 }
 
 /// What the `pipeline` subtree needs.
@@ -88,12 +88,12 @@ pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
         .supervisor()
         .shutdown(Duration::from_secs(15))];
     // Before `jobs`: the index jobs write through it.
-    if let Some((index, slot)) = &deps.indexer {
-        let (index, slot) = (index.clone(), slot.clone());
+    if let Some(indexer) = &deps.indexer {
+        let indexer = indexer.clone();
         let start: StartFn = Arc::new(move |ctx: StartCtx| {
-            let (index, slot) = (index.clone(), slot.clone());
+            let crate::actors::indexer::IndexerDeps { index, slot, stats } = indexer.clone();
             Box::pin(async move {
-                let args = crate::actors::indexer::IndexerArgs { index };
+                let args = crate::actors::indexer::IndexerArgs { index, stats };
                 let (actor, _) = Actor::spawn_linked(None, crate::actors::indexer::Indexer, args, ctx.parent).await?;
                 if let Ok(mut s) = slot.write() {
                     *s = Some(actor.clone());
@@ -258,6 +258,13 @@ impl Root {
         let tree = Tree::new();
         let slot: RegistrySlot = Arc::new(RwLock::new(None));
         let (actor, join) = Supervisor::start(root_spec(&deps, &slot), tree.clone(), None).await?;
+        if let Some(indexer) = &deps.indexer {
+            // The records outlive restarts, so the views follow every indexer instance.
+            let stats = indexer.stats.clone();
+            tree.set_mailbox("indexer", Arc::new(move || stats.queued.load(std::sync::atomic::Ordering::Relaxed)));
+            let stats = indexer.stats.clone();
+            tree.set_stats("indexer", Arc::new(move || stats.view()));
+        }
         Ok(RootHandle { actor, join, registry: slot, tree })
     }
 }

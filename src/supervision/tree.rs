@@ -29,6 +29,9 @@ pub enum Status {
 /// Reads a mailbox depth (queued + in-process messages) where it can be known.
 pub type Gauge = Arc<dyn Fn() -> usize + Send + Sync>;
 
+/// Reads an actor's own figures (the indexer's queue, failures and breaker, say).
+pub type StatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 struct Record {
     parent: Option<String>,
     kind: ChildKind,
@@ -40,6 +43,7 @@ struct Record {
     /// For kill requests; `None` while not running.
     cell: Option<ActorCell>,
     mailbox: Option<Gauge>,
+    stats: Option<StatsFn>,
     /// Start order among siblings.
     order: u64,
 }
@@ -57,6 +61,9 @@ pub struct ActorNode {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mailbox: Option<usize>,
+    /// The actor's own figures, where it reports any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
     pub children: Vec<ActorNode>,
 }
 
@@ -110,6 +117,7 @@ impl Tree {
             started_at: None,
             cell: None,
             mailbox: None,
+            stats: None,
             order,
         });
         rec.status = Status::Running;
@@ -126,6 +134,12 @@ impl Tree {
     pub fn set_mailbox(&self, name: &str, gauge: Gauge) {
         if let Some(r) = self.lock().get_mut(name) {
             r.mailbox = Some(gauge);
+        }
+    }
+
+    pub fn set_stats(&self, name: &str, stats: StatsFn) {
+        if let Some(r) = self.lock().get_mut(name) {
+            r.stats = Some(stats);
         }
     }
 
@@ -210,6 +224,7 @@ fn build(nodes: &HashMap<String, Record>, name: &str) -> ActorNode {
         last_failure: r.last_failure.clone(),
         started_at: r.started_at,
         mailbox: r.mailbox.as_ref().map(|g| g()),
+        stats: r.stats.as_ref().map(|s| s()),
         children: kids.into_iter().map(|(n, _)| build(nodes, n)).collect(),
     }
 }

@@ -63,9 +63,43 @@ async fn audit_log_filters_and_pages(db: TestDb) {
     let before3 = audit(&app, &t, &format!("limit=100&to={}", enc(&at(2)))).await;
     assert_eq!(before3["items"].as_array().unwrap().len(), 2, "to is exclusive");
 
-    // By text (case-insensitive, in the before/after states).
+    // By text, through the search index (it follows the database shortly): every word
+    // prefixes a word of the entry, any case.
+    wait_for("the audit entries indexed", Duration::from_secs(30), || async {
+        (types(&audit(&app, &t, "q=example").await).len() == 5).then_some(())
+    })
+    .await;
     assert_eq!(types(&audit(&app, &t, "q=ROBERT").await), ["user.updated"]);
+    assert_eq!(types(&audit(&app, &t, "q=rob%20bak").await), ["user.updated"]);
     assert!(types(&audit(&app, &t, "q=nobody-by-this-name").await).is_empty());
+    let searched = audit(&app, &t, "q=example&limit=100").await;
+    assert_eq!(
+        types(&searched),
+        ["user.created", "user.created", "user.created", "user.updated", "user.deleted"],
+        "oldest first"
+    );
+    assert_eq!(searched["items"][3], all["items"][4], "the index returns the whole entry");
+    assert_eq!(types(&audit(&app, &t, "q=carol&type=user.deleted").await), ["user.deleted"]);
+    let text_range = audit(&app, &t, &format!("q=example&limit=100&from={}&to={}", enc(&at(2)), enc(&at(4)))).await;
+    assert_eq!(types(&text_range), ["user.created", "user.created"], "[from, to) in the index too");
+    // Paged by cursor through the index: every match once, in order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("q=example&limit=2&cursor={c}"),
+            None => "q=example&limit=2".to_owned(),
+        };
+        let page = audit(&app, &t, &q).await;
+        seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> =
+        all["items"].as_array().unwrap()[1..].iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(seen, expected);
 
     // Paged by cursor: every entry once.
     let mut seen = Vec::new();
@@ -94,6 +128,15 @@ async fn audit_log_filters_and_pages(db: TestDb) {
     })
     .await;
     assert!(theirs["items"].as_array().unwrap().iter().all(|e| e["tenant_id"] == other.id.to_string()));
+    let theirs = wait_for("the other tenant's entries indexed", Duration::from_secs(30), || async {
+        Some(audit(&app, &other, "q=someone").await).filter(|p| p["items"].as_array().unwrap().len() == 1)
+    })
+    .await;
+    assert_eq!(theirs["items"][0]["tenant_id"], other.id.to_string());
+    assert!(types(&audit(&app, &t, "q=someone").await).is_empty(), "A's search never shows B's entries");
+    assert!(types(&audit(&app, &other, "q=robert").await).is_empty(), "B's search never shows A's entries");
+    assert!(types(&audit(&app, &other, "q=alice").await).is_empty());
+    assert_eq!(types(&audit(&app, &t, "q=alice").await), ["user.created"]);
 
     // Bad input says what to fix.
     for q in ["type=user.exploded", "from=yesterday", "from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "cursor=zz"]

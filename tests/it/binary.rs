@@ -53,6 +53,7 @@ async fn serve_on_embedded_defaults_then_sigterm() {
     let stored = std::fs::read_to_string(dir.path().join("data/admin_token")).expect("token persisted under ./data");
     assert_eq!(stored.trim(), token);
 
+    eventra::tls::install_crypto_provider();
     let client = reqwest::Client::new();
     let res = crate::utils::wait_for("binary to accept requests", Duration::from_secs(30), || {
         let req = client

@@ -74,6 +74,17 @@ async fn users_are_searchable_as_they_change_and_only_in_their_tenant() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     until_names(&app, &a, "augusta", &[]).await;
 
+    // The indexer shows its figures in the tree view.
+    let tree: Value = app.get("/debug/actors", crate::utils::app::ADMIN_TOKEN).await.json().await.unwrap();
+    let indexer = crate::utils::find_actor(&tree, "indexer").expect("the indexer in the tree");
+    assert_eq!((indexer["status"].as_str(), indexer["mailbox"].as_u64()), (Some("running"), Some(0)), "{indexer}");
+    let stats = &indexer["stats"];
+    assert!(stats["changes"].as_u64().unwrap_or(0) >= 3, "created, renamed, deleted went through it: {stats}");
+    assert_eq!(
+        (stats["queue"].as_u64(), stats["failures"].as_u64(), stats["breaker"].as_str()),
+        (Some(0), Some(0), Some("closed"))
+    );
+
     // Bad input: 422 that says what to fix.
     for q in ["", "q=&limit=0", "q=x&cursor=abc"] {
         let path = if q.is_empty() {

@@ -109,6 +109,11 @@ pub async fn user_changes_write_one_event_each(s: Arc<dyn Store>) {
     assert_eq!(same.version, 3);
     expect_events(&s, 0, 4).await;
     assert_eq!(s.get_user(t.id, u.id).await.unwrap(), u3);
+    // Many at once: in the order asked, unknown and other tenants' ids left out.
+    let missing = uuid::Uuid::now_v7();
+    assert_eq!(s.get_users(t.id, &[missing, u.id, u.id]).await.unwrap(), [u3.clone(), u3.clone()]);
+    assert!(s.get_users(uuid::Uuid::now_v7(), &[u.id]).await.unwrap().is_empty(), "scoped to the tenant");
+    assert!(s.get_users(t.id, &[]).await.unwrap().is_empty());
 
     s.delete_user(t.id, u.id, Some(3), &ctx()).await.unwrap();
     assert_eq!(expect_events(&s, 1, 4).await[0].event.event_type, EventType::UserDeleted);

@@ -68,7 +68,7 @@ impl Kinds {
     ) -> Self {
         let mut kinds = Kinds::default()
             .with(Arc::new(Noop))
-            .with(Arc::new(Audit::new(store.clone())))
+            .with(Arc::new(Audit::new(store.clone(), index.clone())))
             .with(Arc::new(WelcomeEmail::new(store.clone(), mailer, mail_from)));
         for k in Indexing::kinds(store, index) {
             kinds = kinds.with(k);

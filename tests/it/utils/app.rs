@@ -69,6 +69,7 @@ impl TestApp {
             },
             kinds,
         ));
+        eventra::tls::install_crypto_provider();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let app = TestApp { base, client, config, stop: Some(stop), task: Some(task), _data_dir: dir };
         let url = format!("{}/health/live", app.base);
