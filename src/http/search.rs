@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 100;
+/// How deep paging goes (OpenSearch's default `index.max_result_window`).
+const MAX_DEPTH: u32 = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +56,9 @@ async fn search_users(
             0
         }),
     };
+    if offset.saturating_add(limit) > MAX_DEPTH {
+        errors.add("cursor", format!("results past the first {MAX_DEPTH} cannot be paged to; narrow the query"));
+    }
     errors.into_result(())?;
     // A tenant that does not exist (for the platform admin) is a 404, not an empty list.
     s.tenants.get_tenant(tenant_id).await?;

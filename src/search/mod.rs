@@ -52,6 +52,12 @@ pub enum IndexOp {
     DeleteTenant {
         tenant_id: Uuid,
     },
+    /// Removes the tenant's user documents last written before `before` (what a reindex
+    /// that started then did not rewrite: users gone from the database).
+    PruneTenant {
+        tenant_id: Uuid,
+        before: chrono::DateTime<chrono::Utc>,
+    },
     /// Adds an audit entry (idempotent by event id: entries never change).
     UpsertAudit(AuditEntry),
 }

@@ -120,13 +120,13 @@ impl OpenSearchIndex {
         bulk_errors(&reply).map_err(backend)
     }
 
-    async fn delete_tenant(&self, tenant_id: Uuid) -> SearchResult<()> {
+    async fn delete_users(&self, body: Value) -> SearchResult<()> {
         let r = self
             .client
             .delete_by_query(DeleteByQueryParts::Index(&[&self.names.users]))
             .refresh(true)
             .conflicts(opensearch::params::Conflicts::Proceed)
-            .body(delete_tenant_body(tenant_id))
+            .body(body)
             .send()
             .await?;
         ok(r).await?;
@@ -159,10 +159,10 @@ impl SearchIndex for OpenSearchIndex {
 
     async fn apply(&self, ops: &[IndexOp]) -> SearchResult<()> {
         self.ensure_indices().await?;
-        for step in plan(&self.names, ops) {
+        for step in plan(&self.names, ops, chrono::Utc::now().timestamp_micros()) {
             match step {
                 Step::Bulk(lines) => self.bulk(lines).await?,
-                Step::DeleteTenant(tenant_id) => self.delete_tenant(tenant_id).await?,
+                Step::DeleteUsers(body) => self.delete_users(body).await?,
             }
         }
         Ok(())
@@ -219,15 +219,18 @@ struct UserSource {
     version: i64,
 }
 
-/// What `apply` sends, in order: bulk requests, split around tenant deletions (a
-/// `_delete_by_query`), so every change applies in the order it was given.
+/// What `apply` sends, in order: bulk requests, split around tenant deletions and
+/// prunes (a `_delete_by_query` on the users index with this body), so every change
+/// applies in the order it was given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Bulk(Vec<Value>),
-    DeleteTenant(Uuid),
+    DeleteUsers(Value),
 }
 
-pub fn plan(names: &IndexNames, ops: &[IndexOp]) -> Vec<Step> {
+/// The requests for `ops`; `now_us` stamps the user documents written (a reindex prunes
+/// what it did not rewrite by that stamp).
+pub fn plan(names: &IndexNames, ops: &[IndexOp], now_us: i64) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut lines = Vec::new();
     for op in ops {
@@ -237,7 +240,7 @@ pub fn plan(names: &IndexNames, ops: &[IndexOp]) -> Vec<Step> {
                     "_index": names.users, "_id": u.user_id,
                     "version": u.version, "version_type": "external_gte",
                 }}));
-                lines.push(user_source(u));
+                lines.push(user_source(u, now_us));
             }
             IndexOp::DeleteUser { user_id, .. } => {
                 lines.push(json!({"delete": {"_index": names.users, "_id": user_id}}));
@@ -250,7 +253,13 @@ pub fn plan(names: &IndexNames, ops: &[IndexOp]) -> Vec<Step> {
                 if !lines.is_empty() {
                     steps.push(Step::Bulk(std::mem::take(&mut lines)));
                 }
-                steps.push(Step::DeleteTenant(*tenant_id));
+                steps.push(Step::DeleteUsers(delete_tenant_body(*tenant_id)));
+            }
+            IndexOp::PruneTenant { tenant_id, before } => {
+                if !lines.is_empty() {
+                    steps.push(Step::Bulk(std::mem::take(&mut lines)));
+                }
+                steps.push(Step::DeleteUsers(prune_tenant_body(*tenant_id, before.timestamp_micros())));
             }
         }
     }
@@ -261,7 +270,7 @@ pub fn plan(names: &IndexNames, ops: &[IndexOp]) -> Vec<Step> {
 }
 
 /// A user's document: what the API returns (`_source`) and what is searched (`text`).
-pub fn user_source(u: &UserDoc) -> Value {
+pub fn user_source(u: &UserDoc, now_us: i64) -> Value {
     json!({
         "tenant_id": u.tenant_id,
         "user_id": u.user_id,
@@ -270,6 +279,7 @@ pub fn user_source(u: &UserDoc) -> Value {
         "email_exact": u.email.to_lowercase(),
         "text": format!("{} {}", u.name, u.email),
         "version": u.version,
+        "indexed_at_us": now_us,
     })
 }
 
@@ -332,6 +342,7 @@ pub fn users_template(names: &IndexNames) -> Value {
                     "email_exact": {"type": "keyword"},
                     "text": prefix_text(),
                     "version": {"type": "long"},
+                    "indexed_at_us": {"type": "long"},
                 },
             },
         },
@@ -413,8 +424,17 @@ pub fn delete_tenant_body(tenant_id: Uuid) -> Value {
     json!({"query": {"term": {"tenant_id": tenant_id}}})
 }
 
+/// `POST {ns}-users/_delete_by_query`: the tenant's users last written before `before_us`.
+pub fn prune_tenant_body(tenant_id: Uuid, before_us: i64) -> Value {
+    json!({"query": {"bool": {"filter": [
+        {"term": {"tenant_id": tenant_id}},
+        {"range": {"indexed_at_us": {"lt": before_us}}},
+    ]}}})
+}
+
 /// The failed items of a `_bulk` reply. An older user version refused by external
-/// versioning (409) and a delete of a document already gone (404) are not failures.
+/// versioning (an `index` item's 409 `version_conflict_engine_exception`) and a delete
+/// of a document already gone (a `delete` item's 404) are not failures; anything else is.
 pub fn bulk_errors(reply: &Value) -> Result<(), String> {
     if reply.get("errors").and_then(Value::as_bool) != Some(true) {
         return Ok(());
@@ -422,12 +442,15 @@ pub fn bulk_errors(reply: &Value) -> Result<(), String> {
     let items = reply.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
     let failed: Vec<String> = items
         .iter()
-        .filter_map(|item| item.as_object()?.values().next().cloned())
-        .filter(|r| {
+        .filter_map(|item| item.as_object()?.iter().next().map(|(action, r)| (action.clone(), r.clone())))
+        .filter(|(action, r)| {
             let status = r.get("status").and_then(Value::as_u64).unwrap_or(0);
-            !(200..300).contains(&status) && status != 404 && status != 409
+            let error = r.pointer("/error/type").and_then(Value::as_str);
+            let stale = action == "index" && status == 409 && error == Some("version_conflict_engine_exception");
+            let gone = action == "delete" && status == 404;
+            !(200..300).contains(&status) && !stale && !gone
         })
-        .map(|r| format!("{} {}: {}", r["_index"], r["_id"], r["error"]))
+        .map(|(action, r)| format!("{action} {} {}: {}", r["_index"], r["_id"], r["error"]))
         .collect();
     if failed.is_empty() {
         Ok(())
@@ -547,7 +570,9 @@ mod tests {
                 IndexOp::DeleteUser { tenant_id: tenant, user_id },
                 IndexOp::DeleteTenant { tenant_id: tenant },
                 IndexOp::UpsertAudit(e.clone()),
+                IndexOp::PruneTenant { tenant_id: tenant, before: e.at },
             ],
+            42,
         );
         assert_eq!(
             steps,
@@ -557,10 +582,11 @@ mod tests {
                     json!({
                         "tenant_id": tenant, "user_id": user_id, "name": "Ada Lovelace", "email": "Ada@Example.com",
                         "email_exact": "ada@example.com", "text": "Ada Lovelace Ada@Example.com", "version": 3,
+                        "indexed_at_us": 42,
                     }),
                     json!({"delete": {"_index": "acme-users", "_id": user_id}}),
                 ]),
-                Step::DeleteTenant(tenant),
+                Step::DeleteUsers(json!({"query": {"term": {"tenant_id": tenant}}})),
                 Step::Bulk(vec![
                     json!({"index": {"_index": "acme-audit", "_id": e.event_id}}),
                     json!({
@@ -570,6 +596,10 @@ mod tests {
                         "entry": serde_json::to_value(&e).unwrap(),
                     }),
                 ]),
+                Step::DeleteUsers(json!({"query": {"bool": {"filter": [
+                    {"term": {"tenant_id": tenant}},
+                    {"range": {"indexed_at_us": {"lt": 1_795_428_000_000_000_i64}}},
+                ]}}})),
             ]
         );
         assert_eq!(delete_tenant_body(tenant), json!({"query": {"term": {"tenant_id": tenant}}}));
@@ -616,6 +646,11 @@ mod tests {
         ]});
         let e = bulk_errors(&broken).unwrap_err();
         assert!(e.starts_with("1 of 2 bulk items failed") && e.contains("mapper_parsing_exception"), "{e}");
+        // A 404 on an index item (the index is gone) is a failure, not a missing document.
+        let no_index = json!({"errors": true, "items": [
+            {"index": {"_index": "x", "_id": "1", "status": 404, "error": {"type": "index_not_found_exception"}}},
+        ]});
+        assert!(bulk_errors(&no_index).is_err());
     }
 
     /// One request the adapter sent: method, path, sorted query pairs, body.
@@ -714,15 +749,28 @@ mod tests {
         assert_eq!(body_json(&seen[2].3), audit_template(&names));
         assert_eq!(request(3), ("PUT", "/unit-audit", q(&[])));
         // The batch: bulk, tenant delete, bulk; each searchable before `apply` returns.
-        let Step::Bulk(first) = &plan(&names, &ops[..1])[0] else { panic!("a bulk step") };
+        // The stamp is the write's time: compare the lines without it.
+        let unstamped = |body: &str| -> Vec<Value> {
+            body.lines()
+                .map(|l| {
+                    let mut v: Value = serde_json::from_str(l).unwrap();
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("indexed_at_us");
+                    }
+                    v
+                })
+                .collect()
+        };
+        let Step::Bulk(first) = &plan(&names, &ops[..1], 0)[0] else { panic!("a bulk step") };
         assert_eq!(request(4), ("POST", "/_bulk", q(&[("refresh", "wait_for")])));
-        assert_eq!(seen[4].3, ndjson(first));
+        assert!(seen[4].3.ends_with('\n'), "NDJSON ends with a newline");
+        assert_eq!(unstamped(&seen[4].3), unstamped(&ndjson(first)));
         assert_eq!(
             request(5),
             ("POST", "/unit-users/_delete_by_query", q(&[("conflicts", "proceed"), ("refresh", "true")]))
         );
         assert_eq!(body_json(&seen[5].3), delete_tenant_body(tenant));
-        let Step::Bulk(third) = &plan(&names, &ops[2..])[0] else { panic!("a bulk step") };
+        let Step::Bulk(third) = &plan(&names, &ops[2..], 0)[0] else { panic!("a bulk step") };
         assert_eq!(request(6), ("POST", "/_bulk", q(&[("refresh", "wait_for")])));
         assert_eq!(seen[6].3, ndjson(third));
         // Searches.

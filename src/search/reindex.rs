@@ -1,7 +1,10 @@
 //! `eventra reindex [--tenant ID]`: rebuilds the search index from the database of
-//! record, tenant by tenant: drops the tenant's user documents, then indexes every user
-//! and every audit entry in pages, with a progress bar on stderr. Run it with the server
-//! stopped (the embedded index has one writer).
+//! record, tenant by tenant: rewrites every user and every audit entry in pages, then
+//! prunes the tenant's user documents it did not rewrite (users gone from the database),
+//! with a progress bar on stderr. Nothing is dropped first: searches keep answering
+//! during a rebuild, and OpenSearch's external versions accept the rewrite (a delete
+//! would leave a newer tombstone version behind). Run it with the server stopped when
+//! the index is the embedded one (it has one writer).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +51,7 @@ pub async fn reindex(
     };
     let (mut users, mut audit_entries) = (0, 0);
     for t in &tenants {
-        index.apply(&[IndexOp::DeleteTenant { tenant_id: t.id }]).await.map_err(|e| e.to_string())?;
+        let tenant_started = chrono::Utc::now();
         let mut page = PageRequest { after: None, limit: BATCH };
         loop {
             let Page { items, next_cursor } = store.list_users(t.id, page).await.map_err(|e| e.to_string())?;
@@ -72,6 +75,10 @@ pub async fn reindex(
                 _ => break,
             }
         }
+        index
+            .apply(&[IndexOp::PruneTenant { tenant_id: t.id, before: tenant_started }])
+            .await
+            .map_err(|e| e.to_string())?;
         // Audit entries never change or go away: upserting them all is a rebuild.
         let mut page = PageRequest { after: None, limit: BATCH };
         loop {

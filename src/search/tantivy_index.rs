@@ -3,7 +3,8 @@
 //!
 //! Users: `tenant_id` and `user_id` (raw, stored), `name` and `email` (stored), `prefix`
 //! (every prefix of every word, raw), `word` (every whole word, raw; ranks whole-word
-//! matches first), `email_exact` (the lowercased address), `version` (stored).
+//! matches first), `email_exact` (the lowercased address), `version` (stored),
+//! `indexed_at` (microseconds of the write, indexed: what a reindex prunes by).
 //! Audit: `event_id` (raw, stored, fast: the sort key and cursor), `tenant_id`, `type`
 //! (raw), `at` (microseconds, indexed and fast: time ranges), `prefix` (of the entry's
 //! text) and `entry` (the whole entry as stored JSON).
@@ -43,6 +44,7 @@ struct UserFields {
     word: Field,
     email_exact: Field,
     version: Field,
+    indexed_at: Field,
 }
 
 #[derive(Clone, Copy)]
@@ -66,6 +68,7 @@ fn user_schema() -> (Schema, UserFields) {
         word: b.add_text_field("word", STRING),
         email_exact: b.add_text_field("email_exact", STRING),
         version: b.add_i64_field("version", STORED),
+        indexed_at: b.add_i64_field("indexed_at", NumericOptions::default().set_indexed()),
     };
     (b.build(), fields)
 }
@@ -119,7 +122,14 @@ fn backend(e: impl std::fmt::Display) -> SearchError {
 fn open_dir(dir: &Path, schema: Schema) -> SearchResult<Index> {
     std::fs::create_dir_all(dir).map_err(backend)?;
     let directory = tantivy::directory::MmapDirectory::open(dir).map_err(backend)?;
-    Ok(Index::open_or_create(directory, schema)?)
+    Index::open_or_create(directory, schema).map_err(|e| match e {
+        tantivy::TantivyError::SchemaError(_) => SearchError::Backend(format!(
+            "the index in {} was written by another version of Eventra ({e}); delete that \
+             directory and run `eventra reindex` to rebuild it from the database",
+            dir.display()
+        )),
+        e => e.into(),
+    })
 }
 
 fn part(index: &Index) -> SearchResult<(Part, IndexWriter)> {
@@ -174,9 +184,10 @@ impl TantivyIndex {
         Ok(doc.get_first(self.users.version).and_then(|v| v.as_i64()))
     }
 
-    fn user_doc(&self, u: &UserDoc) -> TantivyDocument {
+    fn user_doc(&self, u: &UserDoc, now_us: i64) -> TantivyDocument {
         let f = self.users;
         let mut d = doc!(
+            f.indexed_at => now_us,
             f.tenant_id => u.tenant_id.to_string(),
             f.user_id => u.user_id.to_string(),
             f.name => u.name.clone(),
@@ -246,6 +257,7 @@ impl TantivyIndex {
         // The newest version seen per user in this batch (the index itself only shows
         // what was committed before it).
         let mut newest: HashMap<Uuid, i64> = HashMap::new();
+        let now_us = chrono::Utc::now().timestamp_micros();
         let (mut users_changed, mut audit_changed) = (false, false);
         for op in ops {
             match op {
@@ -258,7 +270,7 @@ impl TantivyIndex {
                     }
                     newest.insert(u.user_id, u.version);
                     writers.users.delete_term(self.user_term(u.user_id));
-                    writers.users.add_document(self.user_doc(u))?;
+                    writers.users.add_document(self.user_doc(u, now_us))?;
                     users_changed = true;
                 }
                 IndexOp::DeleteUser { user_id, .. } => {
@@ -267,6 +279,16 @@ impl TantivyIndex {
                 }
                 IndexOp::DeleteTenant { tenant_id } => {
                     writers.users.delete_term(Term::from_field_text(self.users.tenant_id, &tenant_id.to_string()));
+                    users_changed = true;
+                }
+                IndexOp::PruneTenant { tenant_id, before } => {
+                    let tenant = text_term(self.users.tenant_id, &tenant_id.to_string());
+                    let older = RangeQuery::new(
+                        Bound::Unbounded,
+                        Bound::Excluded(Term::from_field_i64(self.users.indexed_at, before.timestamp_micros())),
+                    );
+                    let query = BooleanQuery::new(vec![(Occur::Must, tenant), (Occur::Must, Box::new(older))]);
+                    writers.users.delete_query(Box::new(query))?;
                     users_changed = true;
                 }
                 IndexOp::UpsertAudit(entry) => {

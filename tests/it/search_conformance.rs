@@ -95,6 +95,26 @@ pub async fn updates_replace_and_deletes_remove(make: Make) {
     assert_eq!(names(&ix, other, "gone").await, ["Gone Not"]);
 }
 
+pub async fn a_prune_removes_what_was_not_rewritten(make: Make) {
+    let Some((_g, ix)) = make() else { return };
+    let (t, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let (kept, gone) = (user(t, "Kept Member", "kept@x.io"), user(t, "Gone Member", "gone@x.io"));
+    let theirs = user(other, "Other Member", "other@x.io");
+    ix.apply(&[
+        IndexOp::UpsertUser(kept.clone()),
+        IndexOp::UpsertUser(gone.clone()),
+        IndexOp::UpsertUser(theirs.clone()),
+    ])
+    .await
+    .unwrap();
+    // A rebuild starts, rewrites what the database still has (same version), prunes.
+    let started = chrono::Utc::now();
+    ix.apply(&[IndexOp::UpsertUser(kept.clone())]).await.unwrap();
+    ix.apply(&[IndexOp::PruneTenant { tenant_id: t, before: started }]).await.unwrap();
+    assert_eq!(names(&ix, t, "member").await, ["Kept Member"]);
+    assert_eq!(names(&ix, other, "member").await, ["Other Member"], "other tenants are untouched");
+}
+
 pub async fn pages_through_hits(make: Make) {
     let Some((_g, ix)) = make() else { return };
     let t = Uuid::now_v7();
@@ -286,6 +306,7 @@ conformance!(
     pages_through_hits,
     concurrent_changes_are_all_applied,
     audit_entries_filter_by_type_time_and_text_and_page,
+    a_prune_removes_what_was_not_rewritten,
 );
 
 /// The on-disk index keeps what was committed across a reopen.
