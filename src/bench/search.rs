@@ -477,7 +477,7 @@ pub async fn reindex_bench(args: ReindexBenchArgs) -> BenchResult<Vec<Row>> {
 
     // Rebuilt in place.
     let done = reindex(&store, &index, None, true).await?;
-    rows.push(rate_row("eventra reindex", "in place (drop tenant, re-add)", done.users as usize, done.elapsed));
+    rows.push(rate_row("eventra reindex", "in place (rewrite, then prune)", done.users as usize, done.elapsed));
     let in_place = result_sets(&index, tenant, &queries).await?;
     drop(index);
     // Rebuilt from nothing.

@@ -15,8 +15,8 @@ use super::{IndexOp, SearchIndex, UserDoc};
 use crate::domain::{Cursor, Page, PageRequest, Tenant};
 use crate::store::{AuditFilter, Store};
 
-/// Users per index batch (one commit each).
-const BATCH: u32 = 500;
+/// Users (and audit entries) per page read and index batch (one commit each).
+const BATCH: u32 = 2000;
 
 /// What a reindex did.
 #[derive(Debug, Clone, PartialEq)]
