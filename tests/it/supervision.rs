@@ -26,10 +26,25 @@ async fn tree(app: &TestApp) -> Value {
 /// Checks one node and its subtree against the SPEC's node shape.
 fn assert_node_shape(n: &Value) {
     let obj = n.as_object().expect("node is an object");
-    let allowed =
-        ["name", "kind", "strategy", "status", "restarts", "last_failure", "started_at", "mailbox", "children"];
+    // The SPEC's keys, plus `stats`: an additive extension for actors with figures of
+    // their own (the indexer's queue, failures and breaker, as the search issue asks).
+    let allowed = [
+        "name",
+        "kind",
+        "strategy",
+        "status",
+        "restarts",
+        "last_failure",
+        "started_at",
+        "mailbox",
+        "stats",
+        "children",
+    ];
     for key in obj.keys() {
         assert!(allowed.contains(&key.as_str()), "unexpected key {key} in {n}");
+    }
+    if let Some(stats) = obj.get("stats") {
+        assert!(stats.is_object(), "stats is an object: {n}");
     }
     assert!(n["name"].as_str().is_some_and(|s| !s.is_empty()));
     let kind = n["kind"].as_str().expect("kind");
