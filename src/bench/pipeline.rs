@@ -82,22 +82,8 @@ async fn eventra(args: &PipelineBenchArgs) -> BenchResult<(Row, Vec<(String, Vec
     config.namespace = ns.clone();
     config.db_max_connections = 16;
     let config = Arc::new(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(err)?;
-    let base = format!("http://{}", listener.local_addr().map_err(err)?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::app::run(config.clone(), listener, async {
-        let _ = stopped.await;
-    }));
-    crate::tls::install_crypto_provider();
-    let client = reqwest::Client::new();
-    // Ready?
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while client.get(format!("{base}/health/live")).send().await.is_err() {
-        if Instant::now() > ready_by {
-            return Err("the server did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = super::InProcessServer::start(config.clone()).await?;
+    let (client, base) = (server.client.clone(), server.base.clone());
     let slug = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let created: serde_json::Value = client
         .post(format!("{base}/v1/tenants"))
@@ -178,8 +164,7 @@ async fn eventra(args: &PipelineBenchArgs) -> BenchResult<(Row, Vec<(String, Vec
         .map(|e| Ok((e.id.to_string(), serde_json::to_vec(e).map_err(err)?)))
         .collect::<BenchResult<Vec<_>>>()?;
 
-    let _ = stop.send(());
-    let _ = server.await;
+    let _ = server.stop().await;
     // Clean up the bench's namespace.
     if let Ok(bus) = crate::bus::RabbitBus::connect(&args.amqp_url, &ns, crate::bus::BusConfig::default()).await {
         let _ = bus.delete_topology().await;

@@ -321,21 +321,8 @@ pub async fn search(args: SearchBenchArgs) -> BenchResult<Vec<Row>> {
     let mut config = Config::embedded(&dir, &token);
     config.roles = vec!["api".into()];
     let config = Arc::new(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(err)?;
-    let base = format!("http://{}", listener.local_addr().map_err(err)?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::app::run(config, listener, async {
-        let _ = stopped.await;
-    }));
-    crate::tls::install_crypto_provider();
-    let client = reqwest::Client::new();
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while client.get(format!("{base}/health/live")).send().await.is_err() {
-        if Instant::now() > ready_by {
-            return Err("the server did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = super::InProcessServer::start(config).await?;
+    let (client, base) = (server.client.clone(), server.base.clone());
     let url = format!("{base}/v1/tenants/{tenant}/users/search");
     let one = |q: String| {
         let (client, url, key) = (client.clone(), url.clone(), key.clone());
@@ -374,8 +361,7 @@ pub async fn search(args: SearchBenchArgs) -> BenchResult<Vec<Row>> {
         futures_util::stream::iter(queries.iter().cloned().map(one)).buffer_unordered(args.concurrency).collect().await;
     let lat = results.into_iter().map(|r| r.map(|(d, _)| d)).collect::<BenchResult<Vec<_>>>()?;
     rows.push(latency_row("eventra HTTP API", &format!("{} clients", args.concurrency), lat, started.elapsed()));
-    let _ = stop.send(());
-    server.await.map_err(err)?.map_err(err)?;
+    server.stop().await?;
 
     // The same queries on the same index, in-process.
     let index = open_index(&dir.join("index"))?;

@@ -15,6 +15,24 @@ async fn audit(app: &TestApp, t: &TestTenant, query: &str) -> Value {
     res.json().await.unwrap()
 }
 
+/// The event ids of every page of `query`, following `next_cursor` to the end.
+async fn every_page(app: &TestApp, t: &TestTenant, query: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("{query}&cursor={c}"),
+            None => query.to_owned(),
+        };
+        let page = audit(app, t, &q).await;
+        seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return seen,
+        }
+    }
+}
+
 fn types(page: &Value) -> Vec<String> {
     page["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
 }
@@ -83,39 +101,13 @@ async fn audit_log_filters_and_pages(db: TestDb) {
     let text_range = audit(&app, &t, &format!("q=example&limit=100&from={}&to={}", enc(&at(2)), enc(&at(4)))).await;
     assert_eq!(types(&text_range), ["user.created", "user.created"], "[from, to) in the index too");
     // Paged by cursor through the index: every match once, in order.
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let q = match &cursor {
-            Some(c) => format!("q=example&limit=2&cursor={c}"),
-            None => "q=example&limit=2".to_owned(),
-        };
-        let page = audit(&app, &t, &q).await;
-        seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
+    let seen = every_page(&app, &t, "q=example&limit=2").await;
     let expected: Vec<String> =
         all["items"].as_array().unwrap()[1..].iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(seen, expected);
 
     // Paged by cursor: every entry once.
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let q = match &cursor {
-            Some(c) => format!("limit=4&cursor={c}"),
-            None => "limit=4".to_owned(),
-        };
-        let page = audit(&app, &t, &q).await;
-        seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
+    let seen = every_page(&app, &t, "limit=4").await;
     let expected: Vec<String> =
         all["items"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(seen, expected);
