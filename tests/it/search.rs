@@ -74,9 +74,14 @@ async fn users_are_searchable_as_they_change_and_only_in_their_tenant() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     until_names(&app, &a, "augusta", &[]).await;
 
-    // The indexer shows its figures in the tree view.
-    let tree: Value = app.get("/debug/actors", crate::utils::app::ADMIN_TOKEN).await.json().await.unwrap();
-    let indexer = crate::utils::find_actor(&tree, "indexer").expect("the indexer in the tree");
+    // The indexer shows its figures in the tree view; its queue drains (audit entries
+    // may still be on their way through it, so wait for that with a deadline).
+    let indexer = wait_for("the indexer's queue drained", Duration::from_secs(30), || async {
+        let tree: Value = app.get("/debug/actors", crate::utils::app::ADMIN_TOKEN).await.json().await.unwrap();
+        let indexer = crate::utils::find_actor(&tree, "indexer").expect("the indexer in the tree").clone();
+        (indexer["stats"]["queue"].as_u64() == Some(0)).then_some(indexer)
+    })
+    .await;
     assert_eq!((indexer["status"].as_str(), indexer["mailbox"].as_u64()), (Some("running"), Some(0)), "{indexer}");
     let stats = &indexer["stats"];
     assert!(stats["changes"].as_u64().unwrap_or(0) >= 3, "created, renamed, deleted went through it: {stats}");
