@@ -3,7 +3,7 @@
 //! [`run`] takes its listener and a shutdown future so tests can start real servers on
 //! `127.0.0.1:0` and stop them; `main` passes the configured address and SIGTERM/SIGINT.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,15 +18,17 @@ use crate::jobs::{
     JobClient, JobError, JobQueue, Kinds, QueueConfig, RedisJobQueue, RetrySchedule, Runner, RunnerConfig,
     SqliteJobQueue,
 };
-use crate::store::{self, redact_url, Store, StoreDeadLetters, StoreError};
-use crate::supervision::parking::ReplayTargets;
+use crate::store::{self, redact_url, Store, StoreError};
 use crate::supervision::root::{JobsDeps, PipelineDeps, RootDeps};
 use crate::supervision::Root;
 
 /// Longest an actor call may take before the request answers 503.
 const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest the supervision tree may take to drain on shutdown.
-const TREE_SHUTDOWN: Duration = Duration::from_secs(20);
+/// Longest in-flight requests may take to finish once shutdown began.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
+/// Longest the supervision tree may take to drain on shutdown. With [`HTTP_DRAIN`],
+/// a SIGTERM exits within 25 s whatever state the dependencies are in (SPEC §4: 30 s).
+const TREE_SHUTDOWN: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -62,9 +64,9 @@ pub async fn open_job_queue(config: &Config, store: &dyn Store) -> Result<Arc<dy
         let q = RedisJobQueue::connect(url, &config.namespace, queue_config).await.map_err(backend)?;
         return Ok(Arc::new(q));
     }
-    if let Some(pool) = store.sqlite_pool() {
-        // The database of record's own file and pool (already migrated).
-        return Ok(Arc::new(SqliteJobQueue::new(pool, queue_config)));
+    if let Some(pools) = store.sqlite_pools() {
+        // The database of record's own file and writer (already migrated).
+        return Ok(Arc::new(SqliteJobQueue::new(pools, queue_config)));
     }
     tracing::warn!("REDIS_URL is unset: jobs use {}/jobs.db, local to this host", config.data_dir.display());
     let url = format!("sqlite://{}", config.data_dir.join("jobs.db").display());
@@ -84,14 +86,14 @@ pub async fn open_bus(config: &Config, store: &dyn Store) -> Result<Arc<dyn Even
         }
         return Ok(Arc::new(bus));
     }
-    if let Some(pool) = store.sqlite_pool() {
-        return Ok(Arc::new(SqliteBus::new(pool, bus_config)));
+    if let Some(pools) = store.sqlite_pools() {
+        return Ok(Arc::new(SqliteBus::new(pools, bus_config)));
     }
     tracing::warn!("AMQP_URL is unset: the event bus uses {}/bus.db, local to this host", config.data_dir.display());
     let url = format!("sqlite://{}", config.data_dir.join("bus.db").display());
     let db = crate::store::SqliteStore::connect(&url, 8).await?;
     db.migrate().await?;
-    Ok(Arc::new(SqliteBus::new(db.pool().clone(), bus_config)))
+    Ok(Arc::new(SqliteBus::new(db.pools(), bus_config)))
 }
 
 fn hostname() -> String {
@@ -168,6 +170,7 @@ pub async fn run_with(
         batch: p.relay_batch,
         wake: outbox_wake.clone(),
         database_url: Some(config.database_url.clone()),
+        retention: p.outbox_retention,
     });
     let consumers = if config.has_role("consumer") { p.consumers } else { 0 };
     let pipeline = (relay.is_some() || consumers > 0).then(|| PipelineDeps {
@@ -177,11 +180,9 @@ pub async fn run_with(
         jobs: jobs.clone(),
         prefetch: p.prefetch,
     });
-    let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: config.tenant_idle_timeout,
-        dead_letters,
         jobs: job_deps,
         pipeline,
         indexer: Some(indexer),
@@ -193,7 +194,6 @@ pub async fn run_with(
         admin_token: Arc::new(config.admin_token.clone()),
         tree: root.tree.clone(),
         chaos: config.chaos,
-        replay: Arc::new(ReplayTargets::default()),
         metrics: crate::telemetry::metrics(),
         jobs,
         bus,
@@ -207,6 +207,7 @@ pub async fn run_with(
     // Stop serving when asked to, or when the tree is gone: a root that escalated has no
     // parent left to decide, so the process exits (non-zero) for its orchestrator to restart.
     let tree_died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let stop = {
         let tree_died = tree_died.clone();
         let mut join = root.join;
@@ -218,10 +219,27 @@ pub async fn run_with(
                     tree_died.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
             }
+            let _ = stopping.send(());
         }
     };
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    let served = axum::serve(listener, app).with_graceful_shutdown(stop).await;
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stop).into_future();
+    tokio::pin!(serve);
+    // Graceful, but bounded: requests still running after the drain time are cut.
+    let drain_deadline = async {
+        if stopped.await.is_ok() {
+            tokio::time::sleep(HTTP_DRAIN).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::select! {
+        r = &mut serve => r,
+        _ = drain_deadline => {
+            tracing::warn!(drain = ?HTTP_DRAIN, "requests still in flight after the drain time; closing them");
+            Ok(())
+        }
+    };
     tracing::info!("http drained; stopping the supervision tree");
     if let Some(runner) = &runner {
         // Workers finish the batch in hand and take no more while the tree stops.

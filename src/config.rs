@@ -65,8 +65,10 @@ pub struct PipelineArgs {
     /// Most unacked deliveries per consumer.
     #[arg(long, env = "EVENTRA_PREFETCH", default_value_t = 100)]
     pub prefetch: u16,
-    /// Deliveries after which an unacked event is parked in the DLQ.
-    #[arg(long, env = "EVENTRA_MAX_DELIVERIES", default_value_t = 5)]
+    /// Deliveries after which an unacked event is parked in the DLQ (a backstop: it
+    /// counts returns by connection losses and process crashes; consumer restarts
+    /// return nothing, and invalid events are parked at once).
+    #[arg(long, env = "EVENTRA_MAX_DELIVERIES", default_value_t = 20)]
     pub max_deliveries: u32,
     /// The outbox relay's poll period, in milliseconds (it also wakes on new rows).
     #[arg(long, env = "EVENTRA_RELAY_POLL_MS", default_value_t = 500)]
@@ -75,6 +77,9 @@ pub struct PipelineArgs {
     /// the active one died.
     #[arg(long, env = "EVENTRA_RELAY_LEASE_MS", default_value_t = 5_000)]
     pub relay_lease_ms: u64,
+    /// Hours a published outbox row is kept (0 keeps them forever).
+    #[arg(long, env = "EVENTRA_OUTBOX_RETENTION_HOURS", default_value_t = 168)]
+    pub outbox_retention_hours: u64,
 }
 
 /// Validated pipeline settings.
@@ -89,6 +94,8 @@ pub struct PipelineConfig {
     pub relay_batch: u32,
     /// Embedded bus: how long an unsettled delivery stays with a vanished consumer.
     pub visibility: std::time::Duration,
+    /// Published outbox rows older than this are deleted (`None`: kept).
+    pub outbox_retention: Option<std::time::Duration>,
 }
 
 impl Default for PipelineConfig {
@@ -96,11 +103,12 @@ impl Default for PipelineConfig {
         PipelineConfig {
             consumers: 2,
             prefetch: 100,
-            max_deliveries: 5,
+            max_deliveries: 20,
             relay_poll: std::time::Duration::from_millis(500),
             relay_lease: std::time::Duration::from_secs(5),
             relay_batch: 500,
             visibility: std::time::Duration::from_secs(60),
+            outbox_retention: Some(std::time::Duration::from_secs(168 * 3600)),
         }
     }
 }
@@ -127,6 +135,8 @@ impl PipelineArgs {
             max_deliveries: self.max_deliveries,
             relay_poll: std::time::Duration::from_millis(self.relay_poll_ms.clamp(10, 60_000)),
             relay_lease: std::time::Duration::from_millis(self.relay_lease_ms),
+            outbox_retention: (self.outbox_retention_hours > 0)
+                .then(|| std::time::Duration::from_secs(self.outbox_retention_hours.saturating_mul(3600))),
             ..PipelineConfig::default()
         })
     }
@@ -152,7 +162,7 @@ pub struct JobArgs {
     pub job_time_scale: f64,
     /// Most jobs a worker leases at once (never more than its fair share of the
     /// queue); 1 turns batching off.
-    #[arg(long, env = "EVENTRA_JOB_BATCH", default_value_t = 25)]
+    #[arg(long, env = "EVENTRA_JOB_BATCH", default_value_t = 100)]
     pub job_batch: u32,
     /// `0` turns off the random part of retry delays (tests that check exact delays).
     #[arg(long, env = "EVENTRA_JOB_JITTER", default_value = "1", value_parser = parse_flag)]
@@ -184,7 +194,7 @@ impl Default for JobsConfig {
             poll: std::time::Duration::from_secs(1),
             time_scale: 1.0,
             jitter: true,
-            batch: 25,
+            batch: 100,
             mail_from: "Eventra <no-reply@eventra.invalid>".into(),
         }
     }

@@ -46,15 +46,34 @@ enum Command {
 enum Bench {
     /// No-op jobs/s: Eventra's Redis queue and workers vs raw Redis vs Sidekiq.
     Jobs(eventra::bench::jobs::JobsBenchArgs),
-    /// Commit → consumed latency and events/s through the pipeline vs raw lapin.
-    Pipeline(eventra::bench::pipeline::PipelineBenchArgs),
+    /// Commit → last effect done, and events/s, through the whole pipeline (load at
+    /// fixed rates, or a full outbox drained), beside the raw engines.
+    E2e(eventra::bench::e2e::E2eBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
     Reindex(eventra::bench::search::ReindexBenchArgs),
 }
 
+/// Variables outside the `EVENTRA_` prefix that configure Eventra.
+const SERVICE_VARIABLES: &[&str] = &["DATABASE_URL", "AMQP_URL", "REDIS_URL", "OPENSEARCH_URL", "SMTP_URL"];
+
+/// SPEC §1: an empty value means unset. Done before flags are parsed (while the process
+/// has one thread), so every flag falls back to its default or stays unset.
+fn drop_empty_variables() {
+    let empty: Vec<std::ffi::OsString> = std::env::vars_os()
+        .filter(|(k, v)| {
+            v.is_empty() && k.to_str().is_some_and(|k| k.starts_with("EVENTRA_") || SERVICE_VARIABLES.contains(&k))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        std::env::remove_var(k);
+    }
+}
+
 fn main() -> ExitCode {
+    drop_empty_variables();
     let cli = Cli::parse();
     telemetry::init(!cli.pretty_logs);
     eventra::tls::install_crypto_provider();
@@ -82,9 +101,9 @@ fn main() -> ExitCode {
                 println!("{}", eventra::bench::search::table(&rows));
                 Ok(())
             }
-            Command::Bench(Bench::Pipeline(args)) => {
-                let rows = eventra::bench::pipeline::run(args).await?;
-                println!("{}", eventra::bench::pipeline::table(&rows));
+            Command::Bench(Bench::E2e(args)) => {
+                let report = eventra::bench::e2e::run(args).await?;
+                println!("{}", eventra::bench::e2e::tables(&report));
                 Ok(())
             }
             Command::Bench(Bench::Jobs(args)) => {
@@ -94,6 +113,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Tasks still running (a blocking index commit, a client's reconnect loop) get a
+    // moment, then the process exits: shutdown is bounded whatever is down.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

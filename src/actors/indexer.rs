@@ -1,8 +1,16 @@
 //! The indexing actor (`indexer` under `root`): every index change goes through it, so
-//! changes are batched by count and time into one bulk write (one tantivy commit, one
-//! OpenSearch `_bulk`), retried with backoff, and a circuit breaker stops hammering a
-//! failing engine: while it is open, changes are refused at once and the index jobs that
-//! sent them retry later on their own schedule.
+//! changes are batched into one bulk write (one tantivy commit, one OpenSearch `_bulk`),
+//! retried with backoff, and a circuit breaker stops hammering a failing engine: while
+//! it is open, changes are refused at once and the index jobs that sent them retry later
+//! on their own schedule.
+//!
+//! ## Design note: group commit
+//! One write is in flight at a time (so changes reach the engine in the order they came).
+//! The write runs in a task of its own, not in the message handler: while it runs the
+//! mailbox keeps taking changes, and they all go into the next write the moment this one
+//! ends. So batches grow with the load instead of the load waiting on commits: an idle
+//! index writes a change after at most [`MAX_DELAY`], a busy one writes back to back.
+//! The retries and their sleeps live in that task too, so the actor never blocks.
 //!
 //! [`IndexerHandle`] is the `SearchIndex` the rest of the process uses: writes go to the
 //! actor (whichever instance is running after restarts), searches straight to the index.
@@ -22,10 +30,13 @@ use crate::domain::{AuditEntry, Page, PageRequest};
 use crate::search::{Hits, IndexOp, SearchError, SearchIndex, SearchResult, UserDoc};
 use crate::store::AuditFilter;
 
-/// Most changes per bulk write.
-const MAX_BATCH: usize = 500;
-/// Longest a change waits for companions before the batch is written.
-const MAX_DELAY: Duration = Duration::from_millis(20);
+/// Most changes per bulk write (a bound on the request size, not a batching trigger).
+const MAX_BATCH: usize = 5_000;
+/// Longest a change waits for companions when no write is running.
+const MAX_DELAY: Duration = Duration::from_millis(5);
+/// Tries per batch, and the pause before the second (doubling).
+const TRIES: u32 = 3;
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Consecutive failed batches that open the breaker, and for how long.
 const BREAKER_FAILURES: u32 = 5;
 const BREAKER_OPEN: Duration = Duration::from_secs(30);
@@ -33,8 +44,12 @@ const BREAKER_OPEN: Duration = Duration::from_secs(30);
 // Messages
 
 pub enum IndexerMsg {
+    /// Changes to write; answered once they are searchable (or failed).
     Apply(Vec<IndexOp>, RpcReplyPort<Result<(), String>>),
+    /// The wait for companions is over: write what is pending.
     Flush,
+    /// The write in flight ended (its senders are answered already).
+    Written { ok: bool, changes: usize, error: Option<String> },
 }
 
 // State
@@ -98,9 +113,14 @@ type Waiting = Vec<(Vec<IndexOp>, RpcReplyPort<Result<(), String>>)>;
 pub struct IndexerState {
     index: Arc<dyn SearchIndex>,
     stats: Arc<IndexerStats>,
+    /// Changes waiting for the next write, with whom to answer.
     pending: Waiting,
     pending_ops: usize,
+    /// A `Flush` is on its way.
     flush_scheduled: bool,
+    /// A write is running in its task.
+    writing: bool,
+    /// Consecutive failed writes, for the breaker.
     failures: u32,
     open_until: Option<Instant>,
 }
@@ -126,6 +146,7 @@ impl Actor for Indexer {
             pending: Vec::new(),
             pending_ops: 0,
             flush_scheduled: false,
+            writing: false,
             failures: 0,
             open_until: None,
         })
@@ -149,10 +170,11 @@ impl Actor for Indexer {
                 }
                 state.pending_ops += ops.len();
                 state.pending.push((ops, reply));
-                metrics::gauge!("eventra_indexer_queue").set(state.pending_ops as f64);
-                state.stats.queued.store(state.pending_ops, Ordering::Relaxed);
-                if state.pending_ops >= MAX_BATCH {
-                    flush(state).await;
+                publish_queue(state);
+                if state.writing {
+                    // Joins the next write, which starts when this one ends.
+                } else if state.pending_ops >= MAX_BATCH {
+                    start_write(&myself, state);
                 } else if !state.flush_scheduled {
                     state.flush_scheduled = true;
                     myself.send_after(MAX_DELAY, || IndexerMsg::Flush);
@@ -160,57 +182,100 @@ impl Actor for Indexer {
             }
             IndexerMsg::Flush => {
                 state.flush_scheduled = false;
-                flush(state).await;
+                if !state.writing {
+                    start_write(&myself, state);
+                }
+            }
+            IndexerMsg::Written { ok, changes, error } => {
+                state.writing = false;
+                record_write(state, ok, changes, error);
+                if state.open_until.is_some() {
+                    // The breaker just opened: what waits is refused now, not written.
+                    for (ops, reply) in std::mem::take(&mut state.pending) {
+                        state.stats.refused.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                        let _ = reply.send(Err("circuit open: the search engine keeps failing".into()));
+                    }
+                    state.pending_ops = 0;
+                    publish_queue(state);
+                }
+                // Whatever came in meanwhile is the next batch.
+                if !state.pending.is_empty() {
+                    start_write(&myself, state);
+                }
             }
         }
         Ok(())
     }
 }
 
-/// Writes everything pending as one batch (with a few quick retries) and answers every
-/// sender; repeated failures open the breaker.
-async fn flush(state: &mut IndexerState) {
+fn publish_queue(state: &IndexerState) {
+    metrics::gauge!("eventra_indexer_queue").set(state.pending_ops as f64);
+    state.stats.queued.store(state.pending_ops, Ordering::Relaxed);
+}
+
+/// Takes what is pending (up to [`MAX_BATCH`] changes, whole senders) and writes it in a
+/// task of its own, which retries, answers every sender and reports back.
+fn start_write(myself: &ActorRef<IndexerMsg>, state: &mut IndexerState) {
     if state.pending.is_empty() {
         return;
     }
-    let batch = std::mem::take(&mut state.pending);
-    state.pending_ops = 0;
-    metrics::gauge!("eventra_indexer_queue").set(0.0);
-    state.stats.queued.store(0, Ordering::Relaxed);
-    let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
-    let mut result = Err(String::new());
-    for attempt in 0..3u32 {
-        result = state.index.apply(&ops).await.map_err(|e| e.to_string());
-        if result.is_ok() {
+    let mut taken = 0;
+    let mut split = 0;
+    for (ops, _) in &state.pending {
+        if split > 0 && taken + ops.len() > MAX_BATCH {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        taken += ops.len();
+        split += 1;
     }
-    match &result {
-        Ok(()) => {
-            state.failures = 0;
-            state.open_until = None;
-            state.stats.open_until_ms.store(0, Ordering::Relaxed);
-            state.stats.batches.fetch_add(1, Ordering::Relaxed);
-            state.stats.changes.fetch_add(ops.len() as u64, Ordering::Relaxed);
-            metrics::counter!("eventra_indexer_batches_total").increment(1);
-            metrics::counter!("eventra_indexer_changes_total").increment(ops.len() as u64);
-        }
-        Err(e) => {
-            state.failures += 1;
-            state.stats.failures.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("eventra_indexer_failures_total").increment(1);
-            tracing::warn!(error = %e, failures = state.failures, changes = ops.len(), "index batch failed");
-            if state.failures >= BREAKER_FAILURES {
-                state.open_until = Some(Instant::now() + BREAKER_OPEN);
-                let until = chrono::Utc::now() + BREAKER_OPEN;
-                state.stats.open_until_ms.store(until.timestamp_millis(), Ordering::Relaxed);
-                tracing::error!(open_for = ?BREAKER_OPEN, "indexer circuit breaker open: the search engine keeps failing");
+    let rest = state.pending.split_off(split);
+    let batch = std::mem::replace(&mut state.pending, rest);
+    state.pending_ops -= taken;
+    publish_queue(state);
+    state.writing = true;
+    let (index, myself) = (state.index.clone(), myself.clone());
+    tokio::spawn(async move {
+        let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
+        let mut result = Err(String::new());
+        for attempt in 0..TRIES {
+            result = index.apply(&ops).await.map_err(|e| e.to_string());
+            if result.is_ok() || attempt + 1 == TRIES {
+                break;
             }
+            tokio::time::sleep(RETRY_PAUSE * (1 << attempt)).await;
         }
+        // The report goes first: a sender that writes again after its answer finds the
+        // breaker as this write left it.
+        let report = IndexerMsg::Written { ok: result.is_ok(), changes: ops.len(), error: result.clone().err() };
+        let _ = myself.send_message(report);
+        for (_, reply) in batch {
+            let _ = reply.send(result.clone());
+        }
+    });
+}
+
+/// Counts a finished write; repeated failures open the breaker.
+fn record_write(state: &mut IndexerState, ok: bool, changes: usize, error: Option<String>) {
+    if ok {
+        state.failures = 0;
+        state.open_until = None;
+        state.stats.open_until_ms.store(0, Ordering::Relaxed);
+        state.stats.batches.fetch_add(1, Ordering::Relaxed);
+        state.stats.changes.fetch_add(changes as u64, Ordering::Relaxed);
+        metrics::counter!("eventra_indexer_batches_total").increment(1);
+        metrics::counter!("eventra_indexer_changes_total").increment(changes as u64);
+        metrics::histogram!("eventra_indexer_batch_changes").record(changes as f64);
+        return;
     }
-    for (_, reply) in batch {
-        let _ = reply.send(result.clone());
+    state.failures += 1;
+    state.stats.failures.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("eventra_indexer_failures_total").increment(1);
+    tracing::warn!(error = error.as_deref().unwrap_or(""), failures = state.failures, changes, "index batch failed");
+    if state.failures >= BREAKER_FAILURES {
+        state.open_until = Some(Instant::now() + BREAKER_OPEN);
+        let until = chrono::Utc::now() + BREAKER_OPEN;
+        state.stats.open_until_ms.store(until.timestamp_millis(), Ordering::Relaxed);
+        tracing::error!(open_for = ?BREAKER_OPEN, "indexer circuit breaker open: the search engine keeps failing");
     }
 }
 

@@ -8,11 +8,15 @@
 //!   bus is at-least-once and consumers are idempotent by event id.
 //! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, fed by a trigger,
 //!   held only while active; in-process writes through `Tenants`), and also polls.
-//! - **Fenced**: a batch must be published and marked within half the lease, and the
-//!   mark only applies while this relay still holds the lease, so a stalled relay that
-//!   lost its lease cannot mark rows the new holder is publishing.
+//! - **Fenced**: the mark only applies while this relay still holds the lease (checked
+//!   by the database in the same statement), so a stalled relay that lost its lease
+//!   cannot mark rows the new holder is publishing.
 //! - **Broker errors** are retried with exponential backoff (the `backoff` crate); the
 //!   rows stay unpublished meanwhile, so nothing is lost or skipped.
+//! - **Retention**: when idle, the active relay deletes published rows older than
+//!   `EVENTRA_OUTBOX_RETENTION_HOURS` (a chunk a minute), so the outbox stays small.
+//! - Lease times come from the database's clock, so relays on hosts whose clocks
+//!   disagree still agree on who is active.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +56,8 @@ pub struct RelayArgs {
     pub wake: Arc<Notify>,
     /// `LISTEN eventra_outbox` on PostgreSQL, for writes by other processes.
     pub database_url: Option<String>,
+    /// Published rows older than this are deleted (`None`: kept forever).
+    pub retention: Option<Duration>,
 }
 
 pub struct RelayState {
@@ -61,6 +67,8 @@ pub struct RelayState {
     /// `LISTEN eventra_outbox`, held only while this relay is active (an unread
     /// subscription would make PostgreSQL queue notifications for it without end).
     listener: Option<Arc<Mutex<sqlx::postgres::PgListener>>>,
+    /// When published rows were last pruned.
+    last_prune: Option<std::time::Instant>,
 }
 
 // Handling
@@ -80,7 +88,7 @@ impl Actor for OutboxRelay {
         args.holder = format!("{}/{}", args.holder, uuid::Uuid::new_v4().simple());
         myself.send_message(RelayMsg::Tick)?;
         let backoff = broker_backoff(args.lease_ttl);
-        Ok(RelayState { args, leader: false, backoff, listener: None })
+        Ok(RelayState { args, leader: false, backoff, listener: None, last_prune: None })
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
@@ -98,8 +106,7 @@ impl Actor for OutboxRelay {
         state: &mut RelayState,
     ) -> Result<(), ActorProcessingErr> {
         let a = &state.args;
-        let until = crate::domain::now() + chrono::Duration::from_std(a.lease_ttl).unwrap_or_default();
-        match a.store.try_lease(RELAY_LEASE, &a.holder, until).await {
+        match a.store.try_lease(RELAY_LEASE, &a.holder, a.lease_ttl).await {
             Ok(true) if !state.leader => {
                 tracing::info!(holder = %a.holder, "this process is now the active outbox relay");
                 state.leader = true;
@@ -128,17 +135,18 @@ impl Actor for OutboxRelay {
             }
         }
         metrics::gauge!("eventra_relay_active").set(1.0);
-        // Publish and mark well within the lease just renewed, so a relay that stalls
-        // (a blocked broker, a dead connection) gives up before a standby can take over.
-        let budget = a.lease_ttl / 2;
-        let outcome = match tokio::time::timeout(budget, relay_once(a)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("publishing took longer than {budget:?} (half the lease)")),
-        };
+        // Not cut short by a timer: a database statement cancelled half-way can strand
+        // its pooled connection. The bus bounds its own waits (publisher confirms), and
+        // the mark is fenced by the lease, so a relay that stalls past its lease marks
+        // nothing and the new holder republishes (at-least-once).
+        let outcome = relay_once(a).await;
         match outcome {
             Ok(full) => {
                 state.backoff.reset();
                 record_lag(a).await;
+                if !full {
+                    prune(state).await;
+                }
                 if full {
                     myself.send_message(RelayMsg::Tick)?;
                 } else {
@@ -200,6 +208,33 @@ async fn relay_once(a: &RelayArgs) -> Result<bool, String> {
     }
     metrics::counter!("eventra_events_published_total").increment(rows.len() as u64);
     Ok(rows.len() as u32 >= a.batch)
+}
+
+/// How often the active relay prunes published rows past their retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Most rows one prune deletes (a big backlog of old rows goes over several ticks).
+const PRUNE_CHUNK: u32 = 5_000;
+
+/// Deletes published rows older than the retention, at most every [`PRUNE_EVERY`], only
+/// on the active relay and only when it has nothing to publish.
+async fn prune(state: &mut RelayState) {
+    let Some(retention) = state.args.retention else { return };
+    if state.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+        return;
+    }
+    state.last_prune = Some(std::time::Instant::now());
+    match state.args.store.prune_outbox(retention, PRUNE_CHUNK).await {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics::counter!("eventra_outbox_pruned_total").increment(n);
+            tracing::info!(rows = n, ?retention, "pruned published outbox rows past their retention");
+            if n == u64::from(PRUNE_CHUNK) {
+                // More to go: next idle tick.
+                state.last_prune = None;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "outbox prune failed; trying again later"),
+    }
 }
 
 async fn record_lag(a: &RelayArgs) {

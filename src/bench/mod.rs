@@ -2,8 +2,9 @@
 //! same run, the raw engines (and reference systems) doing the same work, so every
 //! figure comes with its baseline. Results go to BENCHMARKS.md with the command.
 
+pub mod e2e;
 pub mod jobs;
-pub mod pipeline;
+pub mod raw;
 pub mod search;
 
 use std::sync::Arc;

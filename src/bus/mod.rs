@@ -111,14 +111,49 @@ pub trait EventBus: Send + Sync + 'static {
     async fn parked(&self, limit: usize) -> BusResult<Vec<Parked>>;
     /// Puts the parked message with this id back on the bus; `false` if none.
     async fn replay(&self, id: &str) -> BusResult<bool>;
+    /// Drops the parked message with this id for good; `false` if none.
+    async fn discard(&self, id: &str) -> BusResult<bool>;
 }
 
 #[async_trait]
 pub trait Consumer: Send {
     /// The next delivery, waiting up to `wait`; `None` when nothing came.
     async fn next(&mut self, wait: Duration) -> BusResult<Option<Delivery>>;
+    /// Up to `max` deliveries: waits up to `wait` for the first, then takes whatever
+    /// else has already arrived, without waiting again.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> BusResult<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let Some(first) = self.next(wait).await? else { return Ok(batch) };
+        batch.push(first);
+        while batch.len() < max {
+            match self.next(Duration::ZERO).await? {
+                Some(d) => batch.push(d),
+                None => break,
+            }
+        }
+        Ok(batch)
+    }
     /// Done with it: it will not be delivered again.
     async fn ack(&mut self, delivery: &Delivery) -> BusResult<()>;
+    /// [`ack`](Consumer::ack) for several deliveries at once (one round trip where the
+    /// backend can). Deliveries the bus already took back are skipped: another consumer
+    /// has them, and processing is idempotent.
+    async fn ack_many(&mut self, deliveries: &[Delivery]) -> BusResult<()> {
+        for d in deliveries {
+            match self.ack(d).await {
+                Ok(()) | Err(BusError::UnknownDelivery(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    /// Stops new deliveries (a clean stop): what was delivered stays held until it is
+    /// settled, so a drained consumer returns nothing to the queue.
+    async fn cancel(&mut self) -> BusResult<()> {
+        Ok(())
+    }
+    /// Deliveries held and not settled yet.
+    fn held(&self) -> usize;
     /// Not now: deliver it again (parked instead once it reached the delivery limit).
     async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()>;
     /// Never: straight to the dead-letter queue with `reason`.

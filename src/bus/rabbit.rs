@@ -138,7 +138,7 @@ fn delivery_count(d: &lapin::message::Delivery) -> u32 {
 }
 
 /// Longest wait for the broker's confirms of one publish call.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Publishes every message (pipelined) and checks every confirm: a nack or a returned
 /// (unroutable) message is a refusal.
@@ -341,7 +341,8 @@ impl EventBus for RabbitBus {
         let parking = connection.create_channel().await?;
         parking.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Box::new(RabbitConsumer {
-            _channel: channel,
+            channel,
+            tag,
             parking,
             consumer,
             dlx: self.names.dlx.clone(),
@@ -380,12 +381,34 @@ impl EventBus for RabbitBus {
         channel.close(200, short("replayed")).await?;
         Ok(found)
     }
+
+    async fn discard(&self, id: &str) -> BusResult<bool> {
+        let channel = self.connection().await?.create_channel().await?;
+        let mut found = false;
+        'scan: loop {
+            let batch = self.peek_dlq(&channel, 100).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for d in &batch {
+                if message_of(d).id == id {
+                    settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the discarded message")?;
+                    found = true;
+                    break 'scan;
+                }
+            }
+        }
+        // Closing the channel returns every other peeked message to the DLQ.
+        channel.close(200, short("discarded")).await?;
+        Ok(found)
+    }
 }
 
 pub struct RabbitConsumer {
     /// Kept for the consumer's lifetime; dropping the last handle closes the channel,
     /// which returns unsettled deliveries to the queue.
-    _channel: Channel,
+    channel: Channel,
+    tag: String,
     /// Confirm-mode channel for parking copies into the DLX.
     parking: Channel,
     consumer: lapin::Consumer,
@@ -412,6 +435,36 @@ impl Consumer for RabbitConsumer {
     async fn ack(&mut self, delivery: &Delivery) -> BusResult<()> {
         let (acker, _, _) = self.held.remove(&delivery.tag).ok_or(BusError::UnknownDelivery(delivery.tag))?;
         settled(acker.ack(BasicAckOptions::default()).await?, "ack")
+    }
+
+    /// One `basic.ack` with `multiple` for the highest tag when every held delivery up
+    /// to it is in the batch (the usual case: batches are taken and settled in order),
+    /// else one ack each.
+    async fn ack_many(&mut self, deliveries: &[Delivery]) -> BusResult<()> {
+        let tags: std::collections::HashSet<u64> =
+            deliveries.iter().map(|d| d.tag).filter(|t| self.held.contains_key(t)).collect();
+        let Some(&top) = tags.iter().max() else { return Ok(()) };
+        let covered = self.held.keys().filter(|t| **t <= top).all(|t| tags.contains(t));
+        if !covered || tags.len() == 1 {
+            for d in deliveries.iter().filter(|d| tags.contains(&d.tag)) {
+                self.ack(d).await?;
+            }
+            return Ok(());
+        }
+        let Some((acker, _, _)) = self.held.remove(&top) else { return Ok(()) };
+        for t in &tags {
+            self.held.remove(t);
+        }
+        settled(acker.ack(BasicAckOptions { multiple: true }).await?, "multiple ack")
+    }
+
+    async fn cancel(&mut self) -> BusResult<()> {
+        self.channel.basic_cancel(short(&self.tag), lapin::options::BasicCancelOptions::default()).await?;
+        Ok(())
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
     }
 
     async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()> {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
+
+use crate::store::SqlitePools;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -22,16 +24,18 @@ use crate::jobs::{dur_us, now_us};
 const POLL: Duration = Duration::from_millis(50);
 
 pub struct SqliteBus {
+    /// Reads (looks, listings) on the reader pool; every change through the one writer.
     pool: SqlitePool,
+    writer: SqlitePool,
     config: BusConfig,
     /// Wakes this process's waiting consumers when it publishes.
     wake: Arc<Notify>,
 }
 
 impl SqliteBus {
-    /// A bus in the database behind `pool` (migrated with the store's SQLite migrations).
-    pub fn new(pool: SqlitePool, config: BusConfig) -> Self {
-        SqliteBus { pool, config, wake: Arc::new(Notify::new()) }
+    /// A bus in the database behind `pools` (migrated with the store's SQLite migrations).
+    pub fn new(pools: SqlitePools, config: BusConfig) -> Self {
+        SqliteBus { pool: pools.read, writer: pools.write, config, wake: Arc::new(Notify::new()) }
     }
 }
 
@@ -67,7 +71,7 @@ impl EventBus for SqliteBus {
     }
 
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let now = now_us();
         for m in messages {
             sqlx::query(
@@ -88,11 +92,13 @@ impl EventBus for SqliteBus {
     async fn consume(&self, name: &str, prefetch: u16) -> BusResult<Box<dyn Consumer>> {
         Ok(Box::new(SqliteConsumer {
             pool: self.pool.clone(),
+            writer: self.writer.clone(),
             config: self.config,
             wake: self.wake.clone(),
             name: format!("{name}-{}", Uuid::new_v4().simple()),
             prefetch: usize::from(prefetch.max(1)),
             held: HashSet::new(),
+            cancelled: false,
         }))
     }
 
@@ -120,15 +126,27 @@ impl EventBus for SqliteBus {
              WHERE seq = (SELECT seq FROM bus_messages WHERE state = 'parked' AND id = $1 ORDER BY seq LIMIT 1)",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.wake.notify_waiters();
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn discard(&self, id: &str) -> BusResult<bool> {
+        let done = sqlx::query(
+            "DELETE FROM bus_messages WHERE seq = (SELECT seq FROM bus_messages WHERE state = 'parked' AND id = $1 \
+             ORDER BY seq LIMIT 1)",
+        )
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 }
 
 pub struct SqliteConsumer {
     pool: SqlitePool,
+    writer: SqlitePool,
     config: BusConfig,
     wake: Arc<Notify>,
     /// Unique per consumer instance: whose deliveries are whose.
@@ -136,6 +154,8 @@ pub struct SqliteConsumer {
     prefetch: usize,
     /// Sequence numbers delivered to this consumer and not settled yet.
     held: HashSet<i64>,
+    /// Cancelled (a clean stop): takes nothing new.
+    cancelled: bool,
 }
 
 impl SqliteConsumer {
@@ -160,33 +180,40 @@ impl SqliteConsumer {
         )
         .bind(now)
         .bind(i64::from(self.config.max_deliveries))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
 
-    async fn take(&mut self) -> BusResult<Option<Delivery>> {
-        // Look before taking the write lock (idle consumers poll).
+    /// Takes up to `max` ready messages, oldest first, in one statement.
+    async fn take(&mut self, max: usize) -> BusResult<Vec<Delivery>> {
+        // Look before taking the writer (idle consumers poll).
         let next: Option<(i64,)> =
             sqlx::query_as("SELECT seq FROM bus_messages WHERE state = 'ready' ORDER BY seq LIMIT 1")
                 .fetch_optional(&self.pool)
                 .await?;
-        let Some((seq,)) = next else { return Ok(None) };
-        let row = sqlx::query_as::<_, Row>(
+        if next.is_none() || max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut rows = sqlx::query_as::<_, Row>(
             "UPDATE bus_messages SET state = 'delivered', deliveries = deliveries + 1, consumer = $1, \
-             visible_at_us = $2 WHERE seq = $3 AND state = 'ready' \
-             RETURNING seq, id, routing_key, body, deliveries, reason",
+             visible_at_us = $2 WHERE seq IN (SELECT seq FROM bus_messages WHERE state = 'ready' ORDER BY seq \
+             LIMIT $3) RETURNING seq, id, routing_key, body, deliveries, reason",
         )
         .bind(&self.name)
         .bind(now_us() + dur_us(self.config.visibility))
-        .bind(seq)
-        .fetch_optional(&self.pool)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.writer)
         .await?;
-        Ok(row.map(|r| {
-            self.held.insert(r.seq);
-            let tag = u64::try_from(r.seq).unwrap_or(0);
-            Delivery { delivery_count: count(r.deliveries), tag, message: r.message() }
-        }))
+        rows.sort_by_key(|r| r.seq);
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                self.held.insert(r.seq);
+                let tag = u64::try_from(r.seq).unwrap_or(0);
+                Delivery { delivery_count: count(r.deliveries), tag, message: r.message() }
+            })
+            .collect())
     }
 
     /// Takes a delivery off this consumer's books; its sequence number.
@@ -212,17 +239,26 @@ impl SqliteConsumer {
 #[async_trait]
 impl Consumer for SqliteConsumer {
     async fn next(&mut self, wait: Duration) -> BusResult<Option<Delivery>> {
+        Ok(self.next_batch(1, wait).await?.pop())
+    }
+
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> BusResult<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            if self.cancelled {
+                return Ok(Vec::new());
+            }
             if self.held.len() < self.prefetch {
                 self.reclaim_lapsed().await?;
-                if let Some(d) = self.take().await? {
-                    return Ok(Some(d));
+                let room = (self.prefetch - self.held.len()).min(max);
+                let batch = self.take(room).await?;
+                if !batch.is_empty() {
+                    return Ok(batch);
                 }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let nap = (deadline - now).min(POLL);
             let _ = tokio::time::timeout(nap, self.wake.notified()).await;
@@ -234,9 +270,42 @@ impl Consumer for SqliteConsumer {
         let done = sqlx::query("DELETE FROM bus_messages WHERE seq = $1 AND consumer = $2 AND state = 'delivered'")
             .bind(seq)
             .bind(&self.name)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         self.settled(delivery, done.rows_affected())
+    }
+
+    async fn ack_many(&mut self, deliveries: &[Delivery]) -> BusResult<()> {
+        let seqs: Vec<i64> = deliveries.iter().filter_map(|d| self.claim(d).ok()).collect();
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM bus_messages WHERE consumer = ");
+        q.push_bind(self.name.clone());
+        q.push(" AND state = 'delivered' AND seq IN (");
+        let mut list = q.separated(", ");
+        for seq in &seqs {
+            list.push_bind(*seq);
+        }
+        q.push(")");
+        let done = q.build().execute(&self.writer).await?;
+        self.wake.notify_waiters();
+        if done.rows_affected() < seqs.len() as u64 {
+            tracing::warn!(
+                lost = seqs.len() as u64 - done.rows_affected(),
+                "deliveries reclaimed by the bus before the ack; another consumer has them"
+            );
+        }
+        Ok(())
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    async fn cancel(&mut self) -> BusResult<()> {
+        self.cancelled = true;
+        Ok(())
     }
 
     async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()> {
@@ -252,7 +321,7 @@ impl Consumer for SqliteConsumer {
         .bind(&self.name)
         .bind(now_us())
         .bind(i64::from(self.config.max_deliveries))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.settled(delivery, done.rows_affected())
     }
@@ -267,7 +336,7 @@ impl Consumer for SqliteConsumer {
         .bind(&self.name)
         .bind(reason)
         .bind(now_us())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.settled(delivery, done.rows_affected())
     }

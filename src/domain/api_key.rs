@@ -46,7 +46,7 @@ impl Role {
 }
 
 /// A stored key, without its secret.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ApiKey {
     pub id: Uuid,
     pub tenant_id: Uuid,

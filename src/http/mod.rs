@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api_keys;
 pub mod audit;
+mod body;
 pub mod debug;
 pub mod extract;
 pub mod health;
@@ -30,7 +31,6 @@ use uuid::Uuid;
 
 use crate::actors::Tenants;
 use crate::config::Secret;
-use crate::supervision::parking::ReplayTargets;
 use crate::supervision::Tree;
 use extract::{BodyLimit, RequestId};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -47,8 +47,6 @@ pub struct AppState {
     pub tree: Tree,
     /// Whether the chaos kill endpoint is enabled.
     pub chaos: bool,
-    /// Where DLQ replays go, by source actor.
-    pub replay: Arc<ReplayTargets>,
     /// Prometheus exposition (`None` if the recorder could not be installed).
     pub metrics: Option<PrometheusHandle>,
     /// The job queue (`/v1/admin/jobs`, readiness).
@@ -74,6 +72,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(move |req, next| body::limit(max_body_bytes, req, next)))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
         .with_state(state)

@@ -50,6 +50,10 @@ impl IntoResponse for Problem {
         if unauthorized {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE && !res.headers().contains_key(header::RETRY_AFTER) {
+            // Outages here are short (a dependency reconnecting): come back in a second.
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         res
     }
 }

@@ -5,37 +5,57 @@
 use super::kinds::index::IndexArgs;
 use super::kinds::welcome_email::WelcomeArgs;
 use super::NewJob;
-use crate::domain::{DomainEvent, EventType, User};
+use crate::domain::{ApiKey, DomainEvent, EventType, Tenant, User};
+
+/// The part of an event's `data` that must be there, in the shape its type promises.
+fn part<T: serde::de::DeserializeOwned>(event: &DomainEvent, key: &str) -> Result<T, String> {
+    let value = event.data.get(key).ok_or_else(|| format!("{} data has no `{key}`", event.event_type.as_str()))?;
+    serde_json::from_value(value.clone())
+        .map_err(|e| format!("{} data: `{key}` is not in the expected shape: {e}", event.event_type.as_str()))
+}
 
 /// Every event gets an audit job; a new user also gets a welcome email; user changes
 /// keep the search index in step.
-pub fn jobs_for_event(event: &DomainEvent) -> Vec<NewJob> {
+///
+/// An event whose `data` lacks what its type promises is refused as a whole (the
+/// consumer parks it with the reason): enqueueing only the jobs that could be made
+/// would ack the event with some of its effects silently missing.
+pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
     let mut jobs = vec![NewJob::new("audit", format!("audit:{}", event.id), serde_json::json!(event))];
-    let user_in = |key: &str| event.data.get(key).and_then(|u| serde_json::from_value::<User>(u.clone()).ok());
     match event.event_type {
         EventType::UserCreated => {
-            if let Some(user) = user_in("user") {
-                jobs.push(IndexArgs::index_user(user.tenant_id, user.id, user.version));
-                jobs.push(
-                    WelcomeArgs { tenant_id: user.tenant_id, user_id: user.id, email: user.email, name: user.name }
-                        .job(),
-                );
-            }
+            let user: User = part(event, "user")?;
+            jobs.push(IndexArgs::index_user(user.tenant_id, user.id, user.version));
+            jobs.push(
+                WelcomeArgs { tenant_id: user.tenant_id, user_id: user.id, email: user.email, name: user.name }.job(),
+            );
         }
         EventType::UserUpdated | EventType::UserVerified => {
-            if let Some(user) = user_in("after") {
-                jobs.push(IndexArgs::index_user(user.tenant_id, user.id, user.version));
-            }
+            let _: User = part(event, "before")?;
+            let user: User = part(event, "after")?;
+            jobs.push(IndexArgs::index_user(user.tenant_id, user.id, user.version));
         }
         EventType::UserDeleted => {
-            if let Some(user) = user_in("user") {
-                jobs.push(IndexArgs::unindex_user(user.tenant_id, user.id));
-            }
+            let user: User = part(event, "user")?;
+            jobs.push(IndexArgs::unindex_user(user.tenant_id, user.id));
         }
-        EventType::TenantDeleted => jobs.push(IndexArgs::unindex_tenant(event.tenantid)),
-        EventType::TenantCreated | EventType::TenantUpdated | EventType::ApiKeyCreated => {}
+        EventType::TenantDeleted => {
+            let _: Tenant = part(event, "tenant")?;
+            jobs.push(IndexArgs::unindex_tenant(event.tenantid));
+        }
+        EventType::TenantCreated => {
+            let _: Tenant = part(event, "tenant")?;
+            let _: ApiKey = part(event, "api_key")?;
+        }
+        EventType::TenantUpdated => {
+            let _: Tenant = part(event, "before")?;
+            let _: Tenant = part(event, "after")?;
+        }
+        EventType::ApiKeyCreated => {
+            let _: ApiKey = part(event, "api_key")?;
+        }
     }
-    jobs
+    Ok(jobs)
 }
 
 #[cfg(test)]
@@ -48,7 +68,7 @@ mod tests {
         let input = serde_json::from_value(serde_json::json!({"email": "a@x.io", "name": "A"})).unwrap();
         let u = NewUser::parse(uuid::Uuid::now_v7(), input, crate::domain::now()).unwrap().0;
         let e = DomainEvent::user_created(&u, &EventContext::system("r"));
-        let jobs = jobs_for_event(&e);
+        let jobs = jobs_for_event(&e).unwrap();
         let keys: Vec<_> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
         assert_eq!(
             keys,
@@ -56,9 +76,26 @@ mod tests {
         );
         assert_eq!(jobs[2].args["email"], "a@x.io");
         // The same event again: the same keys (so the queue drops the duplicates).
-        assert_eq!(jobs_for_event(&e), jobs);
+        assert_eq!(jobs_for_event(&e).unwrap(), jobs);
         let deleted = DomainEvent::user_deleted(&u, crate::domain::now(), &EventContext::system("r"));
-        let kinds: Vec<_> = jobs_for_event(&deleted).into_iter().map(|j| j.kind).collect();
+        let kinds: Vec<_> = jobs_for_event(&deleted).unwrap().into_iter().map(|j| j.kind).collect();
         assert_eq!(kinds, ["audit", "unindex_user"]);
+    }
+}
+
+#[cfg(test)]
+mod malformed {
+    use super::*;
+    use crate::domain::{EventContext, NewUser};
+
+    #[test]
+    fn an_event_without_the_data_its_type_promises_is_refused() {
+        let input = serde_json::from_value(serde_json::json!({"email": "a@x.io", "name": "A"})).unwrap();
+        let u = NewUser::parse(uuid::Uuid::now_v7(), input, crate::domain::now()).unwrap().0;
+        let mut e = DomainEvent::user_created(&u, &EventContext::system("r"));
+        e.data = serde_json::json!({"user": {"id": 1}});
+        assert!(jobs_for_event(&e).unwrap_err().contains("`user`"));
+        e.data = serde_json::json!({});
+        assert!(jobs_for_event(&e).unwrap_err().contains("no `user`"));
     }
 }

@@ -144,6 +144,8 @@ pub struct Job {
     pub last_error: Option<String>,
     /// When the last failure happened (`run_at - failed_at` is the retry delay).
     pub failed_at: Option<DateTime<Utc>>,
+    /// When it finished (done or dead).
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// What `enqueue` did.
@@ -209,6 +211,15 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Answers when the backend does.
     async fn ping(&self) -> JobResult<()>;
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued>;
+    /// Enqueues several jobs at once (one round trip, one atomic step where the backend
+    /// can): what a broker consumer does with a batch of events. One outcome per job.
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> JobResult<Vec<Enqueued>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(self.enqueue(job).await?);
+        }
+        Ok(out)
+    }
     /// Leases the oldest ready job of `queue` to `worker` for `lease`.
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;
     /// Extends a lease; `false` when the job is no longer held under `lease`. (Redis
@@ -254,6 +265,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// [`MAX_REAPS`] lapses. Returns how many it handled.
     async fn reap_expired(&self) -> JobResult<u64>;
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>>;
+    /// The job holding an idempotency key (while the key is held: until its retention
+    /// after it finished), if any: what a producer or a benchmark looks an effect up by.
+    async fn find_by_key(&self, key: &str) -> JobResult<Option<Job>>;
     async fn count(&self, state: JobState) -> JobResult<u64>;
 
     // Operator views and actions (`/v1/admin/jobs`).

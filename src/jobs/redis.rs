@@ -37,30 +37,63 @@ impl From<fred::error::Error> for JobError {
     }
 }
 
-/// KEYS: idem, job, queue, scheduled, queues. ARGV: id, kind, queue, args, key, max,
-/// now, run_at. Returns the existing id for a taken key, else "".
-const ENQUEUE: &str = r#"
-local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-local state = 'ready'
-if tonumber(ARGV[8]) > tonumber(ARGV[7]) then state = 'scheduled' end
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'kind', ARGV[2], 'queue', ARGV[3], 'args', ARGV[4],
-  'idempotency_key', ARGV[5], 'state', state, 'failures', 0, 'max_attempts', ARGV[6],
-  'enqueued_at_us', ARGV[7], 'run_at_us', ARGV[8])
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[3])
-if state == 'scheduled' then redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
-else redis.call('LPUSH', KEYS[3], ARGV[1]) end
-return ''
-"#;
+/// Lua: Redis's own clock, in µs since the epoch, and a number as Redis stores it.
+/// Every lease deadline, due time and finish time is taken from it, so processes on
+/// hosts whose clocks disagree still agree on when a lease lapses.
+macro_rules! clock_lua {
+    () => {
+        r#"
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function fmt(n) return string.format('%.0f', n) end
+"#
+    };
+}
 
-/// KEYS: queue, running. ARGV: job key prefix, worker, lease_until, max, workers, lease
+/// KEYS: scheduled, queues. ARGV: job key prefix, idem key prefix, queue key prefix,
+/// then per job 7 values: id, kind, queue, args, idempotency key, max attempts, run_at
+/// (µs; 0 = now). Enqueues every job whose key is free, in order, in one step; returns
+/// per job the id already holding its key, or "" for a new job.
+const ENQUEUE_MANY: &str = concat!(
+    clock_lua!(),
+    r#"
+local now = now_us()
+local out = {}
+for i = 4, #ARGV, 7 do
+  local id, kind, queue, args, key, max = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local idem = ARGV[2] .. key
+  local existing = redis.call('GET', idem)
+  if existing then
+    table.insert(out, existing)
+  else
+    local run_at = tonumber(ARGV[i + 6])
+    local state = 'ready'
+    if run_at > now then state = 'scheduled' else run_at = now end
+    redis.call('HSET', ARGV[1] .. id, 'id', id, 'kind', kind, 'queue', queue, 'args', args,
+      'idempotency_key', key, 'state', state, 'failures', 0, 'max_attempts', max,
+      'enqueued_at_us', fmt(now), 'run_at_us', fmt(run_at))
+    redis.call('SET', idem, id)
+    redis.call('SADD', KEYS[2], queue)
+    if state == 'scheduled' then redis.call('ZADD', KEYS[1], fmt(run_at), id)
+    else redis.call('LPUSH', ARGV[3] .. queue, id) end
+    table.insert(out, '')
+  end
+end
+return out
+"#
+);
+
+/// KEYS: queue, running. ARGV: job key prefix, worker, lease (µs), max, workers, lease
 /// id, lease-set key prefix. Takes up to `min(max, ceil(len / workers))` ids under one
 /// lease (one `running` entry and one id set per fetch, not per job) and returns, per
 /// job, its id and the fields of [`FETCHED_FIELDS`] in order (a fixed `HMGET`, half the
 /// reply of `HGETALL`). An id whose job hash is gone (evicted, deleted by hand) is
 /// dropped rather than turned into a half-written job.
-const FETCH: &str = r#"
+const FETCH: &str = concat!(
+    clock_lua!(),
+    r#"
 local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
 local out, ids = {}, {}
 while #out < n do
@@ -78,10 +111,11 @@ while #out < n do
 end
 if #ids > 0 then
   redis.call('SADD', ARGV[7] .. ARGV[6], unpack(ids))
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+  redis.call('ZADD', KEYS[2], fmt(now_us() + tonumber(ARGV[3])), ARGV[6])
 end
 return out
-"#;
+"#
+);
 
 /// The fields FETCH returns after the id, in order.
 const FETCHED_FIELDS: [&str; 10] = [
@@ -97,14 +131,21 @@ const FETCHED_FIELDS: [&str; 10] = [
     "failed_at_us",
 ];
 
-/// KEYS: job, running. ARGV: id, lease id, lease_until. Extends the lease (and with it
-/// every job of its batch) if the job is still held under it; returns 1 if so.
-const HEARTBEAT: &str = r#"
+/// KEYS: job, running. ARGV: id, lease id, lease (µs). Extends the lease (and with it
+/// every job of its batch) if the job is still held under it and its deadline has not
+/// passed (a lapsed lease is the reaper's, even before it ran); returns 1 if so.
+const HEARTBEAT: &str = concat!(
+    clock_lua!(),
+    r#"
 local f = redis.call('HMGET', KEYS[1], 'lease', 'state')
 if f[1] ~= ARGV[2] or f[2] ~= 'running' then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+local now = now_us()
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not deadline or tonumber(deadline) < now then return 0 end
+redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARGV[3])), ARGV[2])
 return 1
-"#;
+"#
+);
 
 /// Lua: takes settled job ids out of their lease's set; a lease with no jobs left
 /// leaves the `running` set.
@@ -123,13 +164,15 @@ end
     };
 }
 
-/// KEYS: running, done bucket (this hour's count). ARGV: now, retention_ms, job key
+/// KEYS: running, done bucket (this hour's count). ARGV: (unused), retention_ms, job key
 /// prefix, idem key prefix, lease-set key prefix, then (id, lease id) pairs. Acks each
 /// pair still leased; returns the acked ids. Times stay the strings Rust formatted.
 const ACK: &str = concat!(
+    clock_lua!(),
     release_lua!(),
     r#"
 local ms = tonumber(ARGV[2])
+local now = fmt(now_us())
 local ids, by_lease = {}, {}
 for i = 6, #ARGV, 2 do
   local id, job, lease = ARGV[i], ARGV[3] .. ARGV[i], ARGV[i + 1]
@@ -137,7 +180,7 @@ for i = 6, #ARGV, 2 do
   if f[1] == lease and f[2] == 'running' then
     local idem = ARGV[4] .. (f[3] or '')
     -- worker and lease fields stay: they mean nothing once the state is not running
-    redis.call('HSET', job, 'state', 'done', 'finished_at_us', ARGV[1])
+    redis.call('HSET', job, 'state', 'done', 'finished_at_us', now)
     if ms > 0 then
       redis.call('PEXPIRE', job, ms)
       redis.call('PEXPIRE', idem, ms)
@@ -180,39 +223,45 @@ end
     };
 }
 
-/// KEYS: job, running, retry, dead. ARGV: id, lease id, error, now, retry_at, expected
-/// failures, dead cutoff (now - max age), dead max count, job key prefix, idem key
+/// KEYS: job, running, retry, dead. ARGV: id, lease id, error, (unused), retry delay
+/// (µs), expected failures, dead max age (µs), dead max count, job key prefix, idem key
 /// prefix, `1` to bury at once (a permanent failure), lease-set key prefix. Returns -1
 /// if not leased, 0 for retry, 1 for dead.
 const FAIL: &str = concat!(
+    clock_lua!(),
     trim_dead_lua!(),
     release_lua!(),
     r#"
+local now = now_us()
 local f = redis.call('HMGET', KEYS[1], 'lease', 'state', 'failures', 'max_attempts')
-if f[1] ~= ARGV[2] or f[2] ~= 'running' then return -1 end
+if f[1] ~= ARGV[2] or f[2] ~= 'running' then return {-1, ''} end
 local failures = tonumber(f[3]) + 1
-if failures ~= tonumber(ARGV[6]) then return -1 end
+if failures ~= tonumber(ARGV[6]) then return {-1, ''} end
 release(ARGV[12], KEYS[2], ARGV[2], {ARGV[1]})
 redis.call('HDEL', KEYS[1], 'worker', 'lease')
-redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', ARGV[4])
+redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', fmt(now))
 if failures < tonumber(f[4]) and ARGV[11] ~= '1' then
-  redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', ARGV[5])
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-  return 0
+  local at = fmt(now + tonumber(ARGV[5]))
+  redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', at)
+  redis.call('ZADD', KEYS[3], at, ARGV[1])
+  return {0, at}
 end
-redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_at_us', ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-trim_dead(KEYS[4], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10])
-return 1
+redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_at_us', fmt(now))
+redis.call('ZADD', KEYS[4], fmt(now), ARGV[1])
+trim_dead(KEYS[4], fmt(now - tonumber(ARGV[7])), tonumber(ARGV[8]), ARGV[9], ARGV[10])
+return {1, fmt(now)}
 "#
 );
 
-/// KEYS: from (scheduled/retry zset). ARGV: now, job key prefix, queue key prefix, 1 to
+/// KEYS: from (scheduled/retry zset). ARGV: (unused), job key prefix, queue key prefix, 1 to
 /// requeue at the head else 0, most ids per call. Moves members
 /// scored before `now` to their queue as ready (members whose job hash is gone are
 /// dropped). Returns {moved, examined}: a full `examined` means call again.
-const MOVE_DUE: &str = r#"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
+const MOVE_DUE: &str = concat!(
+    clock_lua!(),
+    r#"
+-- "due" includes now
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(now_us() + 1), 'LIMIT', 0, tonumber(ARGV[5]))
 local moved = 0
 for _, id in ipairs(ids) do
   local job = ARGV[2] .. id
@@ -227,17 +276,20 @@ for _, id in ipairs(ids) do
   end
 end
 return {moved, #ids}
-"#;
+"#
+);
 
-/// KEYS: running, dead. ARGV: now, job key prefix, queue key prefix, lease-set key
-/// prefix, most leases per call, max reaps, the buried job's error, dead cutoff, dead
+/// KEYS: running, dead. ARGV: (unused), job key prefix, queue key prefix, lease-set key
+/// prefix, most leases per call, max reaps, the buried job's error, dead max age (µs), dead
 /// max count, idem key prefix. Every lease whose deadline passed (its worker died): the
 /// jobs still held under it go back to the head of their queue, or to the dead set once
 /// their worker died under them `max reaps` times. Returns {handled, examined}.
 const REAP: &str = concat!(
+    clock_lua!(),
     trim_dead_lua!(),
     r#"
-local leases = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
+local now = now_us()
+local leases = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(now), 'LIMIT', 0, tonumber(ARGV[5]))
 local moved, buried = 0, 0
 for _, lease in ipairs(leases) do
   local set = ARGV[4] .. lease
@@ -247,8 +299,8 @@ for _, lease in ipairs(leases) do
     if f[1] == 'running' and f[2] == lease and f[3] then
       redis.call('HDEL', job, 'worker', 'lease')
       if redis.call('HINCRBY', job, 'reaped', 1) >= tonumber(ARGV[6]) then
-        redis.call('HSET', job, 'state', 'dead', 'finished_at_us', ARGV[1], 'last_error', ARGV[7])
-        redis.call('ZADD', KEYS[2], ARGV[1], id)
+        redis.call('HSET', job, 'state', 'dead', 'finished_at_us', fmt(now), 'last_error', ARGV[7])
+        redis.call('ZADD', KEYS[2], fmt(now), id)
         buried = buried + 1
       else
         redis.call('HSET', job, 'state', 'ready')
@@ -260,22 +312,25 @@ for _, lease in ipairs(leases) do
   redis.call('DEL', set)
   redis.call('ZREM', KEYS[1], lease)
 end
-if buried > 0 then trim_dead(KEYS[2], ARGV[8], tonumber(ARGV[9]), ARGV[2], ARGV[10]) end
+if buried > 0 then trim_dead(KEYS[2], fmt(now - tonumber(ARGV[8])), tonumber(ARGV[9]), ARGV[2], ARGV[10]) end
 return {moved, #leases}
 "#
 );
 
 /// KEYS: job. ARGV: id, action (`retry`, `kill`, `delete`, or `bury` for a running job
-/// whose hash cannot be read), key namespace prefix (`{ns}:`), now, dead cutoff, dead
+/// whose hash cannot be read), key namespace prefix (`{ns}:`), (unused), dead max age (µs), dead
 /// max count, and optionally the state the job must be in. An operator's action on one
 /// job: takes it out of wherever it is (its queue list, its lease, or its state's sorted
 /// set; the sorted sets are named after the states) and puts it where the action says. Returns
 /// `ok`, `missing`, or the state that refuses the action.
 const ACT: &str = concat!(
+    clock_lua!(),
     trim_dead_lua!(),
     release_lua!(),
     r#"
-local job, id, action, ns, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local job, id, action, ns = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local now_n = now_us()
+local now = fmt(now_n)
 local state = redis.call('HGET', job, 'state')
 if not state then return 'missing' end
 if ARGV[7] and ARGV[7] ~= state then return state end
@@ -301,7 +356,7 @@ else
   redis.call('HSET', job, 'state', 'dead', 'finished_at_us', now)
   redis.call('HDEL', job, 'worker', 'lease')
   redis.call('ZADD', ns .. 'dead', now, id)
-  trim_dead(ns .. 'dead', ARGV[5], tonumber(ARGV[6]), ns .. 'job:', ns .. 'idem:')
+  trim_dead(ns .. 'dead', fmt(now_n - tonumber(ARGV[5])), tonumber(ARGV[6]), ns .. 'job:', ns .. 'idem:')
 end
 return 'ok'
 "#
@@ -327,7 +382,7 @@ pub struct RedisJobQueue {
     client: Client,
     config: QueueConfig,
     keys: Keys,
-    enqueue: Script,
+    enqueue_many: Script,
     fetch: Script,
     heartbeat: Script,
     ack: Script,
@@ -382,10 +437,6 @@ impl Keys {
         format!("{}{name}", self.queue)
     }
 
-    fn idem(&self, key: &str) -> String {
-        format!("{}{key}", self.idem)
-    }
-
     /// The sorted set holding a state's ids (ready ids live in queue lists, running ones
     /// in their lease's set, done jobs only in the hourly counts).
     fn set_of(&self, state: JobState) -> Option<&str> {
@@ -399,6 +450,41 @@ impl Keys {
     }
 }
 
+/// Longest one Redis command may take (a dead Redis fails calls after this).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a TCP connect (and handshake) to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `connect` waits for the first connection before returning anyway.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// A fred client that reconnects with backoff forever and times every command out.
+pub(crate) fn redis_client(url: &str) -> JobResult<Client> {
+    let mut config = Config::from_url(url)?;
+    // Keep trying when Redis is down at start, as after any later loss.
+    config.fail_fast = false;
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+        .with_connection_config(|c| {
+            c.connection_timeout = CONNECT_TIMEOUT;
+            c.internal_command_timeout = COMMAND_TIMEOUT;
+            // A connection that stops answering (a half-open socket) is dropped and
+            // made again rather than waited on.
+            c.unresponsive.max_timeout = Some(COMMAND_TIMEOUT * 2);
+            c.unresponsive.interval = Duration::from_secs(1);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()?;
+    let _ = client.on_reconnect(|server| async move {
+        tracing::info!(%server, "reconnected to Redis");
+        Ok(())
+    });
+    let _ = client.on_error(|(error, server)| async move {
+        tracing::warn!(%error, server = ?server, "Redis connection lost; reconnecting with backoff");
+        Ok(())
+    });
+    Ok(client)
+}
+
 /// One done-count bucket, in µs.
 const HOUR_US: i64 = 3_600_000_000;
 
@@ -408,15 +494,29 @@ const MOVE_CHUNK: u32 = 500;
 const CLEAR_CHUNK: u32 = 500;
 
 impl RedisJobQueue {
-    /// Connects to `url`; keys go under `namespace`.
+    /// A queue on the Redis at `url`, keys under `namespace`. The client reconnects by
+    /// itself (exponential backoff, forever) and bounds every command by
+    /// [`COMMAND_TIMEOUT`], so a Redis that goes away turns calls into quick errors and
+    /// one that comes back is used again without a restart. Waits up to
+    /// [`CONNECT_WAIT`] for the first connection; a Redis that is down at start is not
+    /// an error (the service starts, and the queue works once Redis is up).
     pub async fn connect(url: &str, namespace: &str, config: QueueConfig) -> JobResult<Self> {
-        let client = Builder::from_config(Config::from_url(url)?).build()?;
-        client.init().await?;
+        let client = redis_client(url)?;
+        client.connect();
+        match tokio::time::timeout(CONNECT_WAIT, client.wait_for_connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis is unreachable at start; the job queue retries until it is back")
+            }
+            Err(_) => tracing::warn!(
+                "Redis did not answer within {CONNECT_WAIT:?} at start; the job queue retries until it is back"
+            ),
+        }
         Ok(RedisJobQueue {
             client,
             config,
             keys: Keys::new(namespace),
-            enqueue: Script::from_lua(ENQUEUE),
+            enqueue_many: Script::from_lua(ENQUEUE_MANY),
             fetch: Script::from_lua(FETCH),
             heartbeat: Script::from_lua(HEARTBEAT),
             ack: Script::from_lua(ACK),
@@ -428,18 +528,26 @@ impl RedisJobQueue {
         })
     }
 
-    fn dead_cutoff(&self, now: i64) -> String {
-        (now - dur_us(self.config.dead_max_age)).to_string()
+    /// Deletes every key of this namespace (benchmarks, decommissioning): a blocking
+    /// `KEYS` scan, not for a namespace that is in use.
+    pub async fn delete_namespace(&self) -> JobResult<()> {
+        let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
+        let _: i64 = self.client.eval(script, Vec::<String>::new(), vec![format!("{}*", self.keys.ns)]).await?;
+        Ok(())
+    }
+
+    /// The dead set's age limit in µs (the scripts cut it against Redis's clock).
+    fn dead_max_age(&self) -> String {
+        dur_us(self.config.dead_max_age).to_string()
     }
 
     async fn act(&self, id: Uuid, action: &str, expected: Option<JobState>) -> JobResult<Acted> {
-        let now = now_us();
         let mut args = vec![
             id.to_string(),
             action.to_owned(),
             self.keys.ns.clone(),
-            now.to_string(),
-            self.dead_cutoff(now),
+            String::new(),
+            self.dead_max_age(),
             self.config.dead_max_jobs.to_string(),
         ];
         args.extend(expected.map(|s| s.as_str().to_owned()));
@@ -513,26 +621,25 @@ impl RedisJobQueue {
         let failures: Option<i64> = self.client.hget(self.keys.job(id), "failures").await?;
         let failures = failures.ok_or(JobError::NotLeased(id))? + 1;
         let n = u32::try_from(failures).unwrap_or(u32::MAX);
-        let now = now_us();
-        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let delay = dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
         let keys = vec![self.keys.job(id), self.keys.running.clone(), self.keys.retry.clone(), self.keys.dead.clone()];
         let args = vec![
             id.to_string(),
             lease.to_string(),
             error.to_owned(),
-            now.to_string(),
-            at.to_string(),
+            String::new(),
+            delay.to_string(),
             failures.to_string(),
-            self.dead_cutoff(now),
+            self.dead_max_age(),
             self.config.dead_max_jobs.to_string(),
             self.keys.job.clone(),
             self.keys.idem.clone(),
             if permanent { "1" } else { "0" }.to_owned(),
             self.keys.lease.clone(),
         ];
-        let outcome: i64 = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
+        let (outcome, at): (i64, String) = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
         match outcome {
-            0 => Ok(Failed::Retry { at: from_us(at), failures: n }),
+            0 => Ok(Failed::Retry { at: from_us(at.parse().unwrap_or_default()), failures: n }),
             1 => Ok(Failed::Dead),
             _ => Err(JobError::NotLeased(id)),
         }
@@ -571,6 +678,7 @@ fn parse_job(mut fields: HashMap<String, String>) -> JobResult<Job> {
         lease: fields.remove("lease").and_then(|l| l.parse().ok()).filter(|_| running),
         last_error: fields.remove("last_error"),
         failed_at: fields.remove("failed_at_us").and_then(|v| v.parse().ok()).map(from_us),
+        finished_at: fields.remove("finished_at_us").and_then(|v| v.parse().ok()).map(from_us),
     })
 }
 
@@ -586,35 +694,48 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
-        let id = Uuid::now_v7();
-        let now = now_us();
-        let run_at = job.run_at.map(|t| t.timestamp_micros()).filter(|t| *t > now).unwrap_or(now);
-        let keys = vec![
-            self.keys.idem(&job.idempotency_key),
-            self.keys.job(id),
-            self.keys.queue(&job.queue),
-            self.keys.scheduled.clone(),
-            self.keys.queues.clone(),
-        ];
-        let attempts = job.attempts();
-        let args = vec![
-            id.to_string(),
-            job.kind,
-            job.queue,
-            job.args.to_string(),
-            job.idempotency_key,
-            attempts.to_string(),
-            now.to_string(),
-            run_at.to_string(),
-        ];
-        let existing: String = self.enqueue.evalsha_with_reload(&self.client, keys, args).await?;
-        if existing.is_empty() {
-            Ok(Enqueued::New(id))
-        } else {
-            Ok(Enqueued::Duplicate(
-                existing.parse().map_err(|_| JobError::Backend("idempotency key holds a non-UUID".into()))?,
-            ))
+        self.enqueue_many(vec![job]).await?.pop().ok_or_else(|| JobError::Backend("enqueue answered nothing".into()))
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> JobResult<Vec<Enqueued>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
+        let keys = vec![self.keys.scheduled.clone(), self.keys.queues.clone()];
+        let mut args = Vec::with_capacity(3 + 7 * jobs.len());
+        args.extend([self.keys.job.clone(), self.keys.idem.clone(), self.keys.queue.clone()]);
+        let mut ids = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let id = Uuid::now_v7();
+            ids.push(id);
+            let attempts = job.attempts();
+            let run_at = job.run_at.map_or(0, |t| t.timestamp_micros().max(0));
+            args.extend([
+                id.to_string(),
+                job.kind,
+                job.queue,
+                job.args.to_string(),
+                job.idempotency_key,
+                attempts.to_string(),
+                run_at.to_string(),
+            ]);
+        }
+        let existing: Vec<String> = self.enqueue_many.evalsha_with_reload(&self.client, keys, args).await?;
+        if existing.len() != ids.len() {
+            return Err(JobError::Backend(format!("enqueue answered {} of {} jobs", existing.len(), ids.len())));
+        }
+        ids.into_iter()
+            .zip(existing)
+            .map(|(id, held)| {
+                if held.is_empty() {
+                    Ok(Enqueued::New(id))
+                } else {
+                    held.parse()
+                        .map(Enqueued::Duplicate)
+                        .map_err(|_| JobError::Backend("idempotency key holds a non-UUID".into()))
+                }
+            })
+            .collect()
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
@@ -635,7 +756,7 @@ impl JobQueue for RedisJobQueue {
         args.extend([
             self.keys.job.clone(),
             worker.to_owned(),
-            (now_us() + dur_us(lease)).to_string(),
+            dur_us(lease).to_string(),
             max.to_string(),
             workers.max(1).to_string(),
         ]);
@@ -698,7 +819,7 @@ impl JobQueue for RedisJobQueue {
 
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
         let keys = vec![self.keys.job(id), self.keys.running.clone()];
-        let args = vec![id.to_string(), lease.to_string(), (now_us() + dur_us(duration)).to_string()];
+        let args = vec![id.to_string(), lease.to_string(), dur_us(duration).to_string()];
         let ok: i64 = self.heartbeat.evalsha_with_reload(&self.client, keys, args).await?;
         Ok(ok == 1)
     }
@@ -735,7 +856,7 @@ impl JobQueue for RedisJobQueue {
                 MOVE_CHUNK.to_string(),
                 super::MAX_REAPS.to_string(),
                 super::reaped_error(super::MAX_REAPS),
-                self.dead_cutoff(now),
+                self.dead_max_age(),
                 self.config.dead_max_jobs.to_string(),
                 self.keys.idem.clone(),
             ];
@@ -754,6 +875,12 @@ impl JobQueue for RedisJobQueue {
             return Ok(None);
         }
         parse_job(fields).map(Some)
+    }
+
+    async fn find_by_key(&self, key: &str) -> JobResult<Option<Job>> {
+        let id: Option<String> = self.client.get(format!("{}{key}", self.keys.idem)).await?;
+        let Some(id) = id.and_then(|i| i.parse::<Uuid>().ok()) else { return Ok(None) };
+        self.get(id).await
     }
 
     async fn count(&self, state: JobState) -> JobResult<u64> {

@@ -1,11 +1,14 @@
-//! Runs jobs: take one, run its kind's handler under a timeout with its lease kept
-//! alive, then ack or fail it. The worker actors call [`Runner::run_next`] in a loop;
-//! the benchmark drives the same code.
+//! Runs jobs: lease a batch, run it by kind (each kind's [`JobKind::run_batch`] gets
+//! all of its jobs at once, the kinds concurrently) under a timeout with the lease kept
+//! alive, then ack the successes of each kind as it finishes and fail the rest. The
+//! worker actors call [`Runner::run_next`] in a loop; the benchmark drives the same code.
 //!
 //! A handler's panic, error or timeout is a failed attempt (retried on Sidekiq's
 //! schedule), never a crashed worker. A worker that dies mid-job (killed, process gone)
 //! stops heartbeating; the reaper returns the job once its lease lapses and it runs
 //! again, which is why every handler is idempotent.
+//!
+//! [`JobKind::run_batch`]: super::kinds::JobKind::run_batch
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -18,7 +21,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::kinds::{JobFailure, Kinds};
+use super::kinds::{JobContext, JobFailure, Kinds};
 use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, NewJob};
 
 /// How a worker pool runs.
@@ -71,17 +74,33 @@ impl JobClient {
         JobClient { queue, wake: Arc::new(Notify::new()), max_attempts: Arc::new(kinds.max_attempts()) }
     }
 
-    pub async fn enqueue(&self, mut job: NewJob) -> JobResult<Enqueued> {
-        if job.max_attempts.is_none() {
-            job.max_attempts = self.max_attempts.get(&job.kind).copied();
+    pub async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
+        self.enqueue_many(vec![job]).await?.pop().ok_or_else(|| JobError::Backend("enqueue answered nothing".into()))
+    }
+
+    /// Enqueues a batch in one round trip (a consumer's batch of events' jobs).
+    pub async fn enqueue_many(&self, mut jobs: Vec<NewJob>) -> JobResult<Vec<Enqueued>> {
+        for job in &mut jobs {
+            if job.max_attempts.is_none() {
+                job.max_attempts = self.max_attempts.get(&job.kind).copied();
+            }
         }
-        let kind = job.kind.clone();
-        let outcome = self.queue.enqueue(job).await?;
-        if let Enqueued::New(_) = outcome {
-            metrics::counter!("eventra_jobs_enqueued_total", "kind" => kind).increment(1);
-            self.wake.notify_one();
+        let kinds: Vec<String> = jobs.iter().map(|j| j.kind.clone()).collect();
+        let outcomes = self.queue.enqueue_many(jobs).await?;
+        let mut new = 0;
+        for (kind, outcome) in kinds.into_iter().zip(&outcomes) {
+            if let Enqueued::New(_) = outcome {
+                metrics::counter!("eventra_jobs_enqueued_total", "kind" => kind).increment(1);
+                new += 1;
+            }
         }
-        Ok(outcome)
+        if new > 0 {
+            // One idle worker per new job (at most all of them) looks at the queue at once.
+            for _ in 0..new.min(64) {
+                self.wake.notify_one();
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Wakes every idle worker of this process (after an operator's retry).
@@ -115,36 +134,10 @@ impl KindMetrics {
     }
 }
 
-/// Successes are acked once the oldest has waited this long (checked as each job of
-/// the batch finishes), else with the rest of the batch.
-const MAX_ACK_DELAY: Duration = Duration::from_millis(100);
-
-/// Successes of a batch waiting for their (shared) ack.
-#[derive(Default)]
-struct PendingAcks {
-    leases: Vec<(Uuid, Uuid)>,
-    metrics: HashMap<Uuid, KindMetrics>,
-    /// Their positions in the batch.
-    positions: Vec<usize>,
-    /// When the oldest one succeeded.
-    since: Option<Instant>,
-}
-
-impl PendingAcks {
-    fn add(&mut self, position: usize, id: Uuid, lease: Uuid, metrics: KindMetrics) {
-        self.since.get_or_insert_with(Instant::now);
-        self.leases.push((id, lease));
-        self.metrics.insert(id, metrics);
-        self.positions.push(position);
-    }
-}
-
-/// How one run ended.
+/// How one kind's share of a batch ended.
 enum Outcome {
     Succeeded,
     Failed(JobFailure),
-    /// Our lease lapsed mid-run (the reaper gave the job to another worker): leave it.
-    LeaseLost,
 }
 
 pub struct Runner {
@@ -202,56 +195,136 @@ impl Runner {
         cache.entry(kind.to_owned()).or_insert_with(|| KindMetrics::new(kind)).clone()
     }
 
-    /// Runs leased jobs one after another under one heartbeat (every third of the
-    /// lease, for every job of the batch not settled yet); failures settle at once,
-    /// successes are acked together, at the end of the batch or when a job finishes
-    /// and the oldest waiting success is [`MAX_ACK_DELAY`] old (a worker that dies
-    /// before that leaves them to the reaper: at-least-once, as always).
+    /// Runs a leased batch: every kind's jobs go to that kind at once, the kinds run
+    /// concurrently, and each kind's outcomes are settled as soon as it finishes
+    /// (successes acked together), while one heartbeat every third of the lease keeps
+    /// the rest of the batch leased. If the lease is lost (the reaper took the batch
+    /// back), the results still outstanding are dropped: the jobs run again elsewhere.
+    ///
+    /// The groups, their settlements and the heartbeat are futures of one `select!`,
+    /// never awaited inside one another's arm: each may wait for the same pooled
+    /// connection (SQLite has one writer), and a future that holds it must keep being
+    /// polled while another waits for it.
     async fn run_batch(&self, jobs: Vec<Job>) {
-        let every = self.config.lease / 3;
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Failed, lost or acked: no longer ours to keep alive.
-        let mut settled = vec![false; jobs.len()];
-        let mut pending = PendingAcks::default();
+        // Groups of (kind, lease): a fetch leases a batch under one lease id.
+        let mut groups: Vec<(String, Uuid, Vec<usize>)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             let Some(lease) = job.lease else { continue };
-            let metrics = self.metrics_for(&job.kind);
-            let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.failures + 1);
-            let outcome = self.execute(job, lease, &jobs, &settled, &mut beat, &metrics).instrument(span.clone()).await;
-            let _enter = span.enter();
-            match outcome {
-                Outcome::Succeeded => pending.add(i, job.id, lease, metrics),
-                Outcome::Failed(failure) => {
-                    settled[i] = true;
-                    self.settle_failure(job, lease, failure, &metrics).await;
-                }
-                Outcome::LeaseLost => {
-                    settled[i] = true;
-                    tracing::warn!("lease lost while running (the reaper took the job back); its result is dropped");
-                }
-            }
-            // Successes share an ack call, unless the oldest has waited long enough.
-            if pending.since.is_some_and(|t| t.elapsed() >= MAX_ACK_DELAY) {
-                self.ack(&mut pending, &mut settled).await;
+            match groups.iter_mut().find(|(k, l, _)| *k == job.kind && *l == lease) {
+                Some((_, _, members)) => members.push(i),
+                None => groups.push((job.kind.clone(), lease, vec![i])),
             }
         }
-        self.ack(&mut pending, &mut settled).await;
+        let unsettled: Mutex<Vec<bool>> = Mutex::new(jobs.iter().map(|j| j.lease.is_some()).collect());
+        let jobs = &jobs;
+        let unsettled = &unsettled;
+        let work = futures_util::future::join_all(groups.into_iter().map(|(kind, lease, members)| async move {
+            let (members, outcomes) = self.run_group(jobs, kind, lease, members).await;
+            {
+                let mut u = unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                for i in &members {
+                    u[*i] = false;
+                }
+            }
+            self.settle(jobs, &members, outcomes).await;
+        }));
+        let keep_alive = async {
+            let every = self.config.lease / 3;
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                let held: Vec<(Uuid, Uuid)> = {
+                    let u = unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                    jobs.iter().zip(u.iter()).filter(|(_, u)| **u).filter_map(|(j, _)| Some((j.id, j.lease?))).collect()
+                };
+                if !self.heartbeat(&held).await {
+                    return held.len();
+                }
+            }
+        };
+        tokio::select! {
+            _ = work => {}
+            lost = keep_alive => {
+                tracing::warn!(jobs = lost, "lease lost while running (the reaper took the jobs back); their results are dropped");
+            }
+        }
     }
 
-    /// Acks the pending successes in one call.
-    async fn ack(&self, pending: &mut PendingAcks, settled: &mut [bool]) {
-        let PendingAcks { leases, metrics, positions, since: _ } = std::mem::take(pending);
+    /// Runs one kind's share of a batch under the timeout, with panics caught.
+    async fn run_group(
+        &self,
+        jobs: &[Job],
+        kind: String,
+        lease: Uuid,
+        members: Vec<usize>,
+    ) -> (Vec<usize>, Vec<Outcome>) {
+        let batch: Vec<&Job> = members.iter().map(|i| &jobs[*i]).collect();
+        let Some(handler) = self.kinds.get(&kind) else {
+            let known = self.kinds.names();
+            let failure = JobFailure::new(format!("unknown job kind {kind:?} (this worker runs {known:?})"));
+            return (members, batch.iter().map(|_| Outcome::Failed(failure.clone())).collect());
+        };
+        let metrics = self.metrics_for(&kind);
+        metrics.started.increment(batch.len() as u64);
+        let span = tracing::info_span!("jobs", kind = %kind, jobs = batch.len(), first_job_id = %batch[0].id);
+        let ctx = JobContext::new(self.client.queue.clone(), batch[0].id, lease, self.config.lease);
+        let started = Instant::now();
+        let run =
+            tokio::time::timeout(self.config.timeout, AssertUnwindSafe(handler.run_batch(&batch, &ctx)).catch_unwind())
+                .instrument(span)
+                .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        for _ in &batch {
+            metrics.duration.record(elapsed);
+        }
+        let all = |failure: JobFailure| batch.iter().map(|_| Outcome::Failed(failure.clone())).collect::<Vec<_>>();
+        let outcomes = match run {
+            Ok(Ok(results)) if results.len() == batch.len() => results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(()) => Outcome::Succeeded,
+                    Err(f) => Outcome::Failed(f),
+                })
+                .collect(),
+            Ok(Ok(results)) => all(JobFailure::new(format!(
+                "job kind {kind} answered {} outcomes for {} jobs",
+                results.len(),
+                batch.len()
+            ))),
+            Ok(Err(panic)) => all(JobFailure::new(format!("handler panicked: {}", panic_message(&panic)))),
+            Err(_) => all(JobFailure::new(format!("timed out after {:?}", self.config.timeout))),
+        };
+        (members, outcomes)
+    }
+
+    /// Acks a group's successes in one call and records its failures.
+    async fn settle(&self, jobs: &[Job], members: &[usize], outcomes: Vec<Outcome>) {
+        let mut leases = Vec::new();
+        let mut kinds: HashMap<Uuid, KindMetrics> = HashMap::new();
+        for (i, outcome) in members.iter().zip(outcomes) {
+            let job = &jobs[*i];
+            let Some(lease) = job.lease else { continue };
+            let metrics = self.metrics_for(&job.kind);
+            match outcome {
+                Outcome::Succeeded => {
+                    leases.push((job.id, lease));
+                    kinds.insert(job.id, metrics);
+                }
+                Outcome::Failed(failure) => {
+                    let span =
+                        tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.failures + 1);
+                    self.settle_failure(job, lease, failure, &metrics).instrument(span).await;
+                }
+            }
+        }
         if leases.is_empty() {
             return;
-        }
-        for i in positions {
-            settled[i] = true;
         }
         match self.client.queue.ack_many(&leases).await {
             Ok(acked) => {
                 for id in &acked {
-                    if let Some(m) = metrics.get(id) {
+                    if let Some(m) = kinds.get(id) {
                         m.succeeded.increment(1);
                     }
                 }
@@ -295,73 +368,21 @@ impl Runner {
         }
     }
 
-    /// Runs one handler under the timeout, with panics caught, while the batch's
-    /// heartbeat keeps every unsettled lease alive.
-    async fn execute(
-        &self,
-        job: &Job,
-        lease: Uuid,
-        batch: &[Job],
-        settled: &[bool],
-        beat: &mut tokio::time::Interval,
-        metrics: &KindMetrics,
-    ) -> Outcome {
-        let Some(kind) = self.kinds.get(&job.kind) else {
-            let known = self.kinds.names();
-            return Outcome::Failed(JobFailure::new(format!(
-                "unknown job kind {:?} (this worker runs {known:?})",
-                job.kind
-            )));
-        };
-        metrics.started.increment(1);
-        let started = Instant::now();
-        let run = tokio::time::timeout(self.config.timeout, AssertUnwindSafe(kind.run(job)).catch_unwind());
-        tokio::pin!(run);
-        let result = loop {
-            tokio::select! {
-                r = &mut run => break Some(r),
-                _ = beat.tick() => {
-                    if !self.heartbeat(batch, settled, job.id, lease).await {
-                        break None;
-                    }
-                }
-            }
-        };
-        metrics.duration.record(started.elapsed().as_secs_f64());
-        match result {
-            None => Outcome::LeaseLost,
-            Some(Ok(Ok(Ok(())))) => Outcome::Succeeded,
-            Some(Ok(Ok(Err(failure)))) => Outcome::Failed(failure),
-            Some(Ok(Err(panic))) => {
-                Outcome::Failed(JobFailure::new(format!("handler panicked: {}", panic_message(&panic))))
-            }
-            Some(Err(_)) => Outcome::Failed(JobFailure::new(format!("timed out after {:?}", self.config.timeout))),
-        }
-    }
-
-    /// Extends every unsettled lease of the batch; `false` when the running job's own
-    /// lease is gone.
-    async fn heartbeat(&self, batch: &[Job], settled: &[bool], running: Uuid, running_lease: Uuid) -> bool {
-        let mut own = true;
-        // A backend may lease a whole batch under one lease id: extend each lease once.
+    /// Extends every lease among `held` (job id, lease) pairs once; `false` when one of
+    /// them is gone.
+    async fn heartbeat(&self, held: &[(Uuid, Uuid)]) -> bool {
         let mut extended: Vec<Uuid> = Vec::new();
-        for (job, _) in batch.iter().zip(settled).filter(|(_, done)| !**done) {
-            let Some(lease) = job.lease else { continue };
-            if extended.contains(&lease) {
+        for (id, lease) in held {
+            if extended.contains(lease) {
                 continue;
             }
-            match self.client.queue.heartbeat(job.id, lease, self.config.lease).await {
-                Ok(true) => extended.push(lease),
-                Ok(false) => {
-                    tracing::warn!(job_id = %job.id, "lease lost (the reaper took the job back)");
-                    if job.id == running && lease == running_lease {
-                        own = false;
-                    }
-                }
+            match self.client.queue.heartbeat(*id, *lease, self.config.lease).await {
+                Ok(true) => extended.push(*lease),
+                Ok(false) => return false,
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; trying again next beat"),
             }
         }
-        own
+        true
     }
 }
 

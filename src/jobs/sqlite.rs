@@ -1,9 +1,12 @@
 //! The embedded job queue: one `jobs` table in the SQLite database of record.
 //!
-//! Every write is a single guarded statement (no read-then-write transactions, which in
-//! WAL mode can fail with a busy snapshot instead of waiting), so SQLite's single writer
-//! makes each one atomic; times are integer microseconds since the epoch so every
-//! comparison is exact.
+//! Every write is a single guarded statement on the store's one writer connection, so
+//! each is atomic and writers queue in the pool instead of in SQLite's busy handler;
+//! looks that decide whether to write at all run on the reader pool. Times are integer
+//! microseconds since the epoch (this host's clock: the file is local to it) so every
+//! comparison is exact. A fetch leases a batch under one lease id, like Redis.
+
+use std::collections::HashSet;
 
 use std::time::Duration;
 
@@ -20,14 +23,16 @@ use super::{
 };
 
 pub struct SqliteJobQueue {
-    /// The store's pool: jobs live in the same database file.
+    /// The store's reader pool: jobs live in the same database file.
     pool: SqlitePool,
+    /// The store's one writer.
+    writer: SqlitePool,
     config: QueueConfig,
 }
 
 impl SqliteJobQueue {
-    pub fn new(pool: SqlitePool, config: QueueConfig) -> Self {
-        SqliteJobQueue { pool, config }
+    pub fn new(pools: crate::store::SqlitePools, config: QueueConfig) -> Self {
+        SqliteJobQueue { pool: pools.read, writer: pools.write, config }
     }
 
     /// Opens (and migrates) the SQLite database at `url` for jobs: the database of
@@ -37,7 +42,7 @@ impl SqliteJobQueue {
         use crate::store::Store;
         let store = crate::store::SqliteStore::connect(url, 8).await.map_err(|e| JobError::Backend(e.to_string()))?;
         store.migrate().await.map_err(|e| JobError::Backend(e.to_string()))?;
-        Ok(SqliteJobQueue { pool: store.pool().clone(), config })
+        Ok(SqliteJobQueue::new(store.pools(), config))
     }
 }
 
@@ -61,6 +66,7 @@ struct JobRow {
     lease_id: Option<Uuid>,
     last_error: Option<String>,
     failed_at_us: Option<i64>,
+    finished_at_us: Option<i64>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -83,6 +89,7 @@ impl TryFrom<JobRow> for Job {
             lease: r.lease_id,
             last_error: r.last_error,
             failed_at: r.failed_at_us.map(from_us),
+            finished_at: r.finished_at_us.map(from_us),
         })
     }
 }
@@ -94,97 +101,140 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn ping(&self) -> JobResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.writer).await?;
         Ok(())
     }
 
     async fn enqueue(&self, job: NewJob) -> JobResult<Enqueued> {
+        self.enqueue_many(vec![job]).await?.pop().ok_or_else(|| JobError::Backend("enqueue answered nothing".into()))
+    }
+
+    /// One transaction for the whole batch (one writer turn, one commit).
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> JobResult<Vec<Enqueued>> {
         let now = now_us();
-        // A finished job past its retention no longer holds its key.
-        sqlx::query("DELETE FROM jobs WHERE idempotency_key = $1 AND state = 'done' AND finished_at_us < $2")
+        let mut tx = self.writer.begin().await?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            // A finished job past its retention no longer holds its key.
+            sqlx::query("DELETE FROM jobs WHERE idempotency_key = $1 AND state = 'done' AND finished_at_us < $2")
+                .bind(&job.idempotency_key)
+                .bind(now - dur_us(self.config.done_retention))
+                .execute(&mut *tx)
+                .await?;
+            let id = Uuid::now_v7();
+            let run_at = job.run_at.map(micros).filter(|t| *t > now);
+            let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
+            // One statement: a taken key answers the holder's id (the no-op update exists
+            // only to make RETURNING report it), so there is no window between two reads.
+            let (holder,): (Uuid,) = sqlx::query_as(
+                "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
+                 enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
+                 ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = excluded.idempotency_key RETURNING id",
+            )
+            .bind(id)
+            .bind(&job.kind)
+            .bind(&job.queue)
+            .bind(Json(&job.args))
             .bind(&job.idempotency_key)
-            .bind(now - dur_us(self.config.done_retention))
-            .execute(&self.pool)
+            .bind(state.as_str())
+            .bind(i64::from(job.attempts()))
+            .bind(now)
+            .bind(run_at.unwrap_or(now))
+            .fetch_one(&mut *tx)
             .await?;
-        let id = Uuid::now_v7();
-        let run_at = job.run_at.map(micros).filter(|t| *t > now);
-        let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
-        // One statement: a taken key answers the holder's id (the no-op update exists
-        // only to make RETURNING report it), so there is no window between two reads.
-        let (holder,): (Uuid,) = sqlx::query_as(
-            "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
-             enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
-             ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = excluded.idempotency_key RETURNING id",
-        )
-        .bind(id)
-        .bind(&job.kind)
-        .bind(&job.queue)
-        .bind(Json(&job.args))
-        .bind(&job.idempotency_key)
-        .bind(state.as_str())
-        .bind(i64::from(job.attempts()))
-        .bind(now)
-        .bind(run_at.unwrap_or(now))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(if holder == id { Enqueued::New(id) } else { Enqueued::Duplicate(holder) })
+            out.push(if holder == id { Enqueued::New(id) } else { Enqueued::Duplicate(holder) });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
-        // Look before taking the write lock: idle workers poll, and an empty queue must
-        // not serialize every other writer of the database behind them.
-        for _ in 0..8 {
-            let next: Option<(Uuid,)> = sqlx::query_as(
-                "SELECT id FROM jobs WHERE state = 'ready' AND queue = $1 ORDER BY run_at_us, id LIMIT 1",
-            )
-            .bind(queue)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some((id,)) = next else { return Ok(None) };
-            let row = sqlx::query_as::<_, JobRow>(
-                "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $3 \
-                 WHERE id = $4 AND state = 'ready' RETURNING *",
-            )
-            .bind(worker)
-            .bind(now_us() + dur_us(lease))
-            .bind(Uuid::new_v4())
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = row {
-                return Ok(Some(row.try_into()?));
-            }
-            // Another worker took it between the look and the take: look again.
-        }
-        Ok(None)
+        Ok(self.fetch_many(queue, worker, lease, 1, 1).await?.pop())
     }
 
-    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
-        let done =
-            sqlx::query("UPDATE jobs SET lease_until_us = $3 WHERE id = $1 AND lease_id = $2 AND state = 'running'")
-                .bind(id)
-                .bind(lease)
-                .bind(now_us() + dur_us(duration))
-                .execute(&self.pool)
+    async fn fetch_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        max: u32,
+        workers: u32,
+    ) -> JobResult<Vec<Job>> {
+        let max = max.max(1);
+        // Look before taking the writer: idle workers poll, and an empty queue must not
+        // queue them behind every other writer of the database. The count is capped at
+        // what a fair share could need.
+        let (ready,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'ready' AND queue = $1 LIMIT $2)")
+                .bind(queue)
+                .bind(i64::from(max) * i64::from(workers.max(1)))
+                .fetch_one(&self.pool)
                 .await?;
-        Ok(done.rows_affected() == 1)
+        if ready == 0 {
+            return Ok(Vec::new());
+        }
+        let share = (ready as u64).div_ceil(u64::from(workers.max(1))).min(u64::from(max));
+        let mut rows = sqlx::query_as::<_, JobRow>(
+            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $3 \
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND queue = $4 ORDER BY run_at_us, id LIMIT $5) \
+             RETURNING *",
+        )
+        .bind(worker)
+        .bind(now_us() + dur_us(lease))
+        .bind(Uuid::new_v4())
+        .bind(queue)
+        .bind(i64::try_from(share).unwrap_or(1))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.sort_by_key(|r| (r.run_at_us, r.id));
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// Extends every job leased under `lease` (a fetched batch) while the lease has not
+    /// lapsed; `true` if `id` is still held under it.
+    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool> {
+        let now = now_us();
+        let held: Vec<(Uuid,)> = sqlx::query_as(
+            "UPDATE jobs SET lease_until_us = $2 WHERE lease_id = $1 AND state = 'running' AND lease_until_us >= $3 \
+             RETURNING id",
+        )
+        .bind(lease)
+        .bind(now + dur_us(duration))
+        .bind(now)
+        .fetch_all(&self.writer)
+        .await?;
+        Ok(held.iter().any(|(h,)| *h == id))
     }
 
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()> {
-        let now = now_us();
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'done', worker = NULL, lease_id = NULL, lease_until_us = NULL, finished_at_us = $3 \
-             WHERE id = $1 AND lease_id = $2 AND state = 'running'",
-        )
-        .bind(id)
-        .bind(lease)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() != 1 {
+        if self.ack_many(&[(id, lease)]).await?.is_empty() {
             return Err(JobError::NotLeased(id));
         }
         Ok(())
+    }
+
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<Vec<Uuid>> {
+        let mut acked = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(400) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "UPDATE jobs SET state = 'done', worker = NULL, lease_id = NULL, lease_until_us = NULL, finished_at_us = ",
+            );
+            q.push_bind(now_us());
+            q.push(" WHERE state = 'running' AND (id, lease_id) IN (VALUES ");
+            let mut list = q.separated(", ");
+            for (id, lease) in chunk {
+                list.push("(");
+                list.push_bind_unseparated(*id);
+                list.push_unseparated(", ");
+                list.push_bind_unseparated(*lease);
+                list.push_unseparated(")");
+            }
+            q.push(") RETURNING id");
+            let rows: Vec<(Uuid,)> = q.build_query_as().fetch_all(&self.writer).await?;
+            let done: HashSet<Uuid> = rows.into_iter().map(|r| r.0).collect();
+            acked.extend(chunk.iter().map(|(id, _)| *id).filter(|id| done.contains(id)));
+        }
+        Ok(acked)
     }
 
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
@@ -199,7 +249,7 @@ impl JobQueue for SqliteJobQueue {
         let done =
             sqlx::query("UPDATE jobs SET state = 'ready' WHERE state IN ('scheduled', 'retry') AND run_at_us <= $1")
                 .bind(now_us())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         Ok(done.rows_affected())
     }
@@ -216,7 +266,7 @@ impl JobQueue for SqliteJobQueue {
         .bind(now)
         .bind(i64::from(super::MAX_REAPS))
         .bind(super::reaped_error(super::MAX_REAPS))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         if done.rows_affected() > 0 {
             self.trim_dead(now).await?;
@@ -224,7 +274,7 @@ impl JobQueue for SqliteJobQueue {
         // Finished jobs past their retention are dead weight (done here, off the ack path).
         sqlx::query("DELETE FROM jobs WHERE state = 'done' AND finished_at_us < $1")
             .bind(now_us() - dur_us(self.config.done_retention))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
     }
@@ -232,6 +282,14 @@ impl JobQueue for SqliteJobQueue {
     async fn get(&self, id: Uuid) -> JobResult<Option<Job>> {
         let row =
             sqlx::query_as::<_, JobRow>("SELECT * FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    async fn find_by_key(&self, key: &str) -> JobResult<Option<Job>> {
+        let row = sqlx::query_as::<_, JobRow>("SELECT * FROM jobs WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(TryInto::try_into).transpose()
     }
 
@@ -300,7 +358,7 @@ impl JobQueue for SqliteJobQueue {
         )
         .bind(id)
         .bind(now_us())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.acted(id, done.rows_affected(), JobState::Ready).await
     }
@@ -314,7 +372,7 @@ impl JobQueue for SqliteJobQueue {
         )
         .bind(id)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         if done.rows_affected() == 1 {
             self.trim_dead(now).await?;
@@ -325,7 +383,7 @@ impl JobQueue for SqliteJobQueue {
     async fn delete(&self, id: Uuid) -> JobResult<Acted> {
         let done = sqlx::query("DELETE FROM jobs WHERE id = $1 AND state IN ('ready', 'scheduled', 'retry', 'dead')")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         if done.rows_affected() == 1 {
             return Ok(Acted::Done);
@@ -344,7 +402,7 @@ impl JobQueue for SqliteJobQueue {
             sqlx::query("UPDATE jobs SET state = 'ready', run_at_us = $2, finished_at_us = NULL WHERE state = $1")
                 .bind(set.state().as_str())
                 .bind(now_us())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         Ok(done.rows_affected())
     }
@@ -358,7 +416,7 @@ impl JobQueue for SqliteJobQueue {
         let done = sqlx::query("DELETE FROM jobs WHERE state = $1 AND ($2 IS NULL OR queue = $2)")
             .bind(set.state().as_str())
             .bind(queue)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
     }
@@ -396,7 +454,7 @@ impl SqliteJobQueue {
         .bind(if dead { "dead" } else { "retry" })
         .bind(at)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         if done.rows_affected() != 1 {
             return Err(JobError::NotLeased(id));
@@ -426,14 +484,14 @@ impl SqliteJobQueue {
     async fn trim_dead(&self, now: i64) -> JobResult<()> {
         sqlx::query("DELETE FROM jobs WHERE state = 'dead' AND finished_at_us < $1")
             .bind(now - dur_us(self.config.dead_max_age))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         sqlx::query(
             "DELETE FROM jobs WHERE state = 'dead' AND id NOT IN \
              (SELECT id FROM jobs WHERE state = 'dead' ORDER BY finished_at_us DESC, id DESC LIMIT $1)",
         )
         .bind(i64::try_from(self.config.dead_max_jobs).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

@@ -6,6 +6,9 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use super::{Email, MailError, Mailer};
 
+/// Most pooled SMTP connections (concurrent sends) per process.
+const SMTP_CONNECTIONS: u32 = 16;
+
 pub struct SmtpMailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
 }
@@ -15,7 +18,10 @@ impl SmtpMailer {
     pub fn from_url(url: &str) -> Result<Self, MailError> {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| MailError::Invalid(format!("SMTP_URL: {e}")))?
-            .timeout(Some(std::time::Duration::from_secs(30)))
+            // Per SMTP command; a whole send is also bounded by the job's lease (see
+            // `jobs::kinds::welcome_email`).
+            .timeout(Some(std::time::Duration::from_secs(10)))
+            .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(SMTP_CONNECTIONS))
             .build();
         Ok(SmtpMailer { transport })
     }

@@ -31,8 +31,10 @@ use super::{
 use crate::domain::{AuditEntry, Page, PageRequest};
 use crate::store::AuditFilter;
 
-/// Memory budget of each writer.
-const WRITER_HEAP: usize = 50_000_000;
+/// Memory budget of each writer (one indexing thread each: tantivy's minimum arena is
+/// 15 MB a thread, and batches are small, so more threads would only cost memory).
+const WRITER_HEAP: usize = 20_000_000;
+const WRITER_THREADS: usize = 1;
 
 #[derive(Clone, Copy)]
 struct UserFields {
@@ -133,7 +135,7 @@ fn open_dir(dir: &Path, schema: Schema) -> SearchResult<Index> {
 }
 
 fn part(index: &Index) -> SearchResult<(Part, IndexWriter)> {
-    let writer: IndexWriter = index.writer(WRITER_HEAP)?;
+    let writer: IndexWriter = index.writer_with_num_threads(WRITER_THREADS, WRITER_HEAP)?;
     let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
     Ok((Part { reader }, writer))
 }

@@ -20,7 +20,6 @@ use crate::domain::{
     TenantPatch, User, UserPatch,
 };
 
-pub use crate::supervision::parking::DeadLetter;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -87,8 +86,9 @@ pub trait Store: Send + Sync + 'static {
     /// `postgres` or `sqlite`, for health output and logs.
     fn backend(&self) -> &'static str;
 
-    /// The SQLite pool, when the store is SQLite (the embedded job queue shares it).
-    fn sqlite_pool(&self) -> Option<sqlx::SqlitePool>;
+    /// The SQLite pools, when the store is SQLite (the embedded job queue and bus share
+    /// its file, and its one writer).
+    fn sqlite_pools(&self) -> Option<SqlitePools>;
 
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
@@ -120,6 +120,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<User>;
     /// The tenant's users with these ids, in the order given; ids not found are left out.
     async fn get_users(&self, tenant_id: Uuid, ids: &[Uuid]) -> StoreResult<Vec<User>>;
+    /// The users with these ids, whatever their tenant (ids are unique), in no order;
+    /// ids not found are left out. For batched jobs, which check the tenant themselves.
+    async fn find_users(&self, ids: &[Uuid]) -> StoreResult<Vec<User>>;
     async fn list_users(&self, tenant_id: Uuid, page: PageRequest) -> StoreResult<Page<User>>;
     /// Applies a patch if `expected_version` (when given) is current.
     async fn update_user(
@@ -141,14 +144,6 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes idempotency records created before `before`; returns how many.
     async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
-    /// Parks a message in the dead-letter queue.
-    async fn park_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()>;
-    /// Parked messages, oldest first.
-    async fn list_dead_letters(&self, page: PageRequest) -> StoreResult<Page<DeadLetter>>;
-    async fn get_dead_letter(&self, id: Uuid) -> StoreResult<DeadLetter>;
-    /// Removes a parked message (after a replay, or to discard it).
-    async fn delete_dead_letter(&self, id: Uuid) -> StoreResult<()>;
-
     /// Outbox rows with `seq > after_seq`, oldest first: for inspection and tests.
     /// Not a relay cursor: on PostgreSQL `seq` is taken at insert, not commit, so a
     /// row with a lower `seq` can become visible after a higher one (of another tenant).
@@ -164,16 +159,24 @@ pub trait Store: Send + Sync + 'static {
     /// holds the lease `lease` (fencing: a relay whose lease lapsed mid-publish cannot
     /// mark); returns how many rows it marked.
     async fn mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> StoreResult<u64>;
+    /// Deletes up to `limit` rows published more than `retention` ago (oldest first);
+    /// returns how many. Unpublished rows are never touched.
+    async fn prune_outbox(&self, retention: std::time::Duration, limit: u32) -> StoreResult<u64>;
     /// When the oldest unpublished row was written (the relay's lag), if any.
     async fn oldest_unpublished(&self) -> StoreResult<Option<DateTime<Utc>>>;
-    /// Takes or renews the lease `name` for `holder` until `until`; `false` while another
-    /// holder's lease is still valid.
-    async fn try_lease(&self, name: &str, holder: &str, until: DateTime<Utc>) -> StoreResult<bool>;
+    /// Takes or renews the lease `name` for `holder` for `ttl`; `false` while another
+    /// holder's lease is still valid. Timed by the database's clock (PostgreSQL's
+    /// `clock_timestamp()`; SQLite is local to its host), so processes on hosts whose
+    /// clocks disagree agree on when a lease lapses.
+    async fn try_lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> StoreResult<bool>;
     /// Gives the lease up (a clean shutdown), if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
 
     /// Records an audit entry; `false` when the event already has one (a redelivery).
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<bool>;
+    /// Records several audit entries in one statement (those whose event already has
+    /// one are skipped); returns how many were new.
+    async fn append_audit_many(&self, entries: &[AuditEntry]) -> StoreResult<u64>;
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
     /// How many audit entries a tenant has.
     async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;
@@ -188,6 +191,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the email with this idempotency key was sent.
     async fn email_sent(&self, key: &str) -> StoreResult<bool>;
+    /// Which of these idempotency keys were sent (one query for a batch).
+    async fn emails_sent(&self, keys: &[String]) -> StoreResult<std::collections::HashSet<String>>;
     /// Records a sent email; `false` when the key was already recorded.
     async fn record_email(&self, email: &SentEmail) -> StoreResult<bool>;
 }
@@ -215,14 +220,13 @@ pub struct SentEmail {
     pub sent_at: DateTime<Utc>,
 }
 
-/// The store as the supervisors' dead-letter sink.
-pub struct StoreDeadLetters(pub Arc<dyn Store>);
-
-#[async_trait]
-impl crate::supervision::parking::DeadLetterSink for StoreDeadLetters {
-    async fn park(&self, letter: &DeadLetter) -> Result<(), String> {
-        self.0.park_dead_letter(letter).await.map_err(|e| e.to_string())
-    }
+/// The pools of an SQLite database: readers, and the one writer every write of the
+/// process goes through (store, job queue, bus), so writers queue in the pool instead of
+/// sleeping in SQLite's busy handler.
+#[derive(Clone, Debug)]
+pub struct SqlitePools {
+    pub read: sqlx::SqlitePool,
+    pub write: sqlx::SqlitePool,
 }
 
 /// Opens the store a database URL names: `postgres://…` or `sqlite://…`.

@@ -102,31 +102,6 @@ impl From<OutboxRow> for OutboxRecord {
 }
 
 #[derive(sqlx::FromRow)]
-pub(super) struct DeadLetterRow {
-    id: Uuid,
-    source: String,
-    message_id: String,
-    payload: Json<Value>,
-    reason: String,
-    failures: i64,
-    parked_at: DateTime<Utc>,
-}
-
-impl From<DeadLetterRow> for super::DeadLetter {
-    fn from(r: DeadLetterRow) -> Self {
-        super::DeadLetter {
-            id: r.id,
-            source: r.source,
-            message_id: r.message_id,
-            payload: r.payload.0,
-            reason: r.reason,
-            failures: u32::try_from(r.failures).unwrap_or(u32::MAX),
-            parked_at: r.parked_at,
-        }
-    }
-}
-
-#[derive(sqlx::FromRow)]
 pub(super) struct AuditRow {
     event_id: Uuid,
     tenant_id: Uuid,
@@ -152,24 +127,6 @@ impl From<AuditRow> for crate::domain::AuditEntry {
             before: r.before.map(|j| j.0),
             after: r.after.map(|j| j.0),
         }
-    }
-}
-
-/// The SQLite pool behind a store, for the embedded job queue to share (one writer
-/// pool per file); PostgreSQL has none.
-pub trait AsSqlitePool {
-    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool>;
-}
-
-impl AsSqlitePool for sqlx::SqlitePool {
-    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
-        Some(self.clone())
-    }
-}
-
-impl AsSqlitePool for sqlx::PgPool {
-    fn as_sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
-        None
     }
 }
 
@@ -203,8 +160,11 @@ pub(super) fn email_conflict(e: sqlx::Error, email: &str) -> StoreError {
     conflict_or(e, || format!("a user with email '{email}' already exists in this tenant"))
 }
 
-/// Stamps out `impl Store` for one sqlx backend. `$store` must have a `pool: Pool<$db>`
-/// field and a `MIGRATOR` associated static.
+/// Stamps out `impl Store` for one sqlx backend. `$store` must have `pool: Pool<$db>`
+/// (reads) and `writer: Pool<$db>` (writes: the same pool on PostgreSQL, one connection
+/// on SQLite) fields, a `MIGRATOR` associated static, and the backend's own
+/// `embedded_pools`, `lease_try` and `lease_mark_published` (the lease statements read
+/// the clock, which differs per engine).
 macro_rules! sql_store_impl {
     ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
@@ -355,12 +315,12 @@ macro_rules! sql_store_impl {
                 $backend
             }
 
-            fn sqlite_pool(&self) -> Option<sqlx::SqlitePool> {
-                $crate::store::sql::AsSqlitePool::as_sqlite_pool(&self.pool)
+            fn sqlite_pools(&self) -> Option<$crate::store::SqlitePools> {
+                self.embedded_pools()
             }
 
             async fn migrate(&self) -> $crate::store::StoreResult<()> {
-                Self::MIGRATOR.run(&self.pool).await?;
+                Self::MIGRATOR.run(&self.writer).await?;
                 Ok(())
             }
 
@@ -376,7 +336,7 @@ macro_rules! sql_store_impl {
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<$crate::domain::Tenant> {
                 let tenant = t.to_tenant();
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 sqlx::query(
                     "INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, 0, 1, $5, $5)",
@@ -429,7 +389,7 @@ macro_rules! sql_store_impl {
                 patch: &$crate::domain::TenantPatch,
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<$crate::domain::Tenant> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, id).await?;
                 let before = Self::select_tenant(&mut tx, id).await?;
                 let Some(after) = patch.apply(&before, crate::domain::now()) else {
@@ -449,7 +409,7 @@ macro_rules! sql_store_impl {
             }
 
             async fn delete_tenant(&self, id: uuid::Uuid, ctx: &$crate::domain::EventContext) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, id).await?;
                 let tenant = Self::select_tenant(&mut tx, id).await?;
                 sqlx::query("DELETE FROM tenants WHERE id = $1").bind(id).execute(&mut *tx).await?;
@@ -464,7 +424,7 @@ macro_rules! sql_store_impl {
                 key: &$crate::domain::NewApiKey,
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<$crate::domain::ApiKey> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, key.key.tenant_id).await?;
                 sqlx::query("INSERT INTO api_keys (id, tenant_id, role, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
                     .bind(key.key.id)
@@ -497,7 +457,7 @@ macro_rules! sql_store_impl {
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<$crate::store::Created<$crate::domain::User>> {
                 let user = &new.0;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, user.tenant_id).await?;
                 if let Some(req) = idempotency {
                     if let Some(previous) = Self::find_idempotent(&mut tx, user.tenant_id, req).await? {
@@ -564,6 +524,23 @@ macro_rules! sql_store_impl {
                 Ok(ids.iter().filter_map(|id| found.get(id).cloned()).collect())
             }
 
+            async fn find_users(&self, ids: &[uuid::Uuid]) -> $crate::store::StoreResult<Vec<$crate::domain::User>> {
+                let mut users = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM users WHERE id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    let rows: Vec<$crate::store::sql::UserRow> = q.build_query_as().fetch_all(&self.pool).await?;
+                    for row in rows {
+                        users.push(row.try_into()?);
+                    }
+                }
+                Ok(users)
+            }
+
             async fn list_users(
                 &self,
                 tenant_id: uuid::Uuid,
@@ -589,7 +566,7 @@ macro_rules! sql_store_impl {
                 patch: &$crate::domain::UserPatch,
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<$crate::domain::User> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
                 let before = Self::select_user(&mut tx, tenant_id, user_id).await?;
                 if let Some(expected) = expected_version.filter(|v| *v != before.version) {
@@ -612,7 +589,7 @@ macro_rules! sql_store_impl {
                 expected_version: Option<i64>,
                 ctx: &$crate::domain::EventContext,
             ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
                 let user = Self::select_user(&mut tx, tenant_id, user_id).await?;
                 if let Some(expected) = expected_version.filter(|v| *v != user.version) {
@@ -634,57 +611,8 @@ macro_rules! sql_store_impl {
             }
 
             async fn purge_idempotency_keys(&self, before: chrono::DateTime<chrono::Utc>) -> $crate::store::StoreResult<u64> {
-                let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(before).execute(&self.pool).await?;
+                let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(before).execute(&self.writer).await?;
                 Ok(done.rows_affected())
-            }
-
-            async fn park_dead_letter(&self, l: &$crate::store::DeadLetter) -> $crate::store::StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO dead_letters (id, source, message_id, payload, reason, failures, parked_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(l.id)
-                .bind(&l.source)
-                .bind(&l.message_id)
-                .bind(sqlx::types::Json(&l.payload))
-                .bind(&l.reason)
-                .bind(i64::from(l.failures))
-                .bind(l.parked_at)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
-            }
-
-            async fn list_dead_letters(
-                &self,
-                page: $crate::domain::PageRequest,
-            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::store::DeadLetter>> {
-                let rows = sqlx::query_as::<_, $crate::store::sql::DeadLetterRow>(
-                    "SELECT * FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
-                )
-                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
-                .bind(i64::from(page.limit) + 1)
-                .fetch_all(&self.pool)
-                .await?;
-                let letters: Vec<$crate::store::DeadLetter> = rows.into_iter().map(Into::into).collect();
-                Ok($crate::domain::Page::from_rows(letters, page.limit, |l| l.id))
-            }
-
-            async fn get_dead_letter(&self, id: uuid::Uuid) -> $crate::store::StoreResult<$crate::store::DeadLetter> {
-                sqlx::query_as::<_, $crate::store::sql::DeadLetterRow>("SELECT * FROM dead_letters WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map(Into::into)
-                    .ok_or($crate::store::StoreError::NotFound("dead letter"))
-            }
-
-            async fn delete_dead_letter(&self, id: uuid::Uuid) -> $crate::store::StoreResult<()> {
-                let done = sqlx::query("DELETE FROM dead_letters WHERE id = $1").bind(id).execute(&self.pool).await?;
-                if done.rows_affected() == 0 {
-                    return Err($crate::store::StoreError::NotFound("dead letter"));
-                }
-                Ok(())
             }
 
             async fn outbox_after(&self, after_seq: i64, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxRecord>> {
@@ -714,22 +642,19 @@ macro_rules! sql_store_impl {
                 if seqs.is_empty() {
                     return Ok(0);
                 }
-                let now = $crate::domain::now();
-                let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE outbox SET published_at = ");
-                q.push_bind(now);
-                q.push(" WHERE published_at IS NULL AND EXISTS (SELECT 1 FROM leases WHERE name = ");
-                q.push_bind(lease.to_owned());
-                q.push(" AND holder = ");
-                q.push_bind(holder.to_owned());
-                q.push(" AND expires_at > ");
-                q.push_bind(now);
-                q.push(") AND seq IN (");
-                let mut list = q.separated(", ");
-                for seq in seqs {
-                    list.push_bind(*seq);
-                }
-                q.push(")");
-                let done = q.build().execute(&self.pool).await?;
+                self.lease_mark_published(seqs, lease, holder).await
+            }
+
+            async fn prune_outbox(&self, retention: std::time::Duration, limit: u32) -> $crate::store::StoreResult<u64> {
+                let before = $crate::domain::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                let done = sqlx::query(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE published_at IS NOT NULL \
+                     AND published_at < $1 ORDER BY seq LIMIT $2)",
+                )
+                .bind(before)
+                .bind(i64::from(limit))
+                .execute(&self.writer)
+                .await?;
                 Ok(done.rows_affected())
             }
 
@@ -742,31 +667,15 @@ macro_rules! sql_store_impl {
                 Ok(row.map(|r| r.0))
             }
 
-            async fn try_lease(
-                &self,
-                name: &str,
-                holder: &str,
-                until: chrono::DateTime<chrono::Utc>,
-            ) -> $crate::store::StoreResult<bool> {
-                let done = sqlx::query(
-                    "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
-                     WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
-                )
-                .bind(name)
-                .bind(holder)
-                .bind(until)
-                .bind($crate::domain::now())
-                .execute(&self.pool)
-                .await?;
-                Ok(done.rows_affected() == 1)
+            async fn try_lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> $crate::store::StoreResult<bool> {
+                self.lease_try(name, holder, ttl).await
             }
 
             async fn release_lease(&self, name: &str, holder: &str) -> $crate::store::StoreResult<()> {
                 sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
                     .bind(name)
                     .bind(holder)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 Ok(())
             }
@@ -787,9 +696,36 @@ macro_rules! sql_store_impl {
                 .bind(e.before.as_ref().map(sqlx::types::Json))
                 .bind(e.after.as_ref().map(sqlx::types::Json))
                 .bind($crate::domain::now())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
+            }
+
+            async fn append_audit_many(&self, entries: &[$crate::domain::AuditEntry]) -> $crate::store::StoreResult<u64> {
+                let mut new = 0;
+                // Ten binds a row: chunks stay well below either engine's parameter limit.
+                for chunk in entries.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit_log (event_id, tenant_id, event_type, subject, actor, correlation_id, at, \
+                         before, after, recorded_at) ",
+                    );
+                    let now = $crate::domain::now();
+                    q.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.event_id)
+                            .push_bind(e.tenant_id)
+                            .push_bind(e.event_type.clone())
+                            .push_bind(e.subject.clone())
+                            .push_bind(sqlx::types::Json(e.actor.clone()))
+                            .push_bind(e.correlation_id.clone())
+                            .push_bind(e.at)
+                            .push_bind(e.before.clone().map(sqlx::types::Json))
+                            .push_bind(e.after.clone().map(sqlx::types::Json))
+                            .push_bind(now);
+                    });
+                    q.push(" ON CONFLICT (event_id) DO NOTHING");
+                    new += q.build().execute(&self.writer).await?.rows_affected();
+                }
+                Ok(new)
             }
 
             async fn get_audit(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::AuditEntry>> {
@@ -864,6 +800,21 @@ macro_rules! sql_store_impl {
                 Ok(row.is_some())
             }
 
+            async fn emails_sent(&self, keys: &[String]) -> $crate::store::StoreResult<std::collections::HashSet<String>> {
+                let mut sent = std::collections::HashSet::new();
+                for chunk in keys.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT key FROM email_log WHERE key IN (");
+                    let mut list = q.separated(", ");
+                    for k in chunk {
+                        list.push_bind(k.clone());
+                    }
+                    q.push(")");
+                    let rows: Vec<(String,)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    sent.extend(rows.into_iter().map(|r| r.0));
+                }
+                Ok(sent)
+            }
+
             async fn record_email(&self, m: &$crate::store::SentEmail) -> $crate::store::StoreResult<bool> {
                 let done = sqlx::query(
                     "INSERT INTO email_log (key, tenant_id, recipient, message_id, sent_at) \
@@ -874,7 +825,7 @@ macro_rules! sql_store_impl {
                 .bind(&m.recipient)
                 .bind(&m.message_id)
                 .bind(m.sent_at)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }

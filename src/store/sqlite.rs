@@ -4,6 +4,13 @@
 //! against process crashes (only an OS crash can lose the last commits), the usual
 //! trade for an embedded server database. Foreign keys must be switched on per
 //! connection for tenant deletion to cascade.
+//!
+//! ## Design note: one writer
+//! Every write of the process (store, embedded job queue, embedded bus) goes through
+//! one pooled connection, so writers wait their turn in the pool's fair queue instead
+//! of colliding on SQLite's lock and sleeping in its busy handler (which backs off up to
+//! 100 ms a try). Reads use their own pool and never wait for the writer (WAL). Leases
+//! are timed by this host's clock: the database file is local to this host.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,13 +18,15 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::sql::sql_store_impl;
-use super::StoreResult;
+use super::{SqlitePools, StoreResult};
 
 /// A pool on one SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// Several readers, one writer at a time (SQLite's own lock, waited on via busy_timeout).
+    /// Readers (several; WAL lets them run beside the writer).
     pub(super) pool: SqlitePool,
+    /// The one writer connection.
+    pub(super) writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -29,17 +38,69 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // Only another process writing the same file (a maintenance command) waits here.
             .busy_timeout(Duration::from_secs(30));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, writer })
     }
 
+    /// The reader pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Readers and the writer, for the embedded queue and bus.
+    pub fn pools(&self) -> SqlitePools {
+        SqlitePools { read: self.pool.clone(), write: self.writer.clone() }
+    }
+
+    fn embedded_pools(&self) -> Option<SqlitePools> {
+        Some(self.pools())
+    }
+
+    async fn lease_try(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        let now = crate::domain::now();
+        let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lease_mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> StoreResult<u64> {
+        let now = crate::domain::now();
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE outbox SET published_at = ");
+        q.push_bind(now);
+        q.push(" WHERE published_at IS NULL AND EXISTS (SELECT 1 FROM leases WHERE name = ");
+        q.push_bind(lease.to_owned());
+        q.push(" AND holder = ");
+        q.push_bind(holder.to_owned());
+        q.push(" AND expires_at > ");
+        q.push_bind(now);
+        q.push(") AND seq IN (");
+        let mut list = q.separated(", ");
+        for seq in seqs {
+            list.push_bind(*seq);
+        }
+        q.push(")");
+        Ok(q.build().execute(&self.writer).await?.rows_affected())
     }
 }
 

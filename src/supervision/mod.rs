@@ -3,13 +3,11 @@
 //! - [`spec`]: strategies, restart types, intensity, backoff and child specs (data).
 //! - [`supervisor`]: the OTP-style supervisor actor.
 //! - [`intensity`], [`backoff`]: the restart window and restart delays (pure).
-//! - [`parking`]: queue workers whose poison messages are parked in the DLQ.
 //! - [`tree`]: the live view behind `/debug/actors` and the chaos kill endpoint.
 //! - [`root`]: the process's tree, declared as a child table.
 
 pub mod backoff;
 pub mod intensity;
-pub mod parking;
 pub mod root;
 pub mod spec;
 pub mod supervisor;

@@ -19,11 +19,10 @@ use std::time::Duration;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorRef, SpawnErr};
 
-use super::parking::DeadLetterSink;
 use super::spec::{ChildSpec, StartCtx, StartFn, Strategy, SupervisorSpec};
 use super::supervisor::{Supervisor, SupervisorMsg};
 use super::tree::Tree;
-use crate::actors::event_consumer::{ConsumerArgs, EventConsumer};
+use crate::actors::event_consumer::{ConsumerArgs, EventConsumer, SubscriptionSlot};
 use crate::actors::job_worker::{JobWorker, JobWorkerArgs};
 use crate::actors::outbox_relay::{OutboxRelay, RelayArgs};
 use crate::actors::periodic::{Periodic, PeriodicArgs, Task};
@@ -43,7 +42,6 @@ pub type RegistrySlot = Arc<RwLock<Option<ActorRef<RegistryMsg>>>>;
 pub struct RootDeps {
     pub store: Arc<dyn Store>,
     pub tenant_idle_timeout: Duration,
-    pub dead_letters: Arc<dyn DeadLetterSink>,
     /// The job system, when this process has the `worker` role.
     pub jobs: Option<JobsDeps>,
     /// The event pipeline (relay and/or consumers), by role.
@@ -129,8 +127,17 @@ pub fn pipeline_spec(p: &PipelineDeps) -> SupervisorSpec {
     }
     for n in 1..=p.consumers {
         let (bus, jobs, prefetch) = (p.bus.clone(), p.jobs.clone(), p.prefetch);
+        // One per consumer, made once: every incarnation of the consumer takes over the
+        // subscription and the batch in hand of the one before it.
+        let slot: SubscriptionSlot = Arc::default();
         let start: StartFn = Arc::new(move |ctx: StartCtx| {
-            let args = ConsumerArgs { bus: bus.clone(), jobs: jobs.clone(), name: ctx.name.clone(), prefetch };
+            let args = ConsumerArgs {
+                bus: bus.clone(),
+                jobs: jobs.clone(),
+                name: ctx.name.clone(),
+                prefetch,
+                slot: slot.clone(),
+            };
             Box::pin(async move {
                 let (actor, _) = Actor::spawn_linked(None, EventConsumer, args, ctx.parent).await?;
                 Ok(actor.get_cell())
@@ -225,9 +232,7 @@ fn periodic_start(every: Duration, task: Task) -> StartFn {
 }
 
 pub fn root_spec(deps: &RootDeps, slot: &RegistrySlot) -> SupervisorSpec {
-    let mut spec = SupervisorSpec::new("root", Strategy::OneForOne, root_children(deps, slot));
-    spec.dead_letters = Some(deps.dead_letters.clone());
-    spec
+    SupervisorSpec::new("root", Strategy::OneForOne, root_children(deps, slot))
 }
 
 fn tenants_start(deps: RootDeps, slot: RegistrySlot) -> StartFn {

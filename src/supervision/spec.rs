@@ -10,7 +10,6 @@ use std::time::Duration;
 use ractor::{ActorCell, SpawnErr};
 use serde::Serialize;
 
-use super::parking::{DeadLetterSink, ParkingHook};
 use super::tree::Tree;
 
 /// Whether a child supervises others.
@@ -106,9 +105,6 @@ pub struct ChildSpec {
     /// How long an orderly stop may take before the child is killed.
     pub shutdown: Duration,
     pub start: StartFn,
-    /// For workers that take messages from a queue: lets the supervisor park the
-    /// message a crash happened on, once it has failed too often.
-    pub parking: Option<Arc<dyn ParkingHook>>,
 }
 
 impl ChildSpec {
@@ -119,7 +115,6 @@ impl ChildSpec {
             restart: Restart::Permanent,
             shutdown: Duration::from_secs(5),
             start,
-            parking: None,
         }
     }
 
@@ -135,11 +130,6 @@ impl ChildSpec {
 
     pub fn supervisor(mut self) -> Self {
         self.kind = ChildKind::Supervisor;
-        self
-    }
-
-    pub fn parking(mut self, hook: Arc<dyn ParkingHook>) -> Self {
-        self.parking = Some(hook);
         self
     }
 }
@@ -164,19 +154,10 @@ pub struct SupervisorSpec {
     pub backoff: Option<Backoff>,
     /// Started in this order, stopped in reverse.
     pub children: Vec<ChildSpec>,
-    /// Where parked messages go.
-    pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
 }
 
 impl SupervisorSpec {
     pub fn new(name: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
-        SupervisorSpec {
-            name: name.into(),
-            strategy,
-            intensity: Intensity::default(),
-            backoff: None,
-            children,
-            dead_letters: None,
-        }
+        SupervisorSpec { name: name.into(), strategy, intensity: Intensity::default(), backoff: None, children }
     }
 }

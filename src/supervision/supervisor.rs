@@ -7,11 +7,11 @@
 //!   what restarts with it (one-for-one, one-for-all, rest-for-one);
 //! - every restart counts against the restart intensity; one too many and the
 //!   supervisor stops its children and fails, so its own parent decides (escalation);
-//! - an optional backoff delays restarts of a crash-looping child;
-//! - when the child has a parking hook, the message it crashed on is parked in the
-//!   dead-letter queue after too many failures (see `parking.rs`).
+//! - an optional backoff delays restarts of a crash-looping child.
 //!
-//! Every restart, escalation and parking is a structured log line and a metric.
+//! Poison messages are not the supervisor's business: consumers park invalid or
+//! crashing events in the bus's DLQ, job workers bury poison jobs in the dead set.
+//! Every restart and escalation is a structured log line and a metric.
 
 use std::time::Duration;
 
@@ -21,7 +21,6 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::intensity::RestartWindow;
-use super::parking::DeadLetter;
 use super::spec::{ChildSpec, Restart, StartCtx, Strategy, SupervisorSpec};
 use super::tree::Tree;
 
@@ -254,11 +253,6 @@ async fn on_child_exit(
     if abnormal {
         tracing::warn!(supervisor = %sup, child = %name, %reason, "child failed");
         state.tree.failed(&name, &reason);
-        // A kill says nothing about the message in hand (chaos, or an operator): only
-        // real handler failures count towards parking it.
-        if reason != "killed" {
-            park_poison(state, i, &reason).await;
-        }
     } else {
         tracing::info!(supervisor = %sup, child = %name, %reason, "child stopped");
         state.tree.stopped(&name);
@@ -380,43 +374,6 @@ async fn restart_group(
         tracing::info!(supervisor = %state.spec.name, child = %name, "child restarted");
     }
     Ok(())
-}
-
-/// Parks the message the child crashed on, if it has failed too often.
-async fn park_poison(state: &mut SupervisorState, i: usize, reason: &str) {
-    let Some(hook) = state.children[i].spec.parking.clone() else { return };
-    let Some(poison) = hook.on_failure() else { return };
-    // The queue keeps the message until the DLQ has it; if parking fails it stays in
-    // flight and is retried (and counted) again: never lost.
-    let source = state.children[i].spec.name.clone();
-    let letter = DeadLetter {
-        id: uuid::Uuid::now_v7(),
-        source: source.clone(),
-        message_id: poison.message_id,
-        payload: poison.payload,
-        reason: reason.to_owned(),
-        failures: poison.failures,
-        parked_at: crate::domain::now(),
-    };
-    match &state.spec.dead_letters {
-        Some(sink) => match sink.park(&letter).await {
-            Ok(()) => {
-                hook.parked();
-                metrics::counter!("eventra_messages_parked_total", "source" => source.clone()).increment(1);
-                tracing::warn!(
-                    supervisor = %state.spec.name, child = %source, message_id = %letter.message_id,
-                    failures = letter.failures, %reason, dead_letter_id = %letter.id, "poison message parked"
-                )
-            }
-            Err(e) => {
-                tracing::error!(child = %source, message_id = %letter.message_id, error = %e, "could not park poison message; it stays in flight and is retried")
-            }
-        },
-        None => {
-            hook.parked();
-            tracing::error!(child = %source, message_id = %letter.message_id, payload = %letter.payload, "poison message dropped: no dead-letter queue configured")
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Supervisor semantics, one behaviour per test: strategies, restart types, intensity
-//! escalation, restart backoff, shutdown order and poison-message parking.
+//! escalation, restart backoff and shutdown order.
 //!
 //! Timing tests run on tokio's paused clock: virtual time advances only when every task
 //! is idle, so "3 crashes spread over 10 s" takes no real time and cannot flake.
@@ -7,15 +7,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
-use serde_json::{json, Value};
 
 use super::*;
-use crate::supervision::parking::{
-    DeadLetter, DeadLetterSink, QueueWorker, QueueWorkerArgs, Replay, Work, WorkHandler, WorkQueue,
-};
 use crate::supervision::spec::{Backoff, ChildSpec, Intensity, Restart, StartCtx, StartFn, Strategy, SupervisorSpec};
 use crate::supervision::tree::{Status, Tree};
 
@@ -309,154 +304,4 @@ async fn children_start_in_order_and_stop_in_reverse() {
     sup.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
     join.await.unwrap();
     assert_eq!(log_of(&log), ["stop:c", "stop:y", "stop:x", "stop:a"]);
-}
-
-// ---- poison-message parking --------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq)]
-struct Msg(String);
-
-impl Work for Msg {
-    fn id(&self) -> String {
-        self.0.clone()
-    }
-    fn payload(&self) -> Value {
-        json!({ "body": self.0 })
-    }
-    fn from_payload(v: &Value) -> Option<Self> {
-        v["body"].as_str().map(|s| Msg(s.to_owned()))
-    }
-}
-
-/// Panics on "poison" unless cured, hangs on "slow"; records what it handled.
-struct Handler {
-    handled: Log,
-    cured: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl WorkHandler<Msg> for Handler {
-    async fn handle(&self, m: Msg) -> Result<(), String> {
-        if m.0 == "poison" && !self.cured.load(std::sync::atomic::Ordering::SeqCst) {
-            panic!("cannot digest {}", m.0);
-        }
-        if m.0 == "slow" {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        self.handled.lock().unwrap().push(m.0);
-        Ok(())
-    }
-}
-
-/// A DLQ in memory that refuses the first `fail_first` letters (a database outage).
-#[derive(Default)]
-struct MemoryDlq(Mutex<Vec<DeadLetter>>, std::sync::atomic::AtomicUsize);
-
-#[async_trait]
-impl DeadLetterSink for MemoryDlq {
-    async fn park(&self, letter: &DeadLetter) -> Result<(), String> {
-        if self.1.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            return Err("dead-letter store unavailable".into());
-        }
-        self.0.lock().unwrap().push(letter.clone());
-        Ok(())
-    }
-}
-
-/// A supervised queue worker over a fresh queue; returns (supervisor, queue, handler, dlq).
-async fn queue_worker(
-    tree: &Tree,
-    dlq_failures: usize,
-) -> (ActorRef<SupervisorMsg>, Arc<WorkQueue<Msg>>, Arc<Handler>, Arc<MemoryDlq>) {
-    let queue = WorkQueue::<Msg>::new(3);
-    let handler = Arc::new(Handler { handled: Log::default(), cured: false.into() });
-    let (q, h) = (queue.clone(), handler.clone());
-    let start: StartFn = Arc::new(move |ctx: StartCtx| {
-        let args = QueueWorkerArgs { queue: q.clone(), handler: h.clone() };
-        Box::pin(async move {
-            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Msg, Handler>::default(), args, ctx.parent).await?;
-            Ok(a.get_cell())
-        })
-    });
-    let dlq = Arc::new(MemoryDlq::default());
-    dlq.1.store(dlq_failures, std::sync::atomic::Ordering::SeqCst);
-    let worker = ChildSpec::worker("worker", start).parking(queue.clone()).shutdown(Duration::from_millis(200));
-    let mut s = spec("sup", Strategy::OneForOne, vec![worker]);
-    s.dead_letters = Some(dlq.clone());
-    s.intensity = Intensity { max_restarts: 20, period: Duration::from_secs(5) };
-    let (sup, _) = start_sup(s, tree).await;
-    (sup, queue, handler, dlq)
-}
-
-#[tokio::test]
-async fn a_failing_dead_letter_queue_loses_nothing() {
-    let tree = Tree::new();
-    let (sup, queue, handler, dlq) = queue_worker(&tree, 1).await;
-    for m in ["poison", "after"] {
-        queue.push(Msg(m.into()));
-    }
-    eventually("the poison to be parked once the DLQ works again", 10, || dlq.0.lock().unwrap().len() == 1).await;
-    assert_eq!(dlq.0.lock().unwrap()[0].failures, 4, "the refused park kept it in flight for one more try");
-    eventually("the message behind it", 10, || log_of(&handler.handled) == ["after"]).await;
-    sup.stop_and_wait(None, None).await.unwrap();
-}
-
-#[tokio::test]
-async fn kills_do_not_count_towards_parking() {
-    let tree = Tree::new();
-    let (sup, queue, _handler, dlq) = queue_worker(&tree, 0).await;
-    queue.push(Msg("slow".into()));
-    for i in 1..=4 {
-        eventually("the worker to hold the slow message", 10, || queue.depth() == 1 && tree.cell("worker").is_some())
-            .await;
-        tree.cell("worker").unwrap().kill();
-        eventually("the worker to restart", 10, || tree.restarts("worker") == Some(i) && tree.cell("worker").is_some())
-            .await;
-    }
-    assert!(dlq.0.lock().unwrap().is_empty(), "a healthy message killed 4 times is not poison");
-    assert_eq!(queue.depth(), 1, "it is still in flight, to run again");
-    sup.stop_and_wait(None, None).await.unwrap();
-}
-
-#[tokio::test]
-async fn poison_message_is_parked_after_three_failures_and_the_rest_flow() {
-    let tree = Tree::new();
-    let queue = WorkQueue::<Msg>::new(3);
-    let handler = Arc::new(Handler { handled: Log::default(), cured: false.into() });
-    let (q, h) = (queue.clone(), handler.clone());
-    let start: StartFn = Arc::new(move |ctx: StartCtx| {
-        let args = QueueWorkerArgs { queue: q.clone(), handler: h.clone() };
-        Box::pin(async move {
-            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Msg, Handler>::default(), args, ctx.parent).await?;
-            Ok(a.get_cell())
-        })
-    });
-    let dlq = Arc::new(MemoryDlq::default());
-    let mut s = spec("sup", Strategy::OneForOne, vec![ChildSpec::worker("worker", start).parking(queue.clone())]);
-    s.dead_letters = Some(dlq.clone());
-    let (sup, join) = start_sup(s, &tree).await;
-
-    for m in ["m1", "poison", "m2", "m3"] {
-        queue.push(Msg(m.into()));
-    }
-    eventually("the messages behind the poison to be handled", 10, || log_of(&handler.handled).len() == 3).await;
-    assert_eq!(log_of(&handler.handled), ["m1", "m2", "m3"]);
-    let parked = dlq.0.lock().unwrap().clone();
-    assert_eq!(parked.len(), 1);
-    assert_eq!((parked[0].message_id.as_str(), parked[0].failures, parked[0].source.as_str()), ("poison", 3, "worker"));
-    assert!(parked[0].reason.contains("cannot digest poison"), "reason: {}", parked[0].reason);
-    assert_eq!(tree.restarts("worker"), Some(3));
-    assert!(!join.is_finished(), "parking kept the supervisor within its intensity");
-
-    // Replay once the handler is fixed: the message is handled after all.
-    handler.cured.store(true, std::sync::atomic::Ordering::SeqCst);
-    queue.replay(&parked[0]).unwrap();
-    eventually("the replayed message to be handled", 10, || log_of(&handler.handled).len() == 4).await;
-    assert_eq!(queue.depth(), 0);
-    sup.stop_and_wait(None, None).await.unwrap();
-}
-
-async fn start_sup(s: SupervisorSpec, tree: &Tree) -> (ActorRef<SupervisorMsg>, ractor::concurrency::JoinHandle<()>) {
-    start(s, tree).await
 }

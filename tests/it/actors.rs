@@ -6,10 +6,8 @@ use eventra::actors::Tenants;
 use eventra::domain::tenant::NewTenantInput;
 use eventra::domain::user::NewUserInput;
 use eventra::domain::{EventContext, NewTenant, NewUser};
-use eventra::store::StoreDeadLetters;
 use eventra::supervision::root::RootDeps;
 use eventra::supervision::Root;
-use std::sync::Arc;
 
 use crate::utils::{wait_for, TestDb};
 
@@ -21,11 +19,9 @@ fn ctx() -> EventContext {
 async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let db = TestDb::sqlite();
     let store = db.store().await;
-    let dead_letters = Arc::new(StoreDeadLetters(store.clone()));
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: Duration::from_millis(200),
-        dead_letters,
         jobs: None,
         pipeline: None,
         indexer: None,

@@ -75,3 +75,31 @@ async fn serve_on_embedded_defaults_then_sigterm() {
     let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
+
+/// An empty variable means unset (SPEC §1): `SMTP_URL=` and friends start the embedded
+/// defaults instead of failing on a "relative URL without a base".
+#[tokio::test]
+async fn empty_variables_mean_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = crate::utils::process::Spawn::new(dir.path())
+        .env("SMTP_URL", "")
+        .env("AMQP_URL", "")
+        .env("REDIS_URL", "")
+        .env("OPENSEARCH_URL", "")
+        .env("DATABASE_URL", "")
+        .env("EVENTRA_ADMIN_TOKEN", "")
+        .env("EVENTRA_WORKERS", "")
+        .start();
+    eventra::tls::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let ready: Value = crate::utils::wait_for("the server to be ready", Duration::from_secs(30), || {
+        let req = client.get(format!("{}/health/ready", server.base)).send();
+        async move { req.await.ok()?.json().await.ok() }
+    })
+    .await;
+    assert_eq!(ready["checks"]["job_queue"]["backend"], "sqlite", "{ready}");
+    assert_eq!(ready["checks"]["event_bus"]["backend"], "sqlite", "{ready}");
+    assert!(server.token.starts_with("eva_"), "a generated token: {}", server.token);
+    let status = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(30))).await.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}

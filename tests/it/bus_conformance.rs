@@ -140,7 +140,7 @@ macro_rules! conformance {
                     let db = crate::utils::TestDb::sqlite();
                     let store = eventra::store::SqliteStore::connect(db.url(), 4).await.expect("sqlite");
                     eventra::store::Store::migrate(&store).await.expect("migrate");
-                    let bus: Arc<dyn EventBus> = Arc::new(eventra::bus::SqliteBus::new(store.pool().clone(), config));
+                    let bus: Arc<dyn EventBus> = Arc::new(eventra::bus::SqliteBus::new(store.pools(), config));
                     (Box::new(db) as Box<dyn std::any::Any + Send>, bus)
                 })
             }

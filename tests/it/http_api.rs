@@ -433,3 +433,48 @@ async fn health_endpoints_report_dependencies() {
     assert_eq!(body["checks"]["actors"]["status"], "up");
     app.stop().await;
 }
+
+/// A client that sends its whole (oversized) body before reading the answer, as Python's
+/// urllib does, still reads the 413 problem instead of a connection reset.
+#[tokio::test]
+async fn an_oversized_body_sent_whole_still_gets_its_413() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let addr = app.base.strip_prefix("http://").unwrap().to_owned();
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_write_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let body = vec![b' '; 5 * 1024 * 1024];
+        let head = format!(
+            "POST /v1/tenants HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).map_err(|e| format!("writing the head: {e}"))?;
+        s.write_all(&body).map_err(|e| format!("writing the body: {e}"))?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                        break;
+                    }
+                }
+                Err(e) if answer.is_empty() => return Err(format!("reading the answer: {e}")),
+                Err(_) => break,
+            }
+        }
+        Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await
+    .unwrap()
+    .expect("the client reads an answer");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    app.stop().await;
+}

@@ -209,13 +209,17 @@ pub async fn batches_lease_a_fair_share_and_ack_together(make: Make) {
     for i in 0..12 {
         new_id(q.enqueue(job(&format!("b{i}"))).await.unwrap());
     }
-    // 12 ready, 4 workers: a fair share is 3, so at most 3 (backends may take fewer).
+    // 12 ready, 4 workers: a fair share is 3, leased together under one lease.
     let first = q.fetch_many("default", "w1", Duration::from_secs(30), 10, 4).await.unwrap();
-    let expected = if q.backend() == "redis" { 3..=3 } else { 1..=1 };
-    assert!(expected.contains(&first.len()), "{} jobs: Redis batches a fair share, SQLite takes one", first.len());
+    assert_eq!(first.len(), 3, "a fair share");
     assert!(first
         .iter()
         .all(|j| j.state == JobState::Running && j.lease.is_some() && j.worker.as_deref() == Some("w1")));
+    assert!(first.iter().all(|j| j.lease == first[0].lease), "one lease for the batch");
+    assert_eq!(keys(&first), ["b0", "b1", "b2"], "oldest first");
+    // One heartbeat extends the batch; a job of another lease does not count.
+    assert!(q.heartbeat(first[2].id, lease(&first[0]), Duration::from_secs(30)).await.unwrap());
+    assert!(!q.heartbeat(first[2].id, Uuid::new_v4(), Duration::from_secs(30)).await.unwrap());
     let mut taken: Vec<Job> = first;
     while let Some(more) =
         Some(q.fetch_many("default", "w2", Duration::from_secs(30), 10, 1).await.unwrap()).filter(|m| !m.is_empty())
@@ -398,7 +402,7 @@ macro_rules! conformance {
                     let db = crate::utils::TestDb::sqlite();
                     let store = eventra::store::SqliteStore::connect(db.url(), 4).await.expect("sqlite");
                     eventra::store::Store::migrate(&store).await.expect("migrate");
-                    let q: Arc<dyn JobQueue> = Arc::new(eventra::jobs::SqliteJobQueue::new(store.pool().clone(), config));
+                    let q: Arc<dyn JobQueue> = Arc::new(eventra::jobs::SqliteJobQueue::new(store.pools(), config));
                     (Box::new(db) as Box<dyn std::any::Any + Send>, q)
                 })
             }

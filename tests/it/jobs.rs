@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use eventra::config::Config;
 use eventra::domain::{DomainEvent, EventType};
-use eventra::jobs::{Enqueued, Job, JobFailure, JobKind, JobQueue, Kinds, NewJob, QueueConfig};
+use eventra::jobs::{Enqueued, Job, JobFailure, JobKind, JobQueue, JobState, Kinds, NewJob, QueueConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -338,7 +338,7 @@ async fn one_welcome_email(s: &Setup, inbox: impl Fn() -> Vec<String>) {
     .await;
 
     // Redeliveries of the same event, as an at-least-once bus may make.
-    let bus = eventra::bus::SqliteBus::new(store.pool().clone(), eventra::bus::BusConfig::default());
+    let bus = eventra::bus::SqliteBus::new(store.pools(), eventra::bus::BusConfig::default());
     let copy = eventra::bus::BusMessage {
         id: event.id.to_string(),
         routing_key: event.event_type.as_str().into(),
@@ -350,13 +350,13 @@ async fn one_welcome_email(s: &Setup, inbox: impl Fn() -> Vec<String>) {
         (n == 0).then_some(())
     })
     .await;
-    for job in eventra::jobs::jobs_for_event(&event) {
+    for job in eventra::jobs::jobs_for_event(&event).unwrap() {
         assert!(matches!(s.queue.enqueue(job).await.unwrap(), Enqueued::Duplicate(_)), "no second job for an event");
     }
 
     // Past the key's retention (or an operator re-enqueueing): the email log still holds.
     let before = inbox();
-    let mut again = eventra::jobs::jobs_for_event(&event).pop().unwrap();
+    let mut again = eventra::jobs::jobs_for_event(&event).unwrap().pop().unwrap();
     again.idempotency_key.push_str(":later");
     let id = enqueue(&s.queue, again).await;
     job_in_state(&s.app, id, "done", Duration::from_secs(20)).await;
@@ -403,6 +403,203 @@ async fn welcome_email_to_files(backend: Backend, test: &str) {
     s.app.stop().await;
 }
 
+/// A real SMTP mailer whose first send waits at a gate until the test opens it (a
+/// send that stalls: a slow server, a GC pause, a network hiccup); later sends pass.
+struct GatedMailer {
+    inner: Arc<dyn eventra::mail::Mailer>,
+    entered: tokio::sync::Notify,
+    open: tokio::sync::Notify,
+    first: AtomicBool,
+}
+
+#[async_trait]
+impl eventra::mail::Mailer for GatedMailer {
+    fn kind(&self) -> &'static str {
+        "smtp"
+    }
+    async fn send(&self, email: &eventra::mail::Email) -> Result<(), eventra::mail::MailError> {
+        if !self.first.swap(true, Ordering::SeqCst) {
+            let opened = self.open.notified();
+            self.entered.notify_one();
+            opened.await;
+        }
+        self.inner.send(email).await
+    }
+}
+
+/// A real queue whose heartbeats fail for chosen leases, as they do through a Redis
+/// blip or a stalled connection: the lease then lapses while its worker carries on.
+struct Blips {
+    inner: Arc<dyn JobQueue>,
+    failing: Mutex<std::collections::HashSet<Uuid>>,
+}
+
+#[async_trait]
+impl JobQueue for Blips {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> eventra::jobs::JobResult<()> {
+        self.inner.ping().await
+    }
+    async fn enqueue(&self, job: NewJob) -> eventra::jobs::JobResult<Enqueued> {
+        self.inner.enqueue(job).await
+    }
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> eventra::jobs::JobResult<Vec<Enqueued>> {
+        self.inner.enqueue_many(jobs).await
+    }
+    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> eventra::jobs::JobResult<Option<Job>> {
+        self.inner.fetch(queue, worker, lease).await
+    }
+    async fn fetch_many(
+        &self,
+        q: &str,
+        w: &str,
+        lease: Duration,
+        max: u32,
+        workers: u32,
+    ) -> eventra::jobs::JobResult<Vec<Job>> {
+        self.inner.fetch_many(q, w, lease, max, workers).await
+    }
+    async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> eventra::jobs::JobResult<bool> {
+        if self.failing.lock().unwrap().contains(&lease) {
+            return Err(eventra::jobs::JobError::Backend("connection reset (a blip)".into()));
+        }
+        self.inner.heartbeat(id, lease, duration).await
+    }
+    async fn ack(&self, id: Uuid, lease: Uuid) -> eventra::jobs::JobResult<()> {
+        self.inner.ack(id, lease).await
+    }
+    async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> eventra::jobs::JobResult<Vec<Uuid>> {
+        self.inner.ack_many(leases).await
+    }
+    async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> eventra::jobs::JobResult<eventra::jobs::Failed> {
+        self.inner.fail(id, lease, error).await
+    }
+    async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> eventra::jobs::JobResult<()> {
+        self.inner.bury(id, lease, error).await
+    }
+    async fn promote_due(&self) -> eventra::jobs::JobResult<u64> {
+        self.inner.promote_due().await
+    }
+    async fn reap_expired(&self) -> eventra::jobs::JobResult<u64> {
+        self.inner.reap_expired().await
+    }
+    async fn get(&self, id: Uuid) -> eventra::jobs::JobResult<Option<Job>> {
+        self.inner.get(id).await
+    }
+    async fn find_by_key(&self, key: &str) -> eventra::jobs::JobResult<Option<Job>> {
+        self.inner.find_by_key(key).await
+    }
+    async fn count(&self, state: JobState) -> eventra::jobs::JobResult<u64> {
+        self.inner.count(state).await
+    }
+    async fn queues(&self) -> eventra::jobs::JobResult<Vec<eventra::jobs::QueueStats>> {
+        self.inner.queues().await
+    }
+    async fn scan(
+        &self,
+        set: &eventra::jobs::JobSet,
+        offset: u64,
+        limit: u32,
+    ) -> eventra::jobs::JobResult<eventra::jobs::Scanned> {
+        self.inner.scan(set, offset, limit).await
+    }
+    async fn retry_now(&self, id: Uuid) -> eventra::jobs::JobResult<eventra::jobs::Acted> {
+        self.inner.retry_now(id).await
+    }
+    async fn kill(&self, id: Uuid) -> eventra::jobs::JobResult<eventra::jobs::Acted> {
+        self.inner.kill(id).await
+    }
+    async fn delete(&self, id: Uuid) -> eventra::jobs::JobResult<eventra::jobs::Acted> {
+        self.inner.delete(id).await
+    }
+    async fn retry_all(&self, set: &eventra::jobs::JobSet) -> eventra::jobs::JobResult<u64> {
+        self.inner.retry_all(set).await
+    }
+    async fn delete_all(&self, set: &eventra::jobs::JobSet) -> eventra::jobs::JobResult<u64> {
+        self.inner.delete_all(set).await
+    }
+}
+
+/// SPEC §5: the welcome email is fenced on the job's lease. A worker whose send stalls
+/// past its confirmed lease abandons it, so when the reaper hands the job to another
+/// worker, only one of them ever delivers: one email, however long the first one hung.
+/// (Without the bound on the send, A delivers too once its stall ends: two emails.)
+async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &str) {
+    use eventra::jobs::{JobClient, Runner, RunnerConfig};
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let (real, _ns): (Arc<dyn JobQueue>, _) = match backend {
+        Backend::Sqlite => {
+            let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
+            (Arc::new(eventra::jobs::SqliteJobQueue::new(pools, fast_retries())), None)
+        }
+        Backend::Redis => {
+            let Some(url) = crate::utils::service_url("REDIS_URL", test) else { return };
+            let ns = crate::utils::RedisNamespace::new(&url);
+            let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, fast_retries()).await.unwrap();
+            (Arc::new(q), Some(ns))
+        }
+    };
+    let blips = Arc::new(Blips { inner: real, failing: Mutex::default() });
+    let queue: Arc<dyn JobQueue> = blips.clone();
+    let (smtp, inbox) = smtp_server::start();
+    let mailer = Arc::new(GatedMailer {
+        inner: eventra::mail::from_config(Some(&smtp), std::path::PathBuf::new()).unwrap(),
+        entered: tokio::sync::Notify::new(),
+        open: tokio::sync::Notify::new(),
+        first: AtomicBool::new(false),
+    });
+    let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
+        store.clone(),
+        mailer.clone(),
+        "Eventra <no-reply@example.com>".into(),
+    )));
+    let client = JobClient::new(queue.clone(), &kinds);
+    let args = eventra::jobs::kinds::welcome_email::WelcomeArgs {
+        tenant_id: Uuid::now_v7(),
+        user_id: Uuid::now_v7(),
+        email: "fenced@example.com".into(),
+        name: "Fenced".into(),
+    };
+    let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
+    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
+    let runner = Arc::new(Runner::new(client, kinds, config));
+
+    // Worker A takes the job and stalls inside its send.
+    let a = tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.run_next("worker-a").await.unwrap() }
+    });
+    tokio::time::timeout(Duration::from_secs(10), mailer.entered.notified()).await.expect("A reached its send");
+    // Then A's heartbeats stop getting through: its lease lapses while it is still
+    // sending. The job comes back (reaped, or retried after A gave up) and worker B
+    // runs it to the end.
+    let a_lease = queue.get(id).await.unwrap().and_then(|j| j.lease).expect("A holds the job");
+    blips.failing.lock().unwrap().insert(a_lease);
+    wait_for("worker B to finish the job", Duration::from_secs(20), || async {
+        queue.reap_expired().await.unwrap();
+        queue.promote_due().await.unwrap();
+        runner.run_next("worker-b").await.unwrap();
+        (queue.get(id).await.unwrap()?.state == JobState::Done).then_some(())
+    })
+    .await;
+    // Now A's stalled send is let go, if A is still waiting on it.
+    mailer.open.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), a).await.expect("A finished").unwrap();
+    let mail = inbox.lock().unwrap().clone();
+    assert_eq!(mail.len(), 1, "one welcome email, not one per worker: {mail:?}");
+}
+
+/// Retries due at once (the test's second worker takes them without waiting).
+fn fast_retries() -> QueueConfig {
+    QueueConfig {
+        schedule: eventra::jobs::RetrySchedule { time_scale: 10_000.0, jitter: false },
+        ..QueueConfig::default()
+    }
+}
+
 macro_rules! on_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -424,4 +621,5 @@ on_each_backend!(
     long_batches_keep_their_leases,
     welcome_email_over_smtp,
     welcome_email_to_files,
+    a_send_that_outlives_its_lease_is_abandoned,
 );

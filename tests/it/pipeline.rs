@@ -126,7 +126,7 @@ async fn embedded_pipeline_survives_killed_relay_and_consumer() {
     .await;
     let store = db.store().await;
     let bus: Arc<dyn eventra::bus::EventBus> = Arc::new(eventra::bus::SqliteBus::new(
-        eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pool().clone(),
+        eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools(),
         eventra::bus::BusConfig::default(),
     ));
     assert_every_effect_once(&app, &store, &bus, t.id, N, &inbox).await;
@@ -321,8 +321,10 @@ async fn a_standby_relay_takes_over() {
 async fn invalid_events_are_parked_and_listed_in_the_admin_dlq() {
     let db = TestDb::sqlite();
     let app = TestApp::start(db.url()).await;
-    let pool = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pool().clone();
-    let bus = eventra::bus::SqliteBus::new(pool, eventra::bus::BusConfig::default());
+    let bus = eventra::bus::SqliteBus::new(
+        eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools(),
+        eventra::bus::BusConfig::default(),
+    );
     let bad_json = eventra::bus::BusMessage {
         id: Uuid::now_v7().to_string(),
         routing_key: "user.created".into(),
@@ -366,5 +368,126 @@ async fn invalid_events_are_parked_and_listed_in_the_admin_dlq() {
     .await;
     let res = app.post(&format!("/v1/admin/dlq/{}/replay", Uuid::now_v7()), ADMIN_TOKEN, json!({})).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // Only the platform admin; discard drops a message for good.
+    let res = app.get("/v1/admin/dlq", "evk_nope").await;
+    crate::utils::app::expect_problem(res, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(
+        app.delete(&format!("/v1/admin/dlq/{}", bad_json.id), ADMIN_TOKEN).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let res = app.delete(&format!("/v1/admin/dlq/{}", bad_json.id), ADMIN_TOKEN).await;
+    crate::utils::app::expect_problem(res, StatusCode::NOT_FOUND).await;
+    let page: serde_json::Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.unwrap();
+    assert!(page["items"].as_array().unwrap().iter().all(|i| i["id"] != bad_json.id), "{page}");
     app.stop().await;
+}
+
+/// A known event type whose `data` does not have that type's shape (a `user.created`
+/// without a user) is parked at once with the reason, and none of its jobs is enqueued:
+/// acking it with only some of its effects would lose the others silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_type_with_malformed_data_is_parked_with_none_of_its_jobs() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("malformed", 0).await;
+    let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
+    let pool = pools.read.clone();
+    let bus = eventra::bus::SqliteBus::new(pools, eventra::bus::BusConfig::default());
+    let input = serde_json::from_value(json!({"email": "m@example.com", "name": "M"})).unwrap();
+    let user = eventra::domain::NewUser::parse(t.id, input, eventra::domain::now()).unwrap().0;
+    let mut event = eventra::domain::DomainEvent::user_created(&user, &eventra::domain::EventContext::system("t"));
+    event.data = json!({"user": {"id": "not-a-user"}});
+    let message = eventra::bus::BusMessage {
+        id: event.id.to_string(),
+        routing_key: "user.created".into(),
+        body: serde_json::to_vec(&event).unwrap(),
+    };
+    eventra::bus::EventBus::publish(&bus, &[message]).await.unwrap();
+    let parked = wait_for("the malformed event in the DLQ", Duration::from_secs(20), || async {
+        let page: serde_json::Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.ok()?;
+        page["items"].as_array()?.iter().find(|i| i["id"] == event.id.to_string()).cloned()
+    })
+    .await;
+    assert!(parked["reason"].as_str().unwrap().contains("data"), "{parked}");
+    let (jobs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE idempotency_key LIKE '%' || $1 || '%'")
+        .bind(event.id.to_string())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no job of the parked event was enqueued");
+    app.stop().await;
+}
+
+/// Unacked deliveries of a RabbitMQ queue, as the broker counts them.
+fn rabbit_unacked(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "messages_unacknowledged", "-q"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut cols = l.split_whitespace();
+        (cols.next()? == queue).then(|| cols.next()?.parse().ok()).flatten()
+    })
+}
+
+/// Our own restarts must not spend a valid event's delivery attempts: with the job queue
+/// down, a consumer holds its deliveries; killing it more times than the delivery limit
+/// must not park them, and they all take effect once the queue is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_restarts_do_not_park_valid_events() {
+    const TEST: &str = "pipeline::consumer_restarts_do_not_park_valid_events";
+    let Some(amqp) = crate::utils::service_url("AMQP_URL", TEST) else { return };
+    let Some(mut redis) = crate::utils::redis_server::PrivateRedis::start(TEST) else { return };
+    let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
+    let db = TestDb::sqlite();
+    let redis_url = redis.url();
+    let app = TestApp::start_with(db.url(), |c| {
+        c.chaos = true;
+        c.amqp_url = Some(amqp.clone());
+        c.redis_url = Some(redis_url);
+        c.namespace = ns.clone();
+        // The broker's delivery limit as low as it was when this test was written.
+        c.pipeline.max_deliveries = 5;
+    })
+    .await;
+    let store = db.store().await;
+    let probe = eventra::bus::RabbitBus::connect(&amqp, &ns, eventra::bus::BusConfig::default()).await.unwrap();
+    let t = app.tenant("restarts", 0).await;
+    wait_for("the tenant's event audited", Duration::from_secs(20), || async {
+        (store.count_audit(t.id).await.ok()? == 1).then_some(())
+    })
+    .await;
+    redis.kill();
+    create_users(&app, &t, 20, 4, |_| None).await;
+    let work = format!("{ns}.events.work");
+    let kills = app.config.pipeline.max_deliveries + 2;
+    // Paced under the pipeline supervisor's restart intensity (3 in 5 s), so the kills
+    // restart the consumer instead of escalating.
+    let mut next_kill = tokio::time::Instant::now();
+    for k in 0..kills {
+        tokio::time::sleep_until(next_kill).await;
+        next_kill = tokio::time::Instant::now() + Duration::from_secs(2);
+        wait_for("the consumer to hold all 20 deliveries", Duration::from_secs(30), || {
+            let work = work.clone();
+            async move { tokio::task::spawn_blocking(move || rabbit_unacked(&work)).await.ok()?.filter(|n| *n == 20) }
+        })
+        .await;
+        kill(&app, "event-consumer-1").await;
+        wait_for("the consumer to run again", Duration::from_secs(20), || async {
+            let tree: serde_json::Value = app.get("/debug/actors", ADMIN_TOKEN).await.json().await.ok()?;
+            let node = crate::utils::find_actor(&tree, "event-consumer-1")?;
+            (node["status"] == "running" && node["restarts"].as_u64()? > u64::from(k)).then_some(())
+        })
+        .await;
+    }
+    let parked = eventra::bus::EventBus::parked(&probe, 100).await.unwrap();
+    assert!(parked.is_empty(), "{} valid events parked after {kills} consumer restarts", parked.len());
+    redis.restart();
+    wait_for("every event audited once Redis is back", Duration::from_secs(60), || async {
+        (store.count_audit(t.id).await.ok()? == 21).then_some(())
+    })
+    .await;
+    assert!(eventra::bus::EventBus::parked(&probe, 100).await.unwrap().is_empty());
+    app.stop().await;
+    let _ = probe.delete_topology().await;
 }

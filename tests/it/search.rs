@@ -101,3 +101,109 @@ async fn users_are_searchable_as_they_change_and_only_in_their_tenant() {
     }
     app.stop().await;
 }
+
+/// An index that, the first time it is asked to upsert a user, first lets a deletion win
+/// the race: the user (or the whole tenant) is deleted in the database and its unindex
+/// change applied, as a concurrent delete and its job would, before the upsert lands.
+struct DeleteWinsTheRace {
+    inner: std::sync::Arc<eventra::search::TantivyIndex>,
+    store: std::sync::Arc<dyn eventra::store::Store>,
+    whole_tenant: bool,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl eventra::search::SearchIndex for DeleteWinsTheRace {
+    fn backend(&self) -> &'static str {
+        "test"
+    }
+    async fn apply(&self, ops: &[eventra::search::IndexOp]) -> eventra::search::SearchResult<()> {
+        use eventra::search::IndexOp;
+        let upsert = ops.iter().find_map(|op| match op {
+            IndexOp::UpsertUser(u) => Some(u.clone()),
+            _ => None,
+        });
+        if let Some(u) = upsert.filter(|_| !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)) {
+            let ctx = eventra::domain::EventContext::system("race");
+            let unindex = if self.whole_tenant {
+                self.store.delete_tenant(u.tenant_id, &ctx).await.unwrap();
+                IndexOp::DeleteTenant { tenant_id: u.tenant_id }
+            } else {
+                self.store.delete_user(u.tenant_id, u.user_id, None, &ctx).await.unwrap();
+                IndexOp::DeleteUser { tenant_id: u.tenant_id, user_id: u.user_id }
+            };
+            self.inner.apply(&[unindex]).await?;
+        }
+        self.inner.apply(ops).await
+    }
+    async fn search_users(
+        &self,
+        tenant_id: uuid::Uuid,
+        q: &str,
+        offset: u32,
+        limit: u32,
+    ) -> eventra::search::SearchResult<eventra::search::Hits<eventra::search::UserDoc>> {
+        self.inner.search_users(tenant_id, q, offset, limit).await
+    }
+    async fn search_audit(
+        &self,
+        tenant_id: uuid::Uuid,
+        filter: &eventra::store::AuditFilter,
+        page: eventra::domain::PageRequest,
+    ) -> eventra::search::SearchResult<eventra::domain::Page<eventra::domain::AuditEntry>> {
+        self.inner.search_audit(tenant_id, filter, page).await
+    }
+}
+
+/// SPEC §5: a deleted user never reappears in search. The `index_user` job reads the
+/// user, then upserts it; a delete (of the user, or of its tenant) and its unindex
+/// change that land in between must not be undone by that upsert.
+async fn a_deletion_that_wins_the_race_stays_deleted(whole_tenant: bool) {
+    use eventra::jobs::{JobClient, JobQueue, Kinds, QueueConfig, Runner, RunnerConfig, SqliteJobQueue};
+    use std::sync::Arc;
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let ctx = eventra::domain::EventContext::system("race");
+    let tenant = eventra::domain::NewTenant::parse(
+        serde_json::from_value(json!({"name": "Race", "slug": format!("race-{}", whole_tenant)})).unwrap(),
+        eventra::domain::now(),
+    )
+    .unwrap();
+    let key = eventra::domain::NewApiKey::generate(tenant.id, eventra::domain::Role::Admin, eventra::domain::now());
+    store.create_tenant(&tenant, &key, &ctx).await.unwrap();
+    let input = serde_json::from_value(json!({"email": "grace@navy.mil", "name": "Grace Hopper"})).unwrap();
+    let user = eventra::domain::NewUser::parse(tenant.id, input, eventra::domain::now()).unwrap();
+    store.create_user(&user, None, &ctx).await.unwrap();
+
+    let inner = Arc::new(eventra::search::TantivyIndex::in_memory().unwrap());
+    let index: Arc<dyn eventra::search::SearchIndex> = Arc::new(DeleteWinsTheRace {
+        inner: inner.clone(),
+        store: store.clone(),
+        whole_tenant,
+        fired: Default::default(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mailer = eventra::mail::from_config(None, dir.path().join("mail")).unwrap();
+    let kinds = Kinds::standard(store.clone(), mailer, "Eventra <no-reply@example.com>".into(), index);
+    let queue: Arc<dyn JobQueue> = Arc::new(
+        SqliteJobQueue::open(&format!("sqlite://{}", dir.path().join("jobs.db").display()), QueueConfig::default())
+            .await
+            .unwrap(),
+    );
+    let client = JobClient::new(queue.clone(), &kinds);
+    client.enqueue(eventra::jobs::kinds::index::IndexArgs::index_user(tenant.id, user.0.id, 1)).await.unwrap();
+    let runner = Runner::new(client, kinds, RunnerConfig::default());
+    assert!(runner.run_next("w").await.unwrap(), "the index job ran");
+    let hits = eventra::search::SearchIndex::search_users(&inner, tenant.id, "grace", 0, 10).await.unwrap();
+    assert!(hits.items.is_empty(), "the deleted user came back into the index: {:?}", hits.items);
+}
+
+#[tokio::test]
+async fn a_user_deleted_while_being_indexed_stays_deleted() {
+    a_deletion_that_wins_the_race_stays_deleted(false).await;
+}
+
+#[tokio::test]
+async fn a_tenant_deleted_while_its_user_is_being_indexed_stays_deleted() {
+    a_deletion_that_wins_the_race_stays_deleted(true).await;
+}

@@ -300,8 +300,8 @@ pub async fn the_relay_reads_unpublished_rows_and_leases(s: Arc<dyn Store>) {
     assert!(s.oldest_unpublished().await.unwrap().is_some());
     // Marking is fenced by the relay lease: without it, nothing is marked.
     assert_eq!(s.mark_published(&seqs, "relay-test", "r1").await.unwrap(), 0, "no lease, no mark");
-    let soon = eventra::domain::now() + chrono::Duration::seconds(30);
-    assert!(s.try_lease("relay-test", "r1", soon).await.unwrap());
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(s.try_lease("relay-test", "r1", ttl).await.unwrap());
     assert_eq!(s.mark_published(&seqs[..2], "relay-test", "r2").await.unwrap(), 0, "another holder's lease");
     assert_eq!(s.mark_published(&seqs[..2], "relay-test", "r1").await.unwrap(), 2);
     let left = s.unpublished_outbox(100).await.unwrap();
@@ -313,18 +313,72 @@ pub async fn the_relay_reads_unpublished_rows_and_leases(s: Arc<dyn Store>) {
     assert!(published.iter().all(|r| r.published_at.is_some()));
 
     // One holder at a time; the holder renews; a lapsed lease can be taken over.
-    let later = eventra::domain::now() + chrono::Duration::seconds(30);
+    let later = std::time::Duration::from_secs(30);
     assert!(s.try_lease("outbox-relay", "a", later).await.unwrap());
     assert!(!s.try_lease("outbox-relay", "b", later).await.unwrap(), "a holds it");
     assert!(s.try_lease("outbox-relay", "a", later).await.unwrap(), "a renews");
-    let lapsed = eventra::domain::now() - chrono::Duration::seconds(1);
-    assert!(s.try_lease("outbox-relay", "a", lapsed).await.unwrap());
+    // A renewal for no time at all: lapsed as soon as the database's clock moves on.
+    assert!(s.try_lease("outbox-relay", "a", std::time::Duration::ZERO).await.unwrap());
     assert!(s.try_lease("outbox-relay", "b", later).await.unwrap(), "b takes over a lapsed lease");
     assert!(!s.try_lease("outbox-relay", "a", later).await.unwrap());
     s.release_lease("outbox-relay", "a").await.unwrap();
     assert!(!s.try_lease("outbox-relay", "a", later).await.unwrap(), "only the holder releases");
     s.release_lease("outbox-relay", "b").await.unwrap();
     assert!(s.try_lease("outbox-relay", "a", later).await.unwrap(), "released: free to take");
+
+    // Retention: published rows past it go, unpublished rows never do.
+    s.create_user(&new_user(t.id, "late@x.io"), None, &ctx()).await.unwrap();
+    assert_eq!(s.prune_outbox(std::time::Duration::from_secs(3600), 100).await.unwrap(), 0, "all are recent");
+    let pruned = s.prune_outbox(std::time::Duration::ZERO, 3).await.unwrap();
+    assert_eq!(pruned, 3, "a chunk of the published rows");
+    assert_eq!(s.prune_outbox(std::time::Duration::ZERO, 100).await.unwrap(), 1, "the last published row");
+    let left = outbox(&s).await;
+    assert!(left.iter().all(|r| r.published_at.is_none()), "only the unpublished row stays");
+    assert_eq!(s.unpublished_outbox(10).await.unwrap().len(), 1);
+}
+
+/// What batched jobs use: many audit entries in one statement (idempotent by event id),
+/// which emails of a batch were sent, users found by id whatever their tenant.
+pub async fn batched_effects_reads_and_writes(s: Arc<dyn Store>) {
+    let t = tenant(&s, "batch", 0).await;
+    let before = outbox(&s).await.len();
+    let mut users = Vec::new();
+    for i in 0..5 {
+        users.push(s.create_user(&new_user(t.id, &format!("b{i}@x.io")), None, &ctx()).await.unwrap().value);
+    }
+    let events = expect_events(&s, 5, before).await;
+    let entries: Vec<_> = events.iter().map(|r| eventra::domain::AuditEntry::from_event(&r.event)).collect();
+    assert!(s.append_audit(&entries[0]).await.unwrap());
+    assert_eq!(s.append_audit_many(&entries).await.unwrap(), 4, "the one already there is skipped");
+    assert_eq!(s.append_audit_many(&entries).await.unwrap(), 0, "a redelivered batch writes nothing");
+    assert_eq!(s.count_audit(t.id).await.unwrap(), 5);
+    for e in &entries {
+        assert_eq!(s.get_audit(e.event_id).await.unwrap().as_ref(), Some(e), "reads back as written");
+    }
+    assert_eq!(s.append_audit_many(&[]).await.unwrap(), 0);
+
+    let sent = eventra::store::SentEmail {
+        key: "welcome:b1".into(),
+        tenant_id: t.id,
+        recipient: "b1@x.io".into(),
+        message_id: "m@eventra".into(),
+        sent_at: eventra::domain::now(),
+    };
+    assert!(s.record_email(&sent).await.unwrap());
+    let keys: Vec<String> = ["welcome:b0", "welcome:b1", "welcome:b2"].map(String::from).to_vec();
+    let found = s.emails_sent(&keys).await.unwrap();
+    assert_eq!(found.into_iter().collect::<Vec<_>>(), ["welcome:b1"]);
+
+    let other = tenant(&s, "batch-other", 0).await;
+    let theirs = s.create_user(&new_user(other.id, "o@x.io"), None, &ctx()).await.unwrap().value;
+    let mut ids: Vec<Uuid> = users.iter().map(|u| u.id).collect();
+    ids.push(theirs.id);
+    ids.push(Uuid::now_v7());
+    let mut found: Vec<Uuid> = s.find_users(&ids).await.unwrap().into_iter().map(|u| u.id).collect();
+    found.sort();
+    let mut want: Vec<Uuid> = ids[..6].to_vec();
+    want.sort();
+    assert_eq!(found, want, "every existing user, whatever its tenant; unknown ids left out");
 }
 
 macro_rules! conformance {
@@ -360,4 +414,5 @@ conformance!(
     tenants_cannot_touch_each_other,
     audit_and_email_logs_are_idempotent,
     the_relay_reads_unpublished_rows_and_leases,
+    batched_effects_reads_and_writes,
 );

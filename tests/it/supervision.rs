@@ -5,12 +5,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use eventra::domain::EventType;
-use eventra::store::{self, StoreDeadLetters};
-use eventra::supervision::parking::{QueueWorker, QueueWorkerArgs, Work, WorkHandler, WorkQueue};
-use eventra::supervision::{ChildSpec, StartCtx, StartFn, Strategy, Supervisor, SupervisorSpec, Tree};
-use ractor::Actor;
+use eventra::store;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -265,99 +261,6 @@ async fn root_escalation_stops_the_process_with_an_error() {
     assert_eq!(app.post("/debug/actors/tenants/kill", ADMIN_TOKEN, json!({})).await.status(), StatusCode::ACCEPTED);
     let outcome = app.exited().await;
     assert!(matches!(outcome, Err(eventra::app::StartupError::TreeDown)), "{outcome:?}");
-}
-
-// ---- poison messages in the real DLQ -----------------------------------------------
-
-#[derive(Clone)]
-struct Job(String);
-
-impl Work for Job {
-    fn id(&self) -> String {
-        self.0.clone()
-    }
-    fn payload(&self) -> Value {
-        json!({ "job": self.0 })
-    }
-    fn from_payload(v: &Value) -> Option<Self> {
-        v["job"].as_str().map(|s| Job(s.to_owned()))
-    }
-}
-
-struct Picky(Arc<Mutex<Vec<String>>>);
-
-#[async_trait]
-impl WorkHandler<Job> for Picky {
-    async fn handle(&self, j: Job) -> Result<(), String> {
-        if j.0 == "poison" {
-            panic!("handler cannot process {}", j.0);
-        }
-        self.0.lock().unwrap().push(j.0);
-        Ok(())
-    }
-}
-
-#[tokio::test]
-async fn poison_message_is_parked_in_the_admin_dlq() {
-    let db = TestDb::sqlite();
-    let app = TestApp::start(db.url()).await;
-    // A queue worker under its own supervisor, parking into the same database's DLQ.
-    let queue = WorkQueue::<Job>::new(3);
-    let done = Arc::new(Mutex::new(Vec::new()));
-    let (q, d) = (queue.clone(), done.clone());
-    let start: StartFn = Arc::new(move |ctx: StartCtx| {
-        let args = QueueWorkerArgs { queue: q.clone(), handler: Arc::new(Picky(d.clone())) };
-        Box::pin(async move {
-            let (a, _) = Actor::spawn_linked(None, QueueWorker::<Job, Picky>::default(), args, ctx.parent).await?;
-            Ok(a.get_cell())
-        })
-    });
-    let mut spec = SupervisorSpec::new(
-        "jobs-test",
-        Strategy::OneForOne,
-        vec![ChildSpec::worker("job-worker-1", start).parking(queue.clone())],
-    );
-    spec.dead_letters = Some(Arc::new(StoreDeadLetters(db.store().await)));
-    let tree = Tree::new();
-    let (sup, _) = Supervisor::start(spec, tree.clone(), None).await.unwrap();
-
-    for j in ["a", "poison", "b", "c"] {
-        queue.push(Job(j.into()));
-    }
-    let dlq = wait_for("the poison message in GET /v1/admin/dlq", Duration::from_secs(30), || {
-        let app = &app;
-        async move {
-            let page: Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.ok()?;
-            (page["items"].as_array()?.len() == 1).then_some(page)
-        }
-    })
-    .await;
-    let letter = &dlq["items"][0];
-    assert_eq!(
-        (letter["source"].as_str(), letter["message_id"].as_str(), letter["failures"].as_u64()),
-        (Some("job-worker-1"), Some("poison"), Some(3))
-    );
-    assert!(letter["reason"].as_str().unwrap().contains("handler cannot process poison"));
-    assert_eq!(letter["payload"], json!({"job": "poison"}));
-    wait_for("the messages behind it", Duration::from_secs(30), || async {
-        (done.lock().unwrap().len() == 3).then_some(())
-    })
-    .await;
-    assert_eq!(*done.lock().unwrap(), ["a", "b", "c"]);
-    assert_eq!(tree.restarts("job-worker-1"), Some(3));
-
-    // This app runs no consumer for that source: a replay is refused and the letter stays.
-    let id = letter["id"].as_str().unwrap();
-    expect_problem(app.post(&format!("/v1/admin/dlq/{id}/replay"), ADMIN_TOKEN, json!({})).await, StatusCode::CONFLICT)
-        .await;
-    expect_problem(app.get("/v1/admin/dlq", "evk_nope").await, StatusCode::UNAUTHORIZED).await;
-    // Discard: 204, then it is gone.
-    assert_eq!(app.delete(&format!("/v1/admin/dlq/{id}"), ADMIN_TOKEN).await.status(), StatusCode::NO_CONTENT);
-    expect_problem(app.delete(&format!("/v1/admin/dlq/{id}"), ADMIN_TOKEN).await, StatusCode::NOT_FOUND).await;
-    let page: Value = app.get("/v1/admin/dlq", ADMIN_TOKEN).await.json().await.unwrap();
-    assert_eq!(page["items"].as_array().unwrap().len(), 0);
-    sup.stop_and_wait(None, None).await.unwrap();
-    app.stop().await;
 }
 
 /// The tree drawn in ARCHITECTURE.md is the tree that runs.

@@ -2,12 +2,16 @@
 //! first in the database of record, then in the search index. Idempotent by event id: a
 //! redelivered event finds its entry already there, and a retry after an index failure
 //! only indexes.
+//!
+//! A leased batch is written together: one multi-row insert (`ON CONFLICT (event_id) DO
+//! NOTHING`) and one index change set, so the cost of a round trip and of an index
+//! commit is shared by every entry of the batch.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{JobFailure, JobKind};
+use super::{JobContext, JobFailure, JobKind};
 use crate::domain::{AuditEntry, DomainEvent};
 use crate::jobs::Job;
 use crate::search::{IndexOp, SearchIndex};
@@ -24,21 +28,40 @@ impl Audit {
     }
 }
 
+fn entry_of(job: &Job) -> Result<AuditEntry, JobFailure> {
+    let event: DomainEvent = serde_json::from_value(job.args.clone())
+        .map_err(|e| JobFailure::permanent(format!("args are not a domain event: {e}")))?;
+    Ok(AuditEntry::from_event(&event))
+}
+
 #[async_trait]
 impl JobKind for Audit {
     fn name(&self) -> &'static str {
         "audit"
     }
 
-    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
-        let event: DomainEvent = serde_json::from_value(job.args.clone())
-            .map_err(|e| JobFailure::permanent(format!("args are not a domain event: {e}")))?;
-        let entry = AuditEntry::from_event(&event);
-        let new = self.store.append_audit(&entry).await.map_err(JobFailure::new)?;
-        if !new {
-            tracing::debug!(event_id = %event.id, "audit entry already recorded");
+    async fn run_batch(&self, jobs: &[&Job], _ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
+        let parsed: Vec<Result<AuditEntry, JobFailure>> = jobs.iter().map(|j| entry_of(j)).collect();
+        let entries: Vec<AuditEntry> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let written = async {
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let new = self.store.append_audit_many(&entries).await.map_err(JobFailure::new)?;
+            if new < entries.len() as u64 {
+                tracing::debug!(already = entries.len() as u64 - new, "audit entries already recorded (redeliveries)");
+            }
+            let ops: Vec<IndexOp> = entries.iter().cloned().map(IndexOp::UpsertAudit).collect();
+            self.index.apply(&ops).await.map_err(JobFailure::new)
         }
-        self.index.apply(&[IndexOp::UpsertAudit(entry)]).await.map_err(JobFailure::new)?;
-        Ok(())
+        .await;
+        parsed
+            .into_iter()
+            .map(|p| match (p, &written) {
+                (Err(bad), _) => Err(bad),
+                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Err(e)) => Err(e.clone()),
+            })
+            .collect()
     }
 }

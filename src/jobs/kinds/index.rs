@@ -3,18 +3,26 @@
 //!
 //! `index_user` does not trust its arguments' snapshot: it reads the user as it is now
 //! and indexes that (or removes it, if the user is gone), with its version, so jobs run
-//! in any order, any number of times, converge on the current state.
+//! in any order, any number of times, converge on the current state. It then reads the
+//! users again: a delete (of the user or its tenant) that committed between the first
+//! read and the index write has had its own unindex change applied already, maybe
+//! before this upsert landed, so a user gone by the second read is removed again. A
+//! delete that commits after the second read is unindexed by its own job, after this
+//! upsert: a deleted user never stays in the index.
+//!
+//! A leased batch shares its reads and its index write.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{JobFailure, JobKind};
+use super::{JobContext, JobFailure, JobKind};
 use crate::jobs::{Job, NewJob};
 use crate::search::{IndexOp, SearchIndex, UserDoc};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Which user (or tenant) to bring up to date.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,10 +51,6 @@ impl IndexArgs {
     }
 }
 
-fn args_of(job: &Job) -> Result<IndexArgs, JobFailure> {
-    serde_json::from_value(job.args.clone()).map_err(|e| JobFailure::permanent(format!("{} args: {e}", job.kind)))
-}
-
 /// Indexing as job kinds; `name` picks which of the three.
 pub struct Indexing {
     name: &'static str,
@@ -62,6 +66,63 @@ impl Indexing {
             .map(|name| Arc::new(Indexing { name, store: store.clone(), index: index.clone() }) as Arc<dyn JobKind>)
             .collect()
     }
+
+    /// The (tenant, user) pair a job names, or why it cannot be run.
+    fn target(&self, job: &Job) -> Result<(Uuid, Option<Uuid>), JobFailure> {
+        let args: IndexArgs = serde_json::from_value(job.args.clone())
+            .map_err(|e| JobFailure::permanent(format!("{} args: {e}", job.kind)))?;
+        match (self.name, args.user_id) {
+            ("unindex_tenant", _) => Ok((args.tenant_id, None)),
+            (_, Some(user)) => Ok((args.tenant_id, Some(user))),
+            (kind, None) => Err(JobFailure::permanent(format!("{kind} needs a user_id"))),
+        }
+    }
+
+    /// The current rows of these users, by id, keeping only those in the tenant the job
+    /// named (a user id of another tenant counts as gone).
+    async fn current(&self, targets: &[(Uuid, Uuid)]) -> Result<HashMap<Uuid, UserDoc>, JobFailure> {
+        let ids: Vec<Uuid> = targets.iter().map(|(_, u)| *u).collect();
+        let wanted: HashSet<(Uuid, Uuid)> = targets.iter().copied().collect();
+        let users = self.store.find_users(&ids).await.map_err(JobFailure::new)?;
+        Ok(users
+            .into_iter()
+            .filter(|u| wanted.contains(&(u.tenant_id, u.id)))
+            .map(|u| {
+                let doc =
+                    UserDoc { tenant_id: u.tenant_id, user_id: u.id, email: u.email, name: u.name, version: u.version };
+                (doc.user_id, doc)
+            })
+            .collect())
+    }
+
+    /// Index the current state of these users, then remove any that a racing delete
+    /// took away meanwhile (see the module note).
+    async fn index_users(&self, targets: &[(Uuid, Uuid)]) -> Result<(), JobFailure> {
+        let now = self.current(targets).await?;
+        let ops: Vec<IndexOp> = targets
+            .iter()
+            .map(|(tenant_id, user_id)| match now.get(user_id) {
+                Some(doc) => IndexOp::UpsertUser(doc.clone()),
+                None => IndexOp::DeleteUser { tenant_id: *tenant_id, user_id: *user_id },
+            })
+            .collect();
+        self.index.apply(&ops).await.map_err(JobFailure::new)?;
+        let upserted: Vec<(Uuid, Uuid)> = targets.iter().copied().filter(|(_, u)| now.contains_key(u)).collect();
+        if upserted.is_empty() {
+            return Ok(());
+        }
+        let after = self.current(&upserted).await?;
+        let gone: Vec<IndexOp> = upserted
+            .into_iter()
+            .filter(|(_, u)| !after.contains_key(u))
+            .map(|(tenant_id, user_id)| IndexOp::DeleteUser { tenant_id, user_id })
+            .collect();
+        if !gone.is_empty() {
+            tracing::info!(users = gone.len(), "users deleted while being indexed; removed again");
+            self.index.apply(&gone).await.map_err(JobFailure::new)?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -70,26 +131,41 @@ impl JobKind for Indexing {
         self.name
     }
 
-    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
-        let args = args_of(job)?;
-        let op = match (self.name, args.user_id) {
-            ("unindex_tenant", _) => IndexOp::DeleteTenant { tenant_id: args.tenant_id },
-            ("unindex_user", Some(user_id)) => IndexOp::DeleteUser { tenant_id: args.tenant_id, user_id },
-            ("index_user", Some(user_id)) => match self.store.get_user(args.tenant_id, user_id).await {
-                Ok(u) => IndexOp::UpsertUser(UserDoc {
-                    tenant_id: u.tenant_id,
-                    user_id: u.id,
-                    email: u.email,
-                    name: u.name,
-                    version: u.version,
-                }),
-                // Deleted since: make sure it is gone from the index too.
-                Err(StoreError::NotFound(_)) => IndexOp::DeleteUser { tenant_id: args.tenant_id, user_id },
-                Err(e) => return Err(JobFailure::new(e)),
-            },
-            (kind, None) => return Err(JobFailure::permanent(format!("{kind} needs a user_id"))),
-            (kind, Some(_)) => return Err(JobFailure::permanent(format!("unknown indexing kind {kind}"))),
-        };
-        self.index.apply(&[op]).await.map_err(JobFailure::new)
+    async fn run_batch(&self, jobs: &[&Job], _ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
+        let parsed: Vec<Result<(Uuid, Option<Uuid>), JobFailure>> = jobs.iter().map(|j| self.target(j)).collect();
+        let targets: Vec<(Uuid, Option<Uuid>)> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+        let done = async {
+            if targets.is_empty() {
+                return Ok(());
+            }
+            match self.name {
+                "index_user" => {
+                    let users: Vec<(Uuid, Uuid)> = targets.iter().filter_map(|(t, u)| u.map(|u| (*t, u))).collect();
+                    self.index_users(&users).await
+                }
+                "unindex_user" => {
+                    let ops: Vec<IndexOp> = targets
+                        .iter()
+                        .filter_map(|(t, u)| u.map(|user_id| IndexOp::DeleteUser { tenant_id: *t, user_id }))
+                        .collect();
+                    self.index.apply(&ops).await.map_err(JobFailure::new)
+                }
+                "unindex_tenant" => {
+                    let ops: Vec<IndexOp> =
+                        targets.iter().map(|(tenant_id, _)| IndexOp::DeleteTenant { tenant_id: *tenant_id }).collect();
+                    self.index.apply(&ops).await.map_err(JobFailure::new)
+                }
+                other => Err(JobFailure::permanent(format!("unknown indexing kind {other}"))),
+            }
+        }
+        .await;
+        parsed
+            .into_iter()
+            .map(|p| match (p, &done) {
+                (Err(bad), _) => Err(bad),
+                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Err(e)) => Err(e.clone()),
+            })
+            .collect()
     }
 }

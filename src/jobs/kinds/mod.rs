@@ -10,14 +10,17 @@ pub mod welcome_email;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
+use uuid::Uuid;
 
 pub use audit::Audit;
 pub use index::Indexing;
 pub use noop::Noop;
 pub use welcome_email::WelcomeEmail;
 
-use super::{Job, DEFAULT_MAX_ATTEMPTS};
+use super::{Job, JobQueue, DEFAULT_MAX_ATTEMPTS};
 use crate::mail::Mailer;
 use crate::store::Store;
 
@@ -43,6 +46,42 @@ impl JobFailure {
     }
 }
 
+/// What a handler may ask of the worker that runs it: the lease its jobs are held
+/// under (a fetched batch shares one).
+#[derive(Clone)]
+pub struct JobContext {
+    queue: Arc<dyn JobQueue>,
+    /// A job of the batch that is still held (what a heartbeat presents).
+    job: Uuid,
+    lease: Uuid,
+    /// How long one heartbeat extends the lease.
+    lease_for: Duration,
+}
+
+/// The part of a confirmed lease an effect may use: the rest is margin for the clocks
+/// and the round trip.
+const FENCE_SHARE: f64 = 0.8;
+
+impl JobContext {
+    pub fn new(queue: Arc<dyn JobQueue>, job: Uuid, lease: Uuid, lease_for: Duration) -> Self {
+        JobContext { queue, job, lease, lease_for }
+    }
+
+    /// Extends the lease and returns the instant until which it is certainly held. An
+    /// effect that cannot be taken back (an email) must start only after this answered
+    /// and finish before the instant: then the reaper cannot hand the job to another
+    /// worker while this one may still be acting on it. Fails when the lease is gone
+    /// (the reaper took the job) or cannot be confirmed (the queue is unreachable).
+    pub async fn fence(&self) -> Result<tokio::time::Instant, JobFailure> {
+        let asked = tokio::time::Instant::now();
+        match self.queue.heartbeat(self.job, self.lease, self.lease_for).await {
+            Ok(true) => Ok(asked + self.lease_for.mul_f64(FENCE_SHARE)),
+            Ok(false) => Err(JobFailure::new("the lease was lost (the reaper took the job back); not acting on it")),
+            Err(e) => Err(JobFailure::new(format!("cannot confirm the lease ({e}); not acting on it"))),
+        }
+    }
+}
+
 #[async_trait]
 pub trait JobKind: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -50,7 +89,20 @@ pub trait JobKind: Send + Sync + 'static {
     fn max_attempts(&self) -> u32 {
         DEFAULT_MAX_ATTEMPTS
     }
-    async fn run(&self, job: &Job) -> Result<(), JobFailure>;
+    /// Runs one job. Kinds that work in batches implement [`run_batch`] instead.
+    ///
+    /// [`run_batch`]: JobKind::run_batch
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        let _ = job;
+        Err(JobFailure::permanent(format!("job kind {} runs only in batches", self.name())))
+    }
+    /// Runs a leased batch of this kind's jobs; one outcome per job, in order. The
+    /// default runs [`run`](JobKind::run) for each, concurrently. Kinds override it to
+    /// share round trips (one statement, one index commit, one look-up for the batch).
+    async fn run_batch(&self, jobs: &[&Job], ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
+        let _ = ctx;
+        futures_util::future::join_all(jobs.iter().map(|j| self.run(j))).await
+    }
 }
 
 /// The kinds a worker pool can run, by name.

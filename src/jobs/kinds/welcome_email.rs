@@ -1,11 +1,22 @@
 //! `welcome_email`: one welcome email per user, ever.
 //!
-//! Two guards make "one" hold: the job's idempotency key (`welcome_email:<user id>`)
-//! drops duplicate events before they become jobs, and the `email_log` row, written
-//! after the send, stops a second job (after the key's retention, or an operator's
-//! retry) from sending again. A crash between the send and the row can resend once;
-//! the message keeps its `Message-ID` (`welcome.<user id>@eventra`), so the file sink
-//! overwrites its file and mail systems can recognise the duplicate.
+//! Three guards make "one" hold:
+//! - the job's idempotency key (`welcome_email:<user id>`) drops duplicate events before
+//!   they become jobs;
+//! - the `email_log` row, written right after the send, stops a later job (after the
+//!   key's retention, or an operator's retry) from sending again;
+//! - the send is **fenced on the lease**: it starts only after a heartbeat confirmed the
+//!   lease, and must finish before that confirmed lease could lapse (else it is
+//!   abandoned and retried), so the reaper never hands the job to a second worker while
+//!   the first may still be sending.
+//!
+//! The one window left is a crash between the server accepting the message and the
+//! `email_log` row (a few milliseconds): the retry sends again, with the same
+//! `Message-ID` (`welcome.<user id>@eventra`), so mail systems can recognise the
+//! duplicate and the file sink overwrites its file.
+//!
+//! A leased batch shares one `email_log` look-up and one fence; its sends run
+//! concurrently (bounded), each recorded as soon as it is accepted.
 
 use std::sync::Arc;
 
@@ -13,7 +24,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{JobFailure, JobKind};
+use super::{JobContext, JobFailure, JobKind};
 use crate::jobs::{Job, NewJob};
 use crate::mail::{Email, MailError, Mailer};
 use crate::store::{SentEmail, Store};
@@ -49,21 +60,12 @@ impl WelcomeEmail {
     }
 }
 
-#[async_trait]
-impl JobKind for WelcomeEmail {
-    fn name(&self) -> &'static str {
-        "welcome_email"
-    }
+/// Most sends of one batch in flight at once.
+const SEND_CONCURRENCY: usize = 16;
 
-    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
-        let args: WelcomeArgs = serde_json::from_value(job.args.clone())
-            .map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))?;
-        let key = format!("welcome:{}", args.user_id);
-        if self.store.email_sent(&key).await.map_err(JobFailure::new)? {
-            tracing::info!(user_id = %args.user_id, "welcome email already sent; not sending again");
-            return Ok(());
-        }
-        let email = Email {
+impl WelcomeEmail {
+    fn email_of(&self, args: &WelcomeArgs) -> Email {
+        Email {
             message_id: Self::message_id(args.user_id),
             from: self.from.clone(),
             to: args.email.clone(),
@@ -72,20 +74,102 @@ impl JobKind for WelcomeEmail {
                 "Hello {},\n\nyour account ({}) is ready.\n\nThis message was sent once, when your account was created.\n",
                 args.name, args.email
             ),
-        };
-        self.mailer.send(&email).await.map_err(|e| match e {
-            MailError::Invalid(_) => JobFailure::permanent(e),
-            MailError::Transport(_) => JobFailure::new(e),
-        })?;
+        }
+    }
+
+    /// Sends one email before `deadline` and records it at once.
+    async fn send_and_record(&self, args: &WelcomeArgs, deadline: tokio::time::Instant) -> Result<(), JobFailure> {
+        let email = self.email_of(args);
+        match tokio::time::timeout_at(deadline, self.mailer.send(&email)).await {
+            Err(_) => {
+                return Err(JobFailure::new(
+                    "the send did not finish within the confirmed lease; abandoned (retried later)",
+                ))
+            }
+            Ok(Err(e @ MailError::Invalid(_))) => return Err(JobFailure::permanent(e)),
+            Ok(Err(e @ MailError::Transport(_))) => return Err(JobFailure::new(e)),
+            Ok(Ok(())) => {}
+        }
         let sent = SentEmail {
-            key,
+            key: log_key(args.user_id),
             tenant_id: args.tenant_id,
-            recipient: args.email,
+            recipient: args.email.clone(),
             message_id: email.message_id,
             sent_at: crate::domain::now(),
         };
-        self.store.record_email(&sent).await.map_err(JobFailure::new)?;
+        if let Err(e) = self.store.record_email(&sent).await {
+            tracing::error!(user_id = %args.user_id, error = %e,
+                "welcome email sent but not recorded; a retry will send it again (same Message-ID)");
+            return Err(JobFailure::new(e));
+        }
         tracing::info!(user_id = %args.user_id, via = self.mailer.kind(), "welcome email sent");
         Ok(())
+    }
+}
+
+/// The `email_log` key of a user's welcome email.
+fn log_key(user_id: Uuid) -> String {
+    format!("welcome:{user_id}")
+}
+
+#[async_trait]
+impl JobKind for WelcomeEmail {
+    fn name(&self) -> &'static str {
+        "welcome_email"
+    }
+
+    async fn run_batch(&self, jobs: &[&Job], ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
+        use futures_util::StreamExt;
+        let parsed: Vec<Result<WelcomeArgs, JobFailure>> = jobs
+            .iter()
+            .map(|j| {
+                serde_json::from_value(j.args.clone())
+                    .map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))
+            })
+            .collect();
+        let keys: Vec<String> = parsed.iter().filter_map(|p| p.as_ref().ok()).map(|a| log_key(a.user_id)).collect();
+        let sent = match self.store.emails_sent(&keys).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                let failure = JobFailure::new(e);
+                return parsed.into_iter().map(|p| p.and(Err(failure.clone()))).collect();
+            }
+        };
+        let to_send = parsed.iter().filter(|p| p.as_ref().is_ok_and(|a| !sent.contains(&log_key(a.user_id)))).count();
+        let deadline = if to_send > 0 {
+            match ctx.fence().await {
+                Ok(d) => Some(d),
+                Err(failure) => {
+                    return parsed
+                        .into_iter()
+                        .map(|p| match p {
+                            Ok(a) if sent.contains(&log_key(a.user_id)) => Ok(()),
+                            Ok(_) => Err(failure.clone()),
+                            Err(bad) => Err(bad),
+                        })
+                        .collect()
+                }
+            }
+        } else {
+            None
+        };
+        let mut seen = std::collections::HashSet::new();
+        let sent = &sent;
+        futures_util::stream::iter(parsed)
+            .map(|p| {
+                let first = p.as_ref().is_ok_and(|a| seen.insert(a.user_id));
+                async move {
+                    let args = p?;
+                    if sent.contains(&log_key(args.user_id)) || !first {
+                        tracing::info!(user_id = %args.user_id, "welcome email already sent; not sending again");
+                        return Ok(());
+                    }
+                    let Some(deadline) = deadline else { return Ok(()) };
+                    self.send_and_record(&args, deadline).await
+                }
+            })
+            .buffered(SEND_CONCURRENCY)
+            .collect()
+            .await
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod app;
 pub mod db;
+pub mod process;
+pub mod redis_server;
 
 pub use app::TestApp;
 
@@ -54,7 +56,7 @@ pub async fn outbox_count(store: &dyn Store, kind: EventType) -> usize {
     store.outbox_after(0, 100_000).await.expect("read the outbox").iter().filter(|r| r.event.event_type == kind).count()
 }
 
-/// A test's unique Redis namespace (`eventra-test-<uuid>`), whose keys are deleted when
+/// A test's unique Redis namespace (`et-<uuid>`, short enough for `EVENTRA_NAMESPACE`), whose keys are deleted when
 /// the test ends, passed or not.
 pub struct RedisNamespace {
     pub url: String,
@@ -63,7 +65,7 @@ pub struct RedisNamespace {
 
 impl RedisNamespace {
     pub fn new(url: &str) -> Self {
-        RedisNamespace { url: url.to_owned(), ns: format!("eventra-test-{}", uuid::Uuid::now_v7().simple()) }
+        RedisNamespace { url: url.to_owned(), ns: format!("et-{}", uuid::Uuid::now_v7().simple()) }
     }
 }
 

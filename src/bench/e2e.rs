@@ -1,0 +1,819 @@
+//! `eventra bench e2e`: does the pipeline keep pace with the API? Times what a user
+//! waits for: from the commit of a change to the last of its effects done (welcome
+//! email sent, audit entry and search entry written, each job acknowledged).
+//!
+//! - **Load** (default): a real `eventra serve` (this binary, a child process, all
+//!   roles, on the chosen stack) takes creates through its HTTP API. First its maximum
+//!   API rate is measured (closed loop, `--concurrency` clients, `--seconds`), then
+//!   creates are offered open-loop at each of `--rates` percent of that maximum for
+//!   `--seconds`. Reported per rate: commits/s, effects/s, the backlog at the end of the
+//!   load (events not fully done), and commit → last effect p50/p95/p99. Commit time is
+//!   the user's `created_at` (stamped in the writing transaction); an effect is done
+//!   when its job was acknowledged (`finished_at`, Redis's or SQLite's clock, same host).
+//! - **Drain** (`--drain N`): N events are put in the outbox by an `api`-only process,
+//!   which then stops; a process with the pipeline roles only (`relay,consumer,worker,
+//!   indexer`) is started and timed until every effect of every event is done: the
+//!   pipeline's own ceiling.
+//! - **Raw engines**, in the same run, doing the same work: on services, pgbench
+//!   inserting the same user + outbox rows (one transaction each), lapin publishing the
+//!   same events with confirms and consuming them, Redis pushing and popping the same
+//!   job payloads; embedded, SQLite inserting the same rows one transaction each and
+//!   tantivy indexing the same users.
+//!
+//! The server's resident memory (VmRSS, and its peak VmHWM) is read from `/proc` after
+//! the runs.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::jobs::{JobQueue, JobState, QueueConfig};
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stack {
+    /// SQLite, the embedded bus and job queue, tantivy, `.eml` files: `serve` with nothing set.
+    Embedded,
+    /// PostgreSQL, RabbitMQ and Redis (tantivy and `.eml` files, or `--smtp-url`).
+    Services,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eBenchArgs {
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub stack: Stack,
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pub database_url: String,
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Send the welcome emails to this SMTP server instead of `.eml` files.
+    #[arg(long)]
+    pub smtp_url: Option<String>,
+    /// Seconds of load per run (and of the maximum-rate measurement).
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// Offered rates, in percent of the measured maximum API rate.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,75,100")]
+    pub rates: Vec<u32>,
+    /// Clients of the maximum-rate measurement.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Drain mode: pre-fill the outbox with this many events, then time the pipeline.
+    #[arg(long)]
+    pub drain: Option<usize>,
+    /// Leave out the raw-engine baselines.
+    #[arg(long)]
+    pub no_raw: bool,
+}
+
+type BenchResult<T> = Result<T, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// One load run's figures.
+#[derive(Debug, Clone)]
+pub struct LoadRow {
+    pub label: String,
+    pub offered: f64,
+    pub commits_per_s: f64,
+    pub effects_per_s: f64,
+    /// Events whose effects were not all done when the load stopped.
+    pub backlog_events: usize,
+    /// The same, in seconds of work at the commit rate.
+    pub backlog_secs: f64,
+    pub p50: Duration,
+    pub p95: Duration,
+    pub p99: Duration,
+    pub failed_requests: usize,
+}
+
+/// What a run reports: load rows, raw-engine rows, a drain row, memory.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub stack: String,
+    pub load: Vec<LoadRow>,
+    pub drain: Option<(usize, Duration)>,
+    pub raw: Vec<(String, f64, String)>,
+    pub rss_kb: Option<(u64, u64)>,
+}
+
+pub async fn run(args: E2eBenchArgs) -> BenchResult<Report> {
+    let mut report = Report { stack: format!("{:?}", args.stack).to_lowercase(), ..Report::default() };
+    let bench = Bench::new(&args)?;
+    if let Some(n) = args.drain {
+        report.drain = Some((n, bench.drain(n).await?));
+    } else {
+        report.load = bench.load(&mut report.rss_kb).await?;
+    }
+    if !args.no_raw {
+        let n = args.drain.unwrap_or(20_000);
+        report.raw = match args.stack {
+            Stack::Services => raw_services(&args, n).await?,
+            Stack::Embedded => raw_embedded(&bench.dir, n).await?,
+        };
+    }
+    let _ = std::fs::remove_dir_all(&bench.dir);
+    Ok(report)
+}
+
+/// Where a run lives: its data dir, namespace and admin token.
+struct Bench {
+    args: E2eBenchArgs,
+    dir: PathBuf,
+    ns: String,
+    token: String,
+}
+
+/// An `eventra serve` child process.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn rss_kb(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let field =
+            |name: &str| status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok();
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// SIGTERM, then wait for the exit.
+    fn stop(mut self) -> BenchResult<()> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = self.child.wait().map_err(err)?;
+        if !status.success() {
+            return Err(format!("the server exited with {status}"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Bench {
+    fn new(args: &E2eBenchArgs) -> BenchResult<Self> {
+        let ns = format!("bench-{}", &Uuid::now_v7().simple().to_string()[20..]);
+        let dir = std::env::temp_dir().join(format!("eventra-{ns}"));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        Ok(Bench { args: args.clone(), dir, ns, token: format!("bench-{}", Uuid::new_v4().simple()) })
+    }
+
+    /// The database the server uses (the embedded file, or a fresh PostgreSQL database).
+    fn database_url(&self) -> String {
+        match self.args.stack {
+            Stack::Embedded => crate::config::default_sqlite_url(&self.dir.join("data")),
+            Stack::Services => replace_db_name(&self.args.database_url, &self.db_name()),
+        }
+    }
+
+    /// The bench's own PostgreSQL database (services), created by [`prepare`].
+    ///
+    /// [`prepare`]: Bench::prepare
+    fn db_name(&self) -> String {
+        format!("eventra_{}", self.ns.replace('-', "_"))
+    }
+
+    fn spawn(&self, roles: &str) -> BenchResult<Server> {
+        let exe = std::env::current_exe().map_err(err)?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(&self.dir)
+            .env("EVENTRA_DATA_DIR", self.dir.join("data"))
+            .env("EVENTRA_ADMIN_TOKEN", &self.token)
+            .env("EVENTRA_NAMESPACE", &self.ns)
+            .env("EVENTRA_ROLES", roles)
+            .env("EVENTRA_LOG", "warn")
+            .env_remove("DATABASE_URL")
+            .env_remove("AMQP_URL")
+            .env_remove("REDIS_URL")
+            .env_remove("OPENSEARCH_URL")
+            .env_remove("SMTP_URL");
+        if self.args.stack == Stack::Services {
+            cmd.env("DATABASE_URL", self.database_url())
+                .env("AMQP_URL", &self.args.amqp_url)
+                .env("REDIS_URL", &self.args.redis_url);
+        }
+        if let Some(smtp) = &self.args.smtp_url {
+            cmd.env("SMTP_URL", smtp);
+        }
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).map_err(err)?;
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().map_err(err)?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_path = self.dir.join("server.log");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(Result::ok));
+            let mut f = std::fs::OpenOptions::new().append(true).open(log_path).ok();
+            for line in lines.map_while(Result::ok) {
+                if let Some(f) = f.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("the server did not start; see {}", self.dir.join("server.log").display()))?;
+        let base = first.strip_prefix("Eventra listening on ").ok_or("unexpected first line")?.to_owned();
+        Ok(Server { child, base })
+    }
+
+    async fn store(&self) -> BenchResult<Arc<dyn Store>> {
+        crate::store::connect(&self.database_url(), 4).await.map_err(err)
+    }
+
+    async fn queue(&self) -> BenchResult<Arc<dyn JobQueue>> {
+        Ok(match self.args.stack {
+            Stack::Services => Arc::new(
+                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.ns, QueueConfig::default())
+                    .await
+                    .map_err(err)?,
+            ),
+            Stack::Embedded => {
+                let s = crate::store::SqliteStore::connect(&self.database_url(), 2).await.map_err(err)?;
+                Arc::new(crate::jobs::SqliteJobQueue::new(s.pools(), QueueConfig::default()))
+            }
+        })
+    }
+
+    /// A fresh database for the services stack (so every run starts empty).
+    async fn prepare(&self) -> BenchResult<()> {
+        if self.args.stack == Stack::Services {
+            let name = self.db_name();
+            let admin = crate::store::PgStore::connect(&self.args.database_url, 1).await.map_err(err)?;
+            sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await.map_err(err)?;
+            admin.pool().close().await;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) {
+        if self.args.stack == Stack::Services {
+            if let Ok(bus) =
+                crate::bus::RabbitBus::connect(&self.args.amqp_url, &self.ns, crate::bus::BusConfig::default()).await
+            {
+                let _ = bus.delete_topology().await;
+            }
+            if let Ok(admin) = crate::store::PgStore::connect(&self.args.database_url, 1).await {
+                let name = self.db_name();
+                let _ =
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin.pool()).await;
+            }
+            if let Ok(q) =
+                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.ns, QueueConfig::default()).await
+            {
+                let _ = q.delete_namespace().await;
+            }
+        }
+    }
+
+    async fn load(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
+        self.prepare().await?;
+        let result = self.load_runs(rss).await;
+        self.cleanup().await;
+        result
+    }
+
+    async fn load_runs(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
+        let server = self.spawn("api,relay,consumer,worker,indexer")?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
+        let store = self.store().await?;
+        let queue = self.queue().await?;
+        let secs = self.args.seconds.max(1);
+
+        // The maximum API rate, closed loop.
+        let tenant = new_tenant(&client, &server.base, &self.token, "max").await?;
+        let created =
+            closed_loop(&client, &server.base, &tenant, self.args.concurrency, Duration::from_secs(secs)).await;
+        let max_rate = created.len() as f64 / secs as f64;
+        eprintln!("maximum API rate: {max_rate:.0} creates/s ({} users in {secs} s)", created.len());
+        wait_idle(&*store, &*queue, &tenant, created.len()).await?;
+
+        let mut rows = Vec::new();
+        for pct in &self.args.rates {
+            let rate = max_rate * f64::from(*pct) / 100.0;
+            let tenant = new_tenant(&client, &server.base, &self.token, &format!("r{pct}")).await?;
+            eprintln!("{pct} %: offering {rate:.0} creates/s for {secs} s");
+            let (done, failed, load_end) =
+                open_loop(&client, &server.base, &tenant, rate, Duration::from_secs(secs)).await;
+            wait_idle(&*store, &*queue, &tenant, done.len()).await?;
+            let effects = effect_times(&*store, &*queue, &tenant, &done).await?;
+            rows.push(summarise(format!("{pct} % of max"), rate, &done, &effects, failed, load_end));
+        }
+        *rss = server.rss_kb();
+        server.stop()?;
+        Ok(rows)
+    }
+
+    async fn drain(&self, n: usize) -> BenchResult<Duration> {
+        self.prepare().await?;
+        let result = self.drain_run(n).await;
+        self.cleanup().await;
+        result
+    }
+
+    async fn drain_run(&self, n: usize) -> BenchResult<Duration> {
+        let api = self.spawn("api")?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
+        let tenant = new_tenant(&client, &api.base, &self.token, "drain").await?;
+        eprintln!("filling the outbox with {n} events through an api-only process…");
+        let created = fill(&client, &api.base, &tenant, n, self.args.concurrency).await?;
+        api.stop()?;
+        let store = self.store().await?;
+        let queue = self.queue().await?;
+        eprintln!("starting the pipeline roles on a full outbox…");
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let pipeline = self.spawn("relay,consumer,worker,indexer")?;
+        wait_idle(&*store, &*queue, &tenant, created.len()).await?;
+        let effects = effect_times(&*store, &*queue, &tenant, &created).await?;
+        let last = effects.values().copied().max().unwrap_or(started_at);
+        let elapsed = (last - started_at).to_std().unwrap_or_else(|_| started.elapsed());
+        pipeline.stop()?;
+        Ok(elapsed)
+    }
+}
+
+/// A created user: its id and commit time.
+#[derive(Debug, Clone)]
+struct Created {
+    user: Uuid,
+    at: DateTime<Utc>,
+}
+
+/// A tenant made for one run: its id and admin key.
+#[derive(Debug, Clone)]
+struct Tenant {
+    id: Uuid,
+    key: String,
+}
+
+async fn new_tenant(client: &reqwest::Client, base: &str, token: &str, label: &str) -> BenchResult<Tenant> {
+    let slug = format!("bench-{label}-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let res: serde_json::Value = client
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(token)
+        .json(&json!({"name": slug, "slug": slug}))
+        .send()
+        .await
+        .map_err(err)?
+        .json()
+        .await
+        .map_err(err)?;
+    Ok(Tenant {
+        id: res["tenant"]["id"].as_str().and_then(|s| s.parse().ok()).ok_or("no tenant id")?,
+        key: res["api_key"]["key"].as_str().ok_or("no key")?.to_owned(),
+    })
+}
+
+/// One create; `None` when it did not answer 201.
+async fn create(client: &reqwest::Client, base: &str, t: &Tenant, i: usize) -> Option<Created> {
+    let res = client
+        .post(format!("{base}/v1/tenants/{}/users", t.id))
+        .bearer_auth(&t.key)
+        .json(&json!({"email": format!("u{i}@bench.example"), "name": format!("Bench User {i}")}))
+        .send()
+        .await
+        .ok()?;
+    if res.status() != reqwest::StatusCode::CREATED {
+        return None;
+    }
+    let user: serde_json::Value = res.json().await.ok()?;
+    Some(Created { user: user["id"].as_str()?.parse().ok()?, at: user["created_at"].as_str()?.parse().ok()? })
+}
+
+/// `concurrency` clients creating users back to back for `time`.
+async fn closed_loop(
+    client: &reqwest::Client,
+    base: &str,
+    t: &Tenant,
+    concurrency: usize,
+    time: Duration,
+) -> Vec<Created> {
+    let until = Instant::now() + time;
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = (0..concurrency.max(1)).map(|_| {
+        let (client, base, t, next) = (client.clone(), base.to_owned(), t.clone(), next.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while Instant::now() < until {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                out.extend(create(&client, &base, &t, i).await);
+            }
+            out
+        })
+    });
+    let mut all = Vec::new();
+    for w in futures_util::future::join_all(workers).await {
+        all.extend(w.unwrap_or_default());
+    }
+    all
+}
+
+/// Creates offered at `rate` per second for `time`, each started at its own time
+/// whether or not earlier ones have answered (open loop). Returns the created users,
+/// the failures, and when the load ended.
+async fn open_loop(
+    client: &reqwest::Client,
+    base: &str,
+    t: &Tenant,
+    rate: f64,
+    time: Duration,
+) -> (Vec<Created>, usize, DateTime<Utc>) {
+    let total = (rate * time.as_secs_f64()).round() as usize;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate.max(0.001))).await;
+        let (client, base, t) = (client.clone(), base.to_owned(), t.clone());
+        tasks.push(tokio::spawn(async move { create(&client, &base, &t, i).await }));
+    }
+    let mut created = Vec::with_capacity(total);
+    let mut failed = 0;
+    for task in tasks {
+        match task.await.ok().flatten() {
+            Some(c) => created.push(c),
+            None => failed += 1,
+        }
+    }
+    (created, failed, Utc::now())
+}
+
+/// `n` users created as fast as `concurrency` clients can.
+async fn fill(
+    client: &reqwest::Client,
+    base: &str,
+    t: &Tenant,
+    n: usize,
+    concurrency: usize,
+) -> BenchResult<Vec<Created>> {
+    let created: Vec<Option<Created>> = futures_util::stream::iter(0..n)
+        .map(|i| create(client, base, t, i))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let ok: Vec<Created> = created.into_iter().flatten().collect();
+    if ok.len() != n {
+        return Err(format!("{} of {n} creates failed", n - ok.len()));
+    }
+    Ok(ok)
+}
+
+/// Waits until every event of the tenant has its audit entry and the job queue is idle.
+async fn wait_idle(store: &dyn Store, queue: &dyn JobQueue, t: &Tenant, users: usize) -> BenchResult<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let audited = store.count_audit(t.id).await.map_err(err)?;
+        let mut busy = 0;
+        for state in [JobState::Ready, JobState::Running, JobState::Scheduled, JobState::Retry] {
+            busy += queue.count(state).await.map_err(err)?;
+        }
+        if audited >= users as u64 + 1 && busy == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("effects not done after 30 min ({audited} of {} audited)", users + 1));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Per user: when the last of its effects (welcome email, audit entry, search entry)
+/// was done, by its job's acknowledgement.
+async fn effect_times(
+    store: &dyn Store,
+    queue: &dyn JobQueue,
+    t: &Tenant,
+    created: &[Created],
+) -> BenchResult<HashMap<Uuid, DateTime<Utc>>> {
+    let events: HashMap<String, Uuid> = store
+        .outbox_after(0, u32::MAX)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .filter(|r| r.tenant_id == t.id && r.event.event_type == crate::domain::EventType::UserCreated)
+        .map(|r| (r.event.subject.clone(), r.event.id))
+        .collect();
+    let lookups = futures_util::stream::iter(created.iter().cloned())
+        .map(|c| {
+            let event = events.get(&c.user.to_string()).copied();
+            async move {
+                let event = event.ok_or_else(|| format!("no user.created event for {}", c.user))?;
+                let mut last: Option<DateTime<Utc>> = None;
+                for key in
+                    [format!("audit:{event}"), format!("index_user:{}:1", c.user), format!("welcome_email:{}", c.user)]
+                {
+                    let job = queue.find_by_key(&key).await.map_err(err)?.ok_or_else(|| format!("no job {key}"))?;
+                    let done = job
+                        .finished_at
+                        .filter(|_| job.state == JobState::Done)
+                        .ok_or_else(|| format!("{key} is {:?}", job.state))?;
+                    last = Some(last.map_or(done, |l| l.max(done)));
+                }
+                Ok::<_, String>((c.user, last.unwrap_or(c.at)))
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    lookups.into_iter().collect()
+}
+
+fn percentiles(mut lat: Vec<Duration>) -> (Duration, Duration, Duration) {
+    lat.sort();
+    let at = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
+    (at(0.50), at(0.95), at(0.99))
+}
+
+fn summarise(
+    label: String,
+    offered: f64,
+    created: &[Created],
+    effects: &HashMap<Uuid, DateTime<Utc>>,
+    failed: usize,
+    load_end: DateTime<Utc>,
+) -> LoadRow {
+    let first = created.iter().map(|c| c.at).min().unwrap_or(load_end);
+    let last_commit = created.iter().map(|c| c.at).max().unwrap_or(load_end);
+    let last_effect = effects.values().copied().max().unwrap_or(load_end);
+    let secs = |a: DateTime<Utc>, b: DateTime<Utc>| (b - a).to_std().unwrap_or_default().as_secs_f64().max(1e-3);
+    let commits_per_s = created.len() as f64 / secs(first, last_commit);
+    let effects_per_s = created.len() as f64 / secs(first, last_effect);
+    let backlog_events = effects.values().filter(|t| **t > load_end).count();
+    let latencies: Vec<Duration> =
+        created.iter().filter_map(|c| effects.get(&c.user).map(|e| (*e - c.at).to_std().unwrap_or_default())).collect();
+    let (p50, p95, p99) = percentiles(latencies);
+    LoadRow {
+        label,
+        offered,
+        commits_per_s,
+        effects_per_s,
+        backlog_events,
+        backlog_secs: backlog_events as f64 / commits_per_s.max(1e-3),
+        p50,
+        p95,
+        p99,
+        failed_requests: failed,
+    }
+}
+
+/// `postgres://u@h:p/db?x` with `db` replaced.
+fn replace_db_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+// ---- raw engines -----------------------------------------------------------------
+
+/// A user row and its outbox row as Eventra writes them (the same JSON).
+fn sample_rows(n: usize) -> Vec<(crate::domain::User, crate::domain::DomainEvent)> {
+    let tenant = Uuid::now_v7();
+    (0..n)
+        .filter_map(|i| {
+            let input =
+                serde_json::from_value(json!({"email": format!("u{i}@raw.example"), "name": format!("Raw User {i}")}))
+                    .ok()?;
+            let user = crate::domain::NewUser::parse(tenant, input, crate::domain::now()).ok()?.0;
+            let event = crate::domain::DomainEvent::user_created(&user, &crate::domain::EventContext::system("raw"));
+            Some((user, event))
+        })
+        .collect()
+}
+
+async fn raw_services(args: &E2eBenchArgs, n: usize) -> BenchResult<Vec<(String, f64, String)>> {
+    let mut rows = Vec::new();
+    rows.push(raw_pgbench(&args.database_url).await?);
+    let events: Vec<(String, Vec<u8>)> = sample_rows(n)
+        .into_iter()
+        .map(|(_, e)| Ok((e.id.to_string(), serde_json::to_vec(&e).map_err(err)?)))
+        .collect::<BenchResult<_>>()?;
+    rows.push(super::raw::lapin_publish_consume(&args.amqp_url, &events).await?);
+    let jobs: Vec<Vec<u8>> = sample_rows(n)
+        .into_iter()
+        .flat_map(|(u, e)| {
+            let payloads = [json!(e), json!({"tenant_id": u.tenant_id, "user_id": u.id}), json!(u)];
+            payloads.into_iter().map(|p| p.to_string().into_bytes())
+        })
+        .collect();
+    rows.push(super::raw::redis_push_pop(&args.redis_url, &jobs).await?);
+    Ok(rows)
+}
+
+/// pgbench, 16 clients for 10 s, each transaction one user INSERT and one outbox INSERT
+/// into the project's own schema (its indexes and the outbox NOTIFY trigger).
+async fn raw_pgbench(admin_url: &str) -> BenchResult<(String, f64, String)> {
+    let name = format!("eventra_rawpg_{}", &Uuid::now_v7().simple().to_string()[20..]);
+    let admin = crate::store::PgStore::connect(admin_url, 1).await.map_err(err)?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await.map_err(err)?;
+    let url = replace_db_name(admin_url, &name);
+    let result = async {
+        let store = crate::store::PgStore::connect(&url, 2).await.map_err(err)?;
+        Store::migrate(&store).await.map_err(err)?;
+        sqlx::query("INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) VALUES ('00000000-0000-7000-8000-000000000001', 'raw', 'Raw', 0, 0, 0, now(), now())")
+            .execute(store.pool())
+            .await
+            .map_err(err)?;
+        store.pool().close().await;
+        let (_, event) = sample_rows(1).pop().ok_or("no sample")?;
+        let payload = serde_json::to_string(&event).map_err(err)?.replace('\'', "''");
+        let script = format!(
+            "\\set n random(1, 1000000000)\n\
+             BEGIN;\n\
+             INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, attributes, version, created_at, updated_at) \
+             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', 'u' || :n || '-' || :client_id || '@raw.example', 'u' || :n || '-' || :client_id || '@raw.example', 'Raw User', 'active', false, '{{}}', 1, now(), now()) ON CONFLICT DO NOTHING;\n\
+             INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) \
+             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', :n * 100 + :client_id, 'user.created', '{payload}', now()) ON CONFLICT DO NOTHING;\n\
+             END;\n"
+        );
+        let script_path = std::env::temp_dir().join(format!("{name}.sql"));
+        std::fs::write(&script_path, script).map_err(err)?;
+        let pgbench = find_pgbench().ok_or("pgbench not found (Debian: postgresql-15 has /usr/lib/postgresql/15/bin/pgbench)")?;
+        let out = tokio::process::Command::new(pgbench)
+            .args(["-n", "-c", "16", "-j", "2", "-T", "10", "-f"])
+            .arg(&script_path)
+            .arg(&url)
+            .output()
+            .await
+            .map_err(err)?;
+        let _ = std::fs::remove_file(&script_path);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps ="))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((
+            "pgbench: INSERT user + INSERT outbox row, one transaction each, 16 clients".to_owned(),
+            tps,
+            "transactions/s".to_owned(),
+        ))
+    }
+    .await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin.pool()).await;
+    result
+}
+
+fn find_pgbench() -> Option<PathBuf> {
+    if Command::new("pgbench").arg("--version").stdout(Stdio::null()).status().is_ok() {
+        return Some(PathBuf::from("pgbench"));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin/pgbench")))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+async fn raw_embedded(dir: &Path, n: usize) -> BenchResult<Vec<(String, f64, String)>> {
+    let rows = sample_rows(n);
+    // SQLite: the same user and outbox rows, one transaction each, on one connection.
+    let url = format!("sqlite://{}", dir.join("raw.db").display());
+    let store = crate::store::SqliteStore::connect(&url, 1).await.map_err(err)?;
+    Store::migrate(&store).await.map_err(err)?;
+    let writer = store.pools().write;
+    let tenant = rows.first().map(|(u, _)| u.tenant_id).unwrap_or_default();
+    sqlx::query("INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) VALUES ($1, 'raw', 'Raw', 0, 0, 0, $2, $2)")
+        .bind(tenant)
+        .bind(crate::domain::now())
+        .execute(&writer)
+        .await
+        .map_err(err)?;
+    let started = Instant::now();
+    for (i, (u, e)) in rows.iter().enumerate() {
+        let mut tx = writer.begin().await.map_err(err)?;
+        sqlx::query("INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, attributes, version, created_at, updated_at) VALUES ($1, $2, $3, $3, $4, 'active', 0, '{}', 1, $5, $5)")
+            .bind(u.id)
+            .bind(u.tenant_id)
+            .bind(&u.email)
+            .bind(&u.name)
+            .bind(u.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query("INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) VALUES ($1, $2, $3, 'user.created', $4, $5)")
+            .bind(e.id)
+            .bind(e.tenantid)
+            .bind(i as i64 + 1)
+            .bind(sqlx::types::Json(e))
+            .bind(u.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+    }
+    let sqlite_rate = rows.len() as f64 / started.elapsed().as_secs_f64();
+    // tantivy: the same users, written in batches of 500 (one commit each).
+    let index = crate::search::TantivyIndex::open(&dir.join("raw-index")).map_err(err)?;
+    let index = Arc::new(index);
+    let docs: Vec<crate::search::IndexOp> = rows
+        .iter()
+        .map(|(u, _)| {
+            crate::search::IndexOp::UpsertUser(crate::search::UserDoc {
+                tenant_id: u.tenant_id,
+                user_id: u.id,
+                email: u.email.clone(),
+                name: u.name.clone(),
+                version: 1,
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in docs.chunks(500) {
+        crate::search::SearchIndex::apply(&index, chunk).await.map_err(err)?;
+    }
+    let tantivy_rate = docs.len() as f64 / started.elapsed().as_secs_f64();
+    Ok(vec![
+        (
+            "SQLite: INSERT user + INSERT outbox row, one transaction each".to_owned(),
+            sqlite_rate,
+            "transactions/s".to_owned(),
+        ),
+        ("tantivy: index the same users, 500 per commit".to_owned(), tantivy_rate, "documents/s".to_owned()),
+    ])
+}
+
+/// The report as Markdown tables.
+pub fn tables(r: &Report) -> String {
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    let mut out = String::new();
+    if !r.load.is_empty() {
+        out.push_str(&format!("Stack: {}\n\n", r.stack));
+        out.push_str("| offered | creates/s offered | commits/s | effects/s | backlog at end | commit → last effect p50 | p95 | p99 | failed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for l in &r.load {
+            out.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.0} | {} events ({:.2} s) | {} | {} | {} | {} |\n",
+                l.label,
+                l.offered,
+                l.commits_per_s,
+                l.effects_per_s,
+                l.backlog_events,
+                l.backlog_secs,
+                ms(l.p50),
+                ms(l.p95),
+                ms(l.p99),
+                l.failed_requests
+            ));
+        }
+    }
+    if let Some((n, t)) = r.drain {
+        out.push_str(&format!(
+            "\nDrain ({}): {n} events, every effect done in {:.1} s: **{:.0} events/s**\n",
+            r.stack,
+            t.as_secs_f64(),
+            n as f64 / t.as_secs_f64().max(1e-3)
+        ));
+    }
+    if let Some((rss, hwm)) = r.rss_kb {
+        out.push_str(&format!(
+            "\nServer memory after the runs: RSS {:.0} MB (peak {:.0} MB)\n",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        ));
+    }
+    if !r.raw.is_empty() {
+        out.push_str("\n| raw engine, same work | rate | unit |\n|---|---:|---|\n");
+        for (what, rate, unit) in &r.raw {
+            out.push_str(&format!("| {what} | {rate:.0} | {unit} |\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,160 @@
+//! Dependencies that come and go (SPEC §4): a Redis that crashes and comes back, hosts
+//! whose clocks disagree. Each crashes only private instances (a `redis-server` of its
+//! own, an `eventra` process of its own), never the shared services.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventra::jobs::{Enqueued, JobQueue, JobState, NewJob, QueueConfig, RedisJobQueue};
+use serde_json::json;
+
+use crate::utils::process::Spawn;
+use crate::utils::redis_server::PrivateRedis;
+use crate::utils::{wait_for, TestApp, TestDb};
+
+/// A Redis crash (SIGKILL) and restart: the queue's client reconnects by itself, calls
+/// made while Redis is down fail within a bound instead of hanging, and what Redis
+/// acknowledged before the crash is still there (AOF `appendfsync always`).
+#[tokio::test]
+async fn the_redis_queue_reconnects_after_a_crash_and_keeps_what_it_acknowledged() {
+    const TEST: &str = "faults::the_redis_queue_reconnects_after_a_crash_and_keeps_what_it_acknowledged";
+    let Some(mut redis) = PrivateRedis::start(TEST) else { return };
+    let q = RedisJobQueue::connect(&redis.url(), "eventra-fault", QueueConfig::default()).await.expect("connect");
+    let Enqueued::New(before) = q.enqueue(NewJob::new("noop", "before-crash", json!({}))).await.unwrap() else {
+        panic!("duplicate")
+    };
+    redis.kill();
+    let started = Instant::now();
+    assert!(q.enqueue(NewJob::new("noop", "while-down", json!({}))).await.is_err(), "Redis is down");
+    assert!(started.elapsed() < Duration::from_secs(5), "a call to a dead Redis fails fast: {:?}", started.elapsed());
+    redis.restart();
+    wait_for("the client to reconnect by itself", Duration::from_secs(20), || async { q.ping().await.ok() }).await;
+    let job = q.get(before).await.unwrap().expect("the job Redis acknowledged before the crash");
+    assert_eq!(job.state, JobState::Ready);
+    assert!(matches!(q.enqueue(NewJob::new("noop", "after-restart", json!({}))).await, Ok(Enqueued::New(_))));
+}
+
+/// Readiness answers within 2 s while Redis is down, says which dependency is down, and
+/// turns ready again once Redis is back, without a restart of Eventra.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_within_two_seconds_while_redis_is_down() {
+    const TEST: &str = "faults::readiness_answers_within_two_seconds_while_redis_is_down";
+    let Some(mut redis) = PrivateRedis::start(TEST) else { return };
+    let db = TestDb::sqlite();
+    let url = redis.url();
+    let app = TestApp::start_with(db.url(), |c| c.redis_url = Some(url)).await;
+    let ready = |app: &TestApp| {
+        let req = app.req(reqwest::Method::GET, "/health/ready", None).timeout(Duration::from_secs(2));
+        async move {
+            let started = Instant::now();
+            let res = req.send().await.expect("readiness answers within 2 s");
+            let status = res.status();
+            let body: serde_json::Value = res.json().await.expect("json");
+            (status, body, started.elapsed())
+        }
+    };
+    let (status, _, _) = ready(&app).await;
+    assert_eq!(status, 200);
+    redis.kill();
+    for _ in 0..5 {
+        let (status, body, took) = ready(&app).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["checks"]["job_queue"]["status"], "down", "{body}");
+        assert_eq!(body["checks"]["database"]["status"], "up", "{body}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    redis.restart();
+    wait_for("ready again after Redis came back", Duration::from_secs(20), || async {
+        let (status, _, _) = ready(&app).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+/// The lease holder in PostgreSQL's `leases` table: the port in `host:port/start`.
+async fn relay_lease_port(pool: &sqlx::PgPool) -> Option<u16> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT holder FROM leases WHERE name = 'outbox-relay'").fetch_optional(pool).await.ok()?;
+    row?.0.split('/').next()?.rsplit(':').next()?.parse().ok()
+}
+
+/// Two relays on one database, the second on a host whose clock runs 20 s ahead: the
+/// lease is timed by the database's clock, so the skewed one stands by instead of
+/// taking a live lease it thinks has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_a_fast_clock_does_not_take_a_live_lease() {
+    const TEST: &str = "faults::a_relay_on_a_fast_clock_does_not_take_a_live_lease";
+    let Some(db) = TestDb::postgres(TEST).await else { return };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    fn env<'a>(s: Spawn<'a>, db: &str) -> Spawn<'a> {
+        s.env("DATABASE_URL", db)
+            .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
+            .env("EVENTRA_RELAY_LEASE_MS", "3000")
+            .env("EVENTRA_RELAY_POLL_MS", "200")
+            .env("EVENTRA_ROLES", "api,relay")
+    }
+    let a = env(Spawn::new(dir_a.path()), db.url()).start();
+    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let holder =
+        wait_for("the first relay to hold the lease", Duration::from_secs(20), || relay_lease_port(&pool)).await;
+    assert_eq!(holder, a.port());
+    let Some(b) = env(Spawn::new(dir_b.path()), db.url()).skewed_clock("+20s", TEST) else { return };
+    let b = b.start();
+    // Several lease periods with both relays ticking: the lease never moves.
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        assert_eq!(
+            relay_lease_port(&pool).await,
+            Some(a.port()),
+            "the fast-clock relay (port {}) took the lease",
+            b.port()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((a, b));
+    pool.close().await;
+}
+
+/// A worker on a host whose clock runs 40 s behind leases a job for 30 s: the lease is
+/// timed by Redis's clock, so a reaper elsewhere does not see it as lapsed and the job
+/// is not run a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_a_slow_clock_keeps_its_lease() {
+    const TEST: &str = "faults::a_worker_on_a_slow_clock_keeps_its_lease";
+    let Some(redis_url) = crate::utils::service_url("REDIS_URL", TEST) else { return };
+    let ns = crate::utils::RedisNamespace::new(&redis_url);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(worker) = Spawn::new(dir.path())
+        .env("REDIS_URL", redis_url.clone())
+        .env("EVENTRA_NAMESPACE", ns.ns.clone())
+        .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
+        .env("EVENTRA_ROLES", "api,worker")
+        .env("EVENTRA_WORKERS", "1")
+        .skewed_clock("-40s", TEST)
+    else {
+        return;
+    };
+    let _worker = worker.start();
+    let q: Arc<dyn JobQueue> =
+        Arc::new(RedisJobQueue::connect(&redis_url, &ns.ns, QueueConfig::default()).await.expect("connect"));
+    let Enqueued::New(id) = q.enqueue(NewJob::new("noop", "slow", json!({"sleep_ms": 4000}))).await.unwrap() else {
+        panic!("duplicate")
+    };
+    wait_for("the skewed worker to lease the job", Duration::from_secs(20), || async {
+        (q.get(id).await.ok()??.state == JobState::Running).then_some(())
+    })
+    .await;
+    // This process's reaper (a correct clock) runs while the job runs.
+    let mut reaped = 0;
+    while q.get(id).await.unwrap().is_some_and(|j| j.state == JobState::Running) {
+        reaped += q.reap_expired().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reaped, 0, "the reaper took a live job from a worker whose clock is behind");
+    let job = wait_for("the job done", Duration::from_secs(20), || async {
+        q.get(id).await.ok()?.filter(|j| j.state == JobState::Done)
+    })
+    .await;
+    assert_eq!(job.failures, 0);
+}
