@@ -15,6 +15,8 @@
 //! - [`mail`]: the `Mailer` trait: SMTP (lettre) or `.eml` files.
 //! - [`bus`]: the `EventBus` trait: RabbitMQ (lapin) or tables in SQLite.
 //! - [`bench`]: `eventra bench …` against the raw engines.
+//! - [`chaos`]: `eventra chaos`: load, kills and dependency restarts on private
+//!   services, then the invariant check (also what the fault tests run).
 //! - [`error`]: the application error every subsystem converts into.
 //! - [`app`]: wires it all together; [`app::run`] is the testable entry point.
 //! - [`telemetry`]: JSON logging and the Prometheus recorder.
@@ -23,6 +25,7 @@ pub mod actors;
 pub mod app;
 pub mod bench;
 pub mod bus;
+pub mod chaos;
 pub mod config;
 pub mod domain;
 pub mod error;

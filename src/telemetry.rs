@@ -25,16 +25,43 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+/// Bucket bounds (seconds) of every duration histogram: from a millisecond to a minute.
+const DURATION_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Bucket bounds of the indexer's batch sizes.
+const BATCH_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0];
+/// How often histogram samples are folded into their buckets. The recorder keeps raw
+/// samples until then: without upkeep they pile up for as long as nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder (installed on first use; every app instance in
-/// a process shares it, as they share the process).
+/// a process shares it, as they share the process). Histograms are Prometheus
+/// histograms with fixed buckets, folded every [`UPKEEP_EVERY`] by a thread of its own.
 pub fn metrics() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
-                None
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(DURATION_BUCKETS).and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("eventra_indexer_batch_changes".into()),
+                    BATCH_BUCKETS,
+                )
+            });
+            let installed =
+                builder.map_err(|e| e.to_string()).and_then(|b| b.install_recorder().map_err(|e| e.to_string()));
+            match installed {
+                Ok(h) => {
+                    let upkeep = h.clone();
+                    let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+                        std::thread::sleep(UPKEEP_EVERY);
+                        upkeep.run_upkeep();
+                    });
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    None
+                }
             }
         })
         .clone()

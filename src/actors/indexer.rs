@@ -9,7 +9,8 @@
 //! The write runs in a task of its own, not in the message handler: while it runs the
 //! mailbox keeps taking changes, and they all go into the next write the moment this one
 //! ends. So batches grow with the load instead of the load waiting on commits: an idle
-//! index writes a change after at most [`MAX_DELAY`], a busy one writes back to back.
+//! index writes a change after at most [`MAX_DELAY`], a busy one writes a batch every
+//! [`MIN_INTERVAL`].
 //! The retries and their sleeps live in that task too, so the actor never blocks.
 //!
 //! [`IndexerHandle`] is the `SearchIndex` the rest of the process uses: writes go to the
@@ -34,6 +35,11 @@ use crate::store::AuditFilter;
 const MAX_BATCH: usize = 5_000;
 /// Longest a change waits for companions when no write is running.
 const MAX_DELAY: Duration = Duration::from_millis(5);
+/// Shortest time from one write's start to the next one's. Every write is a commit (a
+/// new segment, an fsync, and later merges), so under load a few large commits cost far
+/// less than many small ones; this bounds commits to ten a second, for at most this much
+/// added latency.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Tries per batch, and the pause before the second (doubling).
 const TRIES: u32 = 3;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -120,6 +126,8 @@ pub struct IndexerState {
     flush_scheduled: bool,
     /// A write is running in its task.
     writing: bool,
+    /// When the last write started (the next waits for [`MIN_INTERVAL`] after it).
+    last_write: Option<Instant>,
     /// Consecutive failed writes, for the breaker.
     failures: u32,
     open_until: Option<Instant>,
@@ -147,6 +155,7 @@ impl Actor for Indexer {
             pending_ops: 0,
             flush_scheduled: false,
             writing: false,
+            last_write: None,
             failures: 0,
             open_until: None,
         })
@@ -183,7 +192,13 @@ impl Actor for Indexer {
             IndexerMsg::Flush => {
                 state.flush_scheduled = false;
                 if !state.writing {
-                    start_write(&myself, state);
+                    let wait = state.last_write.map_or(Duration::ZERO, |t| MIN_INTERVAL.saturating_sub(t.elapsed()));
+                    if wait.is_zero() {
+                        start_write(&myself, state);
+                    } else {
+                        state.flush_scheduled = true;
+                        myself.send_after(wait, || IndexerMsg::Flush);
+                    }
                 }
             }
             IndexerMsg::Written { ok, changes, error } => {
@@ -198,9 +213,15 @@ impl Actor for Indexer {
                     state.pending_ops = 0;
                     publish_queue(state);
                 }
-                // Whatever came in meanwhile is the next batch.
+                // Whatever came in meanwhile is the next batch, once the interval is over.
                 if !state.pending.is_empty() {
-                    start_write(&myself, state);
+                    let wait = state.last_write.map_or(Duration::ZERO, |t| MIN_INTERVAL.saturating_sub(t.elapsed()));
+                    if wait.is_zero() {
+                        start_write(&myself, state);
+                    } else if !state.flush_scheduled {
+                        state.flush_scheduled = true;
+                        myself.send_after(wait, || IndexerMsg::Flush);
+                    }
                 }
             }
         }
@@ -233,6 +254,7 @@ fn start_write(myself: &ActorRef<IndexerMsg>, state: &mut IndexerState) {
     state.pending_ops -= taken;
     publish_queue(state);
     state.writing = true;
+    state.last_write = Some(Instant::now());
     let (index, myself) = (state.index.clone(), myself.clone());
     tokio::spawn(async move {
         let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();

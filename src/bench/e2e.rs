@@ -6,7 +6,8 @@
 //!   roles, on the chosen stack) takes creates through its HTTP API. First its maximum
 //!   API rate is measured (closed loop, `--concurrency` clients, `--seconds`), then
 //!   creates are offered open-loop at each of `--rates` percent of that maximum for
-//!   `--seconds`. Reported per rate: commits/s, effects/s, the backlog at the end of the
+//!   `--seconds`. Reported per rate: commits/s and effects completed/s (both counted
+//!   over the same window, from 5 s into the load to its end), the backlog at the end of the
 //!   load (events not fully done), and commit → last effect p50/p95/p99. Commit time is
 //!   the user's `created_at` (stamped in the writing transaction); an effect is done
 //!   when its job was acknowledged (`finished_at`, Redis's or SQLite's clock, same host).
@@ -559,11 +560,13 @@ fn summarise(
     load_end: DateTime<Utc>,
 ) -> LoadRow {
     let first = created.iter().map(|c| c.at).min().unwrap_or(load_end);
-    let last_commit = created.iter().map(|c| c.at).max().unwrap_or(load_end);
-    let last_effect = effects.values().copied().max().unwrap_or(load_end);
     let secs = |a: DateTime<Utc>, b: DateTime<Utc>| (b - a).to_std().unwrap_or_default().as_secs_f64().max(1e-3);
-    let commits_per_s = created.len() as f64 / secs(first, last_commit);
-    let effects_per_s = created.len() as f64 / secs(first, last_effect);
+    // Rates over the steady part of the load: from 5 s in (the pipeline has filled) to
+    // the end of the load; commits and completed effects counted in the same window.
+    let from = first + chrono::Duration::seconds(5).min(load_end - first);
+    let in_window = |t: &DateTime<Utc>| *t >= from && *t <= load_end;
+    let commits_per_s = created.iter().filter(|c| in_window(&c.at)).count() as f64 / secs(from, load_end);
+    let effects_per_s = effects.values().filter(|t| in_window(t)).count() as f64 / secs(from, load_end);
     let backlog_events = effects.values().filter(|t| **t > load_end).count();
     let latencies: Vec<Duration> =
         created.iter().filter_map(|c| effects.get(&c.user).map(|e| (*e - c.at).to_std().unwrap_or_default())).collect();
@@ -653,12 +656,12 @@ async fn raw_pgbench(admin_url: &str) -> BenchResult<(String, f64, String)> {
         let (_, event) = sample_rows(1).pop().ok_or("no sample")?;
         let payload = serde_json::to_string(&event).map_err(err)?.replace('\'', "''");
         let script = format!(
-            "\\set n random(1, 1000000000)\n\
+            "\\set n random(1, 100000000)\n\
              BEGIN;\n\
              INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, attributes, version, created_at, updated_at) \
              VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', 'u' || :n || '-' || :client_id || '@raw.example', 'u' || :n || '-' || :client_id || '@raw.example', 'Raw User', 'active', false, '{{}}', 1, now(), now()) ON CONFLICT DO NOTHING;\n\
              INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) \
-             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', :n * 100 + :client_id, 'user.created', '{payload}', now()) ON CONFLICT DO NOTHING;\n\
+             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', :n::bigint * 100 + :client_id, 'user.created', '{payload}', now()) ON CONFLICT DO NOTHING;\n\
              END;\n"
         );
         let script_path = std::env::temp_dir().join(format!("{name}.sql"));

@@ -69,7 +69,7 @@ pub struct BusConfig {
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { max_deliveries: 5, visibility: Duration::from_secs(60) }
+        BusConfig { max_deliveries: 20, visibility: Duration::from_secs(60) }
     }
 }
 

@@ -475,7 +475,7 @@ pub(crate) fn redis_client(url: &str) -> JobResult<Client> {
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()?;
     let _ = client.on_reconnect(|server| async move {
-        tracing::info!(%server, "reconnected to Redis");
+        tracing::info!(%server, "connected to Redis");
         Ok(())
     });
     let _ = client.on_error(|(error, server)| async move {

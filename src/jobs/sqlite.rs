@@ -109,27 +109,27 @@ impl JobQueue for SqliteJobQueue {
         self.enqueue_many(vec![job]).await?.pop().ok_or_else(|| JobError::Backend("enqueue answered nothing".into()))
     }
 
-    /// One transaction for the whole batch (one writer turn, one commit).
+    /// One transaction for the whole batch (one writer turn, one commit), one statement
+    /// a job: a key held by a finished job past its retention is taken over in place;
+    /// any other holder makes the job a duplicate (then its id is looked up).
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> JobResult<Vec<Enqueued>> {
         let now = now_us();
+        let expired = now - dur_us(self.config.done_retention);
         let mut tx = self.writer.begin().await?;
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
-            // A finished job past its retention no longer holds its key.
-            sqlx::query("DELETE FROM jobs WHERE idempotency_key = $1 AND state = 'done' AND finished_at_us < $2")
-                .bind(&job.idempotency_key)
-                .bind(now - dur_us(self.config.done_retention))
-                .execute(&mut *tx)
-                .await?;
             let id = Uuid::now_v7();
             let run_at = job.run_at.map(micros).filter(|t| *t > now);
             let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
-            // One statement: a taken key answers the holder's id (the no-op update exists
-            // only to make RETURNING report it), so there is no window between two reads.
-            let (holder,): (Uuid,) = sqlx::query_as(
+            let taken: Option<(Uuid,)> = sqlx::query_as(
                 "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
                  enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
-                 ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = excluded.idempotency_key RETURNING id",
+                 ON CONFLICT (idempotency_key) DO UPDATE SET id = excluded.id, kind = excluded.kind, \
+                 queue = excluded.queue, args = excluded.args, state = excluded.state, failures = 0, \
+                 max_attempts = excluded.max_attempts, enqueued_at_us = excluded.enqueued_at_us, \
+                 run_at_us = excluded.run_at_us, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
+                 last_error = NULL, failed_at_us = NULL, finished_at_us = NULL, reaped = 0 \
+                 WHERE jobs.state = 'done' AND jobs.finished_at_us < $10 RETURNING id",
             )
             .bind(id)
             .bind(&job.kind)
@@ -140,9 +140,18 @@ impl JobQueue for SqliteJobQueue {
             .bind(i64::from(job.attempts()))
             .bind(now)
             .bind(run_at.unwrap_or(now))
-            .fetch_one(&mut *tx)
+            .bind(expired)
+            .fetch_optional(&mut *tx)
             .await?;
-            out.push(if holder == id { Enqueued::New(id) } else { Enqueued::Duplicate(holder) });
+            if taken.is_some() {
+                out.push(Enqueued::New(id));
+                continue;
+            }
+            let (holder,): (Uuid,) = sqlx::query_as("SELECT id FROM jobs WHERE idempotency_key = $1")
+                .bind(&job.idempotency_key)
+                .fetch_one(&mut *tx)
+                .await?;
+            out.push(Enqueued::Duplicate(holder));
         }
         tx.commit().await?;
         Ok(out)

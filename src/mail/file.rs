@@ -33,12 +33,16 @@ impl Mailer for FileMailer {
 
     async fn send(&self, email: &Email) -> Result<(), MailError> {
         let bytes = email.to_message()?.formatted();
-        let io = |e: std::io::Error| MailError::Transport(format!("{}: {e}", self.dir.display()));
-        tokio::fs::create_dir_all(&self.dir).await.map_err(io)?;
-        let path = self.path_of(&email.message_id);
+        let (dir, path) = (self.dir.clone(), self.path_of(&email.message_id));
         let tmp = path.with_extension(format!("eml.{}.tmp", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
-        Ok(())
+        // One trip to the blocking pool for the three file operations.
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&tmp, &bytes)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(|e| MailError::Transport(e.to_string()))?;
+        written.map_err(|e| MailError::Transport(format!("{}: {e}", self.dir.display())))
     }
 }

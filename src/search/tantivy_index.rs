@@ -6,8 +6,13 @@
 //! matches first), `email_exact` (the lowercased address), `version` (stored),
 //! `indexed_at` (microseconds of the write, indexed: what a reindex prunes by).
 //! Audit: `event_id` (raw, stored, fast: the sort key and cursor), `tenant_id`, `type`
-//! (raw), `at` (microseconds, indexed and fast: time ranges), `prefix` (of the entry's
-//! text) and `entry` (the whole entry as stored JSON).
+//! (raw), `at` (microseconds, indexed and fast: time ranges), `word` (every whole word of
+//! the entry's text) and `entry` (the whole entry as stored JSON). Audit entries are
+//! many and wordy (ids, states), so they keep whole words only and a query word matches
+//! by a term-range scan (`[w, w + U+10FFFF)`) instead of indexed prefixes: the same
+//! "every query word prefixes a word" rule at a tenth of the terms to write and merge.
+//! That index lives in `audit.v2` (the prefix index of earlier versions, `audit`, is
+//! left alone; `eventra reindex` rebuilds the new one from the database).
 //!
 //! Writes go through the two `IndexWriter`s behind one mutex with group commit (changes
 //! that arrive while a commit runs share the next one); the readers are reloaded after
@@ -55,7 +60,7 @@ struct AuditFields {
     tenant_id: Field,
     event_type: Field,
     at: Field,
-    prefix: Field,
+    word: Field,
     entry: Field,
 }
 
@@ -82,7 +87,7 @@ fn audit_schema() -> (Schema, AuditFields) {
         tenant_id: b.add_text_field("tenant_id", STRING),
         event_type: b.add_text_field("type", STRING),
         at: b.add_i64_field("at", NumericOptions::default().set_indexed().set_fast()),
-        prefix: b.add_text_field("prefix", STRING),
+        word: b.add_text_field("word", STRING),
         entry: b.add_text_field("entry", STORED),
     };
     (b.build(), fields)
@@ -145,11 +150,15 @@ fn text_term(field: Field, text: &str) -> Box<dyn Query> {
 }
 
 impl TantivyIndex {
-    /// Opens (or creates) the indices under `dir` (`dir/users`, `dir/audit`).
+    /// Opens (or creates) the indices under `dir` (`dir/users`, `dir/audit.v2`).
     pub fn open(dir: &Path) -> SearchResult<Self> {
         let (us, uf) = user_schema();
         let (aus, af) = audit_schema();
-        Self::with_indices(open_dir(&dir.join("users"), us)?, uf, open_dir(&dir.join("audit"), aus)?, af)
+        if dir.join("audit").exists() && !dir.join("audit.v2").exists() {
+            tracing::warn!(dir = %dir.display(),
+                "the audit index moved to audit.v2 (whole words); run `eventra reindex` to add the entries written before");
+        }
+        Self::with_indices(open_dir(&dir.join("users"), us)?, uf, open_dir(&dir.join("audit.v2"), aus)?, af)
     }
 
     /// Indices in memory (tests, tools).
@@ -224,10 +233,8 @@ impl TantivyIndex {
         );
         let mut seen = HashSet::new();
         for w in words(&audit_text(e)) {
-            for p in prefixes(&w) {
-                if seen.insert(p.clone()) {
-                    d.add_text(f.prefix, &p);
-                }
+            if seen.insert(w.clone()) {
+                d.add_text(f.word, &w);
             }
         }
         Ok(d)
@@ -373,7 +380,12 @@ impl TantivyIndex {
             clauses.push((Occur::Must, Box::new(RangeQuery::new(Bound::Excluded(term), Bound::Unbounded))));
         }
         for w in words(filter.text.as_deref().unwrap_or_default()) {
-            clauses.push((Occur::Must, text_term(f.prefix, &query_prefix(&w))));
+            // Every indexed word that starts with the query word (cut like the prefixes
+            // OpenSearch indexes, so both engines answer alike).
+            let w = query_prefix(&w);
+            let lower = Term::from_field_text(f.word, &w);
+            let upper = Term::from_field_text(f.word, &format!("{w}{}", char::MAX));
+            clauses.push((Occur::Must, Box::new(RangeQuery::new(Bound::Included(lower), Bound::Excluded(upper)))));
         }
         let query = BooleanQuery::new(clauses);
         let searcher = self.audit_part.reader.searcher();

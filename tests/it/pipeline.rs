@@ -437,7 +437,7 @@ fn rabbit_unacked(queue: &str) -> Option<u64> {
 async fn consumer_restarts_do_not_park_valid_events() {
     const TEST: &str = "pipeline::consumer_restarts_do_not_park_valid_events";
     let Some(amqp) = crate::utils::service_url("AMQP_URL", TEST) else { return };
-    let Some(mut redis) = crate::utils::redis_server::PrivateRedis::start(TEST) else { return };
+    let Some(mut redis) = crate::utils::private_redis(TEST) else { return };
     let ns = format!("eventra-test-{}", Uuid::now_v7().simple());
     let db = TestDb::sqlite();
     let redis_url = redis.url();
@@ -451,7 +451,8 @@ async fn consumer_restarts_do_not_park_valid_events() {
     })
     .await;
     let store = db.store().await;
-    let probe = eventra::bus::RabbitBus::connect(&amqp, &ns, eventra::bus::BusConfig::default()).await.unwrap();
+    let probe_config = eventra::bus::BusConfig { max_deliveries: 5, ..Default::default() };
+    let probe = eventra::bus::RabbitBus::connect(&amqp, &ns, probe_config).await.unwrap();
     let t = app.tenant("restarts", 0).await;
     wait_for("the tenant's event audited", Duration::from_secs(20), || async {
         (store.count_audit(t.id).await.ok()? == 1).then_some(())
@@ -466,13 +467,13 @@ async fn consumer_restarts_do_not_park_valid_events() {
     let mut next_kill = tokio::time::Instant::now();
     for k in 0..kills {
         tokio::time::sleep_until(next_kill).await;
-        next_kill = tokio::time::Instant::now() + Duration::from_secs(2);
         wait_for("the consumer to hold all 20 deliveries", Duration::from_secs(30), || {
             let work = work.clone();
             async move { tokio::task::spawn_blocking(move || rabbit_unacked(&work)).await.ok()?.filter(|n| *n == 20) }
         })
         .await;
         kill(&app, "event-consumer-1").await;
+        next_kill = tokio::time::Instant::now() + Duration::from_millis(2500);
         wait_for("the consumer to run again", Duration::from_secs(20), || async {
             let tree: serde_json::Value = app.get("/debug/actors", ADMIN_TOKEN).await.json().await.ok()?;
             let node = crate::utils::find_actor(&tree, "event-consumer-1")?;
@@ -482,7 +483,7 @@ async fn consumer_restarts_do_not_park_valid_events() {
     }
     let parked = eventra::bus::EventBus::parked(&probe, 100).await.unwrap();
     assert!(parked.is_empty(), "{} valid events parked after {kills} consumer restarts", parked.len());
-    redis.restart();
+    redis.start_again().unwrap();
     wait_for("every event audited once Redis is back", Duration::from_secs(60), || async {
         (store.count_audit(t.id).await.ok()? == 21).then_some(())
     })

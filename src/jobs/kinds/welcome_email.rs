@@ -10,7 +10,9 @@
 //!   abandoned and retried), so the reaper never hands the job to a second worker while
 //!   the first may still be sending.
 //!
-//! The one window left is a crash between the server accepting the message and the
+//! A database outage right after a send is waited out (the record is retried while the
+//! lease is kept alive). The one window left is a crash between the server accepting
+//! the message and the
 //! `email_log` row (a few milliseconds): the retry sends again, with the same
 //! `Message-ID` (`welcome.<user id>@eventra`), so mail systems can recognise the
 //! duplicate and the file sink overwrites its file.
@@ -19,6 +21,7 @@
 //! concurrently (bounded), each recorded as soon as it is accepted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,9 @@ impl WelcomeEmail {
 
 /// Most sends of one batch in flight at once.
 const SEND_CONCURRENCY: usize = 16;
+/// How long a sent email's record is retried (a database outage) before the job fails
+/// and a retry would send the email again.
+const RECORD_PATIENCE: Duration = Duration::from_secs(120);
 
 impl WelcomeEmail {
     fn email_of(&self, args: &WelcomeArgs) -> Email {
@@ -97,10 +103,21 @@ impl WelcomeEmail {
             message_id: email.message_id,
             sent_at: crate::domain::now(),
         };
-        if let Err(e) = self.store.record_email(&sent).await {
-            tracing::error!(user_id = %args.user_id, error = %e,
-                "welcome email sent but not recorded; a retry will send it again (same Message-ID)");
-            return Err(JobFailure::new(e));
+        // Sent: now it must be recorded, or a retry sends it again. A database outage
+        // is waited out here (the runner keeps the lease alive meanwhile) rather than
+        // failing the job; only a crash in between can cause a resend.
+        let mut pause = Duration::from_millis(100);
+        let give_up = tokio::time::Instant::now() + RECORD_PATIENCE;
+        while let Err(e) = self.store.record_email(&sent).await {
+            if tokio::time::Instant::now() + pause > give_up {
+                tracing::error!(user_id = %args.user_id, error = %e,
+                    "welcome email sent but not recorded; a retry will send it again (same Message-ID)");
+                return Err(JobFailure::new(e));
+            }
+            tracing::warn!(user_id = %args.user_id, error = %e, retry_in = ?pause,
+                "welcome email sent; recording it failed, trying again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
         tracing::info!(user_id = %args.user_id, via = self.mailer.kind(), "welcome email sent");
         Ok(())

@@ -4,7 +4,6 @@
 pub mod app;
 pub mod db;
 pub mod process;
-pub mod redis_server;
 
 pub use app::TestApp;
 
@@ -49,6 +48,19 @@ pub fn service_url(var: &str, test: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// A private `redis-server` (AOF always) a test may crash, or `None` (with a NOT RUN
+/// line) when `redis-server` is not installed outside CI; in CI it must be.
+pub fn private_redis(test: &str) -> Option<eventra::chaos::services::PrivateRedis> {
+    use eventra::chaos::services::PrivateRedis;
+    if !PrivateRedis::available() {
+        assert!(!in_ci(), "{test}: CI=true but redis-server is not installed");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "NOT RUN: {test}: needs redis-server on the PATH");
+        return None;
+    }
+    Some(PrivateRedis::start().unwrap_or_else(|e| panic!("{test}: {e}")))
 }
 
 /// How many events of `kind` a store's outbox holds (test databases are small).

@@ -122,12 +122,6 @@ impl ServerProcess {
         self.wait_exit(within)
     }
 
-    /// SIGKILL: the process dies mid-whatever.
-    pub fn kill(&mut self) {
-        self.signal("-KILL");
-        let _ = self.wait_exit(Duration::from_secs(10));
-    }
-
     /// The exit status if it exits within `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
