@@ -94,7 +94,8 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     drop_empty_variables();
     let cli = Cli::parse();
-    telemetry::init(!cli.pretty_logs);
+    // `serve` logs to stdout (twelve-factor); every other command keeps it for its output.
+    telemetry::init(!cli.pretty_logs, !matches!(cli.command, Command::Serve(_)));
     eventra::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

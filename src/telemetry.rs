@@ -4,14 +4,22 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 const DEFAULT_FILTER: &str = "info,sqlx=warn,ractor=warn";
 
-/// Installs the global subscriber. `json = false` gives human-readable lines.
-pub fn init(json: bool) {
+/// Installs the global subscriber. `json = false` gives human-readable lines;
+/// `to_stderr` keeps stdout for a command's own output (benchmarks, chaos, reindex).
+pub fn init(json: bool, to_stderr: bool) {
     let filter = std::env::var("EVENTRA_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let builder = fmt().with_env_filter(filter).with_target(true);
+    let builder = builder.with_writer(move || -> Box<dyn std::io::Write> {
+        if to_stderr {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        }
+    });
     let result = if json {
         builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
     } else {

@@ -10,7 +10,7 @@
 //! mailbox keeps taking changes, and they all go into the next write the moment this one
 //! ends. So batches grow with the load instead of the load waiting on commits: an idle
 //! index writes a change after at most [`MAX_DELAY`], a busy one writes a batch every
-//! [`MIN_INTERVAL`].
+//! [`MIN_INTERVAL`] or so ([`next_interval`]).
 //! The retries and their sleeps live in that task too, so the actor never blocks.
 //!
 //! [`IndexerHandle`] is the `SearchIndex` the rest of the process uses: writes go to the
@@ -36,10 +36,18 @@ const MAX_BATCH: usize = 5_000;
 /// Longest a change waits for companions when no write is running.
 const MAX_DELAY: Duration = Duration::from_millis(5);
 /// Shortest time from one write's start to the next one's. Every write is a commit (a
-/// new segment, an fsync, and later merges), so under load a few large commits cost far
-/// less than many small ones; this bounds commits to ten a second, for at most this much
-/// added latency.
+/// new segment with its term dictionaries, an fsync, and later merges), so under load a
+/// few large commits cost far less than many small ones: at most ten a second, and
+/// fewer when commits get slow ([`next_interval`]).
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest the interval grows to.
+const MAX_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The gap between write starts: [`MIN_INTERVAL`], or three times the last write's
+/// duration when that is longer (a loaded engine gets bigger, rarer batches), capped.
+fn next_interval(last_took: Duration) -> Duration {
+    (last_took * 3).clamp(MIN_INTERVAL, MAX_INTERVAL)
+}
 /// Tries per batch, and the pause before the second (doubling).
 const TRIES: u32 = 3;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -54,8 +62,8 @@ pub enum IndexerMsg {
     Apply(Vec<IndexOp>, RpcReplyPort<Result<(), String>>),
     /// The wait for companions is over: write what is pending.
     Flush,
-    /// The write in flight ended (its senders are answered already).
-    Written { ok: bool, changes: usize, error: Option<String> },
+    /// The write in flight ended (its senders are answered already) after `took`.
+    Written { ok: bool, changes: usize, error: Option<String>, took: Duration },
 }
 
 // State
@@ -126,8 +134,10 @@ pub struct IndexerState {
     flush_scheduled: bool,
     /// A write is running in its task.
     writing: bool,
-    /// When the last write started (the next waits for [`MIN_INTERVAL`] after it).
+    /// When the last write started (the next waits for the interval after it).
     last_write: Option<Instant>,
+    /// The gap the next write keeps after the last one's start ([`next_interval`]).
+    interval: Duration,
     /// Consecutive failed writes, for the breaker.
     failures: u32,
     open_until: Option<Instant>,
@@ -156,6 +166,7 @@ impl Actor for Indexer {
             flush_scheduled: false,
             writing: false,
             last_write: None,
+            interval: MIN_INTERVAL,
             failures: 0,
             open_until: None,
         })
@@ -192,7 +203,7 @@ impl Actor for Indexer {
             IndexerMsg::Flush => {
                 state.flush_scheduled = false;
                 if !state.writing {
-                    let wait = state.last_write.map_or(Duration::ZERO, |t| MIN_INTERVAL.saturating_sub(t.elapsed()));
+                    let wait = state.last_write.map_or(Duration::ZERO, |t| state.interval.saturating_sub(t.elapsed()));
                     if wait.is_zero() {
                         start_write(&myself, state);
                     } else {
@@ -201,8 +212,9 @@ impl Actor for Indexer {
                     }
                 }
             }
-            IndexerMsg::Written { ok, changes, error } => {
+            IndexerMsg::Written { ok, changes, error, took } => {
                 state.writing = false;
+                state.interval = next_interval(took);
                 record_write(state, ok, changes, error);
                 if state.open_until.is_some() {
                     // The breaker just opened: what waits is refused now, not written.
@@ -215,7 +227,7 @@ impl Actor for Indexer {
                 }
                 // Whatever came in meanwhile is the next batch, once the interval is over.
                 if !state.pending.is_empty() {
-                    let wait = state.last_write.map_or(Duration::ZERO, |t| MIN_INTERVAL.saturating_sub(t.elapsed()));
+                    let wait = state.last_write.map_or(Duration::ZERO, |t| state.interval.saturating_sub(t.elapsed()));
                     if wait.is_zero() {
                         start_write(&myself, state);
                     } else if !state.flush_scheduled {
@@ -257,6 +269,7 @@ fn start_write(myself: &ActorRef<IndexerMsg>, state: &mut IndexerState) {
     state.last_write = Some(Instant::now());
     let (index, myself) = (state.index.clone(), myself.clone());
     tokio::spawn(async move {
+        let started = Instant::now();
         let ops: Vec<IndexOp> = batch.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
         let mut result = Err(String::new());
         for attempt in 0..TRIES {
@@ -268,7 +281,12 @@ fn start_write(myself: &ActorRef<IndexerMsg>, state: &mut IndexerState) {
         }
         // The report goes first: a sender that writes again after its answer finds the
         // breaker as this write left it.
-        let report = IndexerMsg::Written { ok: result.is_ok(), changes: ops.len(), error: result.clone().err() };
+        let report = IndexerMsg::Written {
+            ok: result.is_ok(),
+            changes: ops.len(),
+            error: result.clone().err(),
+            took: started.elapsed(),
+        };
         let _ = myself.send_message(report);
         for (_, reply) in batch {
             let _ = reply.send(result.clone());

@@ -8,11 +8,13 @@
 //! it to the same file.
 
 mod file;
+pub mod log;
 mod smtp;
 
 use async_trait::async_trait;
 
 pub use file::FileMailer;
+pub use log::EmailLog;
 pub use smtp::SmtpMailer;
 
 /// A plain-text email.

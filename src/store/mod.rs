@@ -195,6 +195,9 @@ pub trait Store: Send + Sync + 'static {
     async fn emails_sent(&self, keys: &[String]) -> StoreResult<std::collections::HashSet<String>>;
     /// Records a sent email; `false` when the key was already recorded.
     async fn record_email(&self, email: &SentEmail) -> StoreResult<bool>;
+    /// Records several sent emails in one statement (keys already recorded are
+    /// skipped); returns how many were new.
+    async fn record_emails(&self, emails: &[SentEmail]) -> StoreResult<u64>;
 }
 
 /// What `list_audit` keeps: all given conditions hold.

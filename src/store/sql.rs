@@ -800,6 +800,25 @@ macro_rules! sql_store_impl {
                 Ok(row.is_some())
             }
 
+            async fn record_emails(&self, emails: &[$crate::store::SentEmail]) -> $crate::store::StoreResult<u64> {
+                let mut new = 0;
+                for chunk in emails.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO email_log (key, tenant_id, recipient, message_id, sent_at) ",
+                    );
+                    q.push_values(chunk, |mut row, m| {
+                        row.push_bind(m.key.clone())
+                            .push_bind(m.tenant_id)
+                            .push_bind(m.recipient.clone())
+                            .push_bind(m.message_id.clone())
+                            .push_bind(m.sent_at);
+                    });
+                    q.push(" ON CONFLICT (key) DO NOTHING");
+                    new += q.build().execute(&self.writer).await?.rows_affected();
+                }
+                Ok(new)
+            }
+
             async fn emails_sent(&self, keys: &[String]) -> $crate::store::StoreResult<std::collections::HashSet<String>> {
                 let mut sent = std::collections::HashSet::new();
                 for chunk in keys.chunks(500) {

@@ -368,6 +368,12 @@ pub async fn batched_effects_reads_and_writes(s: Arc<dyn Store>) {
     let keys: Vec<String> = ["welcome:b0", "welcome:b1", "welcome:b2"].map(String::from).to_vec();
     let found = s.emails_sent(&keys).await.unwrap();
     assert_eq!(found.into_iter().collect::<Vec<_>>(), ["welcome:b1"]);
+    let more: Vec<_> = ["welcome:b1", "welcome:b2", "welcome:b3"]
+        .iter()
+        .map(|k| eventra::store::SentEmail { key: k.to_string(), ..sent.clone() })
+        .collect();
+    assert_eq!(s.record_emails(&more).await.unwrap(), 2, "b1 was recorded already");
+    assert_eq!(s.emails_sent(&keys).await.unwrap().len(), 2);
 
     let other = tenant(&s, "batch-other", 0).await;
     let theirs = s.create_user(&new_user(other.id, "o@x.io"), None, &ctx()).await.unwrap().value;

@@ -18,7 +18,8 @@
 //! duplicate and the file sink overwrites its file.
 //!
 //! A leased batch shares one `email_log` look-up and one fence; its sends run
-//! concurrently (bounded), each recorded as soon as it is accepted.
+//! concurrently (bounded), each recorded as soon as it is accepted (through
+//! [`EmailLog`], which writes the records of concurrent sends in one statement).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use uuid::Uuid;
 
 use super::{JobContext, JobFailure, JobKind};
 use crate::jobs::{Job, NewJob};
-use crate::mail::{Email, MailError, Mailer};
+use crate::mail::{Email, EmailLog, MailError, Mailer};
 use crate::store::{SentEmail, Store};
 
 /// The job's arguments.
@@ -51,11 +52,13 @@ pub struct WelcomeEmail {
     store: Arc<dyn Store>,
     mailer: Arc<dyn Mailer>,
     from: String,
+    /// Where sent emails are recorded (group commit across concurrent sends).
+    log: EmailLog,
 }
 
 impl WelcomeEmail {
     pub fn new(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>, from: String) -> Self {
-        WelcomeEmail { store, mailer, from }
+        WelcomeEmail { log: EmailLog::new(store.clone()), store, mailer, from }
     }
 
     pub fn message_id(user_id: Uuid) -> String {
@@ -108,7 +111,7 @@ impl WelcomeEmail {
         // failing the job; only a crash in between can cause a resend.
         let mut pause = Duration::from_millis(100);
         let give_up = tokio::time::Instant::now() + RECORD_PATIENCE;
-        while let Err(e) = self.store.record_email(&sent).await {
+        while let Err(e) = self.log.record(sent.clone()).await {
             if tokio::time::Instant::now() + pause > give_up {
                 tracing::error!(user_id = %args.user_id, error = %e,
                     "welcome email sent but not recorded; a retry will send it again (same Message-ID)");
