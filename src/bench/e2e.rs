@@ -112,7 +112,7 @@ pub struct Report {
     pub load: Vec<LoadRow>,
     /// Events, and the time from the process serving (and from its exec) to the last
     /// effect done.
-    pub drain: Option<(usize, Duration, Duration)>,
+    pub drain: Option<Drained>,
     pub raw: Vec<(String, f64, String)>,
     pub rss_kb: Option<(u64, u64)>,
 }
@@ -126,8 +126,7 @@ pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
     let mut report = Report { stack: format!("{:?}, mail to {mail}", args.stack).to_lowercase(), ..Report::default() };
     let bench = Bench::new(&args)?;
     if let Some(n) = args.drain {
-        let (from_ready, from_exec) = bench.drain(n).await?;
-        report.drain = Some((n, from_ready, from_exec));
+        report.drain = Some(bench.drain(n).await?);
     } else {
         report.load = bench.load(&mut report.rss_kb).await?;
     }
@@ -335,7 +334,7 @@ impl Bench {
             let (done, failed, load_end) =
                 open_loop(&client, &server.base, &tenant, rate, Duration::from_secs(secs)).await;
             wait_idle(&*store, &*queue, &tenant, done.len()).await?;
-            let effects = effect_times(&*store, &*queue, &tenant, &done).await?;
+            let effects = effect_times(&*store, &*queue, &tenant, &done, None).await?;
             rows.push(summarise(format!("{pct} % of max"), rate, &done, &effects, failed, load_end));
         }
         *rss = server.rss_kb();
@@ -343,14 +342,14 @@ impl Bench {
         Ok(rows)
     }
 
-    async fn drain(&self, n: usize) -> BenchResult<(Duration, Duration)> {
+    async fn drain(&self, n: usize) -> BenchResult<Drained> {
         self.prepare().await?;
         let result = self.drain_run(n).await;
         self.cleanup().await;
         result
     }
 
-    async fn drain_run(&self, n: usize) -> BenchResult<(Duration, Duration)> {
+    async fn drain_run(&self, n: usize) -> BenchResult<Drained> {
         let api = self.spawn("api")?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
         let tenant = new_tenant(&client, &api.base, &self.token, "drain").await?;
@@ -379,13 +378,66 @@ impl Bench {
         }
         let ready_at = Utc::now();
         wait_idle(&*store, &*queue, &tenant, created.len()).await?;
-        let effects = effect_times(&*store, &*queue, &tenant, &created).await?;
+        let mut stages = Stages::default();
+        let effects = effect_times(&*store, &*queue, &tenant, &created, Some(&mut stages)).await?;
         let last = effects.values().copied().max().unwrap_or(ready_at);
-        let elapsed = (last - ready_at).to_std().unwrap_or_default();
-        let with_start = (last - spawned_at).to_std().unwrap_or_default();
-        eprintln!("drain: {:.1} s from ready, {:.1} s from exec", elapsed.as_secs_f64(), with_start.as_secs_f64());
+        let since_ready = |t: DateTime<Utc>| (t - ready_at).to_std().unwrap_or_default();
+        let published = store
+            .outbox_after(0, u32::MAX)
+            .await
+            .map_err(err)?
+            .into_iter()
+            .filter(|r| r.tenant_id == tenant.id)
+            .filter_map(|r| r.published_at)
+            .max()
+            .unwrap_or(ready_at);
+        let drained = Drained {
+            events: n,
+            from_ready: since_ready(last),
+            from_exec: (last - spawned_at).to_std().unwrap_or_default(),
+            published: since_ready(published),
+            enqueued: since_ready(stages.enqueued),
+            done: stages.done.iter().map(|(k, t)| (k.clone(), since_ready(*t))).collect(),
+        };
+        eprintln!(
+            "drain: {:.1} s from ready, {:.1} s from exec",
+            drained.from_ready.as_secs_f64(),
+            drained.from_exec.as_secs_f64()
+        );
         pipeline.stop()?;
-        Ok((elapsed, with_start))
+        Ok(drained)
+    }
+}
+
+/// A drain run's figures: its length, and when each stage finished its last event
+/// (from the moment the pipeline process served).
+#[derive(Debug, Clone)]
+pub struct Drained {
+    pub events: usize,
+    pub from_ready: Duration,
+    pub from_exec: Duration,
+    /// The relay's last publish (its last outbox row marked published).
+    pub published: Duration,
+    /// The consumers' last enqueue.
+    pub enqueued: Duration,
+    /// Per job kind, its last job done.
+    pub done: Vec<(String, Duration)>,
+}
+
+/// The latest enqueue and, per kind, the latest finish of the jobs looked at.
+#[derive(Debug, Default)]
+struct Stages {
+    enqueued: DateTime<Utc>,
+    done: Vec<(String, DateTime<Utc>)>,
+}
+
+impl Stages {
+    fn saw(&mut self, job: &crate::jobs::Job, done: DateTime<Utc>) {
+        self.enqueued = self.enqueued.max(job.enqueued_at);
+        match self.done.iter_mut().find(|(k, _)| *k == job.kind) {
+            Some((_, t)) => *t = (*t).max(done),
+            None => self.done.push((job.kind.clone(), done)),
+        }
     }
 }
 
@@ -540,6 +592,7 @@ async fn effect_times(
     queue: &dyn JobQueue,
     t: &Tenant,
     created: &[Created],
+    mut stages: Option<&mut Stages>,
 ) -> BenchResult<HashMap<Uuid, DateTime<Utc>>> {
     let events: HashMap<String, Uuid> = store
         .outbox_after(0, u32::MAX)
@@ -555,6 +608,7 @@ async fn effect_times(
             async move {
                 let event = event.ok_or_else(|| format!("no user.created event for {}", c.user))?;
                 let mut last: Option<DateTime<Utc>> = None;
+                let mut jobs = Vec::with_capacity(3);
                 for key in
                     [format!("audit:{event}"), format!("index_user:{}:1", c.user), format!("welcome_email:{}", c.user)]
                 {
@@ -564,14 +618,25 @@ async fn effect_times(
                         .filter(|_| job.state == JobState::Done)
                         .ok_or_else(|| format!("{key} is {:?}", job.state))?;
                     last = Some(last.map_or(done, |l| l.max(done)));
+                    jobs.push((job, done));
                 }
-                Ok::<_, String>((c.user, last.unwrap_or(c.at)))
+                Ok::<_, String>((c.user, last.unwrap_or(c.at), jobs))
             }
         })
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    lookups.into_iter().collect()
+    let mut times = HashMap::with_capacity(lookups.len());
+    for lookup in lookups {
+        let (user, last, jobs) = lookup?;
+        if let Some(stages) = stages.as_deref_mut() {
+            for (job, done) in &jobs {
+                stages.saw(job, *done);
+            }
+        }
+        times.insert(user, last);
+    }
+    Ok(times)
 }
 
 fn percentiles(mut lat: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -826,7 +891,9 @@ pub fn tables(r: &Report) -> String {
             ));
         }
     }
-    if let Some((n, t, with_start)) = r.drain {
+    if let Some(d) = &r.drain {
+        let n = d.events;
+        let (t, with_start) = (d.from_ready, d.from_exec);
         out.push_str(&format!(
             "\nDrain ({}): {n} events, every effect done {:.1} s after the pipeline process served: **{:.0} events/s** ({:.1} s and {:.0} events/s counting its start)\n",
             r.stack,
@@ -835,6 +902,16 @@ pub fn tables(r: &Report) -> String {
             with_start.as_secs_f64(),
             n as f64 / with_start.as_secs_f64().max(1e-3)
         ));
+        let mut stages = format!(
+            "Stages, last event done (s after serving): relay published {:.1} · consumers enqueued {:.1}",
+            d.published.as_secs_f64(),
+            d.enqueued.as_secs_f64()
+        );
+        for (kind, at) in &d.done {
+            stages.push_str(&format!(" · {kind} {:.1}", at.as_secs_f64()));
+        }
+        out.push_str(&stages);
+        out.push('\n');
     }
     if let Some((rss, hwm)) = r.rss_kb {
         out.push_str(&format!(

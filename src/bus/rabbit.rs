@@ -139,6 +139,8 @@ fn delivery_count(d: &lapin::message::Delivery) -> u32 {
 
 /// Longest wait for the broker's confirms of one publish call.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a connection, its channel and the topology declaration.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes every message (pipelined) and checks every confirm: a nack or a returned
 /// (unroutable) message is a refusal.
@@ -199,10 +201,18 @@ impl RabbitBus {
         // Named after the namespace, so operators (and tests) can tell connections apart.
         let props =
             ConnectionProperties::default().with_connection_name(LongString::from(self.names.exchange.as_str()));
-        let connection = Arc::new(Connection::connect(&self.url, props).await?);
-        let publisher = connection.create_channel().await?;
-        self.declare(&publisher).await?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        // Bounded: a broker that accepts TCP but never answers (a partition, a node that
+        // is starting) must not hold every publisher behind this lock.
+        let setup = async {
+            let connection = Arc::new(Connection::connect(&self.url, props).await?);
+            let publisher = connection.create_channel().await?;
+            self.declare(&publisher).await?;
+            publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+            BusResult::Ok((connection, publisher))
+        };
+        let (connection, publisher) = tokio::time::timeout(CONNECT_TIMEOUT, setup)
+            .await
+            .map_err(|_| BusError::Backend(format!("RabbitMQ did not answer within {CONNECT_TIMEOUT:?}")))??;
         *live = Some(Live { connection: connection.clone(), publisher });
         tracing::info!(exchange = %self.names.exchange, "connected to RabbitMQ; topology declared");
         Ok(connection)

@@ -19,9 +19,15 @@ pub mod smtp_server {
     struct Keep {
         current: Vec<u8>,
         inbox: Arc<Mutex<Vec<String>>>,
+        /// HELO/EHLO greetings seen: one per client connection.
+        greetings: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl mailin_embedded::Handler for Keep {
+        fn helo(&mut self, _: std::net::IpAddr, _: &str) -> mailin_embedded::Response {
+            self.greetings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            mailin_embedded::response::OK
+        }
         fn data_start(&mut self, _: &str, _: &str, _: bool, _: &[String]) -> mailin_embedded::Response {
             self.current.clear();
             mailin_embedded::response::OK
@@ -42,17 +48,24 @@ pub mod smtp_server {
     /// Starts a server; returns its `smtp://` URL and its inbox. The server thread
     /// lives as long as the test process.
     pub fn start() -> (String, Arc<Mutex<Vec<String>>>) {
+        let (url, inbox, _) = start_counting();
+        (url, inbox)
+    }
+
+    /// [`start`], also counting the connections clients open (their greetings).
+    pub fn start_counting() -> (String, Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind SMTP port");
         let port = listener.local_addr().expect("addr").port();
         let keep = Keep::default();
         let inbox = keep.inbox.clone();
+        let greetings = keep.greetings.clone();
         let mut server = mailin_embedded::Server::new(keep);
         // A thread per connection: the client pools connections (lettre keeps idle ones).
         server.with_name("localhost").with_num_threads(32).with_tcp_listener(listener);
         std::thread::spawn(move || {
             let _ = server.serve();
         });
-        (format!("smtp://127.0.0.1:{port}"), inbox)
+        (format!("smtp://127.0.0.1:{port}"), inbox, greetings)
     }
 }
 
@@ -128,6 +141,35 @@ async fn file_sink_resend_replaces_the_file() {
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(files[0].path(), mailer.path_of("same@eventra"));
+}
+
+/// Many concurrent sends share the pool's connections: they wait for one instead of
+/// each opening (and closing) a connection of its own when none is idle, and sustained
+/// sending opens no new ones.
+#[tokio::test]
+async fn smtp_concurrent_sends_reuse_the_pooled_connections() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (url, inbox, greetings) = smtp_server::start_counting();
+    let mailer = Arc::new(SmtpMailer::from_url(&url).unwrap());
+    let round = |r: usize| {
+        let mailer = mailer.clone();
+        async move {
+            let sends = (0..200).map(|i| {
+                let mailer = mailer.clone();
+                async move { mailer.send(&email(&format!("r{r}m{i}"), "a@example.com")).await }
+            });
+            for s in futures_util::future::join_all(sends).await {
+                s.unwrap();
+            }
+        }
+    };
+    round(1).await;
+    let first = greetings.load(SeqCst);
+    round(2).await;
+    let second = greetings.load(SeqCst) - first;
+    assert_eq!(inbox.lock().unwrap().len(), 400);
+    assert!(first <= 32, "200 concurrent sends opened {first} SMTP connections");
+    assert!(second <= 2, "the second 200 sends opened {second} more connections instead of reusing the {first}");
 }
 
 /// An SMTP server that is not there is a transport error (retried), not a refusal.
