@@ -222,6 +222,14 @@ async fn step(args: &ConsumerArgs, held: &mut Held) -> Result<Step, BusError> {
     let Held { subscription, in_hand } = held;
     let Some(sub) = subscription.as_mut() else { return Ok(Step::Done) };
     if in_hand.is_empty() {
+        // Received but in no one's hand: a predecessor killed inside `next_batch`.
+        *in_hand = sub.unsettled();
+        if !in_hand.is_empty() {
+            tracing::info!(consumer = %args.name, deliveries = in_hand.len(),
+                "settling deliveries a killed predecessor had received");
+        }
+    }
+    if in_hand.is_empty() {
         *in_hand = sub.next_batch(usize::from(args.prefetch.max(1)), POLL_WAIT).await?;
         if in_hand.is_empty() {
             return Ok(Step::Done);

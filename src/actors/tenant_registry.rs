@@ -119,7 +119,7 @@ impl Actor for TenantRegistry {
             managers: HashMap::new(),
             tree: args.tree,
             name: args.name,
-            window: RestartWindow::new(Intensity::default()),
+            window: RestartWindow::new(Intensity::per_child(1)),
             last_purge: None,
         })
     }
@@ -264,6 +264,7 @@ async fn restart_manager(
     let name = manager_name(tenant_id);
     tracing::warn!(supervisor = %state.name, child = %name, %reason, "child failed");
     state.tree.failed(&name, &reason);
+    state.window.set_limit(Intensity::per_child(state.managers.len() + 1));
     if !state.window.allow(tokio::time::Instant::now()) {
         tracing::error!(supervisor = %state.name, child = %name, "restart intensity exceeded; escalating to the parent");
         metrics::counter!("eventra_supervisor_escalations_total", "supervisor" => state.name.clone()).increment(1);

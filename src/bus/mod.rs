@@ -147,6 +147,11 @@ pub trait Consumer: Send {
         }
         Ok(())
     }
+    /// Every delivery received and not settled, in delivery order. A consumer task
+    /// killed while it was taking a batch leaves deliveries that are received but in no
+    /// one's hand; the next user of the subscription settles these first (they would
+    /// otherwise sit unacked for as long as the subscription lives).
+    fn unsettled(&self) -> Vec<Delivery>;
     /// Stops new deliveries (a clean stop): what was delivered stays held until it is
     /// settled, so a drained consumer returns nothing to the queue.
     async fn cancel(&mut self) -> BusResult<()> {

@@ -477,6 +477,16 @@ impl Consumer for RabbitConsumer {
         self.held.len()
     }
 
+    fn unsettled(&self) -> Vec<Delivery> {
+        let mut all: Vec<Delivery> = self
+            .held
+            .iter()
+            .map(|(tag, (_, message, count))| Delivery { message: message.clone(), delivery_count: *count, tag: *tag })
+            .collect();
+        all.sort_by_key(|d| d.tag);
+        all
+    }
+
     async fn requeue(&mut self, delivery: &Delivery) -> BusResult<()> {
         let (acker, _, _) = self.held.remove(&delivery.tag).ok_or(BusError::UnknownDelivery(delivery.tag))?;
         settled(acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?, "nack")

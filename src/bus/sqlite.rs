@@ -6,7 +6,7 @@
 //! the message back (or parks it at the delivery limit), as RabbitMQ does when a
 //! consumer's channel closes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +97,7 @@ impl EventBus for SqliteBus {
             wake: self.wake.clone(),
             name: format!("{name}-{}", Uuid::new_v4().simple()),
             prefetch: usize::from(prefetch.max(1)),
-            held: HashSet::new(),
+            held: HashMap::new(),
             cancelled: false,
         }))
     }
@@ -152,8 +152,8 @@ pub struct SqliteConsumer {
     /// Unique per consumer instance: whose deliveries are whose.
     name: String,
     prefetch: usize,
-    /// Sequence numbers delivered to this consumer and not settled yet.
-    held: HashSet<i64>,
+    /// Deliveries to this consumer not settled yet, by sequence number.
+    held: HashMap<i64, Delivery>,
     /// Cancelled (a clean stop): takes nothing new.
     cancelled: bool,
 }
@@ -209,9 +209,10 @@ impl SqliteConsumer {
         Ok(rows
             .into_iter()
             .map(|r| {
-                self.held.insert(r.seq);
-                let tag = u64::try_from(r.seq).unwrap_or(0);
-                Delivery { delivery_count: count(r.deliveries), tag, message: r.message() }
+                let (seq, tag) = (r.seq, u64::try_from(r.seq).unwrap_or(0));
+                let delivery = Delivery { delivery_count: count(r.deliveries), tag, message: r.message() };
+                self.held.insert(seq, delivery.clone());
+                delivery
             })
             .collect())
     }
@@ -219,7 +220,7 @@ impl SqliteConsumer {
     /// Takes a delivery off this consumer's books; its sequence number.
     fn claim(&mut self, delivery: &Delivery) -> BusResult<i64> {
         let seq = i64::try_from(delivery.tag).map_err(|_| BusError::UnknownDelivery(delivery.tag))?;
-        if !self.held.remove(&seq) {
+        if self.held.remove(&seq).is_none() {
             return Err(BusError::UnknownDelivery(delivery.tag));
         }
         Ok(seq)
@@ -301,6 +302,12 @@ impl Consumer for SqliteConsumer {
 
     fn held(&self) -> usize {
         self.held.len()
+    }
+
+    fn unsettled(&self) -> Vec<Delivery> {
+        let mut all: Vec<Delivery> = self.held.values().cloned().collect();
+        all.sort_by_key(|d| d.tag);
+        all
     }
 
     async fn cancel(&mut self) -> BusResult<()> {

@@ -648,25 +648,13 @@ pub async fn check(h: &Harness, load: &LoadReport) -> Result<Invariants> {
         .fold(0u64, |a, b| async move { a + b })
         .await;
     inv.index_wrong = wrong;
-    let dlq: Value = client
-        .get(format!("{}/v1/admin/dlq", h.base))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .map_err(err)?
-        .json()
-        .await
-        .map_err(err)?;
+    let admin = |path: &str| {
+        let request = client.get(format!("{}{path}", h.base)).bearer_auth(&h.token);
+        async move { request.send().await.map_err(err)?.json::<Value>().await.map_err(err) }
+    };
+    let dlq = admin("/v1/admin/dlq").await?;
     inv.parked = dlq["items"].as_array().map_or(0, |a| a.len() as u64);
-    let jobs: Value = client
-        .get(format!("{}/v1/admin/jobs", h.base))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .map_err(err)?
-        .json()
-        .await
-        .map_err(err)?;
+    let jobs = admin("/v1/admin/jobs").await?;
     inv.dead_jobs = jobs["counts"]["dead"].as_u64().unwrap_or(0);
     pool.close().await;
     Ok(inv)

@@ -221,7 +221,9 @@ pub trait JobQueue: Send + Sync + 'static {
         Ok(out)
     }
     /// Leases the oldest ready job of `queue` to `worker` for `lease`.
-    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>>;
+    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
+        Ok(self.fetch_many(queue, worker, lease, 1, 1).await?.pop())
+    }
     /// Extends a lease; `false` when the job is no longer held under `lease`. (Redis
     /// leases a fetched batch under one lease id, so this extends the whole batch.)
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool>;
@@ -232,9 +234,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// The job failed in a way no retry can fix (or is unreadable): straight to the
     /// dead set, whatever attempts it has left.
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()>;
-    /// Leases up to `max` ready jobs of `queue` at once, but no more than a fair share
-    /// (`ceil(ready / workers)`), so a shallow queue still spreads over idle workers.
-    /// Backends without a batch step take one.
+    /// Leases up to `max` ready jobs of `queue` at once, under one lease id, but no more
+    /// than a fair share (`ceil(ready / workers)`), so a shallow queue still spreads over
+    /// idle workers.
     async fn fetch_many(
         &self,
         queue: &str,
@@ -242,10 +244,7 @@ pub trait JobQueue: Send + Sync + 'static {
         lease: Duration,
         max: u32,
         workers: u32,
-    ) -> JobResult<Vec<Job>> {
-        let _ = (max, workers);
-        Ok(self.fetch(queue, worker, lease).await?.into_iter().collect())
-    }
+    ) -> JobResult<Vec<Job>>;
     /// Acks several `(job id, lease id)` pairs; returns the ids that were still leased
     /// (the others ran out their lease and are someone else's now).
     async fn ack_many(&self, leases: &[(Uuid, Uuid)]) -> JobResult<Vec<Uuid>> {

@@ -738,10 +738,6 @@ impl JobQueue for RedisJobQueue {
             .collect()
     }
 
-    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
-        Ok(self.fetch_many(queue, worker, lease, 1, 1).await?.pop())
-    }
-
     async fn fetch_many(
         &self,
         queue: &str,

@@ -157,10 +157,6 @@ impl JobQueue for SqliteJobQueue {
         Ok(out)
     }
 
-    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> JobResult<Option<Job>> {
-        Ok(self.fetch_many(queue, worker, lease, 1, 1).await?.pop())
-    }
-
     async fn fetch_many(
         &self,
         queue: &str,

@@ -27,6 +27,11 @@ impl RestartWindow {
         self.recent.len() <= self.limit.max_restarts
     }
 
+    /// Changes the limit (a supervisor whose children come and go scales it with them).
+    pub fn set_limit(&mut self, limit: Intensity) {
+        self.limit = limit;
+    }
+
     /// Restarts in the current window.
     pub fn count(&self) -> usize {
         self.recent.len()

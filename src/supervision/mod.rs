@@ -14,6 +14,8 @@ pub mod supervisor;
 pub mod tree;
 
 pub use root::{Root, RootHandle};
-pub use spec::{Backoff, ChildKind, ChildSpec, Intensity, Restart, StartCtx, StartFn, Strategy, SupervisorSpec};
+pub use spec::{
+    Backoff, ChildKind, ChildSpec, Intensity, Restart, StartCtx, StartFn, Strategy, SupervisorSpec, RESTARTS_PER_CHILD,
+};
 pub use supervisor::{Supervisor, SupervisorMsg};
 pub use tree::{ActorNode, Status, Tree};

@@ -1,7 +1,7 @@
 //! The process's supervision tree, declared as data: the root's child table.
 //!
 //! ```text
-//! root (one_for_one, 3 restarts / 5 s)
+//! root (one_for_one; every supervisor allows 5 restarts per child in 5 s)
 //! ├── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
 //! ├── indexer: batches index changes by count and time; circuit breaker
 //! ├── jobs (supervisor, one_for_one; `worker` role)
@@ -19,7 +19,7 @@ use std::time::Duration;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorRef, SpawnErr};
 
-use super::spec::{ChildSpec, StartCtx, StartFn, Strategy, SupervisorSpec};
+use super::spec::{ChildSpec, Intensity, StartCtx, StartFn, Strategy, SupervisorSpec};
 use super::supervisor::{Supervisor, SupervisorMsg};
 use super::tree::Tree;
 use crate::actors::event_consumer::{ConsumerArgs, EventConsumer, SubscriptionSlot};
@@ -145,7 +145,8 @@ pub fn pipeline_spec(p: &PipelineDeps) -> SupervisorSpec {
         });
         children.push(ChildSpec::worker(format!("event-consumer-{n}"), start));
     }
-    SupervisorSpec::new("pipeline", Strategy::OneForOne, children)
+    let intensity = Intensity::per_child(children.len());
+    SupervisorSpec { intensity, ..SupervisorSpec::new("pipeline", Strategy::OneForOne, children) }
 }
 
 /// How often the scheduler refreshes the `eventra_jobs{state}` gauges.
@@ -217,7 +218,8 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
         // taken); past this, the batch is left to the reaper.
         children.push(ChildSpec::worker(format!("job-worker-{n}"), start).shutdown(Duration::from_secs(15)));
     }
-    SupervisorSpec::new("jobs", Strategy::OneForOne, children)
+    let intensity = Intensity::per_child(children.len());
+    SupervisorSpec { intensity, ..SupervisorSpec::new("jobs", Strategy::OneForOne, children) }
 }
 
 fn periodic_start(every: Duration, task: Task) -> StartFn {
@@ -232,7 +234,9 @@ fn periodic_start(every: Duration, task: Task) -> StartFn {
 }
 
 pub fn root_spec(deps: &RootDeps, slot: &RegistrySlot) -> SupervisorSpec {
-    SupervisorSpec::new("root", Strategy::OneForOne, root_children(deps, slot))
+    let children = root_children(deps, slot);
+    let intensity = Intensity::per_child(children.len());
+    SupervisorSpec { intensity, ..SupervisorSpec::new("root", Strategy::OneForOne, children) }
 }
 
 fn tenants_start(deps: RootDeps, slot: RegistrySlot) -> StartFn {

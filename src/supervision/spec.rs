@@ -68,6 +68,22 @@ impl Default for Intensity {
     }
 }
 
+/// Restarts each child of a production supervisor may use in [`Intensity::per_child`]'s
+/// 5 s window, on average.
+pub const RESTARTS_PER_CHILD: usize = 5;
+
+impl Intensity {
+    /// A budget that grows with the children: [`RESTARTS_PER_CHILD`] each in 5 s. For a
+    /// pool of independent workers (job workers, consumers, tenant managers) a fixed 3
+    /// would turn unrelated single failures of different members into an escalation
+    /// (under `eventra chaos`, an actor killed every 100 ms, the process restarted every
+    /// few seconds). A real crash loop (a child that fails as it starts) still spends
+    /// any such budget within moments and escalates.
+    pub fn per_child(children: usize) -> Self {
+        Intensity { max_restarts: RESTARTS_PER_CHILD * children.max(1), period: Duration::from_secs(5) }
+    }
+}
+
 /// Exponential restart delay with jitter: `initial · 2^(n-1)`, capped at `max`, then
 /// scaled by a random factor in `[1 - jitter, 1 + jitter]`; `n` counts restarts of the
 /// child since it last ran for a whole intensity period.

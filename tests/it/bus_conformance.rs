@@ -56,6 +56,26 @@ pub async fn prefetch_bounds_unsettled_deliveries(make: Make) {
     assert_eq!(next(&mut c).await.message.id, "p3");
 }
 
+/// A batch taken by a task that died before handing it on (its `next_batch` future
+/// dropped mid-way) is still the subscription's to settle: `unsettled` lists every
+/// delivery received and not settled, in order, and settling empties it.
+pub async fn received_deliveries_stay_listed_until_settled(make: Make) {
+    let (_g, bus) = make(config()).await;
+    bus.publish(&[msg("u1"), msg("u2"), msg("u3")]).await.unwrap();
+    let mut c = bus.consume("t", 10).await.unwrap();
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        taken.extend(c.next_batch(10, WAIT).await.unwrap());
+    }
+    drop(taken); // the hand that took them is gone
+    let orphans = c.unsettled();
+    let ids: Vec<&str> = orphans.iter().map(|d| d.message.id.as_str()).collect();
+    assert_eq!(ids, ["u1", "u2", "u3"]);
+    c.ack_many(&orphans).await.unwrap();
+    assert!(c.unsettled().is_empty());
+    assert!(c.next(QUIET).await.unwrap().is_none(), "settled from the list: nothing comes back");
+}
+
 pub async fn requeued_messages_come_back_counted_then_park_at_the_limit(make: Make) {
     let (_g, bus) = make(config()).await;
     bus.publish(&[msg("poison")]).await.unwrap();
@@ -194,6 +214,7 @@ conformance!(
     invalid_messages_park_at_once_with_their_reason,
     a_vanished_consumers_deliveries_go_to_another,
     settling_twice_is_refused,
+    received_deliveries_stay_listed_until_settled,
 );
 
 /// The broker drops the bus's connections (`rabbitmqctl close_connection`): the bus

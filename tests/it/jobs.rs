@@ -448,9 +448,6 @@ impl JobQueue for Blips {
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> eventra::jobs::JobResult<Vec<Enqueued>> {
         self.inner.enqueue_many(jobs).await
     }
-    async fn fetch(&self, queue: &str, worker: &str, lease: Duration) -> eventra::jobs::JobResult<Option<Job>> {
-        self.inner.fetch(queue, worker, lease).await
-    }
     async fn fetch_many(
         &self,
         q: &str,

@@ -166,6 +166,8 @@ async fn production_stack(test: &str) -> Option<Stack> {
         c.pipeline.consumers = 2;
         c.pipeline.relay_lease = Duration::from_secs(2);
         c.jobs.workers = 4;
+        // A killed worker's batch comes back after this (the reaper runs every third).
+        c.jobs.lease = Duration::from_secs(3);
     })
     .await;
     let store = db.store().await;
@@ -226,6 +228,70 @@ async fn production_pipeline_survives_killed_relay_and_consumer() {
     })
     .await;
     let bus: Arc<dyn eventra::bus::EventBus> = s.bus.clone();
+    assert_every_effect_once(&s.app, &s.store, &bus, t.id, N, &s.inbox).await;
+    s.finish().await;
+}
+
+/// Workers and consumers killed mid-batch, on the production stack: users are created
+/// while `job-worker-N` and `event-consumer-N` are killed in turn, one a second, until
+/// every effect is done. A killed worker's leased batch goes back by the reaper
+/// (a 3 s lease here); a killed consumer's successor settles the batch it held.
+/// Every effect exactly once, no email twice (a send runs to its record even when its
+/// worker dies), nothing parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_pipeline_survives_workers_and_consumers_killed_mid_batch() {
+    const N: usize = 1500;
+    const TEST: &str = "pipeline::production_pipeline_survives_workers_and_consumers_killed_mid_batch";
+    let Some(s) = production_stack(TEST).await else { return };
+    let t = s.app.tenant("midbatch", 0).await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (client, base, done) = (s.app.client.clone(), s.app.base.clone(), done.clone());
+        tokio::spawn(async move {
+            let targets = ["job-worker-1", "event-consumer-1", "job-worker-2", "event-consumer-2", "job-worker-3"];
+            let mut kills = 0u32;
+            let mut next = tokio::time::Instant::now();
+            for i in 0.. {
+                if done.load(std::sync::atomic::Ordering::SeqCst) || i >= 60 {
+                    break;
+                }
+                // Pacing of the attack (one kill a second), not synchronisation.
+                tokio::time::sleep_until(next).await;
+                next += Duration::from_millis(1000);
+                let url = format!("{base}/debug/actors/{}/kill", targets[i % targets.len()]);
+                if let Ok(r) = client.post(url).bearer_auth(ADMIN_TOKEN).send().await {
+                    kills += u32::from(r.status() == StatusCode::ACCEPTED);
+                }
+            }
+            kills
+        })
+    };
+    create_users(&s.app, &t, N, 8, |_| None).await;
+    let bus: Arc<dyn eventra::bus::EventBus> = s.bus.clone();
+    let store = s.store.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let audited = store.count_audit(t.id).await.unwrap_or(0);
+        if audited == N as u64 + 1 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let jobs = s.app.get("/v1/admin/jobs", ADMIN_TOKEN).await.text().await.unwrap_or_default();
+            let tree = s.app.get("/debug/actors", ADMIN_TOKEN).await.text().await.unwrap_or_default();
+            panic!("after 180 s {audited} of {} events audited; jobs: {jobs}; tree: {tree}", N + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kills = killer.await.unwrap();
+    assert!(kills >= 5, "only {kills} kills landed");
+    let metrics = s.app.get("/metrics", ADMIN_TOKEN).await.text().await.unwrap();
+    let reaped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("eventra_jobs_reaped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(reaped > 0.0, "no killed worker held jobs (no lease was reaped): the kills missed every batch");
     assert_every_effect_once(&s.app, &s.store, &bus, t.id, N, &s.inbox).await;
     s.finish().await;
 }

@@ -50,6 +50,11 @@ impl WelcomeArgs {
 
 pub struct WelcomeEmail {
     store: Arc<dyn Store>,
+    delivery: Arc<Delivery>,
+}
+
+/// What a send needs, shared with the task each send runs in.
+struct Delivery {
     mailer: Arc<dyn Mailer>,
     from: String,
     /// Where sent emails are recorded (group commit across concurrent sends).
@@ -58,7 +63,7 @@ pub struct WelcomeEmail {
 
 impl WelcomeEmail {
     pub fn new(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>, from: String) -> Self {
-        WelcomeEmail { log: EmailLog::new(store.clone()), store, mailer, from }
+        WelcomeEmail { delivery: Arc::new(Delivery { log: EmailLog::new(store.clone()), mailer, from }), store }
     }
 
     pub fn message_id(user_id: Uuid) -> String {
@@ -72,10 +77,10 @@ const SEND_CONCURRENCY: usize = 16;
 /// and a retry would send the email again.
 const RECORD_PATIENCE: Duration = Duration::from_secs(120);
 
-impl WelcomeEmail {
+impl Delivery {
     fn email_of(&self, args: &WelcomeArgs) -> Email {
         Email {
-            message_id: Self::message_id(args.user_id),
+            message_id: WelcomeEmail::message_id(args.user_id),
             from: self.from.clone(),
             to: args.email.clone(),
             subject: format!("Welcome, {}", args.name),
@@ -185,7 +190,14 @@ impl JobKind for WelcomeEmail {
                         return Ok(());
                     }
                     let Some(deadline) = deadline else { return Ok(()) };
-                    self.send_and_record(&args, deadline).await
+                    // In a task of its own: a worker killed mid-send (a chaos kill, a
+                    // timeout) drops its futures, and a send dropped after the server
+                    // accepted it would go unrecorded and be sent again. The task
+                    // finishes the send (within the fence) and its record either way.
+                    let delivery = self.delivery.clone();
+                    tokio::spawn(async move { delivery.send_and_record(&args, deadline).await })
+                        .await
+                        .unwrap_or_else(|e| Err(JobFailure::new(format!("the send task failed: {e}"))))
                 }
             })
             .buffered(SEND_CONCURRENCY)
