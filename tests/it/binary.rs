@@ -103,3 +103,85 @@ async fn empty_variables_mean_unset() {
     let status = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(30))).await.unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// The benchmark's short version (CI): `eventra bench e2e` in drain mode on the embedded
+/// stack runs end to end and reports a drain rate. (Targets live in BENCHMARKS.md, not
+/// here: this checks the command works, every effect included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_e2e_drain_runs_on_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["bench", "e2e", "--stack", "embedded", "--drain", "300", "--no-raw"])
+            .current_dir(dir.path())
+            .env("EVENTRA_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("bench e2e finished within 5 minutes")
+    .expect("bench e2e ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("Drain (embedded")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("300 events, every effect done"), "{line}");
+    assert!(stdout.contains("Stages, last event done"), "{stdout}");
+}
+
+/// The chaos command's short version (CI): 20 s of load, an actor killed every 100 ms
+/// and a dependency restart every 5 s on private services, then the invariant check.
+/// `eventra chaos` exits non-zero when an invariant fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_runs_short_and_its_invariants_hold() {
+    const TEST: &str = "binary::chaos_runs_short_and_its_invariants_hold";
+    if !eventra::chaos::harness::Harness::available() {
+        assert!(!crate::utils::in_ci(), "{TEST}: CI=true but redis-server, PostgreSQL or RabbitMQ is not installed");
+        use std::io::Write;
+        let _ =
+            writeln!(std::io::stderr(), "NOT RUN: {TEST}: needs redis-server, PostgreSQL server binaries and RabbitMQ");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("chaos.json");
+    let out = tokio::time::timeout(
+        Duration::from_secs(600),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["chaos", "--minutes", "0.34", "--fault-every-secs", "5", "--rate", "30", "--json"])
+            .arg(&json)
+            .env("EVENTRA_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chaos finished within 10 minutes")
+    .expect("chaos ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(report["kills"].as_u64().unwrap() >= 20, "{report}");
+    assert!(report["faults"].as_array().unwrap().len() >= 2, "{report}");
+    assert!(report["users_acknowledged"].as_u64().unwrap() >= 50, "{report}");
+    let inv = &report["invariants"];
+    for must_be_zero in [
+        "acknowledged_but_missing",
+        "audit_missing",
+        "emails_missing",
+        "index_wrong",
+        "parked",
+        "dead_jobs",
+        "cross_tenant_leaks",
+    ] {
+        assert_eq!(inv[must_be_zero], 0, "{must_be_zero}: {report}");
+    }
+    let sigkills = report["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.as_str().is_some_and(|f| f.contains("Eventra SIGKILL")))
+        .count();
+    assert!(
+        inv["emails_resent"].as_u64().unwrap() <= 16 * sigkills as u64,
+        "resends without an Eventra SIGKILL: {report}"
+    );
+}
