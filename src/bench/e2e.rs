@@ -195,7 +195,7 @@ impl Bench {
     fn database_url(&self) -> String {
         match self.args.stack {
             Stack::Embedded => crate::config::default_sqlite_url(&self.dir.join("data")),
-            Stack::Services => replace_db_name(&self.args.database_url, &self.db_name()),
+            Stack::Services => crate::store::with_database(&self.args.database_url, &self.db_name()),
         }
     }
 
@@ -679,23 +679,6 @@ fn summarise(
     }
 }
 
-/// `postgres://u@h:p/db?x` with `db` replaced.
-fn replace_db_name(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[after_scheme..].find('/') {
-        Some(i) => &base[..after_scheme + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
 // ---- raw engines -----------------------------------------------------------------
 
 /// A user row and its outbox row as Eventra writes them (the same JSON).
@@ -738,7 +721,7 @@ async fn raw_pgbench(admin_url: &str) -> BenchResult<(String, f64, String)> {
     let name = format!("eventra_rawpg_{}", &Uuid::now_v7().simple().to_string()[20..]);
     let admin = crate::store::PgStore::connect(admin_url, 1).await.map_err(err)?;
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await.map_err(err)?;
-    let url = replace_db_name(admin_url, &name);
+    let url = crate::store::with_database(admin_url, &name);
     let result = async {
         let store = crate::store::PgStore::connect(&url, 2).await.map_err(err)?;
         Store::migrate(&store).await.map_err(err)?;

@@ -296,6 +296,20 @@ impl RabbitBus {
 
     /// Takes up to `limit` messages off the DLQ unacked (they stay on the queue), on a
     /// channel of their own; the caller settles them, then closes the channel.
+    /// The parked message with this id, taken (unacked) from the DLQ on `channel`; every
+    /// other message peeked on the way goes back when the channel closes.
+    async fn find_in_dlq(&self, channel: &Channel, id: &str) -> BusResult<Option<lapin::message::Delivery>> {
+        loop {
+            let batch = self.peek_dlq(channel, 100).await?;
+            if batch.is_empty() {
+                return Ok(None);
+            }
+            if let Some(d) = batch.into_iter().find(|d| message_of(d).id == id) {
+                return Ok(Some(d));
+            }
+        }
+    }
+
     async fn peek_dlq(&self, channel: &Channel, limit: usize) -> BusResult<Vec<lapin::message::Delivery>> {
         let mut out = Vec::new();
         while out.len() < limit {
@@ -371,46 +385,25 @@ impl EventBus for RabbitBus {
 
     async fn replay(&self, id: &str) -> BusResult<bool> {
         let channel = self.connection().await?.create_channel().await?;
-        let mut found = false;
-        'scan: loop {
-            let batch = self.peek_dlq(&channel, 100).await?;
-            if batch.is_empty() {
-                break;
-            }
-            for d in &batch {
-                if message_of(d).id == id {
-                    let m = message_of(d);
-                    let props = properties(&m.id);
-                    self.publish_confirmed(&self.names.exchange, &[(m, props)]).await?;
-                    settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the replayed message")?;
-                    found = true;
-                    break 'scan;
-                }
-            }
+        let found = self.find_in_dlq(&channel, id).await?;
+        if let Some(d) = &found {
+            let m = message_of(d);
+            let props = properties(&m.id);
+            self.publish_confirmed(&self.names.exchange, &[(m, props)]).await?;
+            settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the replayed message")?;
         }
         channel.close(200, short("replayed")).await?;
-        Ok(found)
+        Ok(found.is_some())
     }
 
     async fn discard(&self, id: &str) -> BusResult<bool> {
         let channel = self.connection().await?.create_channel().await?;
-        let mut found = false;
-        'scan: loop {
-            let batch = self.peek_dlq(&channel, 100).await?;
-            if batch.is_empty() {
-                break;
-            }
-            for d in &batch {
-                if message_of(d).id == id {
-                    settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the discarded message")?;
-                    found = true;
-                    break 'scan;
-                }
-            }
+        let found = self.find_in_dlq(&channel, id).await?;
+        if let Some(d) = &found {
+            settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the discarded message")?;
         }
-        // Closing the channel returns every other peeked message to the DLQ.
         channel.close(200, short("discarded")).await?;
-        Ok(found)
+        Ok(found.is_some())
     }
 }
 

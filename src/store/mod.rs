@@ -246,6 +246,24 @@ pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Sto
     }
 }
 
+/// `postgres://u@h:p/db?x` with `db` replaced by `name` (a fresh database beside an
+/// admin connection's).
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
 /// A URL with any password replaced, safe to log.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

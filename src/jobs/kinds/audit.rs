@@ -55,13 +55,6 @@ impl JobKind for Audit {
             self.index.apply(&ops).await.map_err(JobFailure::new)
         }
         .await;
-        parsed
-            .into_iter()
-            .map(|p| match (p, &written) {
-                (Err(bad), _) => Err(bad),
-                (Ok(_), Ok(())) => Ok(()),
-                (Ok(_), Err(e)) => Err(e.clone()),
-            })
-            .collect()
+        super::outcomes(parsed, &written)
     }
 }

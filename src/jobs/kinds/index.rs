@@ -159,13 +159,6 @@ impl JobKind for Indexing {
             }
         }
         .await;
-        parsed
-            .into_iter()
-            .map(|p| match (p, &done) {
-                (Err(bad), _) => Err(bad),
-                (Ok(_), Ok(())) => Ok(()),
-                (Ok(_), Err(e)) => Err(e.clone()),
-            })
-            .collect()
+        super::outcomes(parsed, &done)
     }
 }

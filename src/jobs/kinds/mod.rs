@@ -105,6 +105,22 @@ pub trait JobKind: Send + Sync + 'static {
     }
 }
 
+/// Each job's outcome when a group shares one write: a job whose arguments were bad
+/// keeps its own failure, the others take the shared result.
+pub(crate) fn outcomes<T>(
+    parsed: Vec<Result<T, JobFailure>>,
+    shared: &Result<(), JobFailure>,
+) -> Vec<Result<(), JobFailure>> {
+    parsed
+        .into_iter()
+        .map(|p| match (p, shared) {
+            (Err(bad), _) => Err(bad),
+            (Ok(_), Ok(())) => Ok(()),
+            (Ok(_), Err(e)) => Err(e.clone()),
+        })
+        .collect()
+}
+
 /// The kinds a worker pool can run, by name.
 #[derive(Clone, Default)]
 pub struct Kinds(HashMap<String, Arc<dyn JobKind>>);

@@ -38,7 +38,7 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{test}: cannot reach PostgreSQL at DATABASE_URL: {e}"));
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
         let _ = conn.close().await;
-        let url = replace_db_name(&admin_url, &name);
+        let url = eventra::store::with_database(&admin_url, &name);
         Some(TestDb::Postgres { admin_url, name, url })
     }
 
@@ -75,26 +75,12 @@ impl Drop for TestDb {
     }
 }
 
-/// `postgres://u@h:p/db?x` with `db` replaced.
-fn replace_db_name(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[after_scheme..].find('/') {
-        Some(i) => &base[..after_scheme + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
 #[test]
 fn replaces_database_name() {
-    assert_eq!(replace_db_name("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
-    assert_eq!(replace_db_name("postgres://u@h/test?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
-    assert_eq!(replace_db_name("postgres://u@h", "x"), "postgres://u@h/x");
+    assert_eq!(eventra::store::with_database("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
+    assert_eq!(
+        eventra::store::with_database("postgres://u@h/test?sslmode=disable", "x"),
+        "postgres://u@h/x?sslmode=disable"
+    );
+    assert_eq!(eventra::store::with_database("postgres://u@h", "x"), "postgres://u@h/x");
 }
