@@ -50,30 +50,12 @@ impl From<StoreError> for Error {
             StoreError::TenantFull { max_users } => Error::TenantFull { max_users },
             StoreError::StaleVersion { expected, current } => Error::StaleVersion { expected, current },
             StoreError::IdempotencyMismatch => Error::IdempotencyMismatch,
-            StoreError::Database(e) if unreachable(&e) => {
+            e if e.is_unreachable() => {
                 Error::Unavailable(format!("the database is busy or unreachable ({e}); retry shortly"))
             }
-            e @ (StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_)) => {
+            e @ (StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) | StoreError::Unavailable(_)) => {
                 Error::Internal(e.to_string())
             }
         }
-    }
-}
-
-/// Whether a database error means "down or overloaded, try again" rather than a fault:
-/// no connection to be had, a connection lost mid-way, or the server shutting down or
-/// out of resources (SQLSTATE classes 08, 53, 57).
-fn unreachable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57"))
-        }
-        _ => false,
     }
 }

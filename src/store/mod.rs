@@ -5,9 +5,11 @@
 //! uniqueness and per-tenant event order correct across processes is described in
 //! `sql.rs`; both backends follow it.
 
+mod batch;
 mod postgres;
 mod sql;
 mod sqlite;
+pub mod writes;
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ use crate::domain::{
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use writes::{TenantWrite, WriteOutcome};
 
 /// What can go wrong in the store. Each variant that a client can cause is mapped to
 /// a 4xx in `crate::error`; only `Database`/`Migrate` are server faults.
@@ -44,6 +47,39 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database could not be reached, or is shutting down or out of resources
+    /// (a shared copy of such an error, for every write of a failed batch).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether this means "down or overloaded, try again" rather than a fault.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => unreachable(e),
+            StoreError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a database error means "down or overloaded, try again" rather than a fault:
+/// no connection to be had, a connection lost mid-way, or the server shutting down or
+/// out of resources (SQLSTATE classes 08, 53, 57).
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57"))
+        }
+        _ => false,
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -106,7 +142,17 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the tenant with its users and keys (one `tenant.deleted` event).
     async fn delete_tenant(&self, id: Uuid, ctx: &EventContext) -> StoreResult<()>;
 
-    async fn create_api_key(&self, key: &NewApiKey, ctx: &EventContext) -> StoreResult<ApiKey>;
+    /// Applies a tenant's writes in one transaction, in order, each with its own
+    /// outcome (see [`writes`]): a write that fails (a duplicate email, a full tenant, a
+    /// stale version) fails alone and the others commit. Answers one outcome per write.
+    async fn write_batch(&self, tenant_id: Uuid, writes: &[TenantWrite]) -> Vec<StoreResult<WriteOutcome>>;
+
+    /// Stores a new API key (one `api_key.created` event).
+    async fn create_api_key(&self, key: &NewApiKey, ctx: &EventContext) -> StoreResult<ApiKey> {
+        let write = TenantWrite::CreateApiKey { key: key.clone(), ctx: ctx.clone() };
+        writes::single(self.write_batch(key.key.tenant_id, &[write]).await)?.into_api_key()
+    }
+
     /// Looks a key up by the hash of its secret.
     async fn find_api_key(&self, hash: &str) -> StoreResult<Option<ApiKey>>;
 
@@ -116,7 +162,11 @@ pub trait Store: Send + Sync + 'static {
         user: &NewUser,
         idempotency: Option<&IdempotencyRequest>,
         ctx: &EventContext,
-    ) -> StoreResult<Created<User>>;
+    ) -> StoreResult<Created<User>> {
+        let write =
+            TenantWrite::CreateUser { user: user.clone(), idempotency: idempotency.cloned(), ctx: ctx.clone() };
+        writes::single(self.write_batch(user.0.tenant_id, &[write]).await)?.into_created_user()
+    }
     async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<User>;
     /// The tenant's users with these ids, in the order given; ids not found are left out.
     async fn get_users(&self, tenant_id: Uuid, ids: &[Uuid]) -> StoreResult<Vec<User>>;
@@ -132,14 +182,22 @@ pub trait Store: Send + Sync + 'static {
         expected_version: Option<i64>,
         patch: &UserPatch,
         ctx: &EventContext,
-    ) -> StoreResult<User>;
+    ) -> StoreResult<User> {
+        let write = TenantWrite::UpdateUser { user_id, expected_version, patch: patch.clone(), ctx: ctx.clone() };
+        writes::single(self.write_batch(tenant_id, &[write]).await)?.into_updated_user()
+    }
+
+    /// Deletes a user if `expected_version` (when given) is current.
     async fn delete_user(
         &self,
         tenant_id: Uuid,
         user_id: Uuid,
         expected_version: Option<i64>,
         ctx: &EventContext,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let write = TenantWrite::DeleteUser { user_id, expected_version, ctx: ctx.clone() };
+        writes::single(self.write_batch(tenant_id, &[write]).await)?.into_deleted()
+    }
 
     /// Deletes idempotency records created before `before`; returns how many.
     async fn purge_idempotency_keys(&self, before: DateTime<Utc>) -> StoreResult<u64>;

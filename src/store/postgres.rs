@@ -25,6 +25,10 @@ pub struct PgStore {
 
 impl PgStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+    /// A batch's tenant-row lock: a row lock without a new row version (the batch's
+    /// one `UPDATE` comes at its end).
+    const LOCK_TENANT_FOR_BATCH: &'static str =
+        "SELECT event_seq, max_users, user_count FROM tenants WHERE id = $1 FOR UPDATE";
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options: PgConnectOptions = url

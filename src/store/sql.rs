@@ -138,14 +138,6 @@ pub(super) struct TenantLock {
     pub user_count: i64,
 }
 
-/// The stored answer to an idempotent request.
-#[derive(sqlx::FromRow)]
-pub(super) struct IdempotencyRow {
-    pub request_hash: String,
-    pub response: Json<Value>,
-    pub created_at: DateTime<Utc>,
-}
-
 /// The one place a unique violation becomes a conflict; every other error stays a
 /// database error.
 pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
@@ -153,11 +145,6 @@ pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> S
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
         _ => StoreError::Database(e),
     }
-}
-
-/// The conflict for a clashing email address.
-pub(super) fn email_conflict(e: sqlx::Error, email: &str) -> StoreError {
-    conflict_or(e, || format!("a user with email '{email}' already exists in this tenant"))
 }
 
 /// Stamps out `impl Store` for one sqlx backend. `$store` must have `pool: Pool<$db>`
@@ -204,20 +191,6 @@ macro_rules! sql_store_impl {
                 Ok(())
             }
 
-            async fn select_user(
-                tx: &mut sqlx::Transaction<'_, $db>,
-                tenant_id: uuid::Uuid,
-                user_id: uuid::Uuid,
-            ) -> $crate::store::StoreResult<$crate::domain::User> {
-                let row = sqlx::query_as::<_, $crate::store::sql::UserRow>("SELECT * FROM users WHERE tenant_id = $1 AND id = $2")
-                    .bind(tenant_id)
-                    .bind(user_id)
-                    .fetch_optional(&mut **tx)
-                    .await?
-                    .ok_or($crate::store::StoreError::NotFound("user"))?;
-                row.try_into()
-            }
-
             async fn select_tenant(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 id: uuid::Uuid,
@@ -229,84 +202,7 @@ macro_rules! sql_store_impl {
                     .ok_or($crate::store::StoreError::NotFound("tenant"))
             }
 
-            /// The earlier answer for this key, `None` if the key is new (or expired), or
-            /// a mismatch error when the key came with another body.
-            async fn find_idempotent(
-                tx: &mut sqlx::Transaction<'_, $db>,
-                tenant_id: uuid::Uuid,
-                req: &$crate::store::IdempotencyRequest,
-            ) -> $crate::store::StoreResult<Option<$crate::domain::User>> {
-                let row = sqlx::query_as::<_, $crate::store::sql::IdempotencyRow>(
-                    "SELECT request_hash, response, created_at FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
-                )
-                .bind(tenant_id)
-                .bind(&req.key)
-                .fetch_optional(&mut **tx)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                let expired = row.created_at < crate::domain::now() - chrono::Duration::hours($crate::store::IDEMPOTENCY_TTL_HOURS);
-                if expired {
-                    sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
-                        .bind(tenant_id)
-                        .bind(&req.key)
-                        .execute(&mut **tx)
-                        .await?;
-                    return Ok(None);
-                }
-                if row.request_hash != req.request_hash {
-                    return Err($crate::store::StoreError::IdempotencyMismatch);
-                }
-                serde_json::from_value(row.response.0)
-                    .map(Some)
-                    .map_err(|e| $crate::store::StoreError::Corrupt(format!("idempotent response: {e}")))
-            }
-
-            async fn insert_user(tx: &mut sqlx::Transaction<'_, $db>, u: &$crate::domain::User) -> $crate::store::StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, \
-                     attributes, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(u.id)
-                .bind(u.tenant_id)
-                .bind(&u.email)
-                .bind(u.email_key())
-                .bind(&u.name)
-                .bind(u.status.as_str())
-                .bind(u.email_verified)
-                .bind(sqlx::types::Json(&u.attributes))
-                .bind(u.version)
-                .bind(u.created_at)
-                .bind(u.updated_at)
-                .execute(&mut **tx)
-                .await
-                .map_err(|e| $crate::store::sql::email_conflict(e, &u.email))?;
-                Ok(())
-            }
-
-            /// Writes the new state of a user; `version - 1` must still be current.
-            async fn update_user_row(tx: &mut sqlx::Transaction<'_, $db>, u: &$crate::domain::User) -> $crate::store::StoreResult<()> {
-                let done = sqlx::query(
-                    "UPDATE users SET email = $3, email_normalized = $4, name = $5, status = $6, email_verified = $7, \
-                     attributes = $8, version = $9, updated_at = $10 WHERE id = $1 AND tenant_id = $2 AND version = $9 - 1",
-                )
-                .bind(u.id)
-                .bind(u.tenant_id)
-                .bind(&u.email)
-                .bind(u.email_key())
-                .bind(&u.name)
-                .bind(u.status.as_str())
-                .bind(u.email_verified)
-                .bind(sqlx::types::Json(&u.attributes))
-                .bind(u.version)
-                .bind(u.updated_at)
-                .execute(&mut **tx)
-                .await
-                .map_err(|e| $crate::store::sql::email_conflict(e, &u.email))?;
-                if done.rows_affected() != 1 {
-                    return Err($crate::store::StoreError::Corrupt(format!("user {} changed under the tenant lock", u.id)));
-                }
-                Ok(())
-            }
+            $crate::store::batch::batch_helpers!($db);
         }
 
         #[async_trait::async_trait]
@@ -419,27 +315,6 @@ macro_rules! sql_store_impl {
                 Ok(())
             }
 
-            async fn create_api_key(
-                &self,
-                key: &$crate::domain::NewApiKey,
-                ctx: &$crate::domain::EventContext,
-            ) -> $crate::store::StoreResult<$crate::domain::ApiKey> {
-                let mut tx = self.writer.begin().await?;
-                let lock = Self::lock_tenant(&mut tx, key.key.tenant_id).await?;
-                sqlx::query("INSERT INTO api_keys (id, tenant_id, role, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(key.key.id)
-                    .bind(key.key.tenant_id)
-                    .bind(key.key.role.as_str())
-                    .bind(&key.hash)
-                    .bind(key.key.created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                let event = $crate::domain::DomainEvent::api_key_created(&key.key, ctx);
-                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
-                tx.commit().await?;
-                Ok(key.key.clone())
-            }
-
             async fn find_api_key(&self, hash: &str) -> $crate::store::StoreResult<Option<$crate::domain::ApiKey>> {
                 let row = sqlx::query_as::<_, $crate::store::sql::ApiKeyRow>(
                     "SELECT id, tenant_id, role, created_at FROM api_keys WHERE key_hash = $1",
@@ -450,46 +325,42 @@ macro_rules! sql_store_impl {
                 row.map(TryInto::try_into).transpose()
             }
 
-            async fn create_user(
+            async fn write_batch(
                 &self,
-                new: &$crate::domain::NewUser,
-                idempotency: Option<&$crate::store::IdempotencyRequest>,
-                ctx: &$crate::domain::EventContext,
-            ) -> $crate::store::StoreResult<$crate::store::Created<$crate::domain::User>> {
-                let user = &new.0;
-                let mut tx = self.writer.begin().await?;
-                let lock = Self::lock_tenant(&mut tx, user.tenant_id).await?;
-                if let Some(req) = idempotency {
-                    if let Some(previous) = Self::find_idempotent(&mut tx, user.tenant_id, req).await? {
-                        return Ok($crate::store::Created { value: previous, replayed: true });
-                    }
+                tenant_id: uuid::Uuid,
+                writes: &[$crate::store::TenantWrite],
+            ) -> Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>> {
+                if writes.is_empty() {
+                    return Vec::new();
                 }
-                if lock.max_users > 0 && lock.user_count >= lock.max_users {
-                    return Err($crate::store::StoreError::TenantFull { max_users: lock.max_users });
+                let error = match self.batch_tx(tenant_id, writes).await {
+                    Ok(outcomes) => return outcomes,
+                    Err(e) => e,
+                };
+                if writes.len() == 1 {
+                    return vec![Err(error)];
                 }
-                Self::insert_user(&mut tx, user).await?;
-                sqlx::query("UPDATE tenants SET user_count = user_count + 1 WHERE id = $1")
-                    .bind(user.tenant_id)
-                    .execute(&mut *tx)
-                    .await?;
-                let event = $crate::domain::DomainEvent::user_created(user, ctx);
-                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
-                if let Some(req) = idempotency {
-                    let response = serde_json::to_value(user).map_err(|e| $crate::store::StoreError::Corrupt(e.to_string()))?;
-                    sqlx::query(
-                        "INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(user.tenant_id)
-                    .bind(&req.key)
-                    .bind(&req.request_hash)
-                    .bind(sqlx::types::Json(response))
-                    .bind(crate::domain::now())
-                    .execute(&mut *tx)
-                    .await?;
+                // Every write would meet the same fate: tell each of them.
+                if let $crate::store::StoreError::NotFound(what) = error {
+                    return writes.iter().map(|_| Err($crate::store::StoreError::NotFound(what))).collect();
                 }
-                tx.commit().await?;
-                Ok($crate::store::Created { value: user.clone(), replayed: false })
+                if error.is_unreachable() {
+                    let message = error.to_string();
+                    return writes.iter().map(|_| Err($crate::store::StoreError::Unavailable(message.clone()))).collect();
+                }
+                // A statement failed in a way the checks did not foresee: the transaction
+                // is gone, and with it every write. Run each alone, so only the write
+                // at fault fails.
+                tracing::warn!(%tenant_id, writes = writes.len(), %error,
+                    "a batch of tenant writes failed as a whole; applying them one by one");
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for write in writes {
+                    outcomes.push(match self.batch_tx(tenant_id, std::slice::from_ref(write)).await {
+                        Ok(one) => $crate::store::writes::single(one),
+                        Err(e) => Err(e),
+                    });
+                }
+                outcomes
             }
 
             async fn get_user(&self, tenant_id: uuid::Uuid, user_id: uuid::Uuid) -> $crate::store::StoreResult<$crate::domain::User> {
@@ -556,58 +427,6 @@ macro_rules! sql_store_impl {
                 .await?;
                 let users = rows.into_iter().map(TryInto::try_into).collect::<Result<Vec<$crate::domain::User>, _>>()?;
                 Ok($crate::domain::Page::from_rows(users, page.limit, |u| u.id))
-            }
-
-            async fn update_user(
-                &self,
-                tenant_id: uuid::Uuid,
-                user_id: uuid::Uuid,
-                expected_version: Option<i64>,
-                patch: &$crate::domain::UserPatch,
-                ctx: &$crate::domain::EventContext,
-            ) -> $crate::store::StoreResult<$crate::domain::User> {
-                let mut tx = self.writer.begin().await?;
-                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
-                let before = Self::select_user(&mut tx, tenant_id, user_id).await?;
-                if let Some(expected) = expected_version.filter(|v| *v != before.version) {
-                    return Err($crate::store::StoreError::StaleVersion { expected, current: before.version });
-                }
-                let Some((after, kind)) = patch.apply(&before, crate::domain::now()) else {
-                    return Ok(before); // no-op: nothing written, no event
-                };
-                Self::update_user_row(&mut tx, &after).await?;
-                let event = $crate::domain::DomainEvent::user_changed(kind, &before, &after, ctx);
-                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
-                tx.commit().await?;
-                Ok(after)
-            }
-
-            async fn delete_user(
-                &self,
-                tenant_id: uuid::Uuid,
-                user_id: uuid::Uuid,
-                expected_version: Option<i64>,
-                ctx: &$crate::domain::EventContext,
-            ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.writer.begin().await?;
-                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
-                let user = Self::select_user(&mut tx, tenant_id, user_id).await?;
-                if let Some(expected) = expected_version.filter(|v| *v != user.version) {
-                    return Err($crate::store::StoreError::StaleVersion { expected, current: user.version });
-                }
-                sqlx::query("DELETE FROM users WHERE tenant_id = $1 AND id = $2")
-                    .bind(tenant_id)
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("UPDATE tenants SET user_count = user_count - 1 WHERE id = $1")
-                    .bind(tenant_id)
-                    .execute(&mut *tx)
-                    .await?;
-                let event = $crate::domain::DomainEvent::user_deleted(&user, crate::domain::now(), ctx);
-                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
-                tx.commit().await?;
-                Ok(())
             }
 
             async fn purge_idempotency_keys(&self, before: chrono::DateTime<chrono::Utc>) -> $crate::store::StoreResult<u64> {

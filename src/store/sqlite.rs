@@ -31,6 +31,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+    /// A batch's tenant-row lock: SQLite has no `FOR UPDATE`; a write takes the
+    /// database's write lock at once (a read first could meet another process's write
+    /// between it and the first write, and fail with a busy snapshot).
+    const LOCK_TENANT_FOR_BATCH: &'static str =
+        "UPDATE tenants SET event_seq = event_seq WHERE id = $1 RETURNING event_seq, max_users, user_count";
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
