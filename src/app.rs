@@ -183,12 +183,13 @@ pub async fn run_with(
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: config.tenant_idle_timeout,
+        max_tenant_managers: config.max_tenant_managers,
         jobs: job_deps,
         pipeline,
         indexer: Some(indexer),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
-    let tenants = Tenants::new(root.registry.clone(), store, ACTOR_CALL_TIMEOUT).with_outbox_wake(outbox_wake);
+    let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT).with_outbox_wake(outbox_wake);
     let state = AppState {
         tenants,
         admin_token: Arc::new(config.admin_token.clone()),

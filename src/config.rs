@@ -12,6 +12,9 @@ use clap::Args;
 /// `consumer` the broker consumers. `indexer` is accepted so deployments can name it.
 pub const ROLES: &[&str] = &["api", "relay", "consumer", "worker", "indexer"];
 
+/// Default for `EVENTRA_MAX_TENANT_MANAGERS`: ~10 KB each, so ~100 MB at the limit.
+pub const DEFAULT_MAX_TENANT_MANAGERS: usize = 10_000;
+
 /// Flags of `eventra serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -47,6 +50,10 @@ pub struct ServeArgs {
     /// Seconds a tenant manager may idle before it is stopped.
     #[arg(long, env = "EVENTRA_TENANT_IDLE_SECS", default_value_t = 300)]
     pub tenant_idle_secs: u64,
+    /// Most tenant managers running at once; past it the least recently active are
+    /// passivated (their next write starts a fresh one).
+    #[arg(long, env = "EVENTRA_MAX_TENANT_MANAGERS", default_value_t = DEFAULT_MAX_TENANT_MANAGERS)]
+    pub max_tenant_managers: usize,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "EVENTRA_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -302,6 +309,7 @@ pub struct Config {
     pub opensearch_url: Option<String>,
     pub smtp_url: Option<String>,
     pub tenant_idle_timeout: std::time::Duration,
+    pub max_tenant_managers: usize,
     pub max_body_bytes: usize,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
@@ -356,6 +364,7 @@ impl Config {
             opensearch_url: a.opensearch_url,
             smtp_url: a.smtp_url,
             tenant_idle_timeout: std::time::Duration::from_secs(a.tenant_idle_secs.max(1)),
+            max_tenant_managers: a.max_tenant_managers.max(1),
             max_body_bytes: a.max_body_bytes,
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
@@ -380,6 +389,7 @@ impl Config {
             opensearch_url: None,
             smtp_url: None,
             tenant_idle_timeout: std::time::Duration::from_secs(300),
+            max_tenant_managers: DEFAULT_MAX_TENANT_MANAGERS,
             max_body_bytes: 64 * 1024,
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),

@@ -1,53 +1,141 @@
-//! One actor per active tenant: every write to the tenant's users and keys passes
-//! through its mailbox, so one process never races itself on a tenant and events of a
-//! tenant leave in the order the requests arrived. Across processes the store's
-//! tenant-row lock gives the same guarantee (see `store/sql.rs`).
+//! One actor per active tenant (`tenant-<uuid>` under `tenants`): every write to the
+//! tenant's users and keys passes through its mailbox, so one process never races itself
+//! on a tenant and events of a tenant leave in the order the requests arrived. Across
+//! processes the store's tenant-row lock gives the same guarantee (see `store/batch.rs`).
+//!
+//! ## Design note: group commit
+//! The actor only queues: each write goes into the tenant's [`WriteQueue`], and one
+//! committer task at a time takes everything queued (up to [`MAX_BATCH`]) and applies
+//! it as ONE transaction (`Store::write_batch`), answering each caller with its own
+//! outcome. While a batch commits, the next requests queue up and go together into the
+//! next one, so batches grow with the load and an idle tenant's lone write commits at
+//! once. The committer runs beside the actor, not in its handler: a kill of the actor
+//! loses only the requests still in its mailbox (their callers are told to retry); the
+//! batch in flight commits and is answered, and the queue (shared by every incarnation
+//! of the tenant's manager) is carried on.
+//!
+//! [`MAX_BATCH`]: crate::store::writes::MAX_BATCH
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
-use crate::domain::{EventContext, NewApiKey, NewUser, Role, User, UserPatch};
-use crate::error::Result;
-use crate::store::{Created, IdempotencyRequest, Store};
+use crate::store::writes::MAX_BATCH;
+use crate::store::{Store, StoreResult, TenantWrite, WriteOutcome};
 
-/// What a tenant manager does. Each carries its reply port.
+// Messages
+
+/// What a tenant manager does.
 pub enum TenantMsg {
-    /// Create a user (idempotently when a key is given).
-    CreateUser {
-        user: NewUser,
-        idempotency: Option<IdempotencyRequest>,
-        ctx: EventContext,
-        reply: RpcReplyPort<Result<Created<User>>>,
-    },
-    /// Patch a user, if `expected_version` is current.
-    UpdateUser {
-        user_id: Uuid,
-        expected_version: Option<i64>,
-        patch: UserPatch,
-        ctx: EventContext,
-        reply: RpcReplyPort<Result<User>>,
-    },
-    /// Delete a user, if `expected_version` is current.
-    DeleteUser { user_id: Uuid, expected_version: Option<i64>, ctx: EventContext, reply: RpcReplyPort<Result<()>> },
-    /// Mint an API key with a role; the reply holds the only copy of the secret.
-    CreateApiKey { role: Role, ctx: EventContext, reply: RpcReplyPort<Result<NewApiKey>> },
+    /// Apply a write; answered once the batch it went into committed (or failed).
+    Write(TenantWrite, RpcReplyPort<StoreResult<WriteOutcome>>),
 }
 
-/// Startup arguments and state: the tenant it serves and where state lives.
-pub struct TenantManagerState {
+// State
+
+/// A write waiting for its batch, with whom to answer.
+type Queued = (TenantWrite, RpcReplyPort<StoreResult<WriteOutcome>>);
+
+/// The tenant's writes waiting for the committer; one per tenant, shared by every
+/// incarnation of its manager.
+#[derive(Default)]
+pub struct WriteQueue {
+    inner: Mutex<QueueState>,
+    /// Rung when the committer finishes (a draining manager waits for it).
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    writes: Vec<Queued>,
+    /// Whether a committer task is running (at most one per queue).
+    committing: bool,
+}
+
+impl WriteQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // The state is a list and a flag, consistent after every statement: a panic
+        // elsewhere while holding the lock leaves nothing half-done.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a write; `true` when the caller must start a committer.
+    fn push(&self, write: Queued) -> bool {
+        let mut q = self.lock();
+        q.writes.push(write);
+        !std::mem::replace(&mut q.committing, true)
+    }
+
+    /// The next batch, or `None` (and no committer any more) when nothing is queued.
+    fn next_batch(&self) -> Option<Vec<Queued>> {
+        let mut q = self.lock();
+        if q.writes.is_empty() {
+            q.committing = false;
+            self.idle.notify_waiters();
+            return None;
+        }
+        let n = q.writes.len().min(MAX_BATCH);
+        Some(q.writes.drain(..n).collect())
+    }
+
+    /// Waits until no committer runs.
+    async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if !self.lock().committing {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// A tenant's write figures, for the tree view (`stats`) and `/metrics`.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    pub batches: AtomicU64,
+    pub writes: AtomicU64,
+    pub largest_batch: AtomicUsize,
+}
+
+impl WriteStats {
+    fn record(&self, writes: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        self.largest_batch.fetch_max(writes, Ordering::Relaxed);
+        metrics::histogram!("eventra_tenant_write_batch_size").record(writes as f64);
+    }
+
+    /// The `/debug/actors` view.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "batches": self.batches.load(Ordering::Relaxed),
+            "writes": self.writes.load(Ordering::Relaxed),
+            "largest_batch": self.largest_batch.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// What a manager runs with: the same values for every incarnation of it.
+#[derive(Clone)]
+pub struct TenantManagerArgs {
     pub tenant_id: Uuid,
     pub store: Arc<dyn Store>,
+    pub queue: Arc<WriteQueue>,
+    pub stats: Arc<WriteStats>,
 }
+
+// Handling
 
 /// The actor.
 pub struct TenantManager;
 
 impl Actor for TenantManager {
     type Msg = TenantMsg;
-    type State = TenantManagerState;
-    type Arguments = TenantManagerState;
+    type State = TenantManagerArgs;
+    type Arguments = TenantManagerArgs;
 
     async fn pre_start(
         &self,
@@ -64,28 +152,46 @@ impl Actor for TenantManager {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let store = &state.store;
-        let tenant_id = state.tenant_id;
-        // A reply port whose caller gave up is not our failure: ignore send errors.
         match msg {
-            TenantMsg::CreateUser { user, idempotency, ctx, reply } => {
-                let r = store.create_user(&user, idempotency.as_ref(), &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
-            }
-            TenantMsg::UpdateUser { user_id, expected_version, patch, ctx, reply } => {
-                let r = store.update_user(tenant_id, user_id, expected_version, &patch, &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
-            }
-            TenantMsg::DeleteUser { user_id, expected_version, ctx, reply } => {
-                let r = store.delete_user(tenant_id, user_id, expected_version, &ctx).await.map_err(Into::into);
-                let _ = reply.send(r);
-            }
-            TenantMsg::CreateApiKey { role, ctx, reply } => {
-                let key = NewApiKey::generate(tenant_id, role, crate::domain::now());
-                let r = store.create_api_key(&key, &ctx).await.map(|_| key).map_err(Into::into);
-                let _ = reply.send(r);
+            TenantMsg::Write(write, reply) => {
+                if state.queue.push((write, reply)) {
+                    tokio::spawn(commit(state.clone()));
+                }
             }
         }
         Ok(())
     }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        // A drained or stopped manager leaves only when what it accepted is committed
+        // and answered (its supervisor kills it past the shutdown time).
+        state.queue.until_idle().await;
+        tracing::debug!(tenant_id = %state.tenant_id, "tenant manager stopped");
+        Ok(())
+    }
+}
+
+/// The committer: applies queued writes a batch at a time until none are left.
+async fn commit(m: TenantManagerArgs) {
+    // A panic in a batch must not leave the queue believing a committer still runs.
+    struct Reset<'a>(&'a WriteQueue, bool);
+    impl Drop for Reset<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.lock().committing = false;
+                self.0.idle.notify_waiters();
+            }
+        }
+    }
+    let mut reset = Reset(&m.queue, false);
+    while let Some(batch) = m.queue.next_batch() {
+        let (writes, replies): (Vec<TenantWrite>, Vec<_>) = batch.into_iter().unzip();
+        let outcomes = m.store.write_batch(m.tenant_id, &writes).await;
+        m.stats.record(writes.len());
+        // A caller that gave up is not our failure: ignore send errors.
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+    reset.1 = true;
 }

@@ -1,46 +1,85 @@
 //! `Tenants`: the one door from the HTTP layer into tenant and user state.
 //!
-//! Writes become messages to the `tenants` registry or a tenant's manager; reads go
-//! straight to the store (they need no ordering and should not queue behind writes).
-//! The registry reference sits behind a lock because the root supervisor replaces it
-//! when it restarts the registry.
+//! - User and key writes become messages to the tenant's manager (`tenant-<uuid>` under
+//!   the `tenants` supervisor), which group-commits them. The manager's handle is
+//!   cached here, so a write goes straight to its mailbox; a miss checks the tenant in
+//!   the database (outside every mailbox, so a cold tenant holds up no other) and asks
+//!   the supervisor to start the manager (or for the one already running).
+//! - Tenant writes (create, rename, delete) are single transactions straight to the
+//!   store: the database orders them, and they must not queue behind any mailbox.
+//! - Reads go straight to the store.
+//! - API keys are verified through a cache (see [`KEY_CACHE_TTL`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
-use ractor::{ActorRef, MessagingErr, RpcReplyPort};
+use ractor::{ActorRef, MessagingErr};
 use uuid::Uuid;
 
-use super::tenant_manager::TenantMsg;
-use super::tenant_registry::{ManagerInfo, RegistryMsg};
+use super::tenant_manager::{TenantManager, TenantManagerArgs, TenantMsg, WriteQueue, WriteStats};
 use crate::domain::{
     ApiKey, EventContext, NewApiKey, NewTenant, NewUser, Page, PageRequest, Role, Tenant, TenantPatch, User, UserPatch,
 };
 use crate::error::{Error, Result};
-use crate::store::{Created, IdempotencyRequest, Store};
-use crate::supervision::root::RegistrySlot;
+use crate::store::{Created, IdempotencyRequest, Store, TenantWrite, WriteOutcome};
+use crate::supervision::root::TenantsSlot;
+use crate::supervision::{Activity, ChildSpec, Restart, StartCtx, StartFn, StartedChild, SupervisorMsg};
 
-/// How often a message is re-sent when its actor stopped before taking it (idle drain,
-/// restart). Safe: a refused send was never processed.
+/// How often a write is re-sent when its manager stopped before taking it (passivated,
+/// restarting). Safe: a refused send was never processed.
 const SEND_ATTEMPTS: usize = 5;
+/// How long a verified API key is trusted without asking the database again: the bound
+/// on how long a key deleted by another process (its tenant deleted) keeps working
+/// here. This process forgets a deleted tenant's keys at once.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Verified keys kept (a few tens of bytes each).
+const KEY_CACHE_SIZE: usize = 100_000;
+/// Manager handles kept; a handle evicted (or of a passivated manager) costs one
+/// supervisor call on the tenant's next write.
+const MANAGER_CACHE_SIZE: usize = 100_000;
+
+/// A running manager, as callers reach it.
+#[derive(Clone)]
+struct ManagerHandle {
+    actor: ActorRef<TenantMsg>,
+    /// The calls in flight and the last call's time: the supervisor passivates by it.
+    activity: Arc<Activity>,
+}
+
+/// A running manager, for tools and tests.
+#[derive(Debug, Clone)]
+pub struct ManagerInfo {
+    pub tenant_id: Uuid,
+    pub actor_id: ractor::ActorId,
+}
 
 #[derive(Clone)]
 pub struct Tenants {
-    /// The live registry; replaced by the root supervisor's start function on restart.
-    registry: RegistrySlot,
-    /// Read path.
+    /// The live `tenants` supervisor; replaced by its start function on restart.
+    supervisor: TenantsSlot,
+    /// Read path, and tenant writes.
     store: Arc<dyn Store>,
     /// Longest a request waits for an actor's reply before answering 503.
     call_timeout: Duration,
     /// Rung after every write, so this process's outbox relay publishes at once.
     outbox_wake: Arc<tokio::sync::Notify>,
+    /// Managers by tenant (bounded: an evicted entry is one supervisor call away).
+    managers: Arc<quick_cache::sync::Cache<Uuid, ManagerHandle>>,
+    /// Verified API keys by secret hash, with when they were read.
+    keys: Arc<quick_cache::sync::Cache<String, (ApiKey, Instant)>>,
 }
 
 impl Tenants {
-    pub fn new(registry: RegistrySlot, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
-        Tenants { registry, store, call_timeout, outbox_wake: Arc::new(tokio::sync::Notify::new()) }
+    pub fn new(supervisor: TenantsSlot, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
+        Tenants {
+            supervisor,
+            store,
+            call_timeout,
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            managers: Arc::new(quick_cache::sync::Cache::new(MANAGER_CACHE_SIZE)),
+            keys: Arc::new(quick_cache::sync::Cache::new(KEY_CACHE_SIZE)),
+        }
     }
 
     /// Rings `wake` after every write (the outbox relay listens).
@@ -66,14 +105,7 @@ impl Tenants {
     /// Creates a tenant and its first admin key; the key's secret is only in the reply.
     pub async fn create_tenant(&self, tenant: NewTenant, ctx: EventContext) -> Result<(Tenant, NewApiKey)> {
         let admin_key = NewApiKey::generate(tenant.id, Role::Admin, tenant.created_at);
-        let t = self
-            .call_registry(|reply| RegistryMsg::CreateTenant {
-                tenant: tenant.clone(),
-                admin_key: admin_key.clone(),
-                ctx: ctx.clone(),
-                reply,
-            })
-            .await;
+        let t = self.store.create_tenant(&tenant, &admin_key, &ctx).await.map_err(Error::from);
         Ok((self.wrote(t)?, admin_key))
     }
 
@@ -86,22 +118,36 @@ impl Tenants {
     }
 
     pub async fn update_tenant(&self, id: Uuid, patch: TenantPatch, ctx: EventContext) -> Result<Tenant> {
-        let r = self
-            .call_registry(|reply| RegistryMsg::UpdateTenant { id, patch: patch.clone(), ctx: ctx.clone(), reply })
-            .await;
+        let r = self.store.update_tenant(id, &patch, &ctx).await.map_err(Error::from);
         self.wrote(r)
     }
 
+    /// Deletes a tenant: its manager first finishes what it accepted and stops, then
+    /// the tenant goes with its users and keys; its keys stop working here at once.
     pub async fn delete_tenant(&self, id: Uuid, ctx: EventContext) -> Result<()> {
-        let r = self.call_registry(|reply| RegistryMsg::DeleteTenant { id, ctx: ctx.clone(), reply }).await;
+        self.managers.remove(&id);
+        if let Ok(supervisor) = self.supervisor() {
+            let name = manager_name(id);
+            let _ = supervisor.call(|reply| SupervisorMsg::StopChild(name.clone(), reply), Some(self.call_timeout)).await;
+        }
+        let r = self.store.delete_tenant(id, &ctx).await.map_err(Error::from);
+        if r.is_ok() {
+            self.keys.retain(|_, (key, _)| key.tenant_id != id);
+        }
         self.wrote(r)
     }
 
-    /// The running tenant managers (for the supervision-tree view).
+    /// The running tenant managers (for the supervision-tree view and tests).
     pub async fn managers(&self) -> Result<Vec<ManagerInfo>> {
-        let registry = self.registry()?;
-        match registry.call(|reply| RegistryMsg::Managers { reply }, Some(self.call_timeout)).await {
-            Ok(CallResult::Success(v)) => Ok(v),
+        let supervisor = self.supervisor()?;
+        match supervisor.call(SupervisorMsg::Children, Some(self.call_timeout)).await {
+            Ok(CallResult::Success(children)) => Ok(children
+                .into_iter()
+                .filter_map(|(name, id)| {
+                    let tenant_id = name.strip_prefix("tenant-").and_then(|t| Uuid::parse_str(t).ok())?;
+                    Some(ManagerInfo { tenant_id, actor_id: id? })
+                })
+                .collect()),
             _ => Err(Error::Unavailable("the tenants supervisor is restarting; retry shortly".into())),
         }
     }
@@ -109,12 +155,28 @@ impl Tenants {
     // ---- keys ----------------------------------------------------------------------
 
     pub async fn create_api_key(&self, tenant_id: Uuid, role: Role, ctx: EventContext) -> Result<NewApiKey> {
-        self.call_manager(tenant_id, |reply| TenantMsg::CreateApiKey { role, ctx: ctx.clone(), reply }).await
+        let key = NewApiKey::generate(tenant_id, role, crate::domain::now());
+        self.write(tenant_id, TenantWrite::CreateApiKey { key: key.clone(), ctx }).await?.into_api_key()?;
+        Ok(key)
     }
 
-    /// The key a bearer secret belongs to, if any.
+    /// The key a bearer secret belongs to, if any. A verified key is trusted for
+    /// [`KEY_CACHE_TTL`]; unknown secrets are always looked up (a key just created by
+    /// another process works at once).
     pub async fn find_api_key(&self, hash: &str) -> Result<Option<ApiKey>> {
-        Ok(self.store.find_api_key(hash).await?)
+        if let Some((key, read_at)) = self.keys.get(hash) {
+            if read_at.elapsed() < KEY_CACHE_TTL {
+                return Ok(Some(key));
+            }
+        }
+        let found = self.store.find_api_key(hash).await?;
+        match &found {
+            Some(key) => self.keys.insert(hash.to_owned(), (key.clone(), Instant::now())),
+            None => {
+                self.keys.remove(hash);
+            }
+        }
+        Ok(found)
     }
 
     // ---- users ---------------------------------------------------------------------
@@ -126,13 +188,7 @@ impl Tenants {
         ctx: EventContext,
     ) -> Result<Created<User>> {
         let tenant_id = user.0.tenant_id;
-        self.call_manager(tenant_id, |reply| TenantMsg::CreateUser {
-            user: user.clone(),
-            idempotency: idempotency.clone(),
-            ctx: ctx.clone(),
-            reply,
-        })
-        .await
+        Ok(self.write(tenant_id, TenantWrite::CreateUser { user, idempotency, ctx }).await?.into_created_user()?)
     }
 
     pub async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> Result<User> {
@@ -158,14 +214,8 @@ impl Tenants {
         patch: UserPatch,
         ctx: EventContext,
     ) -> Result<User> {
-        self.call_manager(tenant_id, |reply| TenantMsg::UpdateUser {
-            user_id,
-            expected_version,
-            patch: patch.clone(),
-            ctx: ctx.clone(),
-            reply,
-        })
-        .await
+        let write = TenantWrite::UpdateUser { user_id, expected_version, patch, ctx };
+        Ok(self.write(tenant_id, write).await?.into_updated_user()?)
     }
 
     pub async fn delete_user(
@@ -175,91 +225,104 @@ impl Tenants {
         expected_version: Option<i64>,
         ctx: EventContext,
     ) -> Result<()> {
-        self.call_manager(tenant_id, |reply| TenantMsg::DeleteUser {
-            user_id,
-            expected_version,
-            ctx: ctx.clone(),
-            reply,
-        })
-        .await
+        let write = TenantWrite::DeleteUser { user_id, expected_version, ctx };
+        Ok(self.write(tenant_id, write).await?.into_deleted()?)
     }
 
     // ---- messaging -----------------------------------------------------------------
 
-    fn registry(&self) -> Result<ActorRef<RegistryMsg>> {
-        self.registry
+    fn supervisor(&self) -> Result<ActorRef<SupervisorMsg>> {
+        self.supervisor
             .read()
             .ok()
             .and_then(|r| r.clone())
             .ok_or_else(|| Error::Unavailable("the tenants supervisor is not running; retry shortly".into()))
     }
 
-    async fn call_registry<T: Send + 'static>(
-        &self,
-        build: impl Fn(RpcReplyPort<Result<T>>) -> RegistryMsg,
-    ) -> Result<T> {
+    /// Sends a write to the tenant's manager (starting it if needed) and waits for its
+    /// outcome; re-sends when the manager stopped before it accepted the message.
+    async fn write(&self, tenant_id: Uuid, write: TenantWrite) -> Result<WriteOutcome> {
         for _ in 0..SEND_ATTEMPTS {
-            let registry = self.registry()?;
-            match registry.call(&build, Some(self.call_timeout)).await {
-                Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
-                other => return reply_of(other, "tenants supervisor"),
-            }
-        }
-        Err(Error::Unavailable("the tenants supervisor is restarting; retry shortly".into()))
-    }
-
-    /// Sends to the tenant's manager, starting it if needed; re-sends when the manager
-    /// stopped (idle drain, restart) before it accepted the message.
-    async fn call_manager<T: Send + 'static>(
-        &self,
-        tenant_id: Uuid,
-        build: impl Fn(RpcReplyPort<Result<T>>) -> TenantMsg,
-    ) -> Result<T> {
-        for _ in 0..SEND_ATTEMPTS {
-            let manager = self.call_registry(|reply| RegistryMsg::Manager { tenant_id, reply }).await?;
+            let manager = match self.managers.get(&tenant_id) {
+                Some(m) => m,
+                None => self.start_manager(tenant_id).await?,
+            };
             let outcome = {
-                // Counted while queued or in process; the guard also undoes the count when
-                // the client goes away and this future is dropped mid-call.
-                let _queued = PendingGuard::new(&manager.pending);
-                manager.actor.call(&build, Some(self.call_timeout)).await
+                // In flight while queued or committing; the guard also ends it when the
+                // client goes away and this future is dropped mid-call.
+                let _busy = manager.activity.begin();
+                manager.actor.call(|reply| TenantMsg::Write(write.clone(), reply), Some(self.call_timeout)).await
             };
             match outcome {
-                Err(MessagingErr::SendErr(_)) => wait_for_restart().await,
-                other => return self.wrote(reply_of(other, "tenant manager")),
+                Err(MessagingErr::SendErr(_)) => {
+                    self.managers.remove(&tenant_id);
+                    wait_for_restart().await;
+                }
+                other => return self.wrote(reply_of(other)),
             }
         }
         Err(Error::Unavailable("the tenant manager is restarting; retry shortly".into()))
     }
+
+    /// Starts the manager of an existing tenant (or finds the running one) and caches it.
+    async fn start_manager(&self, tenant_id: Uuid) -> Result<ManagerHandle> {
+        // Only real tenants get an actor: random ids must not grow the tree.
+        self.store.get_tenant(tenant_id).await?;
+        let spec = manager_spec(tenant_id, self.store.clone());
+        let supervisor = self.supervisor()?;
+        let started = supervisor.call(|reply| SupervisorMsg::StartChild(spec.clone(), reply), Some(self.call_timeout)).await;
+        match started {
+            Ok(CallResult::Success(Ok(StartedChild { cell, activity }))) => {
+                let handle = ManagerHandle { actor: cell.into(), activity: activity.unwrap_or_default() };
+                self.managers.insert(tenant_id, handle.clone());
+                Ok(handle)
+            }
+            Ok(CallResult::Success(Err(e))) => Err(Error::Unavailable(format!("{e}; retry shortly"))),
+            _ => Err(Error::Unavailable("the tenants supervisor is restarting; retry shortly".into())),
+        }
+    }
 }
 
-/// Maps an actor call outcome. A dropped reply means the actor died while handling the
+/// The tree name of a tenant's manager.
+pub fn manager_name(tenant_id: Uuid) -> String {
+    format!("tenant-{tenant_id}")
+}
+
+/// The child spec of a tenant's manager: transient (a crash or kill restarts it, a
+/// passivation or a deleted tenant does not), with one write queue and one set of
+/// figures shared by all its incarnations.
+fn manager_spec(tenant_id: Uuid, store: Arc<dyn Store>) -> ChildSpec {
+    let queue: Arc<WriteQueue> = Arc::default();
+    let stats: Arc<WriteStats> = Arc::default();
+    let view = stats.clone();
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let args = TenantManagerArgs { tenant_id, store: store.clone(), queue: queue.clone(), stats: stats.clone() };
+        Box::pin(async move {
+            // Unnamed in ractor's global registry: several app instances share one
+            // process in tests, and the tree names actors itself (`tenant-<id>`).
+            let (actor, _) = ractor::Actor::spawn_linked(None, TenantManager, args, ctx.parent).await?;
+            Ok(actor.get_cell())
+        })
+    });
+    ChildSpec::worker(manager_name(tenant_id), start)
+        .restart(Restart::Transient)
+        .shutdown(Duration::from_secs(10))
+        .activity(Arc::new(Activity::new()))
+        .stats(Arc::new(move || view.view()))
+}
+
+/// Maps an actor call outcome. A dropped reply means the actor died while holding the
 /// message: whether the write committed is unknown, so the client is told to retry
 /// (with its Idempotency-Key) rather than told it failed.
-fn reply_of<T, M>(r: std::result::Result<CallResult<Result<T>>, MessagingErr<M>>, who: &str) -> Result<T> {
+fn reply_of<T, E: Into<Error>, M>(r: std::result::Result<CallResult<std::result::Result<T, E>>, MessagingErr<M>>) -> Result<T> {
     match r {
-        Ok(CallResult::Success(result)) => result,
+        Ok(CallResult::Success(result)) => result.map_err(Into::into),
         Ok(CallResult::Timeout) => {
-            Err(Error::Unavailable(format!("the {who} did not answer in time; retry with the same Idempotency-Key")))
+            Err(Error::Unavailable("the tenant manager did not answer in time; retry with the same Idempotency-Key".into()))
         }
-        Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(format!(
-            "the {who} stopped while handling the request; retry with the same Idempotency-Key"
-        ))),
-    }
-}
-
-/// Holds one unit of a manager's mailbox gauge for as long as it lives.
-struct PendingGuard<'a>(&'a AtomicUsize);
-
-impl<'a> PendingGuard<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        PendingGuard(counter)
-    }
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(
+            "the tenant manager stopped while handling the request; retry with the same Idempotency-Key".into(),
+        )),
     }
 }
 

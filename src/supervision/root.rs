@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! root (one_for_one; every supervisor allows 5 restarts per child in 5 s)
-//! ├── tenants (supervisor, permanent): one tenant-<uuid> worker per active tenant
+//! ├── tenants (supervisor, one_for_one, dynamic children; passivates idle ones)
+//! │   └── tenant-<uuid>: one per active tenant (transient): group-commits its writes
+//! ├── idempotency-purge: deletes expired idempotency records every 5 minutes
 //! ├── indexer: batches index changes by count and time; circuit breaker
 //! ├── jobs (supervisor, one_for_one; `worker` role)
 //! │   ├── job-scheduler: due scheduled and retrying jobs become ready
@@ -19,29 +21,30 @@ use std::time::Duration;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorRef, SpawnErr};
 
-use super::spec::{ChildSpec, Intensity, StartCtx, StartFn, Strategy, SupervisorSpec};
+use super::spec::{ChildSpec, Intensity, Passivation, StartCtx, StartFn, Strategy, SupervisorSpec};
 use super::supervisor::{Supervisor, SupervisorMsg};
 use super::tree::Tree;
 use crate::actors::event_consumer::{ConsumerArgs, EventConsumer, SubscriptionSlot};
 use crate::actors::job_worker::{JobWorker, JobWorkerArgs};
 use crate::actors::outbox_relay::{OutboxRelay, RelayArgs};
 use crate::actors::periodic::{Periodic, PeriodicArgs, Task};
-use crate::actors::tenant_registry::{RegistryArgs, RegistryMsg, TenantRegistry};
 use crate::bus::EventBus;
 use crate::jobs::runner::SharedRunner;
 use crate::jobs::JobClient;
 use crate::jobs::JobState;
 use crate::store::Store;
 
-/// Where the live `tenants` registry is published for the `Tenants` handle; the start
-/// function below replaces it on every (re)start.
-pub type RegistrySlot = Arc<RwLock<Option<ActorRef<RegistryMsg>>>>;
+/// Where the live `tenants` supervisor is published for the `Tenants` door; its start
+/// function replaces it on every (re)start.
+pub type TenantsSlot = Arc<RwLock<Option<ActorRef<SupervisorMsg>>>>;
 
 /// What the tree's actors need from the rest of the process.
 #[derive(Clone)]
 pub struct RootDeps {
     pub store: Arc<dyn Store>,
+    /// When tenant managers are passivated: idle this long, or past this many.
     pub tenant_idle_timeout: Duration,
+    pub max_tenant_managers: usize,
     /// The job system, when this process has the `worker` role.
     pub jobs: Option<JobsDeps>,
     /// The event pipeline (relay and/or consumers), by role.
@@ -76,15 +79,18 @@ pub struct RootHandle {
     pub actor: ActorRef<SupervisorMsg>,
     /// Completes when the root stops, normally or by escalation.
     pub join: JoinHandle<()>,
-    pub registry: RegistrySlot,
+    pub tenants: TenantsSlot,
     pub tree: Tree,
 }
 
 /// The root's children, started in this order and stopped in reverse.
-pub fn root_children(deps: &RootDeps, slot: &RegistrySlot) -> Vec<ChildSpec> {
-    let mut children = vec![ChildSpec::worker("tenants", tenants_start(deps.clone(), slot.clone()))
-        .supervisor()
-        .shutdown(Duration::from_secs(15))];
+pub fn root_children(deps: &RootDeps, slot: &TenantsSlot) -> Vec<ChildSpec> {
+    let mut children = vec![
+        ChildSpec::worker("tenants", tenants_start(tenants_spec(deps), slot.clone()))
+            .supervisor()
+            .shutdown(Duration::from_secs(15)),
+        ChildSpec::worker("idempotency-purge", periodic_start(PURGE_EVERY, purge_task(deps.store.clone()))),
+    ];
     // Before `jobs`: the index jobs write through it.
     if let Some(indexer) = &deps.indexer {
         let indexer = indexer.clone();
@@ -233,28 +239,54 @@ fn periodic_start(every: Duration, task: Task) -> StartFn {
     })
 }
 
-pub fn root_spec(deps: &RootDeps, slot: &RegistrySlot) -> SupervisorSpec {
+pub fn root_spec(deps: &RootDeps, slot: &TenantsSlot) -> SupervisorSpec {
     let children = root_children(deps, slot);
     let intensity = Intensity::per_child(children.len());
     SupervisorSpec { intensity, ..SupervisorSpec::new("root", Strategy::OneForOne, children) }
 }
 
-fn tenants_start(deps: RootDeps, slot: RegistrySlot) -> StartFn {
+/// The `tenants` supervisor: no fixed children; a manager per active tenant is started
+/// on demand (by the `Tenants` door) and passivated when idle or past the limit.
+pub fn tenants_spec(deps: &RootDeps) -> SupervisorSpec {
+    SupervisorSpec {
+        intensity: Intensity::per_child(1),
+        passivation: Some(Passivation {
+            idle: deps.tenant_idle_timeout,
+            max_children: deps.max_tenant_managers.max(1),
+            intensity_per_child: true,
+        }),
+        ..SupervisorSpec::new("tenants", Strategy::OneForOne, Vec::new())
+    }
+}
+
+/// Starts the `tenants` supervisor and publishes it for the door.
+fn tenants_start(spec: SupervisorSpec, slot: TenantsSlot) -> StartFn {
     Arc::new(move |ctx: StartCtx| {
-        let (deps, slot) = (deps.clone(), slot.clone());
+        let (spec, slot) = (spec.clone(), slot.clone());
         Box::pin(async move {
-            let args = RegistryArgs {
-                store: deps.store.clone(),
-                idle_timeout: deps.tenant_idle_timeout,
-                tree: ctx.tree.clone(),
-                name: ctx.name.clone(),
-                parent: ctx.parent_name.clone(),
-            };
-            let (registry, _) = Actor::spawn_linked(None, TenantRegistry, args, ctx.parent).await?;
+            let (supervisor, _) = Supervisor::start(spec, ctx.tree.clone(), Some((ctx.parent, ctx.parent_name))).await?;
             if let Ok(mut s) = slot.write() {
-                *s = Some(registry.clone());
+                *s = Some(supervisor.clone());
             }
-            Ok(registry.get_cell())
+            Ok(supervisor.get_cell())
+        })
+    })
+}
+
+/// How often expired idempotency records are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(300);
+
+/// Deletes idempotency records past their retention (dead weight once they expire).
+fn purge_task(store: Arc<dyn Store>) -> Task {
+    Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move {
+            let before = chrono::Utc::now() - chrono::Duration::hours(crate::store::IDEMPOTENCY_TTL_HOURS);
+            let n = store.purge_idempotency_keys(before).await.map_err(|e| e.to_string())?;
+            if n > 0 {
+                tracing::info!(deleted = n, "purged expired idempotency records");
+            }
+            Ok(n)
         })
     })
 }
@@ -265,7 +297,7 @@ impl Root {
     /// Starts the whole tree; when this returns every child in the table is running.
     pub async fn start(deps: RootDeps) -> Result<RootHandle, SpawnErr> {
         let tree = Tree::new();
-        let slot: RegistrySlot = Arc::new(RwLock::new(None));
+        let slot: TenantsSlot = Arc::new(RwLock::new(None));
         let (actor, join) = Supervisor::start(root_spec(&deps, &slot), tree.clone(), None).await?;
         if let Some(indexer) = &deps.indexer {
             // The records outlive restarts, so the views follow every indexer instance.
@@ -274,6 +306,6 @@ impl Root {
             let stats = indexer.stats.clone();
             tree.set_stats("indexer", Arc::new(move || stats.view()));
         }
-        Ok(RootHandle { actor, join, registry: slot, tree })
+        Ok(RootHandle { actor, join, tenants: slot, tree })
     }
 }

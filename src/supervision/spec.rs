@@ -4,8 +4,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use ractor::{ActorCell, SpawnErr};
 use serde::Serialize;
@@ -121,6 +122,12 @@ pub struct ChildSpec {
     /// How long an orderly stop may take before the child is killed.
     pub shutdown: Duration,
     pub start: StartFn,
+    /// How busy the child is, as its callers record it: a supervisor with
+    /// [`Passivation`] stops dynamic children that are idle by it. Its calls in
+    /// flight are the child's mailbox depth in the tree view.
+    pub activity: Option<Arc<Activity>>,
+    /// The child's own figures for the tree view (`stats`), if it has any.
+    pub stats: Option<super::tree::StatsFn>,
 }
 
 impl ChildSpec {
@@ -131,7 +138,21 @@ impl ChildSpec {
             restart: Restart::Permanent,
             shutdown: Duration::from_secs(5),
             start,
+            activity: None,
+            stats: None,
         }
+    }
+
+    /// Shows these figures in the child's node of the tree view.
+    pub fn stats(mut self, stats: super::tree::StatsFn) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// Lets the supervisor passivate the child by its activity.
+    pub fn activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     pub fn restart(mut self, restart: Restart) -> Self {
@@ -170,10 +191,99 @@ pub struct SupervisorSpec {
     pub backoff: Option<Backoff>,
     /// Started in this order, stopped in reverse.
     pub children: Vec<ChildSpec>,
+    /// For a supervisor of dynamic children (started on demand with
+    /// `SupervisorMsg::StartChild`): when they are stopped for being idle or too many.
+    pub passivation: Option<Passivation>,
 }
 
 impl SupervisorSpec {
     pub fn new(name: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
-        SupervisorSpec { name: name.into(), strategy, intensity: Intensity::default(), backoff: None, children }
+        SupervisorSpec {
+            name: name.into(),
+            strategy,
+            intensity: Intensity::default(),
+            backoff: None,
+            children,
+            passivation: None,
+        }
+    }
+}
+
+/// When a supervisor stops (drains: queued messages are still handled) its dynamic
+/// children: memory follows the active ones, not every one that was ever started.
+/// A passivated child is forgotten; the next `StartChild` for it starts a fresh one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Passivation {
+    /// A child with nothing in flight and no call for this long is passivated.
+    pub idle: Duration,
+    /// At most this many dynamic children run: starting one more passivates the least
+    /// recently active ones (an eighth of the limit at once, so a sweep of new
+    /// children does not pay a scan each).
+    pub max_children: usize,
+    /// Scale the restart intensity with the children ([`Intensity::per_child`]).
+    pub intensity_per_child: bool,
+}
+
+/// A dynamic child's activity, recorded by whoever calls it: calls in flight, and when
+/// the last one began. Shared by the callers, the supervisor (passivation) and the
+/// tree view (the mailbox gauge).
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Milliseconds since the process's activity epoch when the last call began.
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// The instant all activity times count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        let a = Activity::default();
+        a.touch();
+        a
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// A call begins; it counts as in flight until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        ActivityGuard(self.clone())
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// How long since the last call began; `None` while one is in flight.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight() > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(epoch().elapsed().saturating_sub(last))
+    }
+
+    /// When the last call began, for least-recently-active ordering.
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// One call in flight (see [`Activity::begin`]).
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -7,7 +7,11 @@
 //!   what restarts with it (one-for-one, one-for-all, rest-for-one);
 //! - every restart counts against the restart intensity; one too many and the
 //!   supervisor stops its children and fails, so its own parent decides (escalation);
-//! - an optional backoff delays restarts of a crash-looping child.
+//! - an optional backoff delays restarts of a crash-looping child;
+//! - dynamic children (Erlang's `start_child`/`terminate_child`): started on demand,
+//!   forgotten when they exit for good, and, with [`Passivation`], drained when idle or
+//!   when there are too many (least recently active first). The `tenants` supervisor
+//!   runs one such child per active tenant.
 //!
 //! Poison messages are not the supervisor's business: consumers park invalid or
 //! crashing events in the bus's DLQ, job workers bury poison jobs in the dead set.
@@ -21,7 +25,7 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::intensity::RestartWindow;
-use super::spec::{ChildSpec, Restart, StartCtx, Strategy, SupervisorSpec};
+use super::spec::{ChildSpec, Intensity, Passivation, Restart, StartCtx, Strategy, SupervisorSpec};
 use super::tree::Tree;
 
 /// What a supervisor does besides reacting to its children.
@@ -30,6 +34,20 @@ pub enum SupervisorMsg {
     RestartGroup { generation: u64 },
     /// The running children in start order, with their actor ids (for tests and tools).
     Children(RpcReplyPort<Vec<(String, Option<ractor::ActorId>)>>),
+    /// Start a dynamic child from this spec; when a child of that name runs already,
+    /// answer it instead (OTP's `already_started`).
+    StartChild(ChildSpec, RpcReplyPort<Result<StartedChild, String>>),
+    /// Stop a child (within its shutdown time) and forget it; answers whether it ran.
+    StopChild(String, RpcReplyPort<bool>),
+    /// Timer tick: passivate idle dynamic children.
+    Passivate,
+}
+
+/// A dynamic child as `StartChild` answers it: the running one, with the activity its
+/// callers must record (the running child's, which may not be the one just offered).
+pub struct StartedChild {
+    pub cell: ActorCell,
+    pub activity: Option<std::sync::Arc<super::spec::Activity>>,
 }
 
 /// Startup arguments.
@@ -43,6 +61,8 @@ pub struct SupervisorArgs {
 struct Child {
     spec: ChildSpec,
     cell: Option<ActorCell>,
+    /// Started by `StartChild`: forgotten once it exits for good or is passivated.
+    dynamic: bool,
     /// Restarts since the child last ran for a whole intensity period (drives backoff).
     streak: u32,
     last_start: Instant,
@@ -139,7 +159,7 @@ impl Actor for Supervisor {
             children: spec
                 .children
                 .iter()
-                .map(|c| Child { spec: c.clone(), cell: None, streak: 0, last_start: Instant::now() })
+                .map(|c| Child { spec: c.clone(), cell: None, dynamic: false, streak: 0, last_start: Instant::now() })
                 .collect(),
             spec,
             tree,
@@ -152,6 +172,10 @@ impl Actor for Supervisor {
                 stop_children(&mut state, 0..n).await;
                 return Err(format!("child {} failed to start: {e}", state.children[i].spec.name).into());
             }
+        }
+        if let Some(p) = state.spec.passivation {
+            let tick = (p.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+            myself.send_interval(tick, || SupervisorMsg::Passivate);
         }
         tracing::info!(supervisor = %state.spec.name, strategy = state.spec.strategy.as_str(), children = state.children.len(), "supervisor started");
         Ok(state)
@@ -177,6 +201,13 @@ impl Actor for Supervisor {
                     state.children.iter().map(|c| (c.spec.name.clone(), c.cell.as_ref().map(|c| c.get_id()))).collect();
                 let _ = reply.send(list);
             }
+            SupervisorMsg::StartChild(spec, reply) => {
+                let _ = reply.send(start_dynamic(&myself, state, spec).await);
+            }
+            SupervisorMsg::StopChild(name, reply) => {
+                let _ = reply.send(stop_dynamic(state, &name).await);
+            }
+            SupervisorMsg::Passivate => passivate_idle(state),
         }
         Ok(())
     }
@@ -196,6 +227,7 @@ impl Actor for Supervisor {
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        stop_dynamic_children(state).await;
         let n = state.children.len();
         stop_children(state, 0..n).await;
         state.tree.stopped(&state.spec.name);
@@ -218,10 +250,44 @@ async fn start_child(
     };
     let cell = (spec.start)(ctx).await?;
     state.tree.started(&spec.name, Some(&state.spec.name), spec.kind, cell.clone());
+    if let Some(activity) = spec.activity.clone() {
+        state.tree.set_mailbox(&spec.name, std::sync::Arc::new(move || activity.in_flight()));
+    }
+    if let Some(stats) = spec.stats.clone() {
+        state.tree.set_stats(&spec.name, stats);
+    }
     let child = &mut state.children[i];
     child.cell = Some(cell);
     child.last_start = Instant::now();
     Ok(())
+}
+
+/// Drains every dynamic child at once (each finishes what it has queued), then waits
+/// for them together within the longest of their shutdown times; stragglers are
+/// killed. Thousands of tenant managers stop in one shutdown time, not in a sum of them.
+async fn stop_dynamic_children(state: &mut SupervisorState) {
+    let dynamic: Vec<Child> = {
+        let (dynamic, fixed) = std::mem::take(&mut state.children).into_iter().partition(|c| c.dynamic);
+        state.children = fixed;
+        dynamic
+    };
+    let Some(within) = dynamic.iter().map(|c| c.spec.shutdown).max() else { return };
+    for c in &dynamic {
+        if let Some(cell) = &c.cell {
+            let _ = cell.drain();
+        }
+    }
+    let deadline = Instant::now() + within;
+    for c in dynamic {
+        if let Some(cell) = c.cell {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if cell.wait(Some(left)).await.is_err() {
+                tracing::warn!(supervisor = %state.spec.name, child = %c.spec.name, "child did not drain in time; killed");
+                cell.kill();
+            }
+        }
+        state.tree.remove(&c.spec.name);
+    }
 }
 
 /// Stops the running children in `range`, last first, each within its shutdown time.
@@ -264,9 +330,10 @@ async fn on_child_exit(
         Restart::Temporary => false,
     };
     if !restart {
-        if state.children[i].spec.restart == Restart::Temporary {
+        if state.children[i].spec.restart == Restart::Temporary || state.children[i].dynamic {
             state.tree.remove(&name);
             state.children.remove(i);
+            scale_intensity(state);
         }
         return Ok(());
     }
@@ -353,6 +420,108 @@ async fn on_child_exit(
         }
         myself.send_after(delay, move || SupervisorMsg::RestartGroup { generation });
         Ok(())
+    }
+}
+
+/// Starts a dynamic child, or answers the running one of that name.
+async fn start_dynamic(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    spec: ChildSpec,
+) -> Result<StartedChild, String> {
+    let started = |c: &Child| c.cell.clone().map(|cell| StartedChild { cell, activity: c.spec.activity.clone() });
+    if let Some(c) = state.children.iter().find(|c| c.spec.name == spec.name) {
+        return started(c).ok_or_else(|| format!("{} is restarting", spec.name));
+    }
+    let name = spec.name.clone();
+    state.children.push(Child { spec, cell: None, dynamic: true, streak: 0, last_start: Instant::now() });
+    let i = state.children.len() - 1;
+    if let Err(e) = start_child(myself, state, i).await {
+        state.children.remove(i);
+        state.tree.remove(&name);
+        return Err(format!("{name} failed to start: {e}"));
+    }
+    scale_intensity(state);
+    if let Some(p) = state.spec.passivation {
+        let running = state.children.iter().filter(|c| c.dynamic && c.cell.is_some()).count();
+        if running > p.max_children {
+            passivate_least_active(state, (p.max_children / 8).max(running - p.max_children), &name);
+        }
+    }
+    state.children.iter().find(|c| c.spec.name == name).and_then(started).ok_or_else(|| format!("{name} stopped"))
+}
+
+/// Stops a child and forgets it; `false` when none of that name runs.
+async fn stop_dynamic(state: &mut SupervisorState, name: &str) -> bool {
+    let Some(i) = state.children.iter().position(|c| c.spec.name == name) else { return false };
+    let child = state.children.remove(i);
+    scale_intensity(state);
+    state.tree.remove(name);
+    let Some(cell) = child.cell else { return false };
+    if cell.stop_and_wait(Some("stopped by its supervisor".into()), Some(child.spec.shutdown)).await.is_err() {
+        tracing::warn!(supervisor = %state.spec.name, child = %name, "child did not stop in time; killed");
+        cell.kill();
+    }
+    true
+}
+
+/// Drains the dynamic children idle for longer than the passivation's `idle`.
+fn passivate_idle(state: &mut SupervisorState) {
+    let Some(p) = state.spec.passivation else { return };
+    let idle: Vec<usize> = (0..state.children.len())
+        .filter(|&i| {
+            let c = &state.children[i];
+            c.dynamic && c.cell.is_some() && c.spec.activity.as_ref().and_then(|a| a.idle_for()).is_some_and(|d| d >= p.idle)
+        })
+        .collect();
+    passivate(state, idle, "idle");
+}
+
+/// Drains the `n` least recently active dynamic children (never `keep`, the one just
+/// started); those with calls in flight go last.
+fn passivate_least_active(state: &mut SupervisorState, n: usize, keep: &str) {
+    let mut candidates: Vec<(bool, u64, usize)> = state
+        .children
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.dynamic && c.cell.is_some() && c.spec.name != keep)
+        .map(|(i, c)| {
+            let a = c.spec.activity.as_deref();
+            (a.is_some_and(|a| a.in_flight() > 0), a.map_or(0, |a| a.last_active_ms()), i)
+        })
+        .collect();
+    candidates.sort_unstable();
+    let chosen = candidates.into_iter().take(n).map(|(_, _, i)| i).collect();
+    passivate(state, chosen, "too many running");
+}
+
+/// Drains the children at these indices (queued messages are still handled; later
+/// sends fail at once, so callers start a fresh child) and forgets them now, so a
+/// `StartChild` for the same name does not wait for the drain.
+fn passivate(state: &mut SupervisorState, mut indices: Vec<usize>, why: &str) {
+    if indices.is_empty() {
+        return;
+    }
+    indices.sort_unstable();
+    for &i in indices.iter().rev() {
+        let child = state.children.remove(i);
+        state.tree.remove(&child.spec.name);
+        if let Some(cell) = child.cell {
+            tracing::debug!(supervisor = %state.spec.name, child = %child.spec.name, why, "passivating");
+            let _ = cell.drain();
+        }
+    }
+    metrics::counter!("eventra_supervisor_passivations_total", "supervisor" => state.spec.name.clone())
+        .increment(indices.len() as u64);
+    scale_intensity(state);
+}
+
+/// A supervisor of dynamic children scales its restart budget with them.
+fn scale_intensity(state: &mut SupervisorState) {
+    if state.spec.passivation.is_some_and(|p: Passivation| p.intensity_per_child) {
+        let limit = Intensity::per_child(state.children.len());
+        state.spec.intensity = limit;
+        state.window.set_limit(limit);
     }
 }
 

@@ -173,7 +173,11 @@ impl Tree {
         let mut nodes = self.lock();
         let mut doomed = vec![name.to_owned()];
         while let Some(n) = doomed.pop() {
-            nodes.remove(&n);
+            // Only a supervisor has children to look for: forgetting a worker (one of
+            // thousands of tenant managers) must not scan the whole tree.
+            if nodes.remove(&n).is_some_and(|r| r.kind == ChildKind::Worker) {
+                continue;
+            }
             doomed
                 .extend(nodes.iter().filter(|(_, r)| r.parent.as_deref() == Some(n.as_str())).map(|(k, _)| k.clone()));
         }

@@ -22,12 +22,13 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: Duration::from_millis(200),
+        max_tenant_managers: 100,
         jobs: None,
         pipeline: None,
         indexer: None,
     };
     let root = Root::start(deps).await.unwrap();
-    let tenants = Tenants::new(root.registry.clone(), store, Duration::from_secs(10));
+    let tenants = Tenants::new(root.tenants.clone(), store, Duration::from_secs(10));
 
     let input = NewTenantInput { name: "Idle".into(), slug: "idle".into(), max_users: None };
     let (tenant, _) =
