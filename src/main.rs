@@ -52,6 +52,9 @@ enum Bench {
     /// Commit → last effect done, and events/s, through the whole pipeline (load at
     /// fixed rates, or a full outbox drained), beside the raw engines.
     E2e(eventra::bench::e2e::E2eBenchArgs),
+    /// Creates/s into one tenant and into many through the HTTP API (wrk), p99 at half
+    /// that rate, beside pgbench (or SQLite) doing the same INSERTs one transaction each.
+    Writes(eventra::bench::writes::WritesBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
@@ -129,6 +132,11 @@ fn main() -> ExitCode {
                 } else {
                     Err("invariants violated".to_owned())
                 }
+            }
+            Command::Bench(Bench::Writes(args)) => {
+                let report = eventra::bench::writes::run(args).await?;
+                println!("{}", eventra::bench::writes::table(&report));
+                Ok(())
             }
             Command::Bench(Bench::E2e(args)) => {
                 let report = eventra::bench::e2e::run(args).await?;

@@ -3,6 +3,8 @@
 //! - [`tenant_manager`]: the `tenant-<uuid>` actors, one per active tenant (dynamic
 //!   children of the `tenants` supervisor, passivated when idle): serialize and
 //!   group-commit the writes of one tenant.
+//! - [`group_commit`]: turns the managers' batches into transactions, several tenants'
+//!   batches in one.
 //! - [`Tenants`]: the door the HTTP layer talks to; it caches manager handles and
 //!   verified API keys, starts managers on demand, and retries.
 //! - [`job_worker`]: the `job-worker-N` actors that run background jobs.
@@ -12,6 +14,7 @@
 //! - [`indexer`]: the `indexer`: batches index changes, with a circuit breaker.
 
 pub mod event_consumer;
+pub mod group_commit;
 pub mod indexer;
 pub mod job_worker;
 pub mod outbox_relay;

@@ -6,8 +6,9 @@
 //!   `lease_ttl` and renewed every tick; the others stand by and take over once it lapses
 //!   (a dead relay stops renewing). A crash between publish and mark republishes: the
 //!   bus is at-least-once and consumers are idempotent by event id.
-//! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, fed by a trigger,
-//!   held only while active; in-process writes through `Tenants`), and also polls.
+//! - **Wakes at once** on new rows (PostgreSQL `LISTEN eventra_outbox`, which writers
+//!   notify after their commit, held only while active; in-process writes through
+//!   `Tenants`), and also polls.
 //! - **Fenced**: the mark only applies while this relay still holds the lease (checked
 //!   by the database in the same statement), so a stalled relay that lost its lease
 //!   cannot mark rows the new holder is publishing.

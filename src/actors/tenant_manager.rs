@@ -5,11 +5,13 @@
 //!
 //! ## Design note: group commit
 //! The actor only queues: each write goes into the tenant's [`WriteQueue`], and one
-//! committer task at a time takes everything queued (up to [`MAX_BATCH`]) and applies
-//! it as ONE transaction (`Store::write_batch`), answering each caller with its own
-//! outcome. While a batch commits, the next requests queue up and go together into the
+//! committer task at a time takes everything queued (up to [`MAX_BATCH`]) and hands it
+//! to the process's [`GroupCommit`], which applies it in ONE transaction (with other
+//! tenants' batches of the moment), answering each caller with its own outcome. While a batch commits, the next requests queue up and go together into the
 //! next one, so batches grow with the load and an idle tenant's lone write commits at
-//! once. The committer runs beside the actor, not in its handler: a kill of the actor
+//! once. The committer sends the next batch as soon as the current one's transaction
+//! holds the tenant's row lock (see `group_commit`), so two batches of a tenant can be
+//! in flight, the second queued on the lock in the database. The committer runs beside the actor, not in its handler: a kill of the actor
 //! loses only the requests still in its mailbox (their callers are told to retry); the
 //! batch in flight commits and is answered, and the queue (shared by every incarnation
 //! of the tenant's manager) is carried on.
@@ -22,8 +24,9 @@ use std::sync::{Arc, Mutex};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
+use super::group_commit::{GroupCommit, Submitted};
 use crate::store::writes::MAX_BATCH;
-use crate::store::{Store, StoreResult, TenantWrite, WriteOutcome};
+use crate::store::{StoreResult, TenantWrite, WriteOutcome};
 
 // Messages
 
@@ -122,7 +125,8 @@ impl WriteStats {
 #[derive(Clone)]
 pub struct TenantManagerArgs {
     pub tenant_id: Uuid,
-    pub store: Arc<dyn Store>,
+    /// Where batches become transactions.
+    pub gate: Arc<GroupCommit>,
     pub queue: Arc<WriteQueue>,
     pub stats: Arc<WriteStats>,
 }
@@ -186,12 +190,18 @@ async fn commit(m: TenantManagerArgs) {
     let mut reset = Reset(&m.queue, false);
     while let Some(batch) = m.queue.next_batch() {
         let (writes, replies): (Vec<TenantWrite>, Vec<_>) = batch.into_iter().unzip();
-        let outcomes = m.store.write_batch(m.tenant_id, &writes).await;
         m.stats.record(writes.len());
-        // A caller that gave up is not our failure: ignore send errors.
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
-        }
+        let Submitted { locked, outcomes } = m.gate.submit(m.tenant_id, writes);
+        // Answered by a task of its own: the committer moves on at `locked`.
+        tokio::spawn(async move {
+            let outcomes = outcomes.wait().await;
+            // A caller that gave up is not our failure: ignore send errors.
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        });
+        // Resolves when the transaction holds the lock, or ended without it.
+        let _ = locked.await;
     }
     reset.1 = true;
 }

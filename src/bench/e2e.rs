@@ -25,9 +25,7 @@
 //! the runs.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,16 +35,10 @@ use futures_util::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::harness::{err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, ServiceUrls, Tenant};
+pub use super::harness::Stack;
 use crate::jobs::{JobQueue, JobState, QueueConfig};
 use crate::store::Store;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Stack {
-    /// SQLite, the embedded bus and job queue, tantivy, `.eml` files: `serve` with nothing set.
-    Embedded,
-    /// PostgreSQL, RabbitMQ and Redis (tantivy and `.eml` files, or `--smtp-url`).
-    Services,
-}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct E2eBenchArgs {
@@ -82,11 +74,6 @@ pub struct E2eBenchArgs {
     pub no_raw: bool,
 }
 
-type BenchResult<T> = Result<T, String>;
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
 
 /// One load run's figures.
 #[derive(Debug, Clone)]
@@ -134,192 +121,58 @@ pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
         let n = args.drain.unwrap_or(20_000);
         report.raw = match args.stack {
             Stack::Services => raw_services(&args, n).await?,
-            Stack::Embedded => raw_embedded(&bench.dir, n).await?,
+            Stack::Embedded => raw_embedded(&bench.run.dir, n).await?,
         };
     }
-    let _ = std::fs::remove_dir_all(&bench.dir);
     Ok(report)
 }
 
-/// Where a run lives: its data dir, namespace and admin token.
+/// A run and its arguments.
 struct Bench {
     args: E2eBenchArgs,
-    dir: PathBuf,
-    ns: String,
-    token: String,
-}
-
-/// An `eventra serve` child process.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn rss_kb(&self) -> Option<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let field =
-            |name: &str| status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok();
-        Some((field("VmRSS:")?, field("VmHWM:")?))
-    }
-
-    /// SIGTERM, then wait for the exit.
-    fn stop(mut self) -> BenchResult<()> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let status = self.child.wait().map_err(err)?;
-        if !status.success() {
-            return Err(format!("the server exited with {status}"));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    run: Run,
 }
 
 impl Bench {
     fn new(args: &E2eBenchArgs) -> BenchResult<Self> {
-        let ns = format!("bench-{}", &Uuid::now_v7().simple().to_string()[20..]);
-        let dir = std::env::temp_dir().join(format!("eventra-{ns}"));
-        std::fs::create_dir_all(&dir).map_err(err)?;
-        Ok(Bench { args: args.clone(), dir, ns, token: format!("bench-{}", Uuid::new_v4().simple()) })
-    }
-
-    /// The database the server uses (the embedded file, or a fresh PostgreSQL database).
-    fn database_url(&self) -> String {
-        match self.args.stack {
-            Stack::Embedded => crate::config::default_sqlite_url(&self.dir.join("data")),
-            Stack::Services => crate::store::with_database(&self.args.database_url, &self.db_name()),
-        }
-    }
-
-    /// The bench's own PostgreSQL database (services), created by [`prepare`].
-    ///
-    /// [`prepare`]: Bench::prepare
-    fn db_name(&self) -> String {
-        format!("eventra_{}", self.ns.replace('-', "_"))
-    }
-
-    fn spawn(&self, roles: &str) -> BenchResult<Server> {
-        let exe = std::env::current_exe().map_err(err)?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--listen", "127.0.0.1:0"])
-            .current_dir(&self.dir)
-            .env("EVENTRA_DATA_DIR", self.dir.join("data"))
-            .env("EVENTRA_ADMIN_TOKEN", &self.token)
-            .env("EVENTRA_NAMESPACE", &self.ns)
-            .env("EVENTRA_ROLES", roles)
-            .env("EVENTRA_LOG", "warn")
-            .env_remove("DATABASE_URL")
-            .env_remove("AMQP_URL")
-            .env_remove("REDIS_URL")
-            .env_remove("OPENSEARCH_URL")
-            .env_remove("SMTP_URL");
-        if self.args.stack == Stack::Services {
-            cmd.env("DATABASE_URL", self.database_url())
-                .env("AMQP_URL", &self.args.amqp_url)
-                .env("REDIS_URL", &self.args.redis_url);
-        }
-        if let Some(smtp) = &self.args.smtp_url {
-            cmd.env("SMTP_URL", smtp);
-        }
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).map_err(err)?;
-        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().map_err(err)?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log_path = self.dir.join("server.log");
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next().and_then(Result::ok));
-            let mut f = std::fs::OpenOptions::new().append(true).open(log_path).ok();
-            for line in lines.map_while(Result::ok) {
-                if let Some(f) = f.as_mut() {
-                    let _ = writeln!(f, "{line}");
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("the server did not start; see {}", self.dir.join("server.log").display()))?;
-        let base = first.strip_prefix("Eventra listening on ").ok_or("unexpected first line")?.to_owned();
-        Ok(Server { child, base })
-    }
-
-    async fn store(&self) -> BenchResult<Arc<dyn Store>> {
-        crate::store::connect(&self.database_url(), 4).await.map_err(err)
+        let urls = ServiceUrls {
+            database_url: args.database_url.clone(),
+            amqp_url: args.amqp_url.clone(),
+            redis_url: args.redis_url.clone(),
+        };
+        Ok(Bench { args: args.clone(), run: Run::new(args.stack, urls, args.smtp_url.clone())? })
     }
 
     async fn queue(&self) -> BenchResult<Arc<dyn JobQueue>> {
         Ok(match self.args.stack {
             Stack::Services => Arc::new(
-                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.ns, QueueConfig::default())
+                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.run.ns, QueueConfig::default())
                     .await
                     .map_err(err)?,
             ),
             Stack::Embedded => {
-                let s = crate::store::SqliteStore::connect(&self.database_url(), 2).await.map_err(err)?;
+                let s = crate::store::SqliteStore::connect(&self.run.database_url(), 2).await.map_err(err)?;
                 Arc::new(crate::jobs::SqliteJobQueue::new(s.pools(), QueueConfig::default()))
             }
         })
     }
 
-    /// A fresh database for the services stack (so every run starts empty).
-    async fn prepare(&self) -> BenchResult<()> {
-        if self.args.stack == Stack::Services {
-            let name = self.db_name();
-            let admin = crate::store::PgStore::connect(&self.args.database_url, 1).await.map_err(err)?;
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await.map_err(err)?;
-            admin.pool().close().await;
-        }
-        Ok(())
-    }
-
-    async fn cleanup(&self) {
-        if self.args.stack == Stack::Services {
-            if let Ok(bus) =
-                crate::bus::RabbitBus::connect(&self.args.amqp_url, &self.ns, crate::bus::BusConfig::default()).await
-            {
-                let _ = bus.delete_topology().await;
-            }
-            if let Ok(admin) = crate::store::PgStore::connect(&self.args.database_url, 1).await {
-                let name = self.db_name();
-                let _ =
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin.pool()).await;
-            }
-            if let Ok(q) =
-                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.ns, QueueConfig::default()).await
-            {
-                let _ = q.delete_namespace().await;
-            }
-        }
-    }
-
     async fn load(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
-        self.prepare().await?;
+        self.run.prepare().await?;
         let result = self.load_runs(rss).await;
-        self.cleanup().await;
+        self.run.cleanup().await;
         result
     }
 
     async fn load_runs(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
-        let server = self.spawn("api,relay,consumer,worker,indexer")?;
+        let server = self.run.spawn("api,relay,consumer,worker,indexer", &[])?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
-        let store = self.store().await?;
+        let store = self.run.store().await?;
         let queue = self.queue().await?;
         let secs = self.args.seconds.max(1);
 
         // The maximum API rate, closed loop.
-        let tenant = new_tenant(&client, &server.base, &self.token, "max").await?;
+        let tenant = new_tenant(&client, &server.base, &self.run.token, "max").await?;
         let created =
             closed_loop(&client, &server.base, &tenant, self.args.concurrency, Duration::from_secs(secs)).await;
         let max_rate = created.len() as f64 / secs as f64;
@@ -329,7 +182,7 @@ impl Bench {
         let mut rows = Vec::new();
         for pct in &self.args.rates {
             let rate = max_rate * f64::from(*pct) / 100.0;
-            let tenant = new_tenant(&client, &server.base, &self.token, &format!("r{pct}")).await?;
+            let tenant = new_tenant(&client, &server.base, &self.run.token, &format!("r{pct}")).await?;
             eprintln!("{pct} %: offering {rate:.0} creates/s for {secs} s");
             let (done, failed, load_end) =
                 open_loop(&client, &server.base, &tenant, rate, Duration::from_secs(secs)).await;
@@ -343,24 +196,24 @@ impl Bench {
     }
 
     async fn drain(&self, n: usize) -> BenchResult<Drained> {
-        self.prepare().await?;
+        self.run.prepare().await?;
         let result = self.drain_run(n).await;
-        self.cleanup().await;
+        self.run.cleanup().await;
         result
     }
 
     async fn drain_run(&self, n: usize) -> BenchResult<Drained> {
-        let api = self.spawn("api")?;
+        let api = self.run.spawn("api", &[])?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
-        let tenant = new_tenant(&client, &api.base, &self.token, "drain").await?;
+        let tenant = new_tenant(&client, &api.base, &self.run.token, "drain").await?;
         eprintln!("filling the outbox with {n} events through an api-only process…");
         let created = fill(&client, &api.base, &tenant, n, self.args.concurrency).await?;
         api.stop()?;
-        let store = self.store().await?;
+        let store = self.run.store().await?;
         let queue = self.queue().await?;
         eprintln!("starting the pipeline roles on a full outbox…");
         let spawned_at = Utc::now();
-        let pipeline = self.spawn("relay,consumer,worker,indexer")?;
+        let pipeline = self.run.spawn("relay,consumer,worker,indexer", &[])?;
         // The clock starts when the process serves (its tree is up), not at exec: what
         // is timed is the pipeline, not a process start.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -446,31 +299,6 @@ impl Stages {
 struct Created {
     user: Uuid,
     at: DateTime<Utc>,
-}
-
-/// A tenant made for one run: its id and admin key.
-#[derive(Debug, Clone)]
-struct Tenant {
-    id: Uuid,
-    key: String,
-}
-
-async fn new_tenant(client: &reqwest::Client, base: &str, token: &str, label: &str) -> BenchResult<Tenant> {
-    let slug = format!("bench-{label}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let res: serde_json::Value = client
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(token)
-        .json(&json!({"name": slug, "slug": slug}))
-        .send()
-        .await
-        .map_err(err)?
-        .json()
-        .await
-        .map_err(err)?;
-    Ok(Tenant {
-        id: res["tenant"]["id"].as_str().and_then(|s| s.parse().ok()).ok_or("no tenant id")?,
-        key: res["api_key"]["key"].as_str().ok_or("no key")?.to_owned(),
-    })
 }
 
 /// One create; `None` when it did not answer 201.
@@ -685,23 +513,9 @@ fn summarise(
 // ---- raw engines -----------------------------------------------------------------
 
 /// A user row and its outbox row as Eventra writes them (the same JSON).
-fn sample_rows(n: usize) -> Vec<(crate::domain::User, crate::domain::DomainEvent)> {
-    let tenant = Uuid::now_v7();
-    (0..n)
-        .filter_map(|i| {
-            let input =
-                serde_json::from_value(json!({"email": format!("u{i}@raw.example"), "name": format!("Raw User {i}")}))
-                    .ok()?;
-            let user = crate::domain::NewUser::parse(tenant, input, crate::domain::now()).ok()?.0;
-            let event = crate::domain::DomainEvent::user_created(&user, &crate::domain::EventContext::system("raw"));
-            Some((user, event))
-        })
-        .collect()
-}
-
 async fn raw_services(args: &E2eBenchArgs, n: usize) -> BenchResult<Vec<(String, f64, String)>> {
     let mut rows = Vec::new();
-    rows.push(raw_pgbench(&args.database_url).await?);
+    rows.push(raw_pgbench(&args.database_url, 16, 10).await?);
     let events: Vec<(String, Vec<u8>)> = sample_rows(n)
         .into_iter()
         .map(|(_, e)| Ok((e.id.to_string(), serde_json::to_vec(&e).map_err(err)?)))
@@ -718,112 +532,9 @@ async fn raw_services(args: &E2eBenchArgs, n: usize) -> BenchResult<Vec<(String,
     Ok(rows)
 }
 
-/// pgbench, 16 clients for 10 s, each transaction one user INSERT and one outbox INSERT
-/// into the project's own schema (its indexes and the outbox NOTIFY trigger).
-async fn raw_pgbench(admin_url: &str) -> BenchResult<(String, f64, String)> {
-    let name = format!("eventra_rawpg_{}", &Uuid::now_v7().simple().to_string()[20..]);
-    let admin = crate::store::PgStore::connect(admin_url, 1).await.map_err(err)?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await.map_err(err)?;
-    let url = crate::store::with_database(admin_url, &name);
-    let result = async {
-        let store = crate::store::PgStore::connect(&url, 2).await.map_err(err)?;
-        Store::migrate(&store).await.map_err(err)?;
-        sqlx::query("INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) VALUES ('00000000-0000-7000-8000-000000000001', 'raw', 'Raw', 0, 0, 0, now(), now())")
-            .execute(store.pool())
-            .await
-            .map_err(err)?;
-        store.pool().close().await;
-        let (_, event) = sample_rows(1).pop().ok_or("no sample")?;
-        let payload = serde_json::to_string(&event).map_err(err)?.replace('\'', "''");
-        let script = format!(
-            "\\set n random(1, 100000000)\n\
-             BEGIN;\n\
-             INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, attributes, version, created_at, updated_at) \
-             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', 'u' || :n || '-' || :client_id || '@raw.example', 'u' || :n || '-' || :client_id || '@raw.example', 'Raw User', 'active', false, '{{}}', 1, now(), now()) ON CONFLICT DO NOTHING;\n\
-             INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) \
-             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', :n::bigint * 100 + :client_id, 'user.created', '{payload}', now()) ON CONFLICT DO NOTHING;\n\
-             END;\n"
-        );
-        let script_path = std::env::temp_dir().join(format!("{name}.sql"));
-        std::fs::write(&script_path, script).map_err(err)?;
-        let pgbench = find_pgbench().ok_or("pgbench not found (Debian: postgresql-15 has /usr/lib/postgresql/15/bin/pgbench)")?;
-        let out = tokio::process::Command::new(pgbench)
-            .args(["-n", "-c", "16", "-j", "2", "-T", "10", "-f"])
-            .arg(&script_path)
-            .arg(&url)
-            .output()
-            .await
-            .map_err(err)?;
-        let _ = std::fs::remove_file(&script_path);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let tps = text
-            .lines()
-            .find(|l| l.starts_with("tps ="))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| format!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
-        Ok((
-            "pgbench: INSERT user + INSERT outbox row, one transaction each, 16 clients".to_owned(),
-            tps,
-            "transactions/s".to_owned(),
-        ))
-    }
-    .await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin.pool()).await;
-    result
-}
-
-fn find_pgbench() -> Option<PathBuf> {
-    if Command::new("pgbench").arg("--version").stdout(Stdio::null()).status().is_ok() {
-        return Some(PathBuf::from("pgbench"));
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin/pgbench")))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 async fn raw_embedded(dir: &Path, n: usize) -> BenchResult<Vec<(String, f64, String)>> {
+    let sqlite_rate = raw_sqlite_inserts(dir, n).await?;
     let rows = sample_rows(n);
-    // SQLite: the same user and outbox rows, one transaction each, on one connection.
-    let url = format!("sqlite://{}", dir.join("raw.db").display());
-    let store = crate::store::SqliteStore::connect(&url, 1).await.map_err(err)?;
-    Store::migrate(&store).await.map_err(err)?;
-    let writer = store.pools().write;
-    let tenant = rows.first().map(|(u, _)| u.tenant_id).unwrap_or_default();
-    sqlx::query("INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) VALUES ($1, 'raw', 'Raw', 0, 0, 0, $2, $2)")
-        .bind(tenant)
-        .bind(crate::domain::now())
-        .execute(&writer)
-        .await
-        .map_err(err)?;
-    let started = Instant::now();
-    for (i, (u, e)) in rows.iter().enumerate() {
-        let mut tx = writer.begin().await.map_err(err)?;
-        sqlx::query("INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, attributes, version, created_at, updated_at) VALUES ($1, $2, $3, $3, $4, 'active', 0, '{}', 1, $5, $5)")
-            .bind(u.id)
-            .bind(u.tenant_id)
-            .bind(&u.email)
-            .bind(&u.name)
-            .bind(u.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        sqlx::query("INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) VALUES ($1, $2, $3, 'user.created', $4, $5)")
-            .bind(e.id)
-            .bind(e.tenantid)
-            .bind(i as i64 + 1)
-            .bind(sqlx::types::Json(e))
-            .bind(u.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-    }
-    let sqlite_rate = rows.len() as f64 / started.elapsed().as_secs_f64();
     // tantivy: the same users, written in batches of 500 (one commit each).
     let index = crate::search::TantivyIndex::open(&dir.join("raw-index")).map_err(err)?;
     let index = Arc::new(index);

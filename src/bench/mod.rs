@@ -3,9 +3,11 @@
 //! figure comes with its baseline. Results go to BENCHMARKS.md with the command.
 
 pub mod e2e;
+pub mod harness;
 pub mod jobs;
 pub mod raw;
 pub mod search;
+pub mod writes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -132,6 +132,12 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round trip for readiness checks.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Tells other processes' outbox relays that new rows were committed (PostgreSQL
+    /// `NOTIFY eventra_outbox`, sent after the commit, never inside a writing
+    /// transaction: see migration 0007). Nothing to do on SQLite (one host, woken
+    /// in-process).
+    async fn notify_outbox(&self) -> StoreResult<()>;
+
     /// Creates a tenant together with its first admin key (one `tenant.created` event).
     async fn create_tenant(&self, tenant: &NewTenant, admin_key: &NewApiKey, ctx: &EventContext)
         -> StoreResult<Tenant>;
@@ -145,7 +151,20 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a tenant's writes in one transaction, in order, each with its own
     /// outcome (see [`writes`]): a write that fails (a duplicate email, a full tenant, a
     /// stale version) fails alone and the others commit. Answers one outcome per write.
-    async fn write_batch(&self, tenant_id: Uuid, writes: &[TenantWrite]) -> Vec<StoreResult<WriteOutcome>>;
+    async fn write_batch(&self, tenant_id: Uuid, writes: &[TenantWrite]) -> Vec<StoreResult<WriteOutcome>> {
+        self.write_batches(&[(tenant_id, writes)], &|| ()).await.pop().unwrap_or_default()
+    }
+
+    /// [`write_batch`](Store::write_batch) for several tenants at once, in ONE
+    /// transaction (each tenant's writes in their order); outcomes per tenant, per write.
+    /// `locked` is called once the transaction holds every tenant's row lock: from then
+    /// on a later batch of these tenants, even in another transaction, is ordered after
+    /// this one (it waits for the lock), so it may be sent at once (pipelining).
+    async fn write_batches(
+        &self,
+        batches: &[(Uuid, &[TenantWrite])],
+        locked: &(dyn Fn() + Send + Sync),
+    ) -> Vec<Vec<StoreResult<WriteOutcome>>>;
 
     /// Stores a new API key (one `api_key.created` event).
     async fn create_api_key(&self, key: &NewApiKey, ctx: &EventContext) -> StoreResult<ApiKey> {

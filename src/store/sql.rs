@@ -130,6 +130,13 @@ impl From<AuditRow> for crate::domain::AuditEntry {
     }
 }
 
+/// Locked tenant rows (id, event_seq, max_users, user_count) by id.
+pub(super) fn locks_by_id(rows: Vec<(Uuid, i64, i64, i64)>) -> std::collections::HashMap<Uuid, TenantLock> {
+    rows.into_iter()
+        .map(|(id, event_seq, max_users, user_count)| (id, TenantLock { event_seq, max_users, user_count }))
+        .collect()
+}
+
 /// The tenant row as the lock statement returns it.
 #[derive(sqlx::FromRow)]
 pub(super) struct TenantLock {
@@ -223,6 +230,10 @@ macro_rules! sql_store_impl {
             async fn ping(&self) -> $crate::store::StoreResult<()> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
+            }
+
+            async fn notify_outbox(&self) -> $crate::store::StoreResult<()> {
+                self.send_outbox_notify().await
             }
 
             async fn create_tenant(
@@ -325,42 +336,59 @@ macro_rules! sql_store_impl {
                 row.map(TryInto::try_into).transpose()
             }
 
-            async fn write_batch(
+            async fn write_batches(
                 &self,
-                tenant_id: uuid::Uuid,
-                writes: &[$crate::store::TenantWrite],
-            ) -> Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>> {
-                if writes.is_empty() {
-                    return Vec::new();
+                batches: &[(uuid::Uuid, &[$crate::store::TenantWrite])],
+                locked: &(dyn Fn() + Send + Sync),
+            ) -> Vec<Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>>> {
+                use $crate::store::StoreError;
+                if batches.iter().all(|(_, w)| w.is_empty()) {
+                    return batches.iter().map(|_| Vec::new()).collect();
                 }
-                let error = match self.batch_tx(tenant_id, writes).await {
+                let error = match self.batches_tx(batches, locked).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => e,
                 };
-                if writes.len() == 1 {
-                    return vec![Err(error)];
+                let writes: usize = batches.iter().map(|(_, w)| w.len()).sum();
+                if writes == 1 {
+                    // The one write's own error.
+                    let mut error = Some(error);
+                    return batches
+                        .iter()
+                        .map(|(_, w)| w.iter().map(|_| Err(error.take().unwrap_or_else(|| StoreError::Corrupt("one error, two writes".into())))).collect())
+                        .collect();
                 }
                 // Every write would meet the same fate: tell each of them.
-                if let $crate::store::StoreError::NotFound(what) = error {
-                    return writes.iter().map(|_| Err($crate::store::StoreError::NotFound(what))).collect();
-                }
                 if error.is_unreachable() {
                     let message = error.to_string();
-                    return writes.iter().map(|_| Err($crate::store::StoreError::Unavailable(message.clone()))).collect();
+                    return batches
+                        .iter()
+                        .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
+                        .collect();
                 }
                 // A statement failed in a way the checks did not foresee: the transaction
-                // is gone, and with it every write. Run each alone, so only the write
-                // at fault fails.
-                tracing::warn!(%tenant_id, writes = writes.len(), %error,
-                    "a batch of tenant writes failed as a whole; applying them one by one");
-                let mut outcomes = Vec::with_capacity(writes.len());
-                for write in writes {
-                    outcomes.push(match self.batch_tx(tenant_id, std::slice::from_ref(write)).await {
-                        Ok(one) => $crate::store::writes::single(one),
-                        Err(e) => Err(e),
-                    });
+                // is gone, and with it every write. Run each tenant alone, then each of
+                // its writes alone, so only the write at fault fails.
+                tracing::warn!(tenants = batches.len(), writes, %error,
+                    "a transaction of tenant writes failed as a whole; applying them one by one");
+                let mut all = Vec::with_capacity(batches.len());
+                for (tenant_id, tenant_writes) in batches {
+                    let mut outcomes = Vec::with_capacity(tenant_writes.len());
+                    let alone = if batches.len() > 1 { self.batches_tx(&[(*tenant_id, tenant_writes)], &|| ()).await.ok() } else { None };
+                    match alone.and_then(|mut o| o.pop()) {
+                        Some(o) => outcomes = o,
+                        None => {
+                            for write in tenant_writes.iter() {
+                                outcomes.push(match self.batches_tx(&[(*tenant_id, std::slice::from_ref(write))], &|| ()).await {
+                                    Ok(mut o) => o.pop().map_or_else(|| Err(StoreError::Corrupt("no outcome".into())), $crate::store::writes::single),
+                                    Err(e) => Err(e),
+                                });
+                            }
+                        }
+                    }
+                    all.push(outcomes);
                 }
-                outcomes
+                all
             }
 
             async fn get_user(&self, tenant_id: uuid::Uuid, user_id: uuid::Uuid) -> $crate::store::StoreResult<$crate::domain::User> {

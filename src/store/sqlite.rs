@@ -31,11 +31,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-    /// A batch's tenant-row lock: SQLite has no `FOR UPDATE`; a write takes the
-    /// database's write lock at once (a read first could meet another process's write
-    /// between it and the first write, and fail with a busy snapshot).
-    const LOCK_TENANT_FOR_BATCH: &'static str =
-        "UPDATE tenants SET event_seq = event_seq WHERE id = $1 RETURNING event_seq, max_users, user_count";
+    /// SQLite has no data-modifying CTEs: a batch's rows go in one statement a table.
+    const ONE_STATEMENT_WRITES: bool = false;
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -70,6 +67,34 @@ impl SqliteStore {
 
     fn embedded_pools(&self) -> Option<SqlitePools> {
         Some(self.pools())
+    }
+
+    /// A batch's tenant rows, and which of `emails` exist. SQLite has no `FOR
+    /// UPDATE`: a write takes the database's write lock at once (a read first could
+    /// meet another process's write between it and the first write, and fail with a
+    /// busy snapshot).
+    async fn lock_tenants(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        ids: &[uuid::Uuid],
+        emails: &[(uuid::Uuid, String)],
+    ) -> StoreResult<(
+        std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
+        std::collections::HashSet<(uuid::Uuid, String)>,
+    )> {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE tenants SET event_seq = event_seq WHERE id IN (");
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        q.push(") RETURNING id, event_seq, max_users, user_count");
+        let rows: Vec<(uuid::Uuid, i64, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await?;
+        let taken = Self::taken_emails(tx, emails).await?;
+        Ok((super::sql::locks_by_id(rows), taken))
+    }
+
+    /// One host: the relay is woken in-process.
+    async fn send_outbox_notify(&self) -> StoreResult<()> {
+        Ok(())
     }
 
     async fn lease_try(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
