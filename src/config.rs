@@ -12,7 +12,8 @@ use clap::Args;
 /// `consumer` the broker consumers. `indexer` is accepted so deployments can name it.
 pub const ROLES: &[&str] = &["api", "relay", "consumer", "worker", "indexer"];
 
-/// Default for `EVENTRA_MAX_TENANT_MANAGERS`: ~10 KB each, so ~100 MB at the limit.
+/// Default for `EVENTRA_MAX_TENANT_MANAGERS`: ~13 KB each (measured: `eventra bench
+/// tenants`), so ~130 MB at the limit.
 pub const DEFAULT_MAX_TENANT_MANAGERS: usize = 10_000;
 
 /// Flags of `eventra serve`.

@@ -55,6 +55,9 @@ enum Bench {
     /// Creates/s into one tenant and into many through the HTTP API (wrk), p99 at half
     /// that rate, beside pgbench (or SQLite) doing the same INSERTs one transaction each.
     Writes(eventra::bench::writes::WritesBenchArgs),
+    /// Resident memory with many tenants touched once (managers started, passivated
+    /// past the limit).
+    Tenants(eventra::bench::tenants::TenantsBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
@@ -132,6 +135,11 @@ fn main() -> ExitCode {
                 } else {
                     Err("invariants violated".to_owned())
                 }
+            }
+            Command::Bench(Bench::Tenants(args)) => {
+                let report = eventra::bench::tenants::run(args).await?;
+                println!("{}", eventra::bench::tenants::table(&report));
+                Ok(())
             }
             Command::Bench(Bench::Writes(args)) => {
                 let report = eventra::bench::writes::run(args).await?;

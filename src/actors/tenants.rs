@@ -36,9 +36,6 @@ const SEND_ATTEMPTS: usize = 5;
 pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Verified keys kept (a few tens of bytes each).
 const KEY_CACHE_SIZE: usize = 100_000;
-/// Manager handles kept; a handle evicted (or of a passivated manager) costs one
-/// supervisor call on the tenant's next write.
-const MANAGER_CACHE_SIZE: usize = 100_000;
 
 /// A running manager, as callers reach it.
 #[derive(Clone)]
@@ -69,14 +66,18 @@ pub struct Tenants {
     outbox_wake: Arc<tokio::sync::Notify>,
     /// Asks the notifier task to tell other processes' relays (see [`notifier`]).
     notify: tokio::sync::mpsc::Sender<()>,
-    /// Managers by tenant (bounded: an evicted entry is one supervisor call away).
+    /// Managers by tenant, as many as may run (`EVENTRA_MAX_TENANT_MANAGERS`): a handle
+    /// keeps its actor's channels allocated even after the actor stopped, so handles of
+    /// passivated managers must not pile up. An evicted (or stale) handle costs one
+    /// supervisor call on the tenant's next write.
     managers: Arc<quick_cache::sync::Cache<Uuid, ManagerHandle>>,
     /// Verified API keys by secret hash, with when they were read.
     keys: Arc<quick_cache::sync::Cache<String, (ApiKey, Instant)>>,
 }
 
 impl Tenants {
-    pub fn new(supervisor: TenantsSlot, store: Arc<dyn Store>, call_timeout: Duration) -> Self {
+    /// The door to the tenants under `supervisor`, which runs at most `max_managers`.
+    pub fn new(supervisor: TenantsSlot, store: Arc<dyn Store>, call_timeout: Duration, max_managers: usize) -> Self {
         let (notify, asked) = tokio::sync::mpsc::channel(1);
         tokio::spawn(notifier(store.clone(), asked));
         Tenants {
@@ -86,7 +87,7 @@ impl Tenants {
             store,
             call_timeout,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
-            managers: Arc::new(quick_cache::sync::Cache::new(MANAGER_CACHE_SIZE)),
+            managers: Arc::new(quick_cache::sync::Cache::new(max_managers.max(1))),
             keys: Arc::new(quick_cache::sync::Cache::new(KEY_CACHE_SIZE)),
         }
     }

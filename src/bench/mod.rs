@@ -7,6 +7,7 @@ pub mod harness;
 pub mod jobs;
 pub mod raw;
 pub mod search;
+pub mod tenants;
 pub mod writes;
 
 use std::sync::Arc;

@@ -335,7 +335,7 @@ macro_rules! batch_helpers {
             ids.sort_unstable();
             ids.dedup();
             // The emails of each tenant's leading creates (the first round) are looked up
-            // with the lock: one round trip fewer on PostgreSQL.
+            // right after the lock.
             let leading: Vec<(uuid::Uuid, String)> = batches
                 .iter()
                 .flat_map(|(t, writes)| {

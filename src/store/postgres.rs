@@ -55,11 +55,11 @@ impl PgStore {
     /// processes cannot deadlock), without new row versions (the batch's one `UPDATE`
     /// comes at its end); returns the rows by id, and which of `emails` exist.
     ///
-    /// One statement does both: the lock, then the email look-up. The look-up reads the
-    /// statement's snapshot, taken before any wait for a lock: if another process's
-    /// transaction held a tenant and added one of these emails meanwhile, the look-up
-    /// misses it, the insert hits the unique index, and `write_batches` runs the writes
-    /// again one by one (correct, only slower, and only in that race).
+    /// The look-up is a statement of its own, after the lock: in READ COMMITTED each
+    /// statement reads a snapshot taken when it starts, so only a statement that starts
+    /// once the lock is held sees what the lock's previous holder (another process, or
+    /// this tenant's previous batch) committed. (Folded into the lock statement it
+    /// missed those rows: a two-server race on one email answered 500, not 409.)
     async fn lock_tenants(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         ids: &[uuid::Uuid],
@@ -68,34 +68,14 @@ impl PgStore {
         std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
         std::collections::HashSet<(uuid::Uuid, String)>,
     )> {
-        const LOCK: &str = "SELECT id, event_seq, max_users, user_count FROM tenants WHERE id = ANY($1) ORDER BY id FOR UPDATE";
-        if emails.is_empty() || emails.len() > 10_000 {
-            let rows: Vec<(uuid::Uuid, i64, i64, i64)> = sqlx::query_as(LOCK).bind(ids).fetch_all(&mut **tx).await?;
-            let taken = Self::taken_emails(tx, emails).await?;
-            return Ok((super::sql::locks_by_id(rows), taken));
-        }
-        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new("WITH l AS (");
-        q.push("SELECT id, event_seq, max_users, user_count FROM tenants WHERE id = ANY(");
-        q.push_bind(ids);
-        q.push(") ORDER BY id FOR UPDATE) SELECT id, event_seq, max_users, user_count, NULL::text FROM l UNION ALL ");
-        q.push("SELECT tenant_id, 0, 0, 0, email_normalized FROM users WHERE (tenant_id, email_normalized) IN ");
-        q.push("(SELECT v.column1, v.column2 FROM (");
-        q.push_values(emails, |mut row, (t, e)| {
-            row.push_bind(*t).push_bind(e.as_str());
-        });
-        q.push(") AS v)");
-        let rows: Vec<(uuid::Uuid, i64, i64, i64, Option<String>)> = q.build_query_as().fetch_all(&mut **tx).await?;
-        let mut locks = Vec::new();
-        let mut taken = std::collections::HashSet::new();
-        for (id, seq, max, count, email) in rows {
-            match email {
-                Some(email) => {
-                    taken.insert((id, email));
-                }
-                None => locks.push((id, seq, max, count)),
-            }
-        }
-        Ok((super::sql::locks_by_id(locks), taken))
+        let rows: Vec<(uuid::Uuid, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, event_seq, max_users, user_count FROM tenants WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        let taken = Self::taken_emails(tx, emails).await?;
+        Ok((super::sql::locks_by_id(rows), taken))
     }
 
     async fn send_outbox_notify(&self) -> StoreResult<()> {

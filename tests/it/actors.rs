@@ -28,7 +28,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
         indexer: None,
     };
     let root = Root::start(deps).await.unwrap();
-    let tenants = Tenants::new(root.tenants.clone(), store, Duration::from_secs(10));
+    let tenants = Tenants::new(root.tenants.clone(), store, Duration::from_secs(10), 100);
 
     let input = NewTenantInput { name: "Idle".into(), slug: "idle".into(), max_users: None };
     let (tenant, _) =

@@ -117,3 +117,109 @@ async fn sqlite_two_servers_one_email_exactly_one_wins() {
 async fn sqlite_two_servers_max_users_holds() {
     max_users_race(&TestDb::sqlite()).await;
 }
+
+/// The largest batch a tenant's manager has committed (its node's `stats` in
+/// `/debug/actors`).
+async fn largest_batch(app: &TestApp, tenant: uuid::Uuid) -> u64 {
+    let res = app.get("/debug/actors", crate::utils::app::ADMIN_TOKEN).await;
+    let root: serde_json::Value = res.json().await.unwrap();
+    crate::utils::find_actor(&root, &format!("tenant-{tenant}"))
+        .and_then(|n| n["stats"]["largest_batch"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Group commit under a burst of concurrent requests to two tenants at once: batches
+/// form (asserted), and every rule holds as if each request had run alone: one winner
+/// per email, `max_users` exact, one user per idempotency key (the other identical
+/// requests replay it, a different body is refused), gap-free `tenant_seq`, and one
+/// event per committed change.
+async fn concurrent_burst_forms_batches_and_keeps_every_rule(db: &TestDb) {
+    let app = TestApp::start(db.url()).await;
+    let open = app.tenant("burst-open", 0).await;
+    let capped = app.tenant("burst-capped", 10).await;
+    let post = |t: &crate::utils::app::TestTenant, body: serde_json::Value, key: Option<&str>| {
+        let mut req = app.req(reqwest::Method::POST, &format!("/v1/tenants/{}/users", t.id), Some(&t.admin_key));
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        req.json(&body).send()
+    };
+    let mut requests = Vec::new();
+    // open: 20 × one email (any case), 10 × one key with one body, 5 × one key with two
+    // bodies, 40 distinct emails.
+    for i in 0..20 {
+        let email = if i % 2 == 0 { "dup@x.io" } else { "DUP@x.io" };
+        requests.push(("dup", post(&open, json!({"email": email, "name": format!("D{i}")}), None)));
+    }
+    for _ in 0..10 {
+        requests.push(("same-key", post(&open, json!({"email": "keyed@x.io", "name": "K"}), Some("same"))));
+    }
+    for i in 0..5 {
+        let body = json!({"email": format!("diff{}@x.io", i % 2), "name": "M"});
+        requests.push(("diff-key", post(&open, body, Some("diff"))));
+    }
+    for i in 0..40 {
+        requests.push(("unique", post(&open, json!({"email": format!("u{i}@x.io"), "name": "U"}), None)));
+    }
+    // capped: 40 distinct emails for 10 places.
+    for i in 0..40 {
+        requests.push(("capped", post(&capped, json!({"email": format!("c{i}@x.io"), "name": "C"}), None)));
+    }
+    let (labels, futures): (Vec<&str>, Vec<_>) = requests.into_iter().unzip();
+    let mut answers: std::collections::HashMap<&str, Vec<(StatusCode, serde_json::Value)>> = Default::default();
+    for (label, res) in labels.into_iter().zip(futures::future::join_all(futures).await) {
+        let res = res.unwrap();
+        let status = res.status();
+        answers.entry(label).or_default().push((status, res.json().await.unwrap_or_default()));
+    }
+    let count = |label: &str, status: StatusCode| answers[label].iter().filter(|(s, _)| *s == status).count();
+
+    assert_eq!((count("dup", StatusCode::CREATED), count("dup", StatusCode::CONFLICT)), (1, 19));
+    let keyed: std::collections::HashSet<&str> =
+        answers["same-key"].iter().map(|(s, b)| { assert_eq!(*s, StatusCode::CREATED); b["id"].as_str().unwrap() }).collect();
+    assert_eq!(keyed.len(), 1, "ten identical keyed requests, one user");
+    assert_eq!(count("diff-key", StatusCode::CREATED) >= 1, true);
+    let diff_users: std::collections::HashSet<&str> = answers["diff-key"]
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(diff_users.len(), 1, "one user for the key");
+    assert_eq!(
+        count("diff-key", StatusCode::CREATED) + count("diff-key", StatusCode::UNPROCESSABLE_ENTITY),
+        5,
+        "the key with another body is refused: {:?}",
+        answers["diff-key"]
+    );
+    assert_eq!(count("unique", StatusCode::CREATED), 40);
+    assert_eq!((count("capped", StatusCode::CREATED), count("capped", StatusCode::CONFLICT)), (10, 30));
+
+    let batches = largest_batch(&app, open.id).await.max(largest_batch(&app, capped.id).await);
+    assert!(batches > 1, "the burst must have formed batches (largest: {batches})");
+
+    let s = store::connect(db.url(), 2).await.unwrap();
+    assert_eq!(s.get_tenant(open.id).await.unwrap().user_count, 43);
+    assert_eq!(s.get_tenant(capped.id).await.unwrap().user_count, 10);
+    let events = s.outbox_after(0, 100_000).await.unwrap();
+    for (t, users) in [(open.id, 43), (capped.id, 10)] {
+        let mine: Vec<_> = events.iter().filter(|r| r.tenant_id == t).collect();
+        assert_eq!(mine.iter().filter(|r| r.event.event_type == EventType::UserCreated).count(), users);
+        let seqs: Vec<i64> = mine.iter().map(|r| r.tenant_seq).collect();
+        assert_eq!(seqs, (1..=users as i64 + 1).collect::<Vec<_>>(), "gap-free, in commit order");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_concurrent_burst_forms_batches_and_keeps_every_rule() {
+    concurrent_burst_forms_batches_and_keeps_every_rule(&TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_burst_forms_batches_and_keeps_every_rule() {
+    let Some(db) = TestDb::postgres("concurrency::postgres_concurrent_burst_forms_batches_and_keeps_every_rule").await
+    else {
+        return;
+    };
+    concurrent_burst_forms_batches_and_keeps_every_rule(&db).await;
+}

@@ -10,7 +10,7 @@ use eventra::domain::user::NewUserInput;
 use eventra::domain::{
     EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch, UserPatch,
 };
-use eventra::store::{IdempotencyRequest, OutboxRecord, Store, StoreError};
+use eventra::store::{IdempotencyRequest, OutboxRecord, Store, StoreError, TenantWrite, WriteOutcome};
 use uuid::Uuid;
 
 fn ctx() -> EventContext {
@@ -387,6 +387,137 @@ pub async fn batched_effects_reads_and_writes(s: Arc<dyn Store>) {
     assert_eq!(found, want, "every existing user, whatever its tenant; unknown ids left out");
 }
 
+fn create(user: &NewUser, key: Option<(&str, &str)>) -> TenantWrite {
+    let idempotency = key.map(|(k, h)| IdempotencyRequest { key: k.into(), request_hash: h.into() });
+    TenantWrite::CreateUser { user: user.clone(), idempotency, ctx: ctx() }
+}
+
+fn created(o: &Result<WriteOutcome, StoreError>) -> Option<(Uuid, bool)> {
+    match o {
+        Ok(WriteOutcome::UserCreated(c)) => Some((c.value.id, c.replayed)),
+        _ => None,
+    }
+}
+
+/// Group commit: several tenants' writes in ONE transaction, each write with the
+/// outcome it would have had alone, in order: email uniqueness within the batch (any
+/// case), `max_users` exact, idempotent replays of a key used earlier in the same batch,
+/// a mismatched key refused, updates and deletes of users created earlier in the batch,
+/// a missing tenant; events only for what committed, with gap-free `tenant_seq`.
+pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
+    let a = tenant(&s, "batch-a", 3).await;
+    let b = tenant(&s, "batch-b", 0).await;
+    let before = outbox(&s).await.len();
+    let a1 = new_user(a.id, "one@x.io");
+    let a1_again = new_user(a.id, "ONE@x.io");
+    let a2 = new_user(a.id, "two@x.io");
+    let a2_replay = new_user(a.id, "two@x.io");
+    let a2_other = new_user(a.id, "other@x.io");
+    let a3 = new_user(a.id, "three@x.io");
+    let a4 = new_user(a.id, "four@x.io");
+    let b1 = new_user(b.id, "one@x.io"); // the same email in another tenant is fine
+    let b2 = new_user(b.id, "two@x.io");
+    let b1_again = new_user(b.id, "one@x.io");
+    let ghost = new_user(Uuid::now_v7(), "ghost@x.io");
+    let rename = UserPatch { name: Some("Renamed".into()), ..UserPatch::default() };
+    let steal = UserPatch { email: Some("two@x.io".into()), ..UserPatch::default() };
+    let a_writes = vec![
+        create(&a1, None),
+        create(&a1_again, None),                     // 409: same email, other case, same batch
+        create(&a2, Some(("k2", "h2"))),
+        create(&a2_replay, Some(("k2", "h2"))),      // replays a2
+        create(&a2_other, Some(("k2", "other"))),    // 422: key reused with another body
+        create(&a3, None),                           // the third user: tenant now full
+        create(&a4, None),                           // 409: full
+    ];
+    let b_writes = vec![
+        create(&b1, None),
+        TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(1), patch: rename, ctx: ctx() },
+        create(&b2, None),
+        TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(2), patch: steal, ctx: ctx() }, // 409
+        TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(1), patch: UserPatch::default(), ctx: ctx() }, // 412
+        TenantWrite::DeleteUser { user_id: b1.0.id, expected_version: None, ctx: ctx() },
+        create(&b1_again, None), // the deleted user's email is free again
+    ];
+    let ghost_writes = vec![create(&ghost, None)];
+    let out = s.write_batches(&[(a.id, &a_writes), (b.id, &b_writes), (ghost.0.tenant_id, &ghost_writes)], &|| ()).await;
+    assert_eq!(out.len(), 3);
+    let (oa, ob, og) = (&out[0], &out[1], &out[2]);
+
+    assert_eq!(created(&oa[0]), Some((a1.0.id, false)));
+    assert!(matches!(&oa[1], Err(StoreError::Conflict(m)) if m.contains("ONE@x.io")), "{:?}", oa[1]);
+    assert_eq!(created(&oa[2]), Some((a2.0.id, false)));
+    assert_eq!(created(&oa[3]), Some((a2.0.id, true)), "the second identical key replays the first");
+    assert!(matches!(oa[4], Err(StoreError::IdempotencyMismatch)), "{:?}", oa[4]);
+    assert_eq!(created(&oa[5]), Some((a3.0.id, false)));
+    assert!(matches!(oa[6], Err(StoreError::TenantFull { max_users: 3 })), "{:?}", oa[6]);
+
+    assert_eq!(created(&ob[0]), Some((b1.0.id, false)));
+    assert!(matches!(&ob[1], Ok(WriteOutcome::UserUpdated(u)) if u.name == "Renamed" && u.version == 2));
+    assert_eq!(created(&ob[2]), Some((b2.0.id, false)));
+    assert!(matches!(&ob[3], Err(StoreError::Conflict(_))), "{:?}", ob[3]);
+    assert!(matches!(ob[4], Err(StoreError::StaleVersion { expected: 1, current: 2 })), "{:?}", ob[4]);
+    assert!(matches!(ob[5], Ok(WriteOutcome::UserDeleted)), "{:?}", ob[5]);
+    assert_eq!(created(&ob[6]), Some((b1_again.0.id, false)));
+
+    assert!(matches!(og[0], Err(StoreError::NotFound("tenant"))), "{:?}", og[0]);
+
+    // The database says the same.
+    assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 3, "max_users is exact");
+    assert_eq!(s.get_tenant(b.id).await.unwrap().user_count, 2);
+    let b_users: Vec<_> = s.list_users(b.id, PageRequest::first()).await.unwrap().items.into_iter().map(|u| u.id).collect();
+    assert_eq!(b_users.len(), 2);
+    assert!(b_users.contains(&b2.0.id) && b_users.contains(&b1_again.0.id));
+    // Events: one per committed change, per tenant gap-free and in the writes' order.
+    let rows = expect_events(&s, 3 + 5, before).await;
+    let of = |t: Uuid| -> Vec<(i64, EventType, String)> {
+        rows.iter().filter(|r| r.tenant_id == t).map(|r| (r.tenant_seq, r.event.event_type, r.event.subject.clone())).collect()
+    };
+    let a_events = of(a.id);
+    assert_eq!(a_events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(
+        a_events.iter().map(|e| e.2.clone()).collect::<Vec<_>>(),
+        vec![a1.0.id.to_string(), a2.0.id.to_string(), a3.0.id.to_string()]
+    );
+    let b_events = of(b.id);
+    assert_eq!(b_events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+    assert_eq!(
+        b_events.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![EventType::UserCreated, EventType::UserUpdated, EventType::UserCreated, EventType::UserDeleted, EventType::UserCreated]
+    );
+    // The keyed create's answer is stored: a later retry (another transaction) replays it.
+    let again = s.create_user(&a2_replay, Some(&IdempotencyRequest { key: "k2".into(), request_hash: "h2".into() }), &ctx()).await.unwrap();
+    assert_eq!((again.value.id, again.replayed), (a2.0.id, true));
+}
+
+/// A write that passes every check and still fails in the database (here: a user id
+/// that already exists, which no check looks for) aborts its transaction: the batch is
+/// applied again write by write, so only that write fails and the others commit.
+pub async fn one_failing_statement_fails_only_its_write(s: Arc<dyn Store>) {
+    let a = tenant(&s, "abort-a", 0).await;
+    let b = tenant(&s, "abort-b", 0).await;
+    let existing = new_user(b.id, "taken-id@x.io");
+    s.create_user(&existing, None, &ctx()).await.unwrap();
+    let before = outbox(&s).await.len();
+    let mut clash = new_user(a.id, "clash@x.io");
+    clash.0.id = existing.0.id; // the primary key is taken
+    let ok1 = new_user(a.id, "ok1@x.io");
+    let ok2 = new_user(a.id, "ok2@x.io");
+    let ok3 = new_user(b.id, "ok3@x.io");
+    let a_writes = vec![create(&ok1, None), create(&clash, None), create(&ok2, None)];
+    let b_writes = vec![create(&ok3, None)];
+    let out = s.write_batches(&[(a.id, &a_writes), (b.id, &b_writes)], &|| ()).await;
+    assert_eq!(created(&out[0][0]), Some((ok1.0.id, false)));
+    assert!(out[0][1].is_err(), "the clashing write fails: {:?}", out[0][1]);
+    assert_eq!(created(&out[0][2]), Some((ok2.0.id, false)));
+    assert_eq!(created(&out[1][0]), Some((ok3.0.id, false)));
+    let rows = expect_events(&s, 3, before).await;
+    assert!(rows.iter().all(|r| r.tenant_id != a.id || r.event.subject != clash.0.id.to_string()), "no event for it");
+    let a_seqs: Vec<i64> = rows.iter().filter(|r| r.tenant_id == a.id).map(|r| r.tenant_seq).collect();
+    assert_eq!(a_seqs, vec![2, 3], "gap-free: the failed write took no number");
+    assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 2);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -421,4 +552,6 @@ conformance!(
     audit_and_email_logs_are_idempotent,
     the_relay_reads_unpublished_rows_and_leases,
     batched_effects_reads_and_writes,
+    batched_writes_keep_every_rule,
+    one_failing_statement_fails_only_its_write,
 );

@@ -137,11 +137,11 @@ async fn kill_while_writing(db: &TestDb) {
     let manager = format!("tenant-{}", t.id);
 
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
-    let writers: Vec<_> = (0..4)
+    let writers: Vec<_> = (0..8)
         .map(|w| {
             let (app, t, accepted) = (app.clone(), t.clone(), accepted.clone());
             tokio::spawn(async move {
-                for i in 0..40 {
+                for i in 0..20 {
                     let key = format!("w{w}-{i}");
                     let body = json!({"email": format!("{key}@x.io"), "name": key});
                     let mut attempts = 0;
@@ -169,9 +169,17 @@ async fn kill_while_writing(db: &TestDb) {
         })
         .collect();
 
-    // Kill the manager mid-stream; it comes back with restarts = 1.
-    wait_for("some writes to land", Duration::from_secs(30), || async {
-        (accepted.lock().unwrap().len() >= 10).then_some(())
+    // Kill the manager mid-stream, once it group-commits (batches of several writes,
+    // so the kill lands among queued and committing batches); it comes back with
+    // restarts = 1.
+    wait_for("writes to land in batches of several", Duration::from_secs(30), || {
+        let (app, manager) = (app.clone(), manager.clone());
+        async move {
+            let root = tree(&app).await;
+            crate::utils::find_actor(&root, &manager)
+                .and_then(|n| n["stats"]["largest_batch"].as_u64())
+                .filter(|largest| *largest > 1)
+        }
     })
     .await;
     let res = app.post(&format!("/debug/actors/{manager}/kill"), ADMIN_TOKEN, json!({})).await;
