@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "EVENTRA_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Writes are refused (503, `Retry-After`) while the job workers are this many
+    /// milliseconds behind and still working (see `jobs::lag`); 0 turns it off.
+    #[arg(long, env = "EVENTRA_MAX_EFFECT_LAG_MS", default_value_t = 2_000)]
+    pub max_effect_lag_ms: u64,
     #[command(flatten)]
     pub jobs: JobArgs,
     #[command(flatten)]
@@ -312,6 +316,8 @@ pub struct Config {
     pub tenant_idle_timeout: std::time::Duration,
     pub max_tenant_managers: usize,
     pub max_body_bytes: usize,
+    /// See `EVENTRA_MAX_EFFECT_LAG_MS` (zero: off).
+    pub max_effect_lag: std::time::Duration,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
 }
@@ -367,6 +373,7 @@ impl Config {
             tenant_idle_timeout: std::time::Duration::from_secs(a.tenant_idle_secs.max(1)),
             max_tenant_managers: a.max_tenant_managers.max(1),
             max_body_bytes: a.max_body_bytes,
+            max_effect_lag: std::time::Duration::from_millis(a.max_effect_lag_ms),
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
         })
@@ -392,6 +399,7 @@ impl Config {
             tenant_idle_timeout: std::time::Duration::from_secs(300),
             max_tenant_managers: DEFAULT_MAX_TENANT_MANAGERS,
             max_body_bytes: 64 * 1024,
+            max_effect_lag: std::time::Duration::from_secs(2),
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),
         }

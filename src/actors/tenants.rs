@@ -73,6 +73,8 @@ pub struct Tenants {
     managers: Arc<quick_cache::sync::Cache<Uuid, ManagerHandle>>,
     /// Verified API keys by secret hash, with when they were read.
     keys: Arc<quick_cache::sync::Cache<String, (ApiKey, Instant)>>,
+    /// Refuses writes while the effects fall behind (see `jobs::lag`).
+    lag: Arc<crate::jobs::EffectLag>,
 }
 
 impl Tenants {
@@ -89,7 +91,25 @@ impl Tenants {
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             managers: Arc::new(quick_cache::sync::Cache::new(max_managers.max(1))),
             keys: Arc::new(quick_cache::sync::Cache::new(KEY_CACHE_SIZE)),
+            lag: crate::jobs::EffectLag::off(),
         }
+    }
+
+    /// Sheds writes while `lag` says the effects are too far behind.
+    pub fn with_effect_lag(mut self, lag: Arc<crate::jobs::EffectLag>) -> Self {
+        self.lag = lag;
+        self
+    }
+
+    /// Refuses a write while the job workers are overloaded: the client retries later
+    /// instead of the backlog growing without bound.
+    fn admit(&self) -> Result<()> {
+        self.lag.admit().map_err(|lag| {
+            Error::Unavailable(format!(
+                "effects are {:.1} s behind (the job workers are catching up); retry after the Retry-After delay",
+                lag.as_secs_f64()
+            ))
+        })
     }
 
     /// Rings `wake` after every write (the outbox relay listens).
@@ -116,6 +136,7 @@ impl Tenants {
 
     /// Creates a tenant and its first admin key; the key's secret is only in the reply.
     pub async fn create_tenant(&self, tenant: NewTenant, ctx: EventContext) -> Result<(Tenant, NewApiKey)> {
+        self.admit()?;
         let admin_key = NewApiKey::generate(tenant.id, Role::Admin, tenant.created_at);
         let t = self.store.create_tenant(&tenant, &admin_key, &ctx).await.map_err(Error::from);
         Ok((self.wrote(t)?, admin_key))
@@ -254,6 +275,7 @@ impl Tenants {
     /// Sends a write to the tenant's manager (starting it if needed) and waits for its
     /// outcome; re-sends when the manager stopped before it accepted the message.
     async fn write(&self, tenant_id: Uuid, write: TenantWrite) -> Result<WriteOutcome> {
+        self.admit()?;
         for _ in 0..SEND_ATTEMPTS {
             let manager = match self.managers.get(&tenant_id) {
                 Some(m) => m,

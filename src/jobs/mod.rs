@@ -15,6 +15,7 @@
 
 pub mod dispatch;
 pub mod kinds;
+pub mod lag;
 mod redis;
 pub mod runner;
 pub mod schedule;
@@ -30,6 +31,7 @@ use uuid::Uuid;
 
 pub use dispatch::jobs_for_event;
 pub use kinds::{JobFailure, JobKind, Kinds};
+pub use lag::EffectLag;
 pub use redis::RedisJobQueue;
 pub use runner::{JobClient, Runner, RunnerConfig};
 pub use schedule::{RetrySchedule, DEFAULT_MAX_ATTEMPTS};
@@ -273,6 +275,10 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Every known queue with its size and latency.
     async fn queues(&self) -> JobResult<Vec<QueueStats>>;
+    /// The next job to run of a queue and how long it has been ready; `None` when the
+    /// queue is empty. Cheap (an index or list head look-up): the API's effect-lag
+    /// monitor polls it.
+    async fn head(&self, queue: &str) -> JobResult<Option<(Uuid, Duration)>>;
     /// The jobs at raw positions `offset..offset + limit` of `set`, in the set's order
     /// ([`JobSet`]), unfiltered. Positions whose job vanished meanwhile are skipped but
     /// counted in `consumed`, which is below `limit` only at the end of the set.

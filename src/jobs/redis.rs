@@ -932,6 +932,15 @@ impl JobQueue for RedisJobQueue {
         Ok(stats)
     }
 
+    async fn head(&self, queue: &str) -> JobResult<Option<(Uuid, Duration)>> {
+        let next: Option<String> = self.client.lindex(self.keys.queue(queue), -1).await?;
+        let Some(id) = next else { return Ok(None) };
+        let ready: Option<i64> = self.client.hget(self.keys.job(&id), "run_at_us").await?;
+        let age = Duration::from_micros(u64::try_from(ready.map_or(0, |t| now_us() - t)).unwrap_or(0));
+        let id = Uuid::parse_str(&id).map_err(|e| JobError::Backend(format!("queue {queue} holds a bad id: {e}")))?;
+        Ok(Some((id, age)))
+    }
+
     async fn scan(&self, set: &JobSet, offset: u64, limit: u32) -> JobResult<Scanned> {
         let ids = self.ids(set, offset, limit).await?;
         let consumed = ids.len() as u64;

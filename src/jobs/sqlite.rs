@@ -310,6 +310,16 @@ impl JobQueue for SqliteJobQueue {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    async fn head(&self, queue: &str) -> JobResult<Option<(Uuid, Duration)>> {
+        let row: Option<(Uuid, i64)> = sqlx::query_as(
+            "SELECT id, run_at_us FROM jobs WHERE state = 'ready' AND queue = $1 ORDER BY run_at_us, id LIMIT 1",
+        )
+        .bind(queue)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, ready)| (id, Duration::from_micros(u64::try_from(now_us() - ready).unwrap_or(0)))))
+    }
+
     async fn queues(&self) -> JobResult<Vec<QueueStats>> {
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
             "SELECT queue, COUNT(*) FILTER (WHERE state = 'ready'), MIN(run_at_us) FILTER (WHERE state = 'ready') \

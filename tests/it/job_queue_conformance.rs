@@ -81,6 +81,24 @@ pub async fn enqueue_is_idempotent_by_key(make: Make) {
     assert!(q2.get(first).await.unwrap().is_none(), "the old done job made way");
 }
 
+/// `head`: the next job to run and its age, as the API's effect-lag monitor reads it.
+pub async fn head_is_the_next_job_and_its_age(make: Make) {
+    let (_g, q) = make(QueueConfig::default()).await;
+    assert_eq!(q.head("default").await.unwrap(), None);
+    let first = new_id(q.enqueue(job("head:1")).await.unwrap());
+    let second = new_id(q.enqueue(job("head:2")).await.unwrap());
+    let aged = wait_for("the first job to age", Duration::from_secs(5), || {
+        let q = q.clone();
+        async move { q.head("default").await.unwrap().filter(|(_, age)| *age >= Duration::from_millis(20)) }
+    })
+    .await;
+    assert_eq!(aged.0, first, "the oldest ready job is next");
+    let j = take(&q, "w").await;
+    assert_eq!(j.id, first);
+    assert_eq!(q.head("default").await.unwrap().map(|(id, _)| id), Some(second), "the head moved on");
+    assert_eq!(q.head("elsewhere").await.unwrap(), None);
+}
+
 pub async fn fetch_leases_one_job_to_one_worker(make: Make) {
     let (_g, q) = make(QueueConfig::default()).await;
     let a = new_id(q.enqueue(job("a")).await.unwrap());
@@ -442,6 +460,7 @@ macro_rules! conformance {
 
 conformance!(
     enqueue_is_idempotent_by_key,
+    head_is_the_next_job_and_its_age,
     fetch_leases_one_job_to_one_worker,
     failures_retry_at_growing_delays_then_die,
     dead_set_is_capped,

@@ -494,6 +494,9 @@ impl JobQueue for Blips {
     async fn queues(&self) -> eventra::jobs::JobResult<Vec<eventra::jobs::QueueStats>> {
         self.inner.queues().await
     }
+    async fn head(&self, queue: &str) -> eventra::jobs::JobResult<Option<(Uuid, Duration)>> {
+        self.inner.head(queue).await
+    }
     async fn scan(
         &self,
         set: &eventra::jobs::JobSet,
@@ -620,3 +623,88 @@ on_each_backend!(
     welcome_email_to_files,
     a_send_that_outlives_its_lease_is_abandoned,
 );
+
+/// Load shedding: while the workers are working through a queue more than
+/// `EVENTRA_MAX_EFFECT_LAG_MS` behind, writes are refused with 503 + `Retry-After` (the
+/// backlog stops growing); once the queue is caught up they are taken again. With no
+/// worker running the queue is stalled, not overloaded: writes go on (the queue and
+/// outbox buffer), as during a Redis or RabbitMQ outage.
+async fn writes_are_shed_while_the_workers_fall_behind(backend: Backend, test: &str) {
+    let Some(s) = setup(backend, test, Kinds::default(), |c| {
+        c.jobs.workers = 1;
+        c.jobs.batch = 1;
+        c.max_effect_lag = Duration::from_millis(600);
+    })
+    .await
+    else {
+        return;
+    };
+    let t = s.app.tenant("shed", 0).await;
+    let path = format!("/v1/tenants/{}/users", t.id);
+    // 30 jobs of 100 ms each, one at a time: about 3 s of work.
+    for i in 0..30 {
+        enqueue(&s.queue, NewJob::new("noop", format!("slow:{i}"), json!({"sleep_ms": 100}))).await;
+    }
+    let shed = wait_for("a write to be shed while the worker catches up", Duration::from_secs(10), || {
+        let (app, path, key) = (&s.app, path.clone(), t.admin_key.clone());
+        async move {
+            let res = app.post(&path, &key, json!({"email": format!("{}@x.io", Uuid::now_v7()), "name": "S"})).await;
+            (res.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(res)
+        }
+    })
+    .await;
+    assert_eq!(shed.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body: Value = shed.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("behind"), "{body}");
+    // Caught up: writes are taken again.
+    wait_for("writes to be taken once the queue is caught up", Duration::from_secs(30), || {
+        let (app, path, key) = (&s.app, path.clone(), t.admin_key.clone());
+        async move {
+            let res = app.post(&path, &key, json!({"email": format!("{}@x.io", Uuid::now_v7()), "name": "S"})).await;
+            (res.status() == StatusCode::CREATED).then_some(())
+        }
+    })
+    .await;
+    s.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_writes_are_shed_while_the_workers_fall_behind() {
+    writes_are_shed_while_the_workers_fall_behind(Backend::Sqlite, "jobs::sqlite_writes_are_shed_while_the_workers_fall_behind").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_writes_are_shed_while_the_workers_fall_behind() {
+    writes_are_shed_while_the_workers_fall_behind(Backend::Redis, "jobs::redis_writes_are_shed_while_the_workers_fall_behind").await;
+}
+
+/// With no worker running, a queue far behind is stalled, not overloaded: writes are
+/// taken (their effects wait in the queue until workers run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_workers_do_not_shed_writes() {
+    let Some(s) = setup(Backend::Sqlite, "jobs::stalled_workers_do_not_shed_writes", Kinds::default(), |c| {
+        c.jobs.workers = 0;
+        c.max_effect_lag = Duration::from_millis(200);
+    })
+    .await
+    else {
+        return;
+    };
+    let t = s.app.tenant("stalled", 0).await;
+    enqueue(&s.queue, NewJob::new("noop", "waiting", json!({}))).await;
+    wait_for("the waiting job to age past the limit", Duration::from_secs(10), || async {
+        s.queue.head("default").await.unwrap().filter(|(_, age)| *age > Duration::from_millis(400))
+    })
+    .await;
+    // Past the limit for longer than a stall takes to be recognised: still taken.
+    let stalled_for = eventra::jobs::lag::STALL + Duration::from_millis(500);
+    let until = tokio::time::Instant::now() + stalled_for;
+    let mut i = 0;
+    while tokio::time::Instant::now() < until {
+        let res = s.app.post(&format!("/v1/tenants/{}/users", t.id), &t.admin_key, json!({"email": format!("u{i}@x.io"), "name": "U"})).await;
+        assert_eq!(res.status(), StatusCode::CREATED, "write {i} while the queue is stalled");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.app.stop().await;
+}
