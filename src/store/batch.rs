@@ -254,6 +254,22 @@ where
     q.push(") AS v)");
 }
 
+/// The email look-up as rows shaped like the locked tenant rows (`tenant_id, 0, 0, 0,
+/// email`), to follow them in a `UNION ALL` (PostgreSQL's one statement after the lock).
+pub(super) fn push_taken_emails_as_lock_rows<'a>(
+    q: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
+    emails: &'a [(Uuid, String)],
+) {
+    q.push(
+        "SELECT tenant_id, 0::int8, 0::int8, 0::int8, email_normalized FROM users \
+         WHERE (tenant_id, email_normalized) IN (SELECT v.column1, v.column2 FROM (",
+    );
+    q.push_values(emails, |mut row, (t, e)| {
+        row.push_bind(*t).push_bind(e.as_str());
+    });
+    q.push(") AS v)");
+}
+
 /// `INSERT INTO outbox … VALUES …` for these events (with their `tenant_seq`).
 pub(super) fn push_events<'a, DB>(
     q: &mut sqlx::QueryBuilder<'a, DB>,
@@ -317,8 +333,9 @@ where
 
 /// The transaction of a set of tenant batches, stamped out per backend inside
 /// `impl $store` (sqlx's executor bounds cannot be named generically; see `sql.rs`).
-/// Each backend provides `lock_tenants`: locks the tenant rows (in id order) and
-/// returns them, with which of the given (tenant, email) pairs the tenants have.
+/// Each backend provides `begin_locked`: begins the transaction, locks the tenant rows
+/// (in id order) and returns them, with which of the given (tenant, email) pairs the
+/// tenants have.
 macro_rules! batch_helpers {
     ($db:ty) => {
         /// Applies every tenant's writes in one transaction; `Err` when the transaction
@@ -330,7 +347,6 @@ macro_rules! batch_helpers {
         ) -> $crate::store::StoreResult<Vec<Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>>>> {
             use $crate::store::batch::Part;
             use $crate::store::TenantWrite;
-            let mut tx = self.writer.begin().await?;
             let mut ids: Vec<uuid::Uuid> = batches.iter().map(|(t, _)| *t).collect();
             ids.sort_unstable();
             ids.dedup();
@@ -345,7 +361,7 @@ macro_rules! batch_helpers {
                     })
                 })
                 .collect();
-            let (locks, taken) = Self::lock_tenants(&mut tx, &ids, &leading).await?;
+            let (mut tx, locks, taken) = self.begin_locked(&ids, &leading).await?;
             locked();
             let mut prefetched = Some(taken);
             // Accepted creates, inserted before the next write of another kind (which

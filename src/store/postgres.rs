@@ -51,31 +51,57 @@ impl PgStore {
         None
     }
 
-    /// Locks a batch's tenant rows, in id order (so overlapping batches of two
-    /// processes cannot deadlock), without new row versions (the batch's one `UPDATE`
-    /// comes at its end); returns the rows by id, and which of `emails` exist.
-    ///
-    /// The look-up is a statement of its own, after the lock: in READ COMMITTED each
-    /// statement reads a snapshot taken when it starts, so only a statement that starts
-    /// once the lock is held sees what the lock's previous holder (another process, or
-    /// this tenant's previous batch) committed. (Folded into the lock statement it
-    /// missed those rows: a two-server race on one email answered 500, not 409.)
-    async fn lock_tenants(
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    /// Begins a batch's transaction holding its tenant rows' locks, in id order (so
+    /// overlapping batches of two processes cannot deadlock), without new row versions
+    /// (the batch's one `UPDATE` comes at its end); returns the rows by id, and which
+    /// of `emails` exist. Two round trips, as pgbench's transactions take for `BEGIN`
+    /// and their first statement:
+    /// - `BEGIN` and the lock go in one simple-protocol message (tenant ids are UUIDs,
+    ///   written by us: nothing from a request is spliced into it);
+    /// - the rows and the email look-up are one statement that starts after the locks
+    ///   are held. In READ COMMITTED each statement reads a snapshot taken when it
+    ///   starts, so it sees what the locks' previous holders (another process, this
+    ///   tenant's previous batch) committed. (Folded into the locking statement, the
+    ///   look-up missed those rows: a two-server race on one email answered 500.)
+    async fn begin_locked(
+        &self,
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
     ) -> StoreResult<(
+        sqlx::Transaction<'static, sqlx::Postgres>,
         std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
         std::collections::HashSet<(uuid::Uuid, String)>,
     )> {
-        let rows: Vec<(uuid::Uuid, i64, i64, i64)> = sqlx::query_as(
-            "SELECT id, event_seq, max_users, user_count FROM tenants WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        let taken = Self::taken_emails(tx, emails).await?;
-        Ok((super::sql::locks_by_id(rows), taken))
+        let list: Vec<String> = ids.iter().map(|id| format!("'{}'", id.hyphenated())).collect();
+        let begin = format!(
+            "BEGIN; SELECT 1 FROM tenants WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            if list.is_empty() { "NULL".to_owned() } else { list.join(", ") }
+        );
+        let mut tx = self.writer.begin_with(begin).await?;
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "SELECT id, event_seq, max_users, user_count, NULL::text FROM tenants WHERE id = ANY(",
+        );
+        q.push_bind(ids);
+        q.push(")");
+        if !emails.is_empty() && emails.len() <= 10_000 {
+            q.push(" UNION ALL ");
+            super::batch::push_taken_emails_as_lock_rows(&mut q, emails);
+        }
+        let rows: Vec<(uuid::Uuid, i64, i64, i64, Option<String>)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        let mut locks = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for (id, seq, max, count, email) in rows {
+            match email {
+                Some(email) => {
+                    taken.insert((id, email));
+                }
+                None => locks.push((id, seq, max, count)),
+            }
+        }
+        if emails.len() > 10_000 {
+            taken = Self::taken_emails(&mut tx, emails).await?;
+        }
+        Ok((tx, super::sql::locks_by_id(locks), taken))
     }
 
     async fn send_outbox_notify(&self) -> StoreResult<()> {

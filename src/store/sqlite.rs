@@ -69,27 +69,29 @@ impl SqliteStore {
         Some(self.pools())
     }
 
-    /// A batch's tenant rows, and which of `emails` exist. SQLite has no `FOR
-    /// UPDATE`: a write takes the database's write lock at once (a read first could
-    /// meet another process's write between it and the first write, and fail with a
-    /// busy snapshot).
-    async fn lock_tenants(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    /// Begins a batch's transaction with its tenant rows, and which of `emails` exist.
+    /// SQLite has no `FOR UPDATE`: a write takes the database's write lock at once (a
+    /// read first could meet another process's write between it and the first write,
+    /// and fail with a busy snapshot).
+    async fn begin_locked(
+        &self,
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
     ) -> StoreResult<(
+        sqlx::Transaction<'static, sqlx::Sqlite>,
         std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
         std::collections::HashSet<(uuid::Uuid, String)>,
     )> {
+        let mut tx = self.writer.begin().await?;
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE tenants SET event_seq = event_seq WHERE id IN (");
         let mut list = q.separated(", ");
         for id in ids {
             list.push_bind(*id);
         }
         q.push(") RETURNING id, event_seq, max_users, user_count");
-        let rows: Vec<(uuid::Uuid, i64, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await?;
-        let taken = Self::taken_emails(tx, emails).await?;
-        Ok((super::sql::locks_by_id(rows), taken))
+        let rows: Vec<(uuid::Uuid, i64, i64, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        let taken = Self::taken_emails(&mut tx, emails).await?;
+        Ok((tx, super::sql::locks_by_id(rows), taken))
     }
 
     /// One host: the relay is woken in-process.
