@@ -129,6 +129,67 @@ async fn bench_e2e_drain_runs_on_embedded() {
     assert!(stdout.contains("Stages, last event done"), "{stdout}");
 }
 
+/// `eventra bench writes`, short (CI): wrk drives creates into one and two tenants of an
+/// embedded server, with the half-rate run and the raw SQLite baseline; every answered
+/// create is stored (the command checks it). Needs Debian's `wrk` (`.ci/run` installs
+/// it); without it, and outside CI, it prints NOT RUN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_writes_runs_on_embedded() {
+    let has_wrk = std::process::Command::new("wrk").arg("--version").output().is_ok();
+    if !has_wrk {
+        assert!(!crate::utils::in_ci(), "wrk is missing on CI (Debian package `wrk`)");
+        eprintln!("NOT RUN: binary::bench_writes_runs_on_embedded (no wrk)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["bench", "writes", "--stack", "embedded", "--tenants", "1,2", "--seconds", "2"])
+            .current_dir(dir.path())
+            .env("EVENTRA_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("bench writes finished within 5 minutes")
+    .expect("bench writes ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |")).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let rate: f64 = cells[2].parse().unwrap_or(0.0);
+        assert!(rate > 0.0, "creates were answered: {row}");
+        assert_eq!(cells[7], "0", "no non-2xx: {row}");
+    }
+}
+
+/// `eventra bench tenants`, short (CI): 300 tenants touched once with a limit of 100
+/// managers: at most 100 run afterwards (the others were passivated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_tenants_passivates_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["bench", "tenants", "--tenants", "300", "--max-managers", "100"])
+            .current_dir(dir.path())
+            .env("EVENTRA_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("bench tenants finished within 5 minutes")
+    .expect("bench tenants ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let row = stdout.lines().find(|l| l.starts_with("| 300 |")).unwrap_or_else(|| panic!("{stdout}"));
+    let running: usize = row.split('|').map(str::trim).nth(7).and_then(|c| c.parse().ok()).unwrap_or(usize::MAX);
+    assert!((1..=100).contains(&running), "at most the limit runs: {row}");
+}
+
 /// The chaos command's short version (CI): 20 s of load, an actor killed every 100 ms
 /// and a dependency restart every 5 s on private services, then the invariant check.
 /// `eventra chaos` exits non-zero when an invariant fails.
