@@ -189,7 +189,8 @@ pub async fn run_with(
         indexer: Some(indexer),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
-    let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers).with_outbox_wake(outbox_wake)
+    let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers)
+        .with_outbox_wake(outbox_wake)
         .with_effect_lag(crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag));
     let state = AppState {
         tenants,

@@ -53,9 +53,10 @@ impl From<StoreError> for Error {
             e if e.is_unreachable() => {
                 Error::Unavailable(format!("the database is busy or unreachable ({e}); retry shortly"))
             }
-            e @ (StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) | StoreError::Unavailable(_)) => {
-                Error::Internal(e.to_string())
-            }
+            e @ (StoreError::Database(_)
+            | StoreError::Migrate(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Unavailable(_)) => Error::Internal(e.to_string()),
         }
     }
 }

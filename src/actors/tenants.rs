@@ -161,7 +161,8 @@ impl Tenants {
         self.managers.remove(&id);
         if let Ok(supervisor) = self.supervisor() {
             let name = manager_name(id);
-            let _ = supervisor.call(|reply| SupervisorMsg::StopChild(name.clone(), reply), Some(self.call_timeout)).await;
+            let _ =
+                supervisor.call(|reply| SupervisorMsg::StopChild(name.clone(), reply), Some(self.call_timeout)).await;
         }
         let r = self.store.delete_tenant(id, &ctx).await.map_err(Error::from);
         if r.is_ok() {
@@ -304,7 +305,8 @@ impl Tenants {
         self.store.get_tenant(tenant_id).await?;
         let spec = manager_spec(tenant_id, self.gate.clone());
         let supervisor = self.supervisor()?;
-        let started = supervisor.call(|reply| SupervisorMsg::StartChild(spec.clone(), reply), Some(self.call_timeout)).await;
+        let started =
+            supervisor.call(|reply| SupervisorMsg::StartChild(spec.clone(), reply), Some(self.call_timeout)).await;
         match started {
             Ok(CallResult::Success(Ok(StartedChild { cell, activity }))) => {
                 let handle = ManagerHandle { actor: cell.into(), activity: activity.unwrap_or_default() };
@@ -366,12 +368,14 @@ fn manager_spec(tenant_id: Uuid, gate: Arc<GroupCommit>) -> ChildSpec {
 /// Maps an actor call outcome. A dropped reply means the actor died while holding the
 /// message: whether the write committed is unknown, so the client is told to retry
 /// (with its Idempotency-Key) rather than told it failed.
-fn reply_of<T, E: Into<Error>, M>(r: std::result::Result<CallResult<std::result::Result<T, E>>, MessagingErr<M>>) -> Result<T> {
+fn reply_of<T, E: Into<Error>, M>(
+    r: std::result::Result<CallResult<std::result::Result<T, E>>, MessagingErr<M>>,
+) -> Result<T> {
     match r {
         Ok(CallResult::Success(result)) => result.map_err(Into::into),
-        Ok(CallResult::Timeout) => {
-            Err(Error::Unavailable("the tenant manager did not answer in time; retry with the same Idempotency-Key".into()))
-        }
+        Ok(CallResult::Timeout) => Err(Error::Unavailable(
+            "the tenant manager did not answer in time; retry with the same Idempotency-Key".into(),
+        )),
         Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(
             "the tenant manager stopped while handling the request; retry with the same Idempotency-Key".into(),
         )),

@@ -35,8 +35,10 @@ use futures_util::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::harness::{err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, ServiceUrls, Tenant};
 pub use super::harness::Stack;
+use super::harness::{
+    err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, ServiceUrls, Tenant,
+};
 use crate::jobs::{JobQueue, JobState, QueueConfig};
 use crate::store::Store;
 
@@ -73,7 +75,6 @@ pub struct E2eBenchArgs {
     #[arg(long)]
     pub no_raw: bool,
 }
-
 
 /// One load run's figures.
 #[derive(Debug, Clone)]
@@ -406,7 +407,7 @@ async fn wait_idle(store: &dyn Store, queue: &dyn JobQueue, t: &Tenant, users: u
             busy += queue.count(state).await.map_err(err)?;
         }
         let audited = if busy == 0 { store.count_audit(t.id).await.map_err(err)? } else { 0 };
-        if audited >= users as u64 + 1 && busy == 0 {
+        if audited > users as u64 && busy == 0 {
             return Ok(());
         }
         if Instant::now() > deadline {

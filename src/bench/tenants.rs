@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::harness::{err, BenchResult, Run, ServiceUrls, Stack};
+use super::harness::{err, new_tenant, BenchResult, Run, ServiceUrls, Stack, Tenant};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TenantsBenchArgs {
@@ -55,37 +55,22 @@ pub async fn run(args: TenantsBenchArgs) -> BenchResult<Report> {
 
     eprintln!("creating {} tenants…", args.tenants);
     let started = Instant::now();
-    let tenants: Vec<Result<(String, String), String>> = futures_util::stream::iter(0..args.tenants)
+    let tenants: Vec<BenchResult<Tenant>> = futures_util::stream::iter(0..args.tenants)
         .map(|i| {
             let (client, base, token) = (client.clone(), base.clone(), run.token.clone());
-            async move {
-                let slug = format!("t{i}-{}", &run_suffix(i));
-                let res: serde_json::Value = client
-                    .post(format!("{base}/v1/tenants"))
-                    .bearer_auth(token)
-                    .json(&json!({"name": slug, "slug": slug}))
-                    .send()
-                    .await
-                    .map_err(err)?
-                    .json()
-                    .await
-                    .map_err(err)?;
-                let id = res["tenant"]["id"].as_str().ok_or_else(|| format!("no tenant: {res}"))?.to_owned();
-                let key = res["api_key"]["key"].as_str().ok_or("no key")?.to_owned();
-                Ok((id, key))
-            }
+            async move { new_tenant(&client, &base, &token, &format!("t{i}")).await }
         })
         .buffer_unordered(args.concurrency)
         .collect()
         .await;
-    let tenants: Vec<(String, String)> = tenants.into_iter().collect::<Result<_, _>>()?;
+    let tenants: Vec<Tenant> = tenants.into_iter().collect::<Result<_, _>>()?;
     let create_per_s = tenants.len() as f64 / started.elapsed().as_secs_f64();
     let rss_created = rss(&server);
 
     eprintln!("one create in each tenant…");
     let started = Instant::now();
     let touched: Vec<Result<(), String>> = futures_util::stream::iter(tenants.iter().cloned())
-        .map(|(id, key)| {
+        .map(|Tenant { id, key }| {
             let (client, base) = (client.clone(), base.clone());
             async move {
                 let res = client
@@ -108,8 +93,15 @@ pub async fn run(args: TenantsBenchArgs) -> BenchResult<Report> {
     let touch_per_s = tenants.len() as f64 / started.elapsed().as_secs_f64();
     let rss_touched = rss(&server);
     let peak = server.rss_kb().map(|(_, peak)| peak).unwrap_or(0);
-    let tree: serde_json::Value =
-        client.get(format!("{base}/debug/actors")).bearer_auth(&run.token).send().await.map_err(err)?.json().await.map_err(err)?;
+    let tree: serde_json::Value = client
+        .get(format!("{base}/debug/actors"))
+        .bearer_auth(&run.token)
+        .send()
+        .await
+        .map_err(err)?
+        .json()
+        .await
+        .map_err(err)?;
     let managers_running = find(&tree, "tenants").and_then(|n| n["children"].as_array()).map_or(0, |c| c.len());
     server.stop()?;
     Ok(Report {
@@ -131,11 +123,6 @@ fn find<'a>(node: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::V
         return Some(node);
     }
     node["children"].as_array()?.iter().find_map(|c| find(c, name))
-}
-
-/// A short unique suffix for slugs.
-fn run_suffix(i: usize) -> String {
-    format!("{:x}", (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40)
 }
 
 pub fn table(r: &Report) -> String {

@@ -72,11 +72,8 @@ pub struct Report {
 
 pub async fn run(args: WritesBenchArgs) -> BenchResult<Report> {
     let wrk = which("wrk").ok_or("wrk not found: apt-get install wrk")?;
-    let urls = ServiceUrls {
-        database_url: args.database_url.clone(),
-        amqp_url: String::new(),
-        redis_url: String::new(),
-    };
+    let urls =
+        ServiceUrls { database_url: args.database_url.clone(), amqp_url: String::new(), redis_url: String::new() };
     let mut rows = Vec::new();
     for &n in &args.tenants {
         let run = Run::new(args.stack, urls.clone(), None)?;
@@ -259,8 +256,10 @@ fn which(program: &str) -> Option<String> {
 pub fn table(r: &Report) -> String {
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     let stack = format!("{:?}", r.stack).to_lowercase();
-    let mut out =
-        format!("Stack: {stack}, {} connections. Raw engine, same run: {} = {:.0}/s\n\n", r.connections, r.raw.0, r.raw.1);
+    let mut out = format!(
+        "Stack: {stack}, {} connections. Raw engine, same run: {} = {:.0}/s\n\n",
+        r.connections, r.raw.0, r.raw.1
+    );
     out.push_str("| tenants | creates/s | × raw | p50 | p90 | p99 | non-2xx | stored ≥ 2xx | writes/txn | txn ms | half rate: offered/s | p50 | p95 | p99 | failed |\n");
     out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut seen = HashSet::new();
@@ -269,7 +268,9 @@ pub fn table(r: &Report) -> String {
             continue;
         }
         let half = match &row.half {
-            Some((rate, p50, p95, p99, failed)) => format!("{rate:.0} | {} | {} | {} | {failed}", ms(*p50), ms(*p95), ms(*p99)),
+            Some((rate, p50, p95, p99, failed)) => {
+                format!("{rate:.0} | {} | {} | {} | {failed}", ms(*p50), ms(*p95), ms(*p99))
+            }
             None => "– | – | – | – | –".into(),
         };
         out.push_str(&format!(

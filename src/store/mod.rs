@@ -182,8 +182,7 @@ pub trait Store: Send + Sync + 'static {
         idempotency: Option<&IdempotencyRequest>,
         ctx: &EventContext,
     ) -> StoreResult<Created<User>> {
-        let write =
-            TenantWrite::CreateUser { user: user.clone(), idempotency: idempotency.cloned(), ctx: ctx.clone() };
+        let write = TenantWrite::CreateUser { user: user.clone(), idempotency: idempotency.cloned(), ctx: ctx.clone() };
         writes::single(self.write_batch(user.0.tenant_id, &[write]).await)?.into_created_user()
     }
     async fn get_user(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<User>;

@@ -15,8 +15,8 @@ pub mod tree;
 
 pub use root::{Root, RootHandle};
 pub use spec::{
-    Activity, ActivityGuard, Backoff, ChildKind, ChildSpec, Intensity, Passivation, Restart, StartCtx, StartFn, Strategy,
-    SupervisorSpec, RESTARTS_PER_CHILD,
+    Activity, ActivityGuard, Backoff, ChildKind, ChildSpec, Intensity, Passivation, Restart, StartCtx, StartFn,
+    Strategy, SupervisorSpec, RESTARTS_PER_CHILD,
 };
 pub use supervisor::{StartedChild, Supervisor, SupervisorMsg};
 pub use tree::{ActorNode, Status, Tree};

@@ -264,7 +264,8 @@ fn tenants_start(spec: SupervisorSpec, slot: TenantsSlot) -> StartFn {
     Arc::new(move |ctx: StartCtx| {
         let (spec, slot) = (spec.clone(), slot.clone());
         Box::pin(async move {
-            let (supervisor, _) = Supervisor::start(spec, ctx.tree.clone(), Some((ctx.parent, ctx.parent_name))).await?;
+            let (supervisor, _) =
+                Supervisor::start(spec, ctx.tree.clone(), Some((ctx.parent, ctx.parent_name))).await?;
             if let Ok(mut s) = slot.write() {
                 *s = Some(supervisor.clone());
             }

@@ -471,7 +471,9 @@ fn passivate_idle(state: &mut SupervisorState) {
     let idle: Vec<usize> = (0..state.children.len())
         .filter(|&i| {
             let c = &state.children[i];
-            c.dynamic && c.cell.is_some() && c.spec.activity.as_ref().and_then(|a| a.idle_for()).is_some_and(|d| d >= p.idle)
+            c.dynamic
+                && c.cell.is_some()
+                && c.spec.activity.as_ref().and_then(|a| a.idle_for()).is_some_and(|d| d >= p.idle)
         })
         .collect();
     passivate(state, idle, "idle");

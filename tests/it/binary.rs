@@ -104,26 +104,33 @@ async fn empty_variables_mean_unset() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
-/// The benchmark's short version (CI): `eventra bench e2e` in drain mode on the embedded
-/// stack runs end to end and reports a drain rate. (Targets live in BENCHMARKS.md, not
-/// here: this checks the command works, every effect included.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_e2e_drain_runs_on_embedded() {
+/// Runs `eventra <args>` in a scratch directory (5 minutes at most) and returns its
+/// standard output, asserting it succeeded.
+async fn run_command(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
-            .args(["bench", "e2e", "--stack", "embedded", "--drain", "300", "--no-raw"])
+            .args(args)
             .current_dir(dir.path())
             .env("EVENTRA_LOG", "warn")
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("bench e2e finished within 5 minutes")
-    .expect("bench e2e ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    .unwrap_or_else(|_| panic!("eventra {args:?} finished within 5 minutes"))
+    .expect("the command ran");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The benchmark's short version (CI): `eventra bench e2e` in drain mode on the embedded
+/// stack runs end to end and reports a drain rate. (Targets live in BENCHMARKS.md, not
+/// here: this checks the command works, every effect included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_e2e_drain_runs_on_embedded() {
+    let stdout = run_command(&["bench", "e2e", "--stack", "embedded", "--drain", "300", "--no-raw"]).await;
     let line = stdout.lines().find(|l| l.starts_with("Drain (embedded")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(line.contains("300 events, every effect done"), "{line}");
     assert!(stdout.contains("Stages, last event done"), "{stdout}");
@@ -141,21 +148,7 @@ async fn bench_writes_runs_on_embedded() {
         eprintln!("NOT RUN: binary::bench_writes_runs_on_embedded (no wrk)");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
-            .args(["bench", "writes", "--stack", "embedded", "--tenants", "1,2", "--seconds", "2"])
-            .current_dir(dir.path())
-            .env("EVENTRA_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("bench writes finished within 5 minutes")
-    .expect("bench writes ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run_command(&["bench", "writes", "--stack", "embedded", "--tenants", "1,2", "--seconds", "2"]).await;
     let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |")).collect();
     assert_eq!(rows.len(), 2, "{stdout}");
     for row in rows {
@@ -170,21 +163,7 @@ async fn bench_writes_runs_on_embedded() {
 /// managers: at most 100 run afterwards (the others were passivated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_tenants_passivates_past_the_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
-            .args(["bench", "tenants", "--tenants", "300", "--max-managers", "100"])
-            .current_dir(dir.path())
-            .env("EVENTRA_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("bench tenants finished within 5 minutes")
-    .expect("bench tenants ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run_command(&["bench", "tenants", "--tenants", "300", "--max-managers", "100"]).await;
     let row = stdout.lines().find(|l| l.starts_with("| 300 |")).unwrap_or_else(|| panic!("{stdout}"));
     let running: usize = row.split('|').map(str::trim).nth(7).and_then(|c| c.parse().ok()).unwrap_or(usize::MAX);
     assert!((1..=100).contains(&running), "at most the limit runs: {row}");

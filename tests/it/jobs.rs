@@ -670,12 +670,20 @@ async fn writes_are_shed_while_the_workers_fall_behind(backend: Backend, test: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_writes_are_shed_while_the_workers_fall_behind() {
-    writes_are_shed_while_the_workers_fall_behind(Backend::Sqlite, "jobs::sqlite_writes_are_shed_while_the_workers_fall_behind").await;
+    writes_are_shed_while_the_workers_fall_behind(
+        Backend::Sqlite,
+        "jobs::sqlite_writes_are_shed_while_the_workers_fall_behind",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_writes_are_shed_while_the_workers_fall_behind() {
-    writes_are_shed_while_the_workers_fall_behind(Backend::Redis, "jobs::redis_writes_are_shed_while_the_workers_fall_behind").await;
+    writes_are_shed_while_the_workers_fall_behind(
+        Backend::Redis,
+        "jobs::redis_writes_are_shed_while_the_workers_fall_behind",
+    )
+    .await;
 }
 
 /// With no worker running, a queue far behind is stalled, not overloaded: writes are
@@ -701,7 +709,14 @@ async fn stalled_workers_do_not_shed_writes() {
     let until = tokio::time::Instant::now() + stalled_for;
     let mut i = 0;
     while tokio::time::Instant::now() < until {
-        let res = s.app.post(&format!("/v1/tenants/{}/users", t.id), &t.admin_key, json!({"email": format!("u{i}@x.io"), "name": "U"})).await;
+        let res = s
+            .app
+            .post(
+                &format!("/v1/tenants/{}/users", t.id),
+                &t.admin_key,
+                json!({"email": format!("u{i}@x.io"), "name": "U"}),
+            )
+            .await;
         assert_eq!(res.status(), StatusCode::CREATED, "write {i} while the queue is stalled");
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -423,24 +423,30 @@ pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
     let steal = UserPatch { email: Some("two@x.io".into()), ..UserPatch::default() };
     let a_writes = vec![
         create(&a1, None),
-        create(&a1_again, None),                     // 409: same email, other case, same batch
+        create(&a1_again, None), // 409: same email, other case, same batch
         create(&a2, Some(("k2", "h2"))),
-        create(&a2_replay, Some(("k2", "h2"))),      // replays a2
-        create(&a2_other, Some(("k2", "other"))),    // 422: key reused with another body
-        create(&a3, None),                           // the third user: tenant now full
-        create(&a4, None),                           // 409: full
+        create(&a2_replay, Some(("k2", "h2"))),   // replays a2
+        create(&a2_other, Some(("k2", "other"))), // 422: key reused with another body
+        create(&a3, None),                        // the third user: tenant now full
+        create(&a4, None),                        // 409: full
     ];
     let b_writes = vec![
         create(&b1, None),
         TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(1), patch: rename, ctx: ctx() },
         create(&b2, None),
         TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(2), patch: steal, ctx: ctx() }, // 409
-        TenantWrite::UpdateUser { user_id: b1.0.id, expected_version: Some(1), patch: UserPatch::default(), ctx: ctx() }, // 412
+        TenantWrite::UpdateUser {
+            user_id: b1.0.id,
+            expected_version: Some(1),
+            patch: UserPatch::default(),
+            ctx: ctx(),
+        }, // 412
         TenantWrite::DeleteUser { user_id: b1.0.id, expected_version: None, ctx: ctx() },
         create(&b1_again, None), // the deleted user's email is free again
     ];
     let ghost_writes = vec![create(&ghost, None)];
-    let out = s.write_batches(&[(a.id, &a_writes), (b.id, &b_writes), (ghost.0.tenant_id, &ghost_writes)], &|| ()).await;
+    let out =
+        s.write_batches(&[(a.id, &a_writes), (b.id, &b_writes), (ghost.0.tenant_id, &ghost_writes)], &|| ()).await;
     assert_eq!(out.len(), 3);
     let (oa, ob, og) = (&out[0], &out[1], &out[2]);
 
@@ -465,13 +471,17 @@ pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
     // The database says the same.
     assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 3, "max_users is exact");
     assert_eq!(s.get_tenant(b.id).await.unwrap().user_count, 2);
-    let b_users: Vec<_> = s.list_users(b.id, PageRequest::first()).await.unwrap().items.into_iter().map(|u| u.id).collect();
+    let b_users: Vec<_> =
+        s.list_users(b.id, PageRequest::first()).await.unwrap().items.into_iter().map(|u| u.id).collect();
     assert_eq!(b_users.len(), 2);
     assert!(b_users.contains(&b2.0.id) && b_users.contains(&b1_again.0.id));
     // Events: one per committed change, per tenant gap-free and in the writes' order.
     let rows = expect_events(&s, 3 + 5, before).await;
     let of = |t: Uuid| -> Vec<(i64, EventType, String)> {
-        rows.iter().filter(|r| r.tenant_id == t).map(|r| (r.tenant_seq, r.event.event_type, r.event.subject.clone())).collect()
+        rows.iter()
+            .filter(|r| r.tenant_id == t)
+            .map(|r| (r.tenant_seq, r.event.event_type, r.event.subject.clone()))
+            .collect()
     };
     let a_events = of(a.id);
     assert_eq!(a_events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4]);
@@ -483,10 +493,19 @@ pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
     assert_eq!(b_events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
     assert_eq!(
         b_events.iter().map(|e| e.1).collect::<Vec<_>>(),
-        vec![EventType::UserCreated, EventType::UserUpdated, EventType::UserCreated, EventType::UserDeleted, EventType::UserCreated]
+        vec![
+            EventType::UserCreated,
+            EventType::UserUpdated,
+            EventType::UserCreated,
+            EventType::UserDeleted,
+            EventType::UserCreated
+        ]
     );
     // The keyed create's answer is stored: a later retry (another transaction) replays it.
-    let again = s.create_user(&a2_replay, Some(&IdempotencyRequest { key: "k2".into(), request_hash: "h2".into() }), &ctx()).await.unwrap();
+    let again = s
+        .create_user(&a2_replay, Some(&IdempotencyRequest { key: "k2".into(), request_hash: "h2".into() }), &ctx())
+        .await
+        .unwrap();
     assert_eq!((again.value.id, again.replayed), (a2.0.id, true));
 }
 
