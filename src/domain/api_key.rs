@@ -15,7 +15,7 @@ use uuid::Uuid;
 pub const KEY_PREFIX: &str = "evk_";
 
 /// What a key may do inside its tenant. Ordered: each role includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read users, search, audit.
@@ -46,7 +46,7 @@ impl Role {
 }
 
 /// A stored key, without its secret.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: Uuid,
     pub tenant_id: Uuid,

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{Actor, DomainEvent};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// The event's id: one entry per event.
     pub event_id: Uuid,

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::validation::{check_name, ValidationErrors};
 
 /// A tenant as stored and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: Uuid,
     pub slug: String,
@@ -21,12 +21,22 @@ pub struct Tenant {
 }
 
 /// Body of `POST /v1/tenants`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenantInput {
+    /// 1-200 characters, not blank, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: String,
+    /// The tenant's stable handle: 3-63 characters of a-z, 0-9 and '-'.
+    #[schema(pattern = r"^[a-z0-9-]{3,63}$")]
     pub slug: String,
+    /// Users the tenant may have; 0 (the default) means no limit.
     #[serde(default)]
+    #[schema(maximum = 4294967295_u64)]
     pub max_users: Option<u32>,
 }
 
@@ -70,10 +80,17 @@ impl NewTenant {
 
 /// Body of `PATCH /v1/tenants/{id}`; absent fields stay as they are. The slug is the
 /// tenant's stable public handle and cannot change.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantPatch {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: Option<String>,
+    /// 0 means no limit.
+    #[schema(maximum = 4294967295_u64)]
     pub max_users: Option<u32>,
 }
 

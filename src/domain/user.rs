@@ -18,7 +18,7 @@ pub const MAX_ATTRIBUTES_DEPTH: usize = 32;
 /// RFC 5321 limit for an address.
 const MAX_EMAIL_LEN: usize = 254;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UserStatus {
     Active,
@@ -43,7 +43,7 @@ impl UserStatus {
 }
 
 /// A user as stored and as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     pub id: Uuid,
     pub tenant_id: Uuid,
@@ -65,10 +65,18 @@ impl User {
 }
 
 /// Body of `POST /v1/tenants/{tenant_id}/users`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUserInput {
+    /// Unique in the tenant, compared case-insensitively.
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
+    /// 1-200 characters, not blank, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: String,
     #[serde(default)]
     pub attributes: Option<Map<String, Value>>,
@@ -102,10 +110,16 @@ impl NewUser {
 
 /// Body of `PATCH /v1/tenants/{tenant_id}/users/{user_id}`; absent fields stay.
 /// `attributes`, when present, replaces the whole object.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
+    #[schema(format = Email, max_length = 254)]
     pub email: Option<String>,
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: Option<String>,
     pub status: Option<UserStatus>,
     pub email_verified: Option<bool>,

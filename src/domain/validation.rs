@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// One invalid field and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// JSON pointer-ish path of the field, e.g. `email` or `attributes`.
     pub field: String,

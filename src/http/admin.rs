@@ -8,26 +8,34 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::{ApiPath, ApiQuery, Principal};
+use super::openapi::{AuthProblems, NotFound, QueryProblems, Unavailable};
 use super::AppState;
 use crate::error::{Error, Result};
 
 /// Most parked messages one listing returns.
 const MAX_LIMIT: u32 = 500;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DlqQuery {
+    /// Messages to list, 1-500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
 /// `GET /v1/admin/dlq?limit=`: parked messages, oldest first, with reason and delivery
 /// count. The DLQ is a queue, not a table: the listing peeks at its head (no cursor).
+#[utoipa::path(get, path = "/v1/admin/dlq", operation_id = "listDeadLetters", tag = "pipeline", security(("bearer" = [])), params(DlqQuery),
+    responses((status = 200, description = "`{items: [{id, source, message_id, routing_key, payload, reason, delivery_count}], next_cursor: null}`", body = serde_json::Value),
+        AuthProblems, QueryProblems, Unavailable))]
 async fn list_dlq(
     State(s): State<AppState>,
     principal: Principal,
@@ -62,6 +70,10 @@ async fn list_dlq(
 /// `POST /v1/admin/dlq/{id}/replay`: puts the parked message back on the bus (confirmed),
 /// then removes it from the DLQ; consumers are idempotent, so a replay of an event that
 /// already took effect changes nothing.
+#[utoipa::path(post, path = "/v1/admin/dlq/{id}/replay", operation_id = "replayDeadLetter", tag = "pipeline", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The parked message's id")),
+    responses((status = 202, description = "`{replayed: id, source: \"event-bus\"}`", body = serde_json::Value),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn replay(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<String>) -> Result<Response> {
     principal.require_platform_admin()?;
     if !s.bus.replay(&id).await.map_err(|e| Error::Unavailable(e.to_string()))? {
@@ -72,6 +84,9 @@ async fn replay(State(s): State<AppState>, principal: Principal, ApiPath(id): Ap
 }
 
 /// `DELETE /v1/admin/dlq/{id}`: discards a parked message for good.
+#[utoipa::path(delete, path = "/v1/admin/dlq/{id}", operation_id = "discardDeadLetter", tag = "pipeline", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The parked message's id")),
+    responses((status = 204, description = "Discarded"), AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn discard(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<String>) -> Result<StatusCode> {
     principal.require_platform_admin()?;
     if !s.bus.discard(&id).await.map_err(|e| Error::Unavailable(e.to_string()))? {
@@ -82,15 +97,17 @@ async fn discard(State(s): State<AppState>, principal: Principal, ApiPath(id): A
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     let body = s.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/dlq", get(list_dlq))
-        .route("/v1/admin/dlq/{id}/replay", post(replay))
-        .route("/v1/admin/dlq/{id}", delete(discard))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_dlq))
+        .routes(routes!(replay))
+        .routes(routes!(discard))
+        .routes(routes!(metrics))
 }

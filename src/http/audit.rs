@@ -9,27 +9,40 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{ApiPath, ApiQuery, Caller};
+use super::openapi::{AuthProblems, NotFound, QueryProblems, Unavailable};
 use super::AppState;
 use crate::domain::{EventType, PageRequest, Role, ValidationErrors};
 use crate::error::{Error, Result};
 use crate::store::AuditFilter;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Words that must each start a word of the entry (searched in the index).
     q: Option<String>,
+    /// An event type, exactly (`user.updated`).
     #[serde(rename = "type")]
+    #[param(rename = "type")]
     event_type: Option<String>,
+    /// Entries at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     from: Option<String>,
+    /// Entries before this time (RFC 3339).
+    #[param(format = DateTime)]
     to: Option<String>,
+    /// Entries per page, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -44,6 +57,11 @@ fn time(errors: &mut ValidationErrors, field: &str, value: Option<&str>) -> Opti
     }
 }
 
+/// `GET /v1/tenants/{tenant_id}/audit`: the audit log, oldest first (tenant admin).
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/audit", operation_id = "listAudit", tag = "audit", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), AuditQuery),
+    responses((status = 200, description = "A page of audit entries", body = crate::domain::Page<crate::domain::AuditEntry>),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn list(
     State(s): State<AppState>,
     caller: Caller,
@@ -86,6 +104,6 @@ async fn list(
     Ok(Json(entries).into_response())
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/tenants/{tenant_id}/audit", get(list))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
 }

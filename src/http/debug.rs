@@ -4,9 +4,10 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::{ApiPath, Principal};
 use super::AppState;
@@ -14,6 +15,10 @@ use crate::error::{Error, Result};
 use crate::supervision::{ActorNode, Status};
 
 /// `GET /debug/actors` (platform admin): the tree in the SPEC's node shape.
+#[utoipa::path(get, path = "/debug/actors", operation_id = "actorTree", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "The supervision tree: nodes `{name, kind, strategy?, status, restarts, last_failure, started_at, mailbox?, stats?, children}`; an HTML page for `Accept: text/html`",
+        content((serde_json::Value = "application/json"), (String = "text/html"))),
+        super::openapi::AuthProblems, super::openapi::Unavailable))]
 async fn tree(State(s): State<AppState>, principal: Principal, headers: HeaderMap) -> Result<Response> {
     principal.require_platform_admin()?;
     let root = s.tree.snapshot().ok_or_else(|| Error::Unavailable("the supervision tree is not running".into()))?;
@@ -27,6 +32,11 @@ async fn tree(State(s): State<AppState>, principal: Principal, headers: HeaderMa
 
 /// `POST /debug/actors/{name}/kill` (platform admin, `EVENTRA_CHAOS=1`): kills the actor
 /// at once, mid-message if need be; its supervisor sees an abnormal exit (`killed`).
+#[utoipa::path(post, path = "/debug/actors/{name}/kill", operation_id = "killActor", tag = "operations", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The actor's name in the tree")),
+    responses((status = 202, description = "`{killed: name}`", body = serde_json::Value),
+        (status = 409, description = "The root cannot be killed", body = super::problem::Problem, content_type = "application/problem+json"),
+        super::openapi::AuthProblems, super::openapi::QueryProblems, super::openapi::NotFound))]
 async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(name): ApiPath<String>) -> Result<Response> {
     principal.require_platform_admin()?;
     if !s.chaos {
@@ -42,8 +52,8 @@ async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(name): Ap
     Ok((StatusCode::ACCEPTED, Json(json!({ "killed": name }))).into_response())
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/debug/actors", get(tree)).route("/debug/actors/{name}/kill", post(kill))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(tree)).routes(routes!(kill))
 }
 
 fn render_page(root: &ActorNode) -> String {

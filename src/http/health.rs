@@ -3,14 +3,17 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
 use std::time::Duration;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 
 /// `GET /health/live`: the process serves HTTP.
+#[utoipa::path(get, path = "/health/live", operation_id = "live", tag = "operations",
+    responses((status = 200, description = "`{status: \"ok\"}`", body = serde_json::Value)))]
 async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -35,6 +38,11 @@ async fn check<E: std::fmt::Display + Send + 'static>(
 
 /// `GET /health/ready`: 200 when every dependency answers, 503 otherwise, with a
 /// check per dependency.
+#[utoipa::path(get, path = "/health/ready", operation_id = "ready", tag = "operations",
+    responses(
+        (status = 200, description = "`{status: \"up\", checks: {database, actors, job_queue, event_bus, search}}`, each `{status, backend?, detail}`", body = serde_json::Value),
+        (status = 503, description = "A dependency is down (its check says `down` and why)", body = serde_json::Value),
+    ))]
 async fn ready(State(s): State<AppState>) -> Response {
     let store = s.tenants.store().clone();
     let (tenants, queue, bus, search) = (s.tenants.clone(), s.jobs.queue.clone(), s.bus.clone(), s.search.clone());
@@ -70,6 +78,6 @@ async fn ready(State(s): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(live)).routes(routes!(ready))
 }

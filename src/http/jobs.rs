@@ -18,13 +18,15 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{ApiPath, ApiQuery, Principal};
+use super::openapi::{AuthProblems, NotFound, QueryProblems, Unavailable};
 use super::AppState;
 use crate::domain::ValidationErrors;
 use crate::error::{Error, Result};
@@ -43,11 +45,16 @@ impl From<JobError> for Error {
 }
 
 /// `?q=&cursor=&limit=`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SetQuery {
+    /// Case-insensitive substring of the job's id, kind, key, args or last error.
     q: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Jobs per page, 1-200 (default 25).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 
@@ -131,7 +138,10 @@ fn queue_json(q: &crate::jobs::QueueStats) -> Value {
     json!({ "name": q.name, "size": q.size, "latency_ms": q.latency.as_millis() as u64 })
 }
 
-/// `GET /v1/admin/jobs`.
+/// `GET /v1/admin/jobs`: job counts per state and the queues.
+#[utoipa::path(get, path = "/v1/admin/jobs", operation_id = "jobsSummary", tag = "jobs", security(("bearer" = [])),
+    responses((status = 200, description = "`{backend, counts: {ready, scheduled, running, retry, dead, done}, queues: [{name, size, latency_ms}]}`", body = serde_json::Value),
+        AuthProblems, Unavailable))]
 async fn summary(State(s): State<AppState>, principal: Principal) -> Result<Response> {
     principal.require_platform_admin()?;
     let mut counts = serde_json::Map::new();
@@ -144,14 +154,21 @@ async fn summary(State(s): State<AppState>, principal: Principal) -> Result<Resp
     Ok(Json(json!({ "backend": s.jobs.queue.backend(), "counts": counts, "queues": queues })).into_response())
 }
 
-/// `GET /v1/admin/jobs/queues`.
+/// `GET /v1/admin/jobs/queues`: every queue with its size and latency.
+#[utoipa::path(get, path = "/v1/admin/jobs/queues", operation_id = "listQueues", tag = "jobs", security(("bearer" = [])),
+    responses((status = 200, description = "`{items: [{name, size, latency_ms}], next_cursor: null}`", body = serde_json::Value),
+        AuthProblems, Unavailable))]
 async fn queues(State(s): State<AppState>, principal: Principal) -> Result<Response> {
     principal.require_platform_admin()?;
     let items: Vec<Value> = s.jobs.queue.queues().await?.iter().map(queue_json).collect();
     Ok(Json(json!({ "items": items, "next_cursor": null })).into_response())
 }
 
-/// `GET /v1/admin/jobs/queues/{name}`.
+/// `GET /v1/admin/jobs/queues/{name}`: a queue's ready jobs, next first.
+#[utoipa::path(get, path = "/v1/admin/jobs/queues/{name}", operation_id = "listQueueJobs", tag = "jobs", security(("bearer" = [])),
+    params(("name" = String, Path, pattern = r"^[a-z0-9_-]{1,64}$", description = "The queue (`default`)"), SetQuery),
+    responses((status = 200, description = "`{items: [job], next_cursor}`", body = serde_json::Value),
+        AuthProblems, QueryProblems, Unavailable))]
 async fn queue_jobs(
     State(s): State<AppState>,
     principal: Principal,
@@ -162,7 +179,10 @@ async fn queue_jobs(
     page(&s, &queue_name(name)?, &q).await
 }
 
-/// `DELETE /v1/admin/jobs/queues/{name}`.
+/// `DELETE /v1/admin/jobs/queues/{name}`: deletes every ready job of a queue.
+#[utoipa::path(delete, path = "/v1/admin/jobs/queues/{name}", operation_id = "clearQueue", tag = "jobs", security(("bearer" = [])),
+    params(("name" = String, Path, pattern = r"^[a-z0-9_-]{1,64}$", description = "The queue")),
+    responses((status = 200, description = "`{deleted: n}`", body = serde_json::Value), AuthProblems, QueryProblems, Unavailable))]
 async fn clear_queue(
     State(s): State<AppState>,
     principal: Principal,
@@ -174,7 +194,12 @@ async fn clear_queue(
     Ok(Json(json!({ "deleted": n })).into_response())
 }
 
-/// `GET /v1/admin/jobs/{set or id}`.
+/// `GET /v1/admin/jobs/{set or id}`: a set (`scheduled`, `retries`, `dead`, `running`),
+/// paged and filtered, or one job by id.
+#[utoipa::path(get, path = "/v1/admin/jobs/{segment}", operation_id = "getJobOrSet", tag = "jobs", security(("bearer" = [])),
+    params(("segment" = String, Path, pattern = r"^(scheduled|retries|dead|running|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$", description = "`scheduled`, `retries`, `dead`, `running`, or a job id"), SetQuery),
+    responses((status = 200, description = "A set: `{items: [job], next_cursor}`; a job: `{id, kind, queue, args, state, attempts, …}`", body = serde_json::Value),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn show(
     State(s): State<AppState>,
     principal: Principal,
@@ -202,7 +227,11 @@ fn acted(id: Uuid, what: &str, outcome: Acted) -> Result<Response> {
     }
 }
 
-/// `DELETE /v1/admin/jobs/{set or id}`.
+/// `DELETE /v1/admin/jobs/{set or id}`: deletes a whole set, or one job.
+#[utoipa::path(delete, path = "/v1/admin/jobs/{segment}", operation_id = "deleteJobOrSet", tag = "jobs", security(("bearer" = [])),
+    params(("segment" = String, Path, pattern = r"^(scheduled|retries|dead|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$", description = "`scheduled`, `retries`, `dead`, or a job id")),
+    responses((status = 200, description = "`{deleted: n}`, or `{id, action}`", body = serde_json::Value), (status = 409, description = "Not possible in the job's state (running, done)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn remove(
     State(s): State<AppState>,
     principal: Principal,
@@ -222,7 +251,11 @@ async fn remove(
     }
 }
 
-/// `POST /v1/admin/jobs/{set or id}/retry`.
+/// `POST /v1/admin/jobs/{set or id}/retry`: runs a whole set, or one job, now.
+#[utoipa::path(post, path = "/v1/admin/jobs/{segment}/retry", operation_id = "retryJobOrSet", tag = "jobs", security(("bearer" = [])),
+    params(("segment" = String, Path, pattern = r"^(scheduled|retries|dead|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$", description = "`scheduled`, `retries`, `dead`, or a job id")),
+    responses((status = 200, description = "`{retried: n}`, or `{id, action}`", body = serde_json::Value), (status = 409, description = "Not possible in the job's state (running, done)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn retry(State(s): State<AppState>, principal: Principal, ApiPath(segment): ApiPath<String>) -> Result<Response> {
     principal.require_platform_admin()?;
     match parse_ref(&segment)? {
@@ -241,18 +274,22 @@ async fn retry(State(s): State<AppState>, principal: Principal, ApiPath(segment)
     }
 }
 
-/// `POST /v1/admin/jobs/{id}/kill`.
+/// `POST /v1/admin/jobs/{id}/kill`: moves a job to the dead set.
+#[utoipa::path(post, path = "/v1/admin/jobs/{segment}/kill", operation_id = "killJob", tag = "jobs", security(("bearer" = [])),
+    params(("segment" = Uuid, Path, description = "The job's id")),
+    responses((status = 200, description = "`{id, action: \"killed\"}`", body = serde_json::Value), (status = 409, description = "Not possible in the job's state (running, done)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<Uuid>) -> Result<Response> {
     principal.require_platform_admin()?;
     acted(id, "killed", s.jobs.queue.kill(id).await?)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/jobs", get(summary))
-        .route("/v1/admin/jobs/queues", get(queues))
-        .route("/v1/admin/jobs/queues/{name}", get(queue_jobs).delete(clear_queue))
-        .route("/v1/admin/jobs/{segment}", get(show).delete(remove))
-        .route("/v1/admin/jobs/{segment}/retry", post(retry))
-        .route("/v1/admin/jobs/{segment}/kill", post(kill))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(summary))
+        .routes(routes!(queues))
+        .routes(routes!(queue_jobs, clear_queue))
+        .routes(routes!(show, remove))
+        .routes(routes!(retry))
+        .routes(routes!(kill))
 }

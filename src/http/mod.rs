@@ -12,6 +12,7 @@ pub mod debug;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod openapi;
 pub mod problem;
 pub mod search;
 pub mod tenants;
@@ -59,7 +60,22 @@ pub struct AppState {
 
 /// The whole API.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let (routes, doc) = described_routes().split_for_parts();
+    routes
+        .merge(openapi::router(openapi::document(doc)))
+        .fallback(problem::not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(move |req, next| body::limit(max_body_bytes, req, next)))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
+        .with_state(state)
+}
+
+/// Every route with its OpenAPI description (a route is added only through
+/// `OpenApiRouter::routes(routes!(handler))`, so it cannot lack one).
+fn described_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new()
         .merge(tenants::router())
         .merge(api_keys::router())
         .merge(users::router())
@@ -69,13 +85,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(jobs::router())
         .merge(search::router())
         .merge(audit::router())
-        .fallback(problem::not_found)
-        .method_not_allowed_fallback(problem::method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn(move |req, next| body::limit(max_body_bytes, req, next)))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
-        .with_state(state)
+}
+
+/// The OpenAPI document of the whole API (what `GET /openapi.json` answers).
+pub fn api_document() -> utoipa::openapi::OpenApi {
+    openapi::document(described_routes().into_openapi())
 }
 
 /// Accepts a sane `X-Request-Id` or makes one, opens the request span (with

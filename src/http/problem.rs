@@ -9,12 +9,14 @@ use crate::error::Error;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// The body of every error response.
-#[derive(Debug, Serialize)]
+/// The body of every error response (RFC 9457, `application/problem+json`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
-    /// A stable URN per kind of problem, for clients to branch on.
+    /// A stable URN per kind of problem, for clients to branch on
+    /// (`urn:eventra:problem:<slug>`).
     #[serde(rename = "type")]
     pub kind: String,
+    #[schema(value_type = String)]
     pub title: &'static str,
     pub status: u16,
     /// What went wrong and what to do about it.

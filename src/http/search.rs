@@ -7,13 +7,15 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{ApiPath, ApiQuery, Caller};
+use super::openapi::{AuthProblems, NotFound, QueryProblems, Unavailable};
 use super::AppState;
 use crate::domain::{Role, ValidationErrors};
 use crate::error::{Error, Result};
@@ -23,14 +25,26 @@ const MAX_LIMIT: u32 = 100;
 /// How deep paging goes (OpenSearch's default `index.max_result_window`).
 const MAX_DEPTH: u32 = 10_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SearchQuery {
+    /// Words that must each start a word of the user's name or email (required).
+    #[param(required = true, min_length = 1, max_length = 200, pattern = r"\S")]
     q: Option<String>,
+    /// Users per page, 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// `GET /v1/tenants/{tenant_id}/users/search?q=`: users whose name or email words
+/// start with every word of `q`, best first (reader).
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/users/search", operation_id = "searchUsers", tag = "users", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), SearchQuery),
+    responses((status = 200, description = "A page of users, best first", body = crate::domain::Page<crate::domain::User>),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn search_users(
     State(s): State<AppState>,
     caller: Caller,
@@ -70,6 +84,6 @@ async fn search_users(
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/tenants/{tenant_id}/users/search", get(search_users))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(search_users))
 }

@@ -3,11 +3,13 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{from_json_value, idempotency, if_match, ApiJson, ApiPath, ApiQuery, Caller};
+use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, Unavailable};
 use super::tenants::ListQuery;
 use super::AppState;
 use crate::domain::user::NewUserInput;
@@ -22,6 +24,18 @@ fn with_etag(status: StatusCode, user: User) -> Response {
 
 /// `POST …/users`: creates a user (writer). With `Idempotency-Key`, a retry with the
 /// same body gets the original answer (marked `Idempotent-Replayed: true`).
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/users", operation_id = "createUser", tag = "users", security(("bearer" = [])),
+    params(
+        ("tenant_id" = Uuid, Path, description = "The tenant"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$", description = "Makes the create safe to retry: the same key with the same body answers the original user (24 h)"),
+    ),
+    request_body = NewUserInput,
+    responses(
+        (status = 201, description = "Created (or replayed, with `Idempotent-Replayed: true`); `ETag` is its version", body = User,
+            headers(("ETag" = String, description = "`\"<version>\"`"), ("Location" = String, description = "The user's URL"))),
+        (status = 409, description = "The email is taken in this tenant, or the tenant is full (`type` …:tenant-user-limit)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, BodyProblems, NotFound, Unavailable,
+    ))]
 async fn create(
     State(s): State<AppState>,
     caller: Caller,
@@ -47,6 +61,9 @@ async fn create(
 }
 
 /// `GET …/users?limit=&cursor=`: users in id (= creation) order (reader).
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/users", operation_id = "listUsers", tag = "users", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), ListQuery),
+    responses((status = 200, description = "A page of users", body = crate::domain::Page<User>), AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn list(
     State(s): State<AppState>,
     caller: Caller,
@@ -58,6 +75,10 @@ async fn list(
 }
 
 /// `GET …/users/{user_id}` (reader).
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/users/{user_id}", operation_id = "getUser", tag = "users", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
+    responses((status = 200, description = "The user; `ETag` is its version", body = User, headers(("ETag" = String))),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn get_one(
     State(s): State<AppState>,
     caller: Caller,
@@ -68,6 +89,18 @@ async fn get_one(
 }
 
 /// `PATCH …/users/{user_id}` (writer): 412 when `If-Match` names a stale version.
+#[utoipa::path(patch, path = "/v1/tenants/{tenant_id}/users/{user_id}", operation_id = "updateUser", tag = "users", security(("bearer" = [])),
+    params(
+        ("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]{1,18}"?)$"#, description = "`\"<version>\"`: change only if this is still the current version"),
+    ),
+    request_body = UserPatch,
+    responses(
+        (status = 200, description = "The user after the change", body = User, headers(("ETag" = String))),
+        (status = 409, description = "The new email is taken in this tenant", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`If-Match` names a stale version (`current_version` says which is current)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, BodyProblems, NotFound, Unavailable,
+    ))]
 async fn update(
     State(s): State<AppState>,
     caller: Caller,
@@ -83,6 +116,16 @@ async fn update(
 }
 
 /// `DELETE …/users/{user_id}` (writer): 204; honours `If-Match` too.
+#[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/users/{user_id}", operation_id = "deleteUser", tag = "users", security(("bearer" = [])),
+    params(
+        ("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]{1,18}"?)$"#, description = "`\"<version>\"`: delete only if this is still the current version"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 412, description = "`If-Match` names a stale version", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, QueryProblems, NotFound, Unavailable,
+    ))]
 async fn delete(
     State(s): State<AppState>,
     caller: Caller,
@@ -95,8 +138,6 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/tenants/{tenant_id}/users", get(list).post(create))
-        .route("/v1/tenants/{tenant_id}/users/{user_id}", get(get_one).patch(update).delete(delete))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list, create)).routes(routes!(get_one, update, delete))
 }

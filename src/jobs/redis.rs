@@ -474,11 +474,13 @@ pub(crate) fn redis_client(url: &str) -> JobResult<Client> {
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()?;
-    let _ = client.on_reconnect(|server| async move {
+    // The returned tasks run the callbacks for the client's lifetime; dropping their
+    // handles detaches them.
+    let _on_reconnect = client.on_reconnect(|server| async move {
         tracing::info!(%server, "connected to Redis");
         Ok(())
     });
-    let _ = client.on_error(|(error, server)| async move {
+    let _on_error = client.on_error(|(error, server)| async move {
         tracing::warn!(%error, server = ?server, "Redis connection lost; reconnecting with backoff");
         Ok(())
     });

@@ -14,6 +14,7 @@ mod http_api;
 mod job_queue_conformance;
 mod jobs;
 mod mailer_conformance;
+mod openapi;
 mod pipeline;
 mod search;
 mod search_conformance;
