@@ -180,6 +180,8 @@ pub async fn run_with(
         jobs: jobs.clone(),
         prefetch: p.prefetch,
     });
+    let metrics = crate::telemetry::metrics();
+    let metrics_history = metrics.clone().map(crate::metrics_history::MetricsHistory::new);
     let deps = RootDeps {
         store: store.clone(),
         tenant_idle_timeout: config.tenant_idle_timeout,
@@ -187,6 +189,7 @@ pub async fn run_with(
         jobs: job_deps,
         pipeline,
         indexer: Some(indexer),
+        metrics_history: metrics_history.clone(),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers)
@@ -197,7 +200,9 @@ pub async fn run_with(
         admin_token: Arc::new(config.admin_token.clone()),
         tree: root.tree.clone(),
         chaos: config.chaos,
-        metrics: crate::telemetry::metrics(),
+        metrics,
+        metrics_history,
+        sessions: Arc::new(crate::http::dashboard::Sessions::new(config.admin_token.expose())),
         jobs,
         bus,
         search,

@@ -20,6 +20,8 @@
 //! - [`error`]: the application error every subsystem converts into.
 //! - [`app`]: wires it all together; [`app::run`] is the testable entry point.
 //! - [`telemetry`]: JSON logging and the Prometheus recorder.
+//! - [`metrics_history`]: a window of `/metrics` samples: rates and percentiles for the
+//!   dashboard.
 
 pub mod actors;
 pub mod app;
@@ -32,6 +34,7 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod mail;
+pub mod metrics_history;
 pub mod search;
 pub mod store;
 pub mod supervision;

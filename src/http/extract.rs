@@ -134,10 +134,9 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| Error::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+        let Some(header) = parts.headers.get(header::AUTHORIZATION) else {
+            return dashboard_session(parts, state);
+        };
         let token = header
             .to_str()
             .ok()
@@ -157,6 +156,29 @@ impl FromRequestParts<AppState> for Principal {
             None => Err(Error::Unauthorized("the bearer token is not valid".into())),
         }
     }
+}
+
+/// A request without `Authorization`: the dashboard's session cookie makes it the
+/// platform admin's; a state-changing one must also carry the session's CSRF token.
+fn dashboard_session(parts: &Parts, state: &AppState) -> Result<Principal> {
+    use super::dashboard::session;
+    let cookie = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(session::from_cookie_header)
+        .filter(|c| state.sessions.verify(c, super::dashboard::unix_now()))
+        .ok_or_else(|| Error::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+    if !parts.method.is_safe() {
+        let token = parts.headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !state.sessions.csrf_matches(cookie, token) {
+            return Err(Error::Forbidden(
+                "a change made with the dashboard's session needs its CSRF token in `X-CSRF-Token`".into(),
+            ));
+        }
+    }
+    Ok(Principal::PlatformAdmin)
 }
 
 /// The request id set by the request-id middleware; events carry it as `correlationid`.

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod api_keys;
 pub mod audit;
 mod body;
+pub mod dashboard;
 pub mod debug;
 pub mod extract;
 pub mod health;
@@ -15,6 +16,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod problem;
 pub mod search;
+pub mod stats;
 pub mod tenants;
 pub mod users;
 
@@ -50,6 +52,10 @@ pub struct AppState {
     pub chaos: bool,
     /// Prometheus exposition (`None` if the recorder could not be installed).
     pub metrics: Option<PrometheusHandle>,
+    /// A window of `/metrics` samples (`/v1/admin/stats`, the dashboard).
+    pub metrics_history: Option<crate::metrics_history::MetricsHistory>,
+    /// Dashboard sign-ins: signed session cookies and their CSRF tokens.
+    pub sessions: Arc<dashboard::Sessions>,
     /// The job queue (`/v1/admin/jobs`, readiness).
     pub jobs: crate::jobs::JobClient,
     /// The event bus (its dead-letter queue in `/v1/admin/dlq`).
@@ -85,6 +91,8 @@ fn described_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(jobs::router())
         .merge(search::router())
         .merge(audit::router())
+        .merge(stats::router())
+        .merge(dashboard::router())
 }
 
 /// The OpenAPI document of the whole API (what `GET /openapi.json` answers).

@@ -5,6 +5,7 @@
 //! ├── tenants (supervisor, one_for_one, dynamic children; passivates idle ones)
 //! │   └── tenant-<uuid>: one per active tenant (transient): group-commits its writes
 //! ├── idempotency-purge: deletes expired idempotency records every 5 minutes
+//! ├── metrics-sampler: keeps a window of `/metrics` for the dashboard (every 2 s)
 //! ├── indexer: batches index changes by count and time; circuit breaker
 //! ├── jobs (supervisor, one_for_one; `worker` role)
 //! │   ├── job-scheduler: due scheduled and retrying jobs become ready
@@ -51,6 +52,8 @@ pub struct RootDeps {
     pub pipeline: Option<PipelineDeps>,
     /// The indexing actor: the index it writes to and where it publishes itself.
     pub indexer: Option<crate::actors::indexer::IndexerDeps>,
+    /// Where `metrics-sampler` keeps its samples (`None`: no recorder, no sampler).
+    pub metrics_history: Option<crate::metrics_history::MetricsHistory>,
 }
 
 /// What the `pipeline` subtree needs.
@@ -91,6 +94,14 @@ pub fn root_children(deps: &RootDeps, slot: &TenantsSlot) -> Vec<ChildSpec> {
             .shutdown(Duration::from_secs(15)),
         ChildSpec::worker("idempotency-purge", periodic_start(PURGE_EVERY, purge_task(deps.store.clone()))),
     ];
+    if let Some(history) = &deps.metrics_history {
+        let history = history.clone();
+        let task: Task = Arc::new(move || {
+            let history = history.clone();
+            Box::pin(async move { Ok(history.sample() as u64) })
+        });
+        children.push(ChildSpec::worker("metrics-sampler", periodic_start(crate::metrics_history::SAMPLE_EVERY, task)));
+    }
     // Before `jobs`: the index jobs write through it.
     if let Some(indexer) = &deps.indexer {
         let indexer = indexer.clone();

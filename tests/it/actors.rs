@@ -26,6 +26,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
         jobs: None,
         pipeline: None,
         indexer: None,
+        metrics_history: None,
     };
     let root = Root::start(deps).await.unwrap();
     let tenants = Tenants::new(root.tenants.clone(), store, Duration::from_secs(10), 100);

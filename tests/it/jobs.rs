@@ -131,16 +131,16 @@ async fn worker_killed_mid_job(backend: Backend, test: &str) {
 }
 
 /// Fails while `broken`, or for its first `fail_first` runs.
-struct Flaky {
+pub(crate) struct Flaky {
     name: &'static str,
     fail_first: u32,
-    broken: AtomicBool,
-    max_attempts: u32,
-    runs: AtomicU32,
+    pub(crate) broken: AtomicBool,
+    pub(crate) max_attempts: u32,
+    pub(crate) runs: AtomicU32,
 }
 
 impl Flaky {
-    fn new(name: &'static str, fail_first: u32, broken: bool, max_attempts: u32) -> Arc<Self> {
+    pub(crate) fn new(name: &'static str, fail_first: u32, broken: bool, max_attempts: u32) -> Arc<Self> {
         Arc::new(Flaky { name, fail_first, broken: AtomicBool::new(broken), max_attempts, runs: AtomicU32::new(0) })
     }
 }
