@@ -235,7 +235,7 @@ impl MetricsHistory {
             .samples
             .iter()
             .zip(inner.samples.iter().skip(1))
-            .filter(|(_, b)| b.at >= since)
+            .filter(|(a, _)| a.at >= since)
             .map(|(a, b)| {
                 let dt = ((b.at - a.at).num_milliseconds() as f64 / 1000.0).max(0.001);
                 RatePoint {

@@ -151,8 +151,9 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
     };
     let first_parked = wait_for("the poison message parked", WAIT, || async { parked_at().await }).await;
 
-    // Signed out, the page is the sign-in form; a wrong token says so.
+    // Signed out, the dashboard sends the browser to the sign-in form; a wrong token says so.
     c.goto(&format!("{}/dashboard", app.base)).await.unwrap();
+    assert_eq!(c.current_url().await.unwrap().path(), "/dashboard/login");
     c.wait().for_element(Locator::Css("#token")).await.unwrap().send_keys("not-the-token").await.unwrap();
     click(c, "#sign-in").await;
     wait_for("the sign-in page to say the token is wrong", WAIT, || async {

@@ -44,6 +44,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/v1/admin/stats"),
     ("get", "/dashboard"),
+    ("get", "/dashboard/login"),
     ("post", "/dashboard/login"),
     ("post", "/dashboard/logout"),
     ("get", "/dashboard/assets/{file}"),

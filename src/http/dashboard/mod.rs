@@ -47,7 +47,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(page)).routes(routes!(login)).routes(routes!(logout)).routes(routes!(asset))
+    OpenApiRouter::new()
+        .routes(routes!(page))
+        .routes(routes!(login_page, login))
+        .routes(routes!(logout))
+        .routes(routes!(asset))
 }
 
 /// Seconds since the epoch (sessions expire by it).
@@ -81,15 +85,31 @@ fn session_of<'h>(state: &AppState, headers: &'h HeaderMap) -> Option<&'h str> {
         .filter(|c| state.sessions.verify(c, unix_now()))
 }
 
-/// `GET /dashboard`: the dashboard when signed in, the sign-in page otherwise.
+fn see_other(to: &'static str) -> Response {
+    secured((StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response(), "no-store")
+}
+
+/// `GET /dashboard`: the dashboard when signed in; otherwise to the sign-in page.
 #[utoipa::path(get, path = "/dashboard", operation_id = "dashboard", tag = "dashboard",
-    responses((status = 200, description = "The dashboard (signed in) or the sign-in page", content_type = "text/html", body = String)))]
+    responses((status = 200, description = "The dashboard", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to `/dashboard/login`")))]
 async fn page(State(s): State<AppState>, headers: HeaderMap) -> Response {
     match session_of(&s, &headers) {
         Some(session) => {
             let csrf = s.sessions.csrf(session);
             html(StatusCode::OK, INDEX_HTML.replace("{{csrf}}", &csrf).replace("{{chaos}}", &s.chaos.to_string()))
         }
+        None => see_other("/dashboard/login"),
+    }
+}
+
+/// `GET /dashboard/login`: the sign-in form (to the dashboard when already signed in).
+#[utoipa::path(get, path = "/dashboard/login", operation_id = "dashboardLoginPage", tag = "dashboard",
+    responses((status = 200, description = "The sign-in form: its field `token` takes the admin token", content_type = "text/html", body = String),
+        (status = 303, description = "Already signed in: to `/dashboard`")))]
+async fn login_page(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    match session_of(&s, &headers) {
+        Some(_) => see_other("/dashboard"),
         None => html(StatusCode::OK, LOGIN_HTML.to_owned()),
     }
 }
@@ -106,7 +126,7 @@ pub struct LoginForm {
 /// sign-in page, which says so.
 #[utoipa::path(post, path = "/dashboard/login", operation_id = "dashboardLogin", tag = "dashboard",
     request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 303, description = "To `/dashboard`: signed in (`Set-Cookie`), or `/dashboard#failed`"),
+    responses((status = 303, description = "To `/dashboard`: signed in (`Set-Cookie`), or back to `/dashboard/login#failed`"),
         (status = 403, description = "Sent from another site", body = super::problem::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a form", body = super::problem::Problem, content_type = "application/problem+json"),
         (status = 422, description = "No token field", body = super::problem::Problem, content_type = "application/problem+json")))]
@@ -136,8 +156,9 @@ async fn login(
         Err(e) => return Err(ValidationErrors::single("token", e.body_text()).into()),
     };
     let ok = bool::from(form.token.trim().as_bytes().ct_eq(s.admin_token.expose().as_bytes()));
-    let mut res = (StatusCode::SEE_OTHER, [(header::LOCATION, if ok { "/dashboard" } else { "/dashboard#failed" })])
-        .into_response();
+    let mut res =
+        (StatusCode::SEE_OTHER, [(header::LOCATION, if ok { "/dashboard" } else { "/dashboard/login#failed" })])
+            .into_response();
     if ok {
         let secure = headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         let cookie = session::set_cookie(&s.sessions.issue(unix_now()), secure);

@@ -13,7 +13,7 @@ async function api(method, path) {
   const headers = { 'Accept': 'application/json' };
   if (method !== 'GET') headers['X-CSRF-Token'] = CSRF;
   const res = await fetch(path, { method, headers, credentials: 'same-origin' });
-  if (res.status === 401) { location.reload(); throw new Error('signed out'); }
+  if (res.status === 401) { location.assign('/dashboard/login'); throw new Error('signed out'); }
   const body = res.status === 204 ? null : await res.json().catch(() => null);
   if (!res.ok) throw new Error((body && (body.detail || body.title)) || `${res.status}`);
   return body;
@@ -276,7 +276,7 @@ $('#poll').addEventListener('change', refresh);
 $('#window').addEventListener('change', refresh);
 $('#sign-out').addEventListener('click', async () => {
   await api('POST', '/dashboard/logout').catch(() => null);
-  location.reload();
+  location.assign('/dashboard/login');
 });
 window.addEventListener('hashchange', show);
 show();
