@@ -67,38 +67,41 @@ function svgEl(tag, attrs) {
 }
 
 function lineChart(svg, points, series) {
-  const W = 800, H = 180, pad = 24;
+  const W = 800, H = 180, pad = 12;
   const max = Math.max(1, ...points.flatMap((p) => series.map((s) => p[s.key])));
   const x = (i) => pad + (points.length > 1 ? i * (W - 2 * pad) / (points.length - 1) : 0);
   const y = (v) => H - pad - v * (H - 2 * pad) / max;
-  const parts = [
-    svgEl('line', { x1: pad, y1: H - pad, x2: W - pad, y2: H - pad, class: 'axis' }),
-    svgEl('text', { x: 2, y: pad - 8, class: 'label' }),
-  ];
-  parts[1].textContent = `${max.toFixed(1)}/s`;
+  const parts = [svgEl('line', { x1: pad, y1: H - pad, x2: W - pad, y2: H - pad, class: 'axis' })];
   for (const s of series) {
     const d = points.map((p, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(p[s.key]).toFixed(1)}`).join(' ');
     if (d) parts.push(svgEl('path', { d, class: `line ${s.cls}` }));
   }
   svg.replaceChildren(...parts);
+  return max;
 }
 
+// One slot per hour of the last 7 days, the newest on the right.
 function barChart(svg, hours) {
-  const W = 800, H = 140, pad = 20;
+  const W = 800, H = 140, pad = 8, SLOTS = 7 * 24;
+  const now = Math.floor(Date.now() / 3600000);
   const max = Math.max(1, ...hours.map((h) => h.processed + h.failed));
-  const bw = Math.max(1, (W - 2 * pad) / Math.max(hours.length, 1));
+  const bw = (W - 2 * pad) / SLOTS;
   const parts = [svgEl('line', { x1: pad, y1: H - pad, x2: W - pad, y2: H - pad, class: 'axis' })];
-  hours.forEach((h, i) => {
+  for (const h of hours) {
+    const slot = SLOTS - 1 - (now - Math.floor(Date.parse(h.hour) / 3600000));
+    if (slot < 0 || slot >= SLOTS) continue;
     const ph = h.processed * (H - 2 * pad) / max, fh = h.failed * (H - 2 * pad) / max;
     const title = svgEl('title', {});
     title.textContent = `${when(h.hour)}: ${h.processed} processed, ${h.failed} failed`;
     const g = svgEl('g', {});
+    const x = pad + slot * bw;
     g.append(title,
-      svgEl('rect', { x: pad + i * bw, y: H - pad - ph, width: Math.max(bw - 1, 1), height: ph, class: 'bar processed' }),
-      svgEl('rect', { x: pad + i * bw, y: H - pad - ph - fh, width: Math.max(bw - 1, 1), height: fh, class: 'bar failed' }));
+      svgEl('rect', { x, y: H - pad - ph, width: Math.max(bw - 1, 1), height: ph, class: 'bar processed' }),
+      svgEl('rect', { x, y: H - pad - ph - fh, width: Math.max(bw - 1, 1), height: fh, class: 'bar failed' }));
     parts.push(g);
-  });
+  }
   svg.replaceChildren(...parts);
+  return max;
 }
 
 // ---- panels -----------------------------------------------------------------------
@@ -108,15 +111,16 @@ const view = { panel: 'overview', set: { q: '', cursor: null }, queue: null, que
 
 const panels = {
   overview(stats) {
-    lineChart($('#chart-live'), stats.series, [
+    const top = lineChart($('#chart-live'), stats.series, [
       { key: 'processed_per_second', cls: 'processed' },
       { key: 'failed_per_second', cls: 'failed' },
     ]);
     const last = stats.series[stats.series.length - 1];
     $('#live-legend').textContent = last
-      ? `now ${last.processed_per_second.toFixed(1)} processed/s, ${last.failed_per_second.toFixed(1)} failed/s`
+      ? `now ${last.processed_per_second.toFixed(1)} processed/s (green), ${last.failed_per_second.toFixed(1)} failed/s (red); top of the chart ${top.toFixed(0)}/s`
       : 'collecting…';
-    barChart($('#chart-history'), stats.history);
+    const busiest = barChart($('#chart-history'), stats.history);
+    $('#history-legend').textContent = `processed (green) / failed (red) per hour, the last 7 days of this process; busiest hour ${fmt(busiest)}`;
     fill($('#kinds tbody'), stats.kinds.map((k) => el('tr', {},
       el('td', {}, k.kind), el('td', {}, fmt(k.succeeded)), el('td', {}, fmt(k.failed)),
       el('td', {}, ms(k.p50_ms)), el('td', {}, ms(k.p95_ms)), el('td', {}, ms(k.p99_ms)))), 'No jobs ran in this window.');
