@@ -14,6 +14,7 @@
 //! | `GET /v1/admin/jobs/{id}` | one job |
 //! | `POST /v1/admin/jobs/{id}/retry` | run it now |
 //! | `POST /v1/admin/jobs/{id}/kill` | move it to the dead set |
+//! | `POST /v1/admin/jobs/{retries,scheduled}/kill` | move the whole set to the dead set |
 //! | `DELETE /v1/admin/jobs/{id}` | delete it |
 
 use axum::extract::State;
@@ -274,14 +275,23 @@ async fn retry(State(s): State<AppState>, principal: Principal, ApiPath(segment)
     }
 }
 
-/// `POST /v1/admin/jobs/{id}/kill`: moves a job to the dead set.
-#[utoipa::path(post, path = "/v1/admin/jobs/{segment}/kill", operation_id = "killJob", tag = "jobs", security(("bearer" = [])),
-    params(("segment" = Uuid, Path, description = "The job's id")),
-    responses((status = 200, description = "`{id, action: \"killed\"}`", body = serde_json::Value), (status = 409, description = "Not possible in the job's state (running, done)", body = super::problem::Problem, content_type = "application/problem+json"),
+/// `POST /v1/admin/jobs/{set or id}/kill`: moves a job, or every job of the scheduled
+/// or retry set, to the dead set.
+#[utoipa::path(post, path = "/v1/admin/jobs/{segment}/kill", operation_id = "killJobOrSet", tag = "jobs", security(("bearer" = [])),
+    params(("segment" = String, Path, pattern = r"^(scheduled|retries|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$", description = "`scheduled`, `retries`, or a job id")),
+    responses((status = 200, description = "`{killed: n}`, or `{id, action: \"killed\"}`", body = serde_json::Value), (status = 409, description = "Not possible in the job's state (running, done), or for that set (dead, running)", body = super::problem::Problem, content_type = "application/problem+json"),
         AuthProblems, QueryProblems, NotFound, Unavailable))]
-async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<Uuid>) -> Result<Response> {
+async fn kill(State(s): State<AppState>, principal: Principal, ApiPath(segment): ApiPath<String>) -> Result<Response> {
     principal.require_platform_admin()?;
-    acted(id, "killed", s.jobs.queue.kill(id).await?)
+    match parse_ref(&segment)? {
+        Ref::Set(set @ (JobSet::Scheduled | JobSet::Retry)) => {
+            let n = s.jobs.queue.kill_all(&set).await?;
+            tracing::warn!(set = %segment, killed = n, "operator killed a job set");
+            Ok(Json(json!({ "killed": n })).into_response())
+        }
+        Ref::Set(_) => Err(Error::Conflict(format!("the {segment} set cannot be killed; kill scheduled or retries"))),
+        Ref::Job(id) => acted(id, "killed", s.jobs.queue.kill(id).await?),
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {

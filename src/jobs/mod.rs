@@ -293,6 +293,8 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn retry_all(&self, set: &JobSet) -> JobResult<u64>;
     /// `delete` for every job of a set (a queue, scheduled, retry or dead); returns how many.
     async fn delete_all(&self, set: &JobSet) -> JobResult<u64>;
+    /// `kill` for every job of the scheduled or retry set; returns how many.
+    async fn kill_all(&self, set: &JobSet) -> JobResult<u64>;
 
     /// One page of `set`, keeping jobs that match `filter` (see [`Job::matches`]). The
     /// cursor is a raw position, like Sidekiq's pages: jobs that leave the set meanwhile

@@ -983,6 +983,13 @@ impl JobQueue for RedisJobQueue {
         self.act_on_all(set, "retry").await
     }
 
+    async fn kill_all(&self, set: &JobSet) -> JobResult<u64> {
+        if !matches!(set, JobSet::Scheduled | JobSet::Retry) {
+            return Ok(0);
+        }
+        self.act_on_all(set, "kill").await
+    }
+
     async fn delete_all(&self, set: &JobSet) -> JobResult<u64> {
         match set {
             JobSet::Running => Ok(0),

@@ -422,6 +422,25 @@ impl JobQueue for SqliteJobQueue {
         Ok(done.rows_affected())
     }
 
+    async fn kill_all(&self, set: &JobSet) -> JobResult<u64> {
+        if !matches!(set, JobSet::Scheduled | JobSet::Retry) {
+            return Ok(0);
+        }
+        let now = now_us();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'dead', finished_at_us = $2, \
+             last_error = COALESCE(last_error, 'killed by an operator') WHERE state = $1",
+        )
+        .bind(set.state().as_str())
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() > 0 {
+            self.trim_dead(now).await?;
+        }
+        Ok(done.rows_affected())
+    }
+
     async fn delete_all(&self, set: &JobSet) -> JobResult<u64> {
         let queue = match set {
             JobSet::Queue(q) => Some(q.as_str()),

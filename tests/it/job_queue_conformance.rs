@@ -400,6 +400,21 @@ pub async fn operators_retry_kill_and_delete(make: Make) {
     assert!(q.get(ready).await.unwrap().is_none());
     assert!(matches!(q.enqueue(job("ready")).await.unwrap(), Enqueued::New(_)));
 
+    // Kill every scheduled job (two) and nothing else; the dead set cannot be killed.
+    let at = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut later = Vec::new();
+    for key in ["later-1", "later-2"] {
+        later.push(new_id(q.enqueue(NewJob { run_at: Some(at), ..job(key) }).await.unwrap()));
+    }
+    assert_eq!(q.kill_all(&JobSet::Scheduled).await.unwrap(), 2);
+    assert_eq!((q.count(JobState::Scheduled).await.unwrap(), q.count(JobState::Dead).await.unwrap()), (0, 4));
+    assert_eq!(q.kill_all(&JobSet::Dead).await.unwrap(), 0);
+    for id in later {
+        let killed = q.get(id).await.unwrap().unwrap();
+        assert_eq!((killed.state, killed.last_error.as_deref()), (JobState::Dead, Some("killed by an operator")));
+        assert_eq!(q.delete(id).await.unwrap(), Acted::Done);
+    }
+
     // Retry all the dead (2), then delete a whole queue.
     assert_eq!(q.retry_all(&JobSet::Dead).await.unwrap(), 2);
     assert_eq!((q.count(JobState::Dead).await.unwrap(), q.count(JobState::Ready).await.unwrap()), (0, 3));

@@ -234,6 +234,11 @@ async fn dead_jobs_retry_now(backend: Backend, test: &str) {
     assert_eq!(res.status(), StatusCode::CONFLICT);
     let res = s.app.post(&format!("/v1/admin/jobs/{}/retry", Uuid::now_v7()), ADMIN_TOKEN, json!({})).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // Whole sets: retries and scheduled can be killed (none here), the dead set cannot.
+    let killed: Value = s.app.post("/v1/admin/jobs/retries/kill", ADMIN_TOKEN, json!({})).await.json().await.unwrap();
+    assert_eq!(killed["killed"], 0, "{killed}");
+    let res = s.app.post("/v1/admin/jobs/dead/kill", ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
     let res = s.app.get("/v1/admin/jobs/graveyard", ADMIN_TOKEN).await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let res = s.app.get("/v1/admin/jobs/dead?cursor=abc", ADMIN_TOKEN).await;
@@ -519,6 +524,9 @@ impl JobQueue for Blips {
     }
     async fn delete_all(&self, set: &eventra::jobs::JobSet) -> eventra::jobs::JobResult<u64> {
         self.inner.delete_all(set).await
+    }
+    async fn kill_all(&self, set: &eventra::jobs::JobSet) -> eventra::jobs::JobResult<u64> {
+        self.inner.kill_all(set).await
     }
 }
 

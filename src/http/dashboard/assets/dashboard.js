@@ -173,6 +173,9 @@ const panels = {
     next.hidden = !page.next_cursor;
     next.onclick = () => { view.set.cursor = page.next_cursor; refresh(); };
     $('#set-retry-all').onclick = () => confirm(`Retry every job in ${name}?`) && act('POST', `/v1/admin/jobs/${name}/retry`, `Retried all ${name}`);
+    const killAll = $('#set-kill-all');
+    killAll.hidden = name === 'dead';
+    killAll.onclick = () => confirm(`Move every job in ${name} to the dead set?`) && act('POST', `/v1/admin/jobs/${name}/kill`, `Killed all ${name}`);
     $('#set-delete-all').onclick = () => confirm(`Delete every job in ${name}?`) && act('DELETE', `/v1/admin/jobs/${name}`, `Deleted all ${name}`);
   },
 
