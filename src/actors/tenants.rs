@@ -146,6 +146,15 @@ impl Tenants {
         Ok(self.store.get_tenant(id).await?)
     }
 
+    /// The busiest tenants since `since` (events committed), for the operator.
+    pub async fn tenant_activity(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<crate::store::TenantActivity>> {
+        Ok(self.store.tenant_activity(since, limit).await?)
+    }
+
     pub async fn list_tenants(&self, page: PageRequest) -> Result<Page<Tenant>> {
         Ok(self.store.list_tenants(page).await?)
     }

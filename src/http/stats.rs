@@ -57,7 +57,66 @@ pub struct Stats {
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(stats))
+    OpenApiRouter::new().routes(routes!(stats)).routes(routes!(tenant_activity))
+}
+
+/// `?window=&limit=`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ActivityQuery {
+    /// Seconds back from now, 10-86400 (default 300).
+    #[param(minimum = 10, maximum = 86400)]
+    window: Option<u64>,
+    /// Tenants to list, 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
+}
+
+/// A tenant's events over the window, from the outbox (every process's writes).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ActiveTenant {
+    #[serde(flatten)]
+    pub activity: crate::store::TenantActivity,
+    pub per_second: f64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Activity {
+    pub window_seconds: u64,
+    pub items: Vec<ActiveTenant>,
+}
+
+/// `GET /v1/admin/stats/tenants?window=&limit=`: the busiest tenants, by events
+/// committed in the window, with their user counts and event rates.
+#[utoipa::path(get, path = "/v1/admin/stats/tenants", operation_id = "tenantActivity", tag = "operations", security(("bearer" = [])),
+    params(ActivityQuery),
+    responses((status = 200, description = "The busiest tenants first", body = Activity), AuthProblems, QueryProblems, Unavailable))]
+async fn tenant_activity(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiQuery(q): ApiQuery<ActivityQuery>,
+) -> Result<Response> {
+    principal.require_platform_admin()?;
+    let mut errors = ValidationErrors::new();
+    let window = q.window.unwrap_or(DEFAULT_WINDOW_SECS);
+    if !(10..=86_400).contains(&window) {
+        errors.add("window", "must be between 10 and 86400 seconds");
+    }
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        errors.add("limit", "must be between 1 and 100");
+    }
+    errors.into_result(())?;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
+    let items = s
+        .tenants
+        .tenant_activity(since, limit)
+        .await?
+        .into_iter()
+        .map(|a| ActiveTenant { per_second: a.events as f64 / window as f64, activity: a })
+        .collect();
+    Ok(Json(Activity { window_seconds: window, items }).into_response())
 }
 
 /// `GET /v1/admin/stats?window=`: job counts, per-kind and per-event-type rates and

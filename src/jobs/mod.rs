@@ -143,6 +143,8 @@ pub struct Job {
     pub worker: Option<String>,
     /// The current lease, while running: what `heartbeat`/`ack`/`fail` must present.
     pub lease: Option<Uuid>,
+    /// When the current run began (its lease was taken), while running.
+    pub started_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     /// When the last failure happened (`run_at - failed_at` is the retry delay).
     pub failed_at: Option<DateTime<Utc>>,

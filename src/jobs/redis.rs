@@ -96,6 +96,7 @@ const FETCH: &str = concat!(
     r#"
 local n = math.min(tonumber(ARGV[4]), math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[5])))
 local out, ids = {}, {}
+local started = fmt(now_us())
 while #out < n do
   local id = redis.call('RPOP', KEYS[1])
   if not id then break end
@@ -103,7 +104,7 @@ while #out < n do
   local f = redis.call('HMGET', job, 'kind', 'queue', 'args', 'idempotency_key', 'failures', 'max_attempts',
     'enqueued_at_us', 'run_at_us', 'last_error', 'failed_at_us')
   if f[1] then
-    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', ARGV[6])
+    redis.call('HSET', job, 'state', 'running', 'worker', ARGV[2], 'lease', ARGV[6], 'started_at_us', started)
     table.insert(ids, id)
     table.insert(f, 1, id)
     table.insert(out, f)
@@ -678,6 +679,7 @@ fn parse_job(mut fields: HashMap<String, String>) -> JobResult<Job> {
         // Kept in the hash after a run for speed; meaningful only while running.
         worker: fields.remove("worker").filter(|_| running),
         lease: fields.remove("lease").and_then(|l| l.parse().ok()).filter(|_| running),
+        started_at: fields.remove("started_at_us").and_then(|v| v.parse().ok()).map(from_us).filter(|_| running),
         last_error: fields.remove("last_error"),
         failed_at: fields.remove("failed_at_us").and_then(|v| v.parse().ok()).map(from_us),
         finished_at: fields.remove("finished_at_us").and_then(|v| v.parse().ok()).map(from_us),
@@ -777,6 +779,7 @@ impl JobQueue for RedisJobQueue {
             }
             fields.insert("state".into(), "running".into());
             fields.insert("worker".into(), worker.to_owned());
+            fields.insert("started_at_us".into(), now_us().to_string());
             match parse_job(fields) {
                 Ok(job) => jobs.push(job),
                 Err(e) => {

@@ -64,6 +64,7 @@ struct JobRow {
     run_at_us: i64,
     worker: Option<String>,
     lease_id: Option<Uuid>,
+    started_at_us: Option<i64>,
     last_error: Option<String>,
     failed_at_us: Option<i64>,
     finished_at_us: Option<i64>,
@@ -86,6 +87,7 @@ impl TryFrom<JobRow> for Job {
             enqueued_at: from_us(r.enqueued_at_us),
             run_at: from_us(r.run_at_us),
             worker: r.worker,
+            started_at: r.started_at_us.filter(|_| state == JobState::Running).map(from_us),
             lease: r.lease_id,
             last_error: r.last_error,
             failed_at: r.failed_at_us.map(from_us),
@@ -180,7 +182,7 @@ impl JobQueue for SqliteJobQueue {
         }
         let share = (ready as u64).div_ceil(u64::from(workers.max(1))).min(u64::from(max));
         let mut rows = sqlx::query_as::<_, JobRow>(
-            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $3 \
+            "UPDATE jobs SET state = 'running', worker = $1, lease_until_us = $2, lease_id = $3, started_at_us = $6 \
              WHERE id IN (SELECT id FROM jobs WHERE state = 'ready' AND queue = $4 ORDER BY run_at_us, id LIMIT $5) \
              RETURNING *",
         )
@@ -189,6 +191,7 @@ impl JobQueue for SqliteJobQueue {
         .bind(Uuid::new_v4())
         .bind(queue)
         .bind(i64::try_from(share).unwrap_or(1))
+        .bind(now_us())
         .fetch_all(&self.writer)
         .await?;
         rows.sort_by_key(|r| (r.run_at_us, r.id));

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::{
@@ -256,6 +257,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
     /// How many audit entries a tenant has.
     async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;
+    /// The `limit` tenants with the most events committed since `since` (still in the
+    /// outbox), busiest first, with their user counts.
+    async fn tenant_activity(&self, since: DateTime<Utc>, limit: u32) -> StoreResult<Vec<TenantActivity>>;
     /// A tenant's audit entries matching `filter`, oldest first (by event id, which is
     /// time-ordered), paged by cursor.
     async fn list_audit(
@@ -274,6 +278,28 @@ pub trait Store: Send + Sync + 'static {
     /// Records several sent emails in one statement (keys already recorded are
     /// skipped); returns how many were new.
     async fn record_emails(&self, emails: &[SentEmail]) -> StoreResult<u64>;
+}
+
+/// A tenant's recent activity (`Store::tenant_activity`).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TenantActivity {
+    pub tenant_id: Uuid,
+    pub slug: String,
+    pub name: String,
+    pub user_count: i64,
+    /// Events committed in the window.
+    pub events: i64,
+}
+
+/// The smallest UUIDv7 of a moment: event ids are UUIDv7, so `event_id >= this` is every
+/// event committed since then, found by a range scan of the outbox's unique index.
+pub fn first_uuid_v7_at(at: DateTime<Utc>) -> Uuid {
+    let ms = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    b[6] = 0x70;
+    b[8] = 0x80;
+    Uuid::from_bytes(b)
 }
 
 /// What `list_audit` keeps: all given conditions hold.

@@ -586,6 +586,23 @@ macro_rules! sql_store_impl {
                 Ok(row.map(Into::into))
             }
 
+            async fn tenant_activity(
+                &self,
+                since: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::TenantActivity>> {
+                Ok(sqlx::query_as::<_, $crate::store::TenantActivity>(
+                    "SELECT t.id AS tenant_id, t.slug, t.name, t.user_count, a.events \
+                     FROM (SELECT tenant_id, COUNT(*) AS events FROM outbox WHERE event_id >= $1 \
+                           GROUP BY tenant_id ORDER BY events DESC, tenant_id LIMIT $2) AS a \
+                     JOIN tenants t ON t.id = a.tenant_id ORDER BY a.events DESC, t.id",
+                )
+                .bind($crate::store::first_uuid_v7_at(since))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn count_audit(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<u64> {
                 let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE tenant_id = $1")
                     .bind(tenant_id)

@@ -206,6 +206,14 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
     }
     assert!(c.find(Locator::Css("li[data-actor=\"job-worker-1\"] > button[data-action=\"kill\"]")).await.is_ok());
 
+    // The busiest tenants: ours, with its user.
+    show(c, "#tenants").await;
+    wait_for("our tenant among the busiest, with one user", WAIT, || async {
+        let row = text(c, "#tenant-activity tbody tr").await?;
+        (row.starts_with("dash-") && row.contains(" 1 ")).then_some(())
+    })
+    .await;
+
     // The session cookie is HttpOnly and SameSite=Strict; a change made with it but
     // without the CSRF token is refused, with it accepted.
     let cookies = c.get_all_cookies().await.unwrap();

@@ -365,8 +365,14 @@ pub async fn operators_retry_kill_and_delete(make: Make) {
     assert_eq!(q.retry_now(dead).await.unwrap(), Acted::Done);
     let again = q.fetch("graveyard", "w", Duration::from_secs(30)).await.unwrap().expect("retried now");
     assert_eq!((again.id, again.state), (dead, JobState::Running));
+    // A running job says since when; the stored job says the same.
+    let since = again.started_at.expect("a running job has started_at");
+    assert!((chrono::Utc::now() - since).num_seconds().abs() < 5, "{since}");
+    let stored = q.get(dead).await.unwrap().unwrap().started_at.expect("stored started_at");
+    assert!((stored - since).num_milliseconds().abs() < 1000, "{stored} vs {since}");
     assert_eq!(q.count(JobState::Dead).await.unwrap(), 0);
     assert_eq!(q.fail(dead, lease(&again), "still broken").await.unwrap(), Failed::Dead);
+    assert_eq!(q.get(dead).await.unwrap().unwrap().started_at, None, "only while running");
 
     // A job waiting for its first retry (15 s or more away) runs now.
     let flaky = new_id(q.enqueue(job("flaky")).await.unwrap());

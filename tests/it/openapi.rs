@@ -43,6 +43,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/health/ready"),
     ("get", "/metrics"),
     ("get", "/v1/admin/stats"),
+    ("get", "/v1/admin/stats/tenants"),
     ("get", "/dashboard"),
     ("get", "/dashboard/login"),
     ("post", "/dashboard/login"),

@@ -40,6 +40,24 @@ fn new_user(tenant_id: Uuid, email: &str) -> NewUser {
     NewUser::parse(tenant_id, input, eventra::domain::now()).expect("valid user")
 }
 
+/// The busiest tenants by events since a time (the dashboard's tenants panel): counted
+/// from the outbox, busiest first, with user counts; nothing from before `since`.
+pub async fn tenant_activity_counts_recent_events(s: Arc<dyn Store>) {
+    let quiet = tenant(&s, "quiet", 0).await;
+    let busy = tenant(&s, "busy", 0).await;
+    for i in 0..3 {
+        s.create_user(&new_user(busy.id, &format!("u{i}@x.io")), None, &ctx()).await.unwrap();
+    }
+    let since = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let activity = s.tenant_activity(since, 10).await.unwrap();
+    let seen: Vec<(Uuid, i64, i64)> = activity.iter().map(|a| (a.tenant_id, a.events, a.user_count)).collect();
+    assert_eq!(seen, [(busy.id, 4, 3), (quiet.id, 1, 0)], "tenant.created + 3 user.created, then 1");
+    assert_eq!(activity[0].slug, "busy");
+    assert_eq!(s.tenant_activity(since, 1).await.unwrap().len(), 1, "the limit holds");
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert!(s.tenant_activity(later, 10).await.unwrap().is_empty(), "nothing since a later time");
+}
+
 pub async fn tenant_changes_write_one_event_each(s: Arc<dyn Store>) {
     let t = tenant(&s, "acme", 0).await;
     let rows = expect_events(&s, 1, 0).await;
@@ -573,4 +591,5 @@ conformance!(
     batched_effects_reads_and_writes,
     batched_writes_keep_every_rule,
     one_failing_statement_fails_only_its_write,
+    tenant_activity_counts_recent_events,
 );

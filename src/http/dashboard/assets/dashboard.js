@@ -149,7 +149,7 @@ const panels = {
     const page = await api('GET', '/v1/admin/jobs/running?limit=200');
     fill($('#busy tbody'), page.items.map((j) => el('tr', {},
       el('td', {}, j.worker || '–'), el('td', { title: j.id }, short(j.id)), el('td', {}, j.kind),
-      el('td', {}, when(j.run_at)), el('td', {}, fmt(j.attempts)))), 'No job is running.');
+      el('td', {}, when(j.started_at)), el('td', {}, fmt(j.attempts)))), 'No job is running.');
   },
 
   async set(name) {
@@ -206,7 +206,11 @@ const panels = {
   },
 
   async tenants(stats) {
-    $('#active-tenants').textContent = `${fmt(stats.active_tenants)} active (written to recently)`;
+    $('#active-tenants').textContent = `${fmt(stats.active_tenants)} with a running manager in this process`;
+    const busiest = await api('GET', `/v1/admin/stats/tenants?window=${$('#window').value}&limit=20`);
+    fill($('#tenant-activity tbody'), busiest.items.map((t) => el('tr', {},
+      el('td', {}, t.slug), el('td', {}, t.name), el('td', {}, fmt(t.user_count)),
+      el('td', {}, fmt(t.events)), el('td', {}, t.per_second.toFixed(2)))), 'No events in this window.');
     const page = await api('GET', `/v1/tenants?limit=50${view.tenantsCursor ? `&cursor=${encodeURIComponent(view.tenantsCursor)}` : ''}`);
     fill($('#tenants tbody'), page.items.map((t) => el('tr', {},
       el('td', {}, t.slug), el('td', {}, t.name), el('td', {}, fmt(t.user_count)),
