@@ -96,7 +96,7 @@ pub struct EventTypeStats {
     pub event_type: String,
     pub consumed: u64,
     pub per_second: f64,
-    /// Commit → consumed (its audit entry written and its jobs enqueued).
+    /// Commit → consumed: relayed, delivered by the bus, and its jobs enqueued.
     #[serde(flatten)]
     pub latency: Percentiles,
 }
