@@ -139,7 +139,17 @@ pub async fn run_with(
     // Writes go through the indexer actor; searches straight to the index.
     let (indexer, search) = crate::actors::indexer::IndexerDeps::new(raw_index);
     let search: Arc<dyn crate::search::SearchIndex> = Arc::new(search);
+    let delivery = crate::webhooks::delivery::WebhookDelivery::new(
+        store.clone(),
+        crate::webhooks::delivery::DeliveryConfig {
+            timeout: config.webhook_timeout,
+            allow_private: config.webhook_allow_private,
+            time_scale: config.jobs.time_scale,
+        },
+    )
+    .map_err(|e| StartupError::Backend(format!("webhook HTTP client: {e}")))?;
     let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone(), search.clone())
+        .with(Arc::new(delivery))
         .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
     tracing::info!(backend = jobs.queue.backend(), "job queue ready");
@@ -177,6 +187,7 @@ pub async fn run_with(
         relay,
         consumers,
         bus: bus.clone(),
+        store: store.clone(),
         jobs: jobs.clone(),
         prefetch: p.prefetch,
     });
@@ -192,6 +203,7 @@ pub async fn run_with(
         metrics_history: metrics_history.clone(),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
+    let store_for_webhooks = store.clone();
     let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers)
         .with_outbox_wake(outbox_wake)
         .with_effect_lag(crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag));
@@ -203,6 +215,7 @@ pub async fn run_with(
         metrics,
         metrics_history,
         sessions: Arc::new(crate::http::dashboard::Sessions::new(config.admin_token.expose())),
+        webhooks: crate::webhooks::Webhooks::new(store_for_webhooks, jobs.clone(), config.webhook_allow_private),
         jobs,
         bus,
         search,

@@ -62,6 +62,13 @@ pub struct ServeArgs {
     /// milliseconds behind and still working (see `jobs::lag`); 0 turns it off.
     #[arg(long, env = "EVENTRA_MAX_EFFECT_LAG_MS", default_value_t = 2_000)]
     pub max_effect_lag_ms: u64,
+    /// `1` lets webhooks call `http://` and private, loopback and link-local addresses
+    /// (local development and tests only: it turns the SSRF protection off).
+    #[arg(long, env = "EVENTRA_WEBHOOK_ALLOW_PRIVATE", default_value = "0", value_parser = parse_flag)]
+    pub webhook_allow_private: bool,
+    /// How long a webhook receiver has to answer 2xx, in milliseconds.
+    #[arg(long, env = "EVENTRA_WEBHOOK_TIMEOUT_MS", default_value_t = 15_000)]
+    pub webhook_timeout_ms: u64,
     #[command(flatten)]
     pub jobs: JobArgs,
     #[command(flatten)]
@@ -318,6 +325,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// See `EVENTRA_MAX_EFFECT_LAG_MS` (zero: off).
     pub max_effect_lag: std::time::Duration,
+    /// See `EVENTRA_WEBHOOK_ALLOW_PRIVATE`.
+    pub webhook_allow_private: bool,
+    pub webhook_timeout: std::time::Duration,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
 }
@@ -374,6 +384,8 @@ impl Config {
             max_tenant_managers: a.max_tenant_managers.max(1),
             max_body_bytes: a.max_body_bytes,
             max_effect_lag: std::time::Duration::from_millis(a.max_effect_lag_ms),
+            webhook_allow_private: a.webhook_allow_private,
+            webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.clamp(100, 120_000)),
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
         })
@@ -400,6 +412,8 @@ impl Config {
             max_tenant_managers: DEFAULT_MAX_TENANT_MANAGERS,
             max_body_bytes: 64 * 1024,
             max_effect_lag: std::time::Duration::from_secs(2),
+            webhook_allow_private: false,
+            webhook_timeout: std::time::Duration::from_secs(15),
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),
         }

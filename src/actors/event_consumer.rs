@@ -58,6 +58,8 @@ pub type SubscriptionSlot = Arc<Mutex<Held>>;
 pub struct ConsumerArgs {
     pub bus: Arc<dyn EventBus>,
     pub jobs: JobClient,
+    /// Where the tenants' webhook endpoints are read (the fan-out).
+    pub store: Arc<dyn crate::store::Store>,
     /// The tree name (and the consumer's tag prefix).
     pub name: String,
     pub prefetch: u16,
@@ -258,6 +260,26 @@ async fn step(args: &ConsumerArgs, held: &mut Held) -> Result<Step, BusError> {
     }
     // What remains in hand is what still needs its jobs.
     *in_hand = valid;
+    // Webhooks: one delivery job per (subscribed endpoint, event); one query a batch.
+    if !events.is_empty() {
+        let mut tenants: Vec<uuid::Uuid> = events.iter().map(|e| e.tenantid).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        match args.store.webhook_targets(&tenants).await {
+            Ok(endpoints) => {
+                for event in &events {
+                    for e in
+                        endpoints.iter().filter(|e| e.tenant_id == event.tenantid && e.wants(event.event_type.as_str()))
+                    {
+                        jobs.push(crate::webhooks::delivery::DeliveryArgs::job(e.id, event));
+                    }
+                }
+            }
+            // Acking without the deliveries would lose them: hold the batch, as when the
+            // job queue is down.
+            Err(e) => return Ok(Step::QueueDown(format!("webhook endpoints unreadable: {e}"))),
+        }
+    }
     if !jobs.is_empty() {
         if let Err(e) = args.jobs.enqueue_many(jobs).await {
             return Ok(Step::QueueDown(e.to_string()));

@@ -29,10 +29,15 @@ pub enum EventType {
     UserDeleted,
     #[serde(rename = "user.verified")]
     UserVerified,
+    #[serde(rename = "webhook.disabled")]
+    WebhookDisabled,
+    /// Sent to one endpoint by `POST …/webhooks/{id}/test`; never in the outbox.
+    #[serde(rename = "webhook.test")]
+    WebhookTest,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 10] = [
         EventType::TenantCreated,
         EventType::TenantUpdated,
         EventType::TenantDeleted,
@@ -41,6 +46,8 @@ impl EventType {
         EventType::UserUpdated,
         EventType::UserDeleted,
         EventType::UserVerified,
+        EventType::WebhookDisabled,
+        EventType::WebhookTest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +60,8 @@ impl EventType {
             EventType::UserUpdated => "user.updated",
             EventType::UserDeleted => "user.deleted",
             EventType::UserVerified => "user.verified",
+            EventType::WebhookDisabled => "webhook.disabled",
+            EventType::WebhookTest => "webhook.test",
         }
     }
 
@@ -158,6 +167,24 @@ impl DomainEvent {
     /// `kind` is `user.updated` or `user.verified`, as decided by `UserPatch::apply`.
     pub fn user_changed(kind: EventType, before: &User, after: &User, ctx: &EventContext) -> Self {
         Self::new(kind, after.tenant_id, after.id, after.updated_at, ctx, json!({ "before": before, "after": after }))
+    }
+
+    /// An endpoint was disabled by Eventra (410 Gone, or failing for 5 days).
+    pub fn webhook_disabled(e: &super::webhook::WebhookEndpoint, ctx: &EventContext) -> Self {
+        Self::new(EventType::WebhookDisabled, e.tenant_id, e.id, e.updated_at, ctx, json!({ "webhook": e }))
+    }
+
+    /// The event `POST …/webhooks/{id}/test` sends to one endpoint.
+    pub fn webhook_test(e: &super::webhook::WebhookEndpoint, ctx: &EventContext) -> Self {
+        let at = super::now();
+        Self::new(
+            EventType::WebhookTest,
+            e.tenant_id,
+            e.id,
+            at,
+            ctx,
+            json!({ "webhook_id": e.id, "message": "a test event from Eventra" }),
+        )
     }
 
     pub fn user_deleted(u: &User, at: DateTime<Utc>, ctx: &EventContext) -> Self {

@@ -11,6 +11,7 @@ pub mod page;
 pub mod tenant;
 pub mod user;
 pub mod validation;
+pub mod webhook;
 
 pub use api_key::{ApiKey, NewApiKey, Role};
 pub use audit::AuditEntry;

@@ -19,6 +19,7 @@ pub mod search;
 pub mod stats;
 pub mod tenants;
 pub mod users;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub jobs: crate::jobs::JobClient,
     /// The event bus (its dead-letter queue in `/v1/admin/dlq`).
     pub bus: Arc<dyn crate::bus::EventBus>,
+    /// Webhook endpoints (`/v1/tenants/{id}/webhooks`).
+    pub webhooks: crate::webhooks::Webhooks,
     /// The search index (`/users/search`).
     pub search: Arc<dyn crate::search::SearchIndex>,
 }
@@ -92,6 +95,7 @@ fn described_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(search::router())
         .merge(audit::router())
         .merge(stats::router())
+        .merge(webhooks::router())
         .merge(dashboard::router())
 }
 

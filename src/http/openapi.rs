@@ -31,6 +31,7 @@ use super::AppState;
         (name = "tenants", description = "Tenants and their API keys (platform admin)"),
         (name = "users", description = "A tenant's users"),
         (name = "audit", description = "A tenant's audit log"),
+        (name = "webhooks", description = "A tenant's webhook endpoints and their delivery log (tenant admin)"),
         (name = "jobs", description = "The job system, as operators see it (platform admin)"),
         (name = "pipeline", description = "The event bus's dead-letter queue (platform admin)"),
         (name = "operations", description = "Health, metrics and the supervision tree"),

@@ -54,6 +54,12 @@ pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
         EventType::ApiKeyCreated => {
             let _: ApiKey = part(event, "api_key")?;
         }
+        EventType::WebhookTest => {
+            return Err("webhook.test events go to one endpoint directly, never through the bus".into());
+        }
+        EventType::WebhookDisabled => {
+            let _: crate::domain::webhook::WebhookEndpoint = part(event, "webhook")?;
+        }
     }
     Ok(jobs)
 }

@@ -233,8 +233,11 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn heartbeat(&self, id: Uuid, lease: Uuid, duration: Duration) -> JobResult<bool>;
     /// The job succeeded.
     async fn ack(&self, id: Uuid, lease: Uuid) -> JobResult<()>;
-    /// The job failed with `error`: schedule a retry or bury it.
+    /// The job failed with `error`: schedule a retry (on the queue's schedule) or bury it.
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed>;
+    /// [`fail`](JobQueue::fail), retrying after `delay` instead of the queue's schedule
+    /// (a kind with a schedule of its own, or a receiver's `Retry-After`).
+    async fn fail_after(&self, id: Uuid, lease: Uuid, error: &str, delay: Duration) -> JobResult<Failed>;
     /// The job failed in a way no retry can fix (or is unreadable): straight to the
     /// dead set, whatever attempts it has left.
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()>;

@@ -618,13 +618,20 @@ impl RedisJobQueue {
         }
     }
 
-    async fn settle_failure(&self, id: Uuid, lease: Uuid, error: &str, permanent: bool) -> JobResult<Failed> {
+    async fn settle_failure(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        error: &str,
+        permanent: bool,
+        delay: Option<Duration>,
+    ) -> JobResult<Failed> {
         // The delay depends on the failure count; only the lease holder changes it, and
         // the script re-checks it, so reading it first is safe.
         let failures: Option<i64> = self.client.hget(self.keys.job(id), "failures").await?;
         let failures = failures.ok_or(JobError::NotLeased(id))? + 1;
         let n = u32::try_from(failures).unwrap_or(u32::MAX);
-        let delay = dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let delay = dur_us(delay.unwrap_or_else(|| self.config.schedule.delay(n, rand::random::<f64>())));
         let keys = vec![self.keys.job(id), self.keys.running.clone(), self.keys.retry.clone(), self.keys.dead.clone()];
         let args = vec![
             id.to_string(),
@@ -833,11 +840,15 @@ impl JobQueue for RedisJobQueue {
     }
 
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
-        self.settle_failure(id, lease, error, false).await
+        self.settle_failure(id, lease, error, false, None).await
+    }
+
+    async fn fail_after(&self, id: Uuid, lease: Uuid, error: &str, delay: Duration) -> JobResult<Failed> {
+        self.settle_failure(id, lease, error, false, Some(delay)).await
     }
 
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {
-        self.settle_failure(id, lease, error, true).await.map(|_| ())
+        self.settle_failure(id, lease, error, true, None).await.map(|_| ())
     }
 
     async fn promote_due(&self) -> JobResult<u64> {

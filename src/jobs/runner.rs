@@ -352,7 +352,11 @@ impl Runner {
             }
             return;
         }
-        match self.client.queue.fail(job.id, lease, &error).await {
+        let failed = match failure.retry_in {
+            Some(delay) => self.client.queue.fail_after(job.id, lease, &error, delay).await,
+            None => self.client.queue.fail(job.id, lease, &error).await,
+        };
+        match failed {
             Ok(Failed::Retry { at, failures }) => {
                 metrics.retried.increment(1);
                 tracing::warn!(%error, failures, retry_at = %at, "job failed; retry scheduled");

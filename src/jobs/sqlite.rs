@@ -246,11 +246,15 @@ impl JobQueue for SqliteJobQueue {
     }
 
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<Failed> {
-        self.settle_failure(id, lease, error, false).await
+        self.settle_failure(id, lease, error, false, None).await
+    }
+
+    async fn fail_after(&self, id: Uuid, lease: Uuid, error: &str, delay: Duration) -> JobResult<Failed> {
+        self.settle_failure(id, lease, error, false, Some(delay)).await
     }
 
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {
-        self.settle_failure(id, lease, error, true).await.map(|_| ())
+        self.settle_failure(id, lease, error, true, None).await.map(|_| ())
     }
 
     async fn promote_due(&self) -> JobResult<u64> {
@@ -462,7 +466,14 @@ impl JobQueue for SqliteJobQueue {
 impl SqliteJobQueue {
     /// A failed attempt: retry later, or bury (after the last attempt, or at once when
     /// `permanent`).
-    async fn settle_failure(&self, id: Uuid, lease: Uuid, error: &str, permanent: bool) -> JobResult<Failed> {
+    async fn settle_failure(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        error: &str,
+        permanent: bool,
+        delay: Option<Duration>,
+    ) -> JobResult<Failed> {
         // The retry delay depends on the failure count; only the lease holder changes it
         // and the update below re-checks it, so reading it first is safe.
         let row: Option<(i64, i64)> = sqlx::query_as(
@@ -477,7 +488,7 @@ impl SqliteJobQueue {
         let now = now_us();
         let dead = permanent || failures >= max_attempts;
         let n = u32::try_from(failures).unwrap_or(u32::MAX);
-        let at = now + dur_us(self.config.schedule.delay(n, rand::random::<f64>()));
+        let at = now + dur_us(delay.unwrap_or_else(|| self.config.schedule.delay(n, rand::random::<f64>())));
         let done = sqlx::query(
             "UPDATE jobs SET failures = $3, last_error = $4, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
              failed_at_us = $7, state = $5, run_at_us = CASE WHEN $5 = 'retry' THEN $6 ELSE run_at_us END, \

@@ -257,6 +257,59 @@ pub trait Store: Send + Sync + 'static {
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
     /// How many audit entries a tenant has.
     async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;
+    // ---- webhooks (SPEC §7) ----
+
+    /// Stores a new endpoint with its secret (404 when the tenant is gone).
+    async fn create_webhook(
+        &self,
+        new: &crate::domain::webhook::NewEndpoint,
+    ) -> StoreResult<crate::domain::webhook::WebhookEndpoint>;
+    async fn list_webhooks(
+        &self,
+        tenant_id: Uuid,
+        page: PageRequest,
+    ) -> StoreResult<Page<crate::domain::webhook::WebhookEndpoint>>;
+    async fn get_webhook(&self, tenant_id: Uuid, id: Uuid) -> StoreResult<crate::domain::webhook::WebhookEndpoint>;
+    /// Writes url, description, filters and status (not the secret).
+    async fn update_webhook(
+        &self,
+        e: &crate::domain::webhook::WebhookEndpoint,
+    ) -> StoreResult<crate::domain::webhook::WebhookEndpoint>;
+    async fn delete_webhook(&self, tenant_id: Uuid, id: Uuid) -> StoreResult<()>;
+    /// A new secret; the current one becomes the previous, signing until `previous_until`.
+    async fn rotate_webhook_secret(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+        secret: &str,
+        previous_until: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// The enabled endpoints of these tenants (the consumers' fan-out, one query a batch).
+    async fn webhook_targets(&self, tenant_ids: &[Uuid]) -> StoreResult<Vec<crate::domain::webhook::WebhookEndpoint>>;
+    /// An endpoint with the secrets that sign now (a delivery's look-up, by id alone).
+    async fn webhook_for_delivery(
+        &self,
+        id: Uuid,
+    ) -> StoreResult<Option<(crate::domain::webhook::WebhookEndpoint, crate::domain::webhook::Secrets)>>;
+    /// Logs an attempt; `false` when it was a success and one is already logged for that
+    /// (endpoint, event), or the endpoint is gone.
+    async fn record_delivery(&self, d: &crate::domain::webhook::DeliveryAttempt) -> StoreResult<bool>;
+    /// Whether a success is logged for (endpoint, event).
+    async fn delivered(&self, endpoint_id: Uuid, event_id: Uuid) -> StoreResult<bool>;
+    async fn list_deliveries(
+        &self,
+        endpoint_id: Uuid,
+        status: Option<&str>,
+        page: PageRequest,
+    ) -> StoreResult<Page<crate::domain::webhook::DeliveryAttempt>>;
+    /// Events with a failed attempt since `since` and no success (what recover resends).
+    async fn undelivered_since(&self, endpoint_id: Uuid, since: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Uuid>>;
+    /// An event still in the outbox, by id.
+    async fn outbox_event(&self, event_id: Uuid) -> StoreResult<Option<crate::domain::DomainEvent>>;
+    /// Disables an enabled endpoint and writes `webhook.disabled` in the same
+    /// transaction; `false` if it was not enabled.
+    async fn disable_webhook(&self, id: Uuid, reason: &str, ctx: &EventContext) -> StoreResult<bool>;
+
     /// The `limit` tenants with the most events committed since `since` (still in the
     /// outbox), busiest first, with their user counts.
     async fn tenant_activity(&self, since: DateTime<Utc>, limit: u32) -> StoreResult<Vec<TenantActivity>>;

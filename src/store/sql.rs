@@ -130,6 +130,46 @@ impl From<AuditRow> for crate::domain::AuditEntry {
     }
 }
 
+/// A `webhook_endpoints` row: the endpoint, and its secrets for delivery.
+#[derive(sqlx::FromRow)]
+pub(super) struct WebhookRow {
+    id: Uuid,
+    pub(super) tenant_id: Uuid,
+    url: String,
+    description: String,
+    event_types: String,
+    status: String,
+    disabled_reason: Option<String>,
+    secret: String,
+    previous_secret: Option<String>,
+    previous_secret_until: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl WebhookRow {
+    pub(super) fn endpoint(&self) -> crate::domain::webhook::WebhookEndpoint {
+        crate::domain::webhook::WebhookEndpoint {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            url: self.url.clone(),
+            description: self.description.clone(),
+            event_types: serde_json::from_str(&self.event_types).unwrap_or_default(),
+            status: crate::domain::webhook::EndpointStatus::parse(&self.status)
+                .unwrap_or(crate::domain::webhook::EndpointStatus::Disabled),
+            disabled_reason: self.disabled_reason.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    /// The secrets that sign at `now`: the previous one only until its overlap ends.
+    pub(super) fn secrets(&self, now: DateTime<Utc>) -> crate::domain::webhook::Secrets {
+        let previous = self.previous_secret.clone().filter(|_| self.previous_secret_until.is_some_and(|u| u > now));
+        crate::domain::webhook::Secrets { current: self.secret.clone(), previous }
+    }
+}
+
 /// Locked tenant rows (id, event_seq, max_users, user_count) by id.
 pub(super) fn locks_by_id(rows: Vec<(Uuid, i64, i64, i64)>) -> std::collections::HashMap<Uuid, TenantLock> {
     rows.into_iter()
@@ -601,6 +641,279 @@ macro_rules! sql_store_impl {
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?)
+            }
+
+            async fn create_webhook(
+                &self,
+                new: &$crate::domain::webhook::NewEndpoint,
+            ) -> $crate::store::StoreResult<$crate::domain::webhook::WebhookEndpoint> {
+                let e = &new.endpoint;
+                let done = sqlx::query(
+                    "INSERT INTO webhook_endpoints (id, tenant_id, url, description, event_types, status, secret, created_at, updated_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS (SELECT 1 FROM tenants WHERE id = $2)",
+                )
+                .bind(e.id)
+                .bind(e.tenant_id)
+                .bind(&e.url)
+                .bind(&e.description)
+                .bind(serde_json::to_string(&e.event_types).unwrap_or_else(|_| "[]".into()))
+                .bind(e.status.as_str())
+                .bind(&new.secret)
+                .bind(e.created_at)
+                .bind(e.updated_at)
+                .execute(&self.writer)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("tenant"));
+                }
+                Ok(e.clone())
+            }
+
+            async fn list_webhooks(
+                &self,
+                tenant_id: uuid::Uuid,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::webhook::WebhookEndpoint>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::WebhookRow>(
+                    "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                )
+                .bind(tenant_id)
+                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
+                .bind(i64::from(page.limit) + 1)
+                .fetch_all(&self.pool)
+                .await?;
+                let items = rows.iter().map(|r| r.endpoint()).collect();
+                Ok($crate::domain::Page::from_rows(items, page.limit, |e: &$crate::domain::webhook::WebhookEndpoint| e.id))
+            }
+
+            async fn get_webhook(
+                &self,
+                tenant_id: uuid::Uuid,
+                id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<$crate::domain::webhook::WebhookEndpoint> {
+                sqlx::query_as::<_, $crate::store::sql::WebhookRow>(
+                    "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(tenant_id)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.endpoint())
+                .ok_or($crate::store::StoreError::NotFound("webhook"))
+            }
+
+            async fn update_webhook(
+                &self,
+                e: &$crate::domain::webhook::WebhookEndpoint,
+            ) -> $crate::store::StoreResult<$crate::domain::webhook::WebhookEndpoint> {
+                let done = sqlx::query(
+                    "UPDATE webhook_endpoints SET url = $3, description = $4, event_types = $5, status = $6, \
+                     disabled_reason = $7, updated_at = $8 WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(e.tenant_id)
+                .bind(e.id)
+                .bind(&e.url)
+                .bind(&e.description)
+                .bind(serde_json::to_string(&e.event_types).unwrap_or_else(|_| "[]".into()))
+                .bind(e.status.as_str())
+                .bind(&e.disabled_reason)
+                .bind(e.updated_at)
+                .execute(&self.writer)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("webhook"));
+                }
+                Ok(e.clone())
+            }
+
+            async fn delete_webhook(&self, tenant_id: uuid::Uuid, id: uuid::Uuid) -> $crate::store::StoreResult<()> {
+                let done = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(id)
+                    .execute(&self.writer)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("webhook"));
+                }
+                Ok(())
+            }
+
+            async fn rotate_webhook_secret(
+                &self,
+                tenant_id: uuid::Uuid,
+                id: uuid::Uuid,
+                secret: &str,
+                previous_until: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<()> {
+                let done = sqlx::query(
+                    "UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_until = $3, secret = $4, \
+                     updated_at = $5 WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(tenant_id)
+                .bind(id)
+                .bind(previous_until)
+                .bind(secret)
+                .bind(crate::domain::now())
+                .execute(&self.writer)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("webhook"));
+                }
+                Ok(())
+            }
+
+            async fn webhook_targets(
+                &self,
+                tenant_ids: &[uuid::Uuid],
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::webhook::WebhookEndpoint>> {
+                if tenant_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut q = sqlx::QueryBuilder::new(
+                    "SELECT * FROM webhook_endpoints WHERE status = 'enabled' AND tenant_id IN (",
+                );
+                let mut list = q.separated(", ");
+                for id in tenant_ids {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                let rows = q.build_query_as::<$crate::store::sql::WebhookRow>().fetch_all(&self.pool).await?;
+                Ok(rows.iter().map(|r| r.endpoint()).collect())
+            }
+
+            async fn webhook_for_delivery(
+                &self,
+                id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<Option<($crate::domain::webhook::WebhookEndpoint, $crate::domain::webhook::Secrets)>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::WebhookRow>("SELECT * FROM webhook_endpoints WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| (r.endpoint(), r.secrets(chrono::Utc::now()))))
+            }
+
+            async fn record_delivery(
+                &self,
+                d: &$crate::domain::webhook::DeliveryAttempt,
+            ) -> $crate::store::StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, attempt, status, response_status, duration_ms, error, at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                )
+                .bind(d.id)
+                .bind(d.endpoint_id)
+                .bind(d.event_id)
+                .bind(&d.event_type)
+                .bind(d.attempt)
+                .bind(&d.status)
+                .bind(d.response_status)
+                .bind(d.duration_ms)
+                .bind(&d.error)
+                .bind(d.at)
+                .execute(&self.writer)
+                .await;
+                match done {
+                    Ok(r) => Ok(r.rows_affected() == 1),
+                    // The endpoint was deleted meanwhile: nothing to log against.
+                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
+
+            async fn delivered(&self, endpoint_id: uuid::Uuid, event_id: uuid::Uuid) -> $crate::store::StoreResult<bool> {
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "SELECT 1 FROM webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2 AND status = 'succeeded'",
+                )
+                .bind(endpoint_id)
+                .bind(event_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn list_deliveries(
+                &self,
+                endpoint_id: uuid::Uuid,
+                status: Option<&str>,
+                page: $crate::domain::PageRequest,
+            ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::webhook::DeliveryAttempt>> {
+                let rows = sqlx::query_as::<_, $crate::domain::webhook::DeliveryAttempt>(
+                    "SELECT * FROM webhook_deliveries WHERE endpoint_id = $1 AND id > $2 AND ($3 IS NULL OR status = $3) \
+                     ORDER BY id LIMIT $4",
+                )
+                .bind(endpoint_id)
+                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
+                .bind(status)
+                .bind(i64::from(page.limit) + 1)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok($crate::domain::Page::from_rows(rows, page.limit, |d| d.id))
+            }
+
+            async fn undelivered_since(
+                &self,
+                endpoint_id: uuid::Uuid,
+                since: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<uuid::Uuid>> {
+                let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(
+                    "SELECT DISTINCT f.event_id FROM webhook_deliveries f WHERE f.endpoint_id = $1 AND f.status = 'failed' \
+                     AND f.at >= $2 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.endpoint_id = f.endpoint_id \
+                     AND s.event_id = f.event_id AND s.status = 'succeeded') ORDER BY f.event_id LIMIT $3",
+                )
+                .bind(endpoint_id)
+                .bind(since)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            async fn outbox_event(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::DomainEvent>> {
+                let row: Option<(sqlx::types::Json<$crate::domain::DomainEvent>,)> =
+                    sqlx::query_as("SELECT payload FROM outbox WHERE event_id = $1")
+                        .bind(event_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(row.map(|(p,)| p.0))
+            }
+
+            async fn disable_webhook(
+                &self,
+                id: uuid::Uuid,
+                reason: &str,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<bool> {
+                let Some(row) = sqlx::query_as::<_, $crate::store::sql::WebhookRow>("SELECT * FROM webhook_endpoints WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                let mut tx = self.writer.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, row.tenant_id).await?;
+                let now = crate::domain::now();
+                let done = sqlx::query(
+                    "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $2, updated_at = $3 \
+                     WHERE id = $1 AND status = 'enabled'",
+                )
+                .bind(id)
+                .bind(reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false); // already disabled (or gone): the rollback returns the event number
+                }
+                let mut endpoint = row.endpoint();
+                endpoint.status = $crate::domain::webhook::EndpointStatus::Disabled;
+                endpoint.disabled_reason = Some(reason.to_owned());
+                endpoint.updated_at = now;
+                let event = $crate::domain::DomainEvent::webhook_disabled(&endpoint, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn count_audit(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<u64> {

@@ -64,6 +64,8 @@ pub struct PipelineDeps {
     /// Broker consumers (`consumer` role): how many, on which bus, feeding which queue.
     pub consumers: usize,
     pub bus: Arc<dyn EventBus>,
+    /// The consumers read the tenants' webhook endpoints from it.
+    pub store: Arc<dyn Store>,
     pub jobs: JobClient,
     pub prefetch: u16,
 }
@@ -143,7 +145,7 @@ pub fn pipeline_spec(p: &PipelineDeps) -> SupervisorSpec {
         children.push(ChildSpec::worker("outbox-relay", start));
     }
     for n in 1..=p.consumers {
-        let (bus, jobs, prefetch) = (p.bus.clone(), p.jobs.clone(), p.prefetch);
+        let (bus, jobs, prefetch, store) = (p.bus.clone(), p.jobs.clone(), p.prefetch, p.store.clone());
         // One per consumer, made once: every incarnation of the consumer takes over the
         // subscription and the batch in hand of the one before it.
         let slot: SubscriptionSlot = Arc::default();
@@ -151,6 +153,7 @@ pub fn pipeline_spec(p: &PipelineDeps) -> SupervisorSpec {
             let args = ConsumerArgs {
                 bus: bus.clone(),
                 jobs: jobs.clone(),
+                store: store.clone(),
                 name: ctx.name.clone(),
                 prefetch,
                 slot: slot.clone(),

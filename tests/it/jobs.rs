@@ -478,6 +478,15 @@ impl JobQueue for Blips {
     async fn fail(&self, id: Uuid, lease: Uuid, error: &str) -> eventra::jobs::JobResult<eventra::jobs::Failed> {
         self.inner.fail(id, lease, error).await
     }
+    async fn fail_after(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        error: &str,
+        delay: Duration,
+    ) -> eventra::jobs::JobResult<eventra::jobs::Failed> {
+        self.inner.fail_after(id, lease, error, delay).await
+    }
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> eventra::jobs::JobResult<()> {
         self.inner.bury(id, lease, error).await
     }

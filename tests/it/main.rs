@@ -22,3 +22,4 @@ mod search_conformance;
 mod store_conformance;
 mod supervision;
 mod utils;
+mod webhooks;

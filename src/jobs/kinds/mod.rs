@@ -32,17 +32,25 @@ use crate::store::Store;
 pub struct JobFailure {
     pub message: String,
     pub permanent: bool,
+    /// Retry after this long instead of the queue's schedule.
+    pub retry_in: Option<std::time::Duration>,
 }
 
 impl JobFailure {
     /// A failure a later attempt may not hit (retried on the schedule).
     pub fn new(msg: impl std::fmt::Display) -> Self {
-        JobFailure { message: msg.to_string(), permanent: false }
+        JobFailure { message: msg.to_string(), permanent: false, retry_in: None }
     }
 
     /// A failure every attempt would hit: straight to the dead set.
     pub fn permanent(msg: impl std::fmt::Display) -> Self {
-        JobFailure { message: msg.to_string(), permanent: true }
+        JobFailure { message: msg.to_string(), permanent: true, retry_in: None }
+    }
+
+    /// The next attempt runs after `delay` (the kind's own schedule, or `Retry-After`).
+    pub fn retry_in(mut self, delay: std::time::Duration) -> Self {
+        self.retry_in = Some(delay);
+        self
     }
 }
 

@@ -1,0 +1,259 @@
+//! `webhook_delivery`: one event to one endpoint (SPEC §7).
+//!
+//! A job per (endpoint, event), keyed `webhook:<endpoint>:<event>`, so a redelivered
+//! event adds no second job. A run:
+//! 1. reads the endpoint and its signing secrets (deleted or disabled: nothing to do);
+//! 2. skips the POST when a success is already logged for the pair (an operator's
+//!    retry, a job run again after a crash before its ack);
+//! 3. POSTs exactly the bytes it signs, with `webhook-id` = the event id (the same on
+//!    every attempt), through a client with a timeout, no redirects and the SSRF resolver;
+//! 4. logs the attempt. At most one success per pair is ever logged (a unique index);
+//! 5. on `410 Gone` disables the endpoint (`webhook.disabled`, audited) and stops; on
+//!    any other failure retries on SPEC §7's schedule (immediately, 5 s, 5 min, 30 min,
+//!    2 h, 5 h, 10 h, 10 h, divided by `EVENTRA_JOB_TIME_SCALE`), or after the
+//!    receiver's `Retry-After` on 429/503.
+//!
+//! The window left for a second POST is a crash between the receiver's 2xx and the log
+//! row: the retry sends again with the same `webhook-id`, which is how Standard Webhooks
+//! receivers recognise a duplicate.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::signature::signature_header;
+use super::ssrf;
+use crate::domain::webhook::DeliveryAttempt;
+use crate::domain::{DomainEvent, EventContext};
+use crate::jobs::kinds::{JobFailure, JobKind};
+use crate::jobs::{Job, NewJob};
+use crate::store::Store;
+
+pub const KIND: &str = "webhook_delivery";
+
+/// SPEC §7's schedule: the wait before attempt n+1 after attempt n failed.
+const SCHEDULE: [Duration; 7] = [
+    Duration::from_secs(5),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(5 * 3600),
+    Duration::from_secs(10 * 3600),
+    Duration::from_secs(10 * 3600),
+];
+/// The first try plus one per step of the schedule.
+pub const MAX_ATTEMPTS: u32 = SCHEDULE.len() as u32 + 1;
+/// The wait after attempt `attempt` (1-based) failed, at `time_scale`.
+fn backoff(attempt: u32, time_scale: f64) -> Duration {
+    let step = SCHEDULE[(attempt as usize).saturating_sub(1).min(SCHEDULE.len() - 1)];
+    step.div_f64(time_scale.max(1.0))
+}
+
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The job's arguments: the endpoint, and the event as it was committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryArgs {
+    pub endpoint_id: Uuid,
+    pub event: DomainEvent,
+}
+
+impl DeliveryArgs {
+    pub fn job(endpoint_id: Uuid, event: &DomainEvent) -> NewJob {
+        let args = DeliveryArgs { endpoint_id, event: event.clone() };
+        NewJob {
+            max_attempts: Some(MAX_ATTEMPTS),
+            ..NewJob::new(KIND, format!("webhook:{endpoint_id}:{}", event.id), serde_json::json!(args))
+        }
+    }
+}
+
+/// How deliveries are made.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// A 2xx must arrive within this (SPEC: 15 s).
+    pub timeout: Duration,
+    /// `EVENTRA_WEBHOOK_ALLOW_PRIVATE=1`: no SSRF checks (development and tests).
+    pub allow_private: bool,
+    /// `EVENTRA_JOB_TIME_SCALE`: the schedule is divided by it.
+    pub time_scale: f64,
+}
+
+pub struct WebhookDelivery {
+    store: Arc<dyn Store>,
+    client: reqwest::Client,
+    config: DeliveryConfig,
+}
+
+impl WebhookDelivery {
+    pub fn new(store: Arc<dyn Store>, config: DeliveryConfig) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("Eventra-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(32);
+        if !config.allow_private {
+            builder = builder.dns_resolver(Arc::new(ssrf::GuardedResolver));
+        }
+        Ok(WebhookDelivery { store, client: builder.build()?, config })
+    }
+
+    /// One POST; `Ok(status)` when the receiver answered.
+    async fn post(
+        &self,
+        url: &str,
+        msg_id: &str,
+        timestamp: i64,
+        signature: &str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, String> {
+        if !self.config.allow_private {
+            let parsed = url::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+            // Names are checked by the resolver; a literal address never reaches it.
+            if let Some(host) =
+                parsed.host_str().filter(|h| h.parse::<std::net::IpAddr>().is_ok() || h.starts_with('['))
+            {
+                let port = parsed.port_or_known_default().unwrap_or(443);
+                ssrf::check_host(host, port, self.config.timeout).await.map_err(|e| e.to_string())?;
+            }
+        }
+        self.client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                msg
+            })
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(res: &reqwest::Response) -> Option<Duration> {
+    let v = res.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok().map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+#[async_trait]
+impl JobKind for WebhookDelivery {
+    fn name(&self) -> &'static str {
+        KIND
+    }
+
+    fn max_attempts(&self) -> u32 {
+        MAX_ATTEMPTS
+    }
+
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        let args: DeliveryArgs = serde_json::from_value(job.args.clone())
+            .map_err(|e| JobFailure::permanent(format!("bad webhook_delivery args: {e}")))?;
+        let event = &args.event;
+        let store_err = |e: crate::store::StoreError| JobFailure::new(format!("database: {e}"));
+        let Some((endpoint, secrets)) = self.store.webhook_for_delivery(args.endpoint_id).await.map_err(store_err)?
+        else {
+            tracing::info!(endpoint_id = %args.endpoint_id, event_id = %event.id, "webhook endpoint deleted; delivery dropped");
+            return Ok(());
+        };
+        let test = event.event_type == crate::domain::EventType::WebhookTest;
+        if !(endpoint.wants(event.event_type.as_str())
+            || (test && endpoint.status == crate::domain::webhook::EndpointStatus::Enabled))
+        {
+            tracing::info!(endpoint_id = %endpoint.id, event_id = %event.id, "webhook endpoint disabled or unsubscribed; delivery dropped");
+            return Ok(());
+        }
+        if self.store.delivered(endpoint.id, event.id).await.map_err(store_err)? {
+            return Ok(());
+        }
+        let attempt = job.failures + 1;
+        let body = serde_json::to_vec(event).map_err(|e| JobFailure::permanent(format!("event body: {e}")))?;
+        let msg_id = event.id.to_string();
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = signature_header(&secrets, &msg_id, timestamp, &body);
+        let started = Instant::now();
+        let outcome = self.post(&endpoint.url, &msg_id, timestamp, &signature, body).await;
+        let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let (status, response_status, error, wait) = match &outcome {
+            Ok(res) if res.status().is_success() => ("succeeded", Some(res.status().as_u16()), None, None),
+            Ok(res) => {
+                let code = res.status().as_u16();
+                let wait = matches!(code, 429 | 503).then(|| retry_after(res)).flatten();
+                ("failed", Some(code), Some(format!("the receiver answered {}", res.status())), wait)
+            }
+            Err(e) => ("failed", None, Some(e.clone()), None),
+        };
+        let logged = self
+            .store
+            .record_delivery(&DeliveryAttempt {
+                id: Uuid::now_v7(),
+                endpoint_id: endpoint.id,
+                event_id: event.id,
+                event_type: event.event_type.as_str().to_owned(),
+                attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+                status: status.to_owned(),
+                response_status: response_status.map(i32::from),
+                duration_ms,
+                error: error.clone(),
+                at: crate::domain::now(),
+            })
+            .await;
+        let span = tracing::info_span!("webhook", endpoint_id = %endpoint.id, event_id = %event.id, tenant_id = %endpoint.tenant_id, attempt);
+        let _enter = span.enter();
+        metrics::counter!("eventra_webhook_deliveries_total", "status" => status).increment(1);
+        metrics::histogram!("eventra_webhook_delivery_seconds").record(duration_ms as f64 / 1000.0);
+        if status == "succeeded" {
+            match logged {
+                Ok(true) => tracing::info!(response_status, duration_ms, "webhook delivered"),
+                Ok(false) => tracing::warn!("webhook delivered again; the log keeps the first success"),
+                // The receiver has it; a retry would deliver it twice.
+                Err(e) => tracing::warn!(error = %e, "webhook delivered but not logged"),
+            }
+            return Ok(());
+        }
+        if let Err(e) = logged {
+            tracing::warn!(error = %e, "webhook attempt not logged");
+        }
+        if response_status == Some(410) {
+            let ctx = EventContext::system(format!("webhook-410:{}", event.id));
+            match self.store.disable_webhook(endpoint.id, "the receiver answered 410 Gone", &ctx).await {
+                Ok(_) => tracing::warn!("webhook endpoint answered 410 Gone; disabled"),
+                Err(e) => return Err(JobFailure::new(format!("410 Gone, but disabling failed: {e}"))),
+            }
+            return Ok(());
+        }
+        let error = error.unwrap_or_default();
+        tracing::warn!(%error, response_status, duration_ms, "webhook attempt failed");
+        Err(JobFailure::new(error).retry_in(wait.unwrap_or_else(|| backoff(attempt, self.config.time_scale))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_spec_7s_divided_by_the_time_scale() {
+        assert_eq!(MAX_ATTEMPTS, 8);
+        let waits: Vec<u64> = (1..=7).map(|a| backoff(a, 1.0).as_secs()).collect();
+        assert_eq!(waits, [5, 300, 1800, 7200, 18000, 36000, 36000]);
+        assert_eq!(backoff(1, 100.0), Duration::from_millis(50));
+    }
+}
