@@ -116,6 +116,33 @@ fn verifies(secret: &str, r: &Received) -> Vec<bool> {
     r.signature.split(' ').map(|s| s == expected).collect()
 }
 
+/// The Python `standardwebhooks` library verifies a delivery (when it is installed; CI
+/// installs it). `None`: not installed here.
+async fn python_verifies(secret: &str, r: &Received) -> Option<bool> {
+    let script = "import sys\nfrom standardwebhooks.webhooks import Webhook\n\
+                  s, i, t, g = sys.argv[1:5]\n\
+                  Webhook(s).verify(sys.stdin.buffer.read(), {'webhook-id': i, 'webhook-timestamp': t, 'webhook-signature': g})\n";
+    let probe = tokio::process::Command::new("python3").args(["-c", "import standardwebhooks"]).output().await.ok()?;
+    if !probe.status.success() {
+        assert!(!crate::utils::in_ci(), "python3 standardwebhooks is missing on CI (`.ci/run` installs it)");
+        eprintln!("NOT RUN: the standardwebhooks check (pip install standardwebhooks)");
+        return None;
+    }
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", script, secret, &r.id, &r.timestamp, &r.signature])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    use tokio::io::AsyncWriteExt;
+    child.stdin.take()?.write_all(&r.body).await.ok()?;
+    let out = child.wait_with_output().await.ok()?;
+    if !out.status.success() {
+        eprintln!("standardwebhooks refused: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Some(out.status.success())
+}
+
 async fn app(db: &TestDb) -> TestApp {
     TestApp::start_with(db.url(), |c| {
         c.webhook_allow_private = true;
@@ -187,6 +214,13 @@ async fn subscribed_events_arrive_once_signed_filtered_and_isolated() {
     let mut expected = ids.clone();
     expected.sort();
     assert_eq!(subjects, expected, "each new user once");
+    // An independent implementation agrees (and refuses a tampered body).
+    if let Some(ok) = python_verifies(&users_secret, &got[0]).await {
+        assert!(ok, "standardwebhooks verifies Eventra's signature");
+        let mut tampered = got[0].clone();
+        tampered.body.push(b' ');
+        assert_eq!(python_verifies(&users_secret, &tampered).await, Some(false));
+    }
     assert_eq!(tenant_got[0].json()["type"], "tenant.updated");
     assert!(b_got.iter().all(|r| r.json()["tenantid"] == b.id.to_string()), "B sees only B's events");
     assert!(b_got.iter().any(|r| r.json()["type"] == "user.created"));
