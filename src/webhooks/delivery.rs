@@ -13,11 +13,20 @@
 //!    2 h, 5 h, 10 h, 10 h, divided by `EVENTRA_JOB_TIME_SCALE`), or after the
 //!    receiver's `Retry-After` on 429/503.
 //!
+//! A circuit breaker per endpoint (in each process) stops hammering a dead receiver:
+//! after [`BREAKER_FAILURES`] failed attempts in a row, attempts in the next cooldown
+//! (30 s, doubling to 10 min while it keeps failing; divided by the time scale) are
+//! logged as failed without a request, and retried on the same schedule, so a dead
+//! receiver's backlog does not hold workers for its timeouts. After a cooldown attempts
+//! go through again: a success closes the breaker, another failure reopens it for twice
+//! as long.
+//!
 //! The window left for a second POST is a crash between the receiver's 2xx and the log
 //! row: the retry sends again with the same `webhook-id`, which is how Standard Webhooks
 //! receivers recognise a duplicate.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -50,6 +59,53 @@ pub const MAX_ATTEMPTS: u32 = SCHEDULE.len() as u32 + 1;
 fn backoff(attempt: u32, time_scale: f64) -> Duration {
     let step = SCHEDULE[(attempt as usize).saturating_sub(1).min(SCHEDULE.len() - 1)];
     step.div_f64(time_scale.max(1.0))
+}
+
+/// Failed attempts in a row that open an endpoint's breaker.
+pub const BREAKER_FAILURES: u32 = 5;
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+const BREAKER_MAX_COOLDOWN: Duration = Duration::from_secs(600);
+
+/// One endpoint's breaker.
+#[derive(Debug, Default, Clone, Copy)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    cooldown: Duration,
+}
+
+/// The breakers of every endpoint this process delivers to.
+#[derive(Default)]
+struct Breakers(Mutex<HashMap<Uuid, Breaker>>);
+
+impl Breakers {
+    /// `Some(remaining)` while the endpoint's breaker is open.
+    fn open_for(&self, endpoint: Uuid) -> Option<Duration> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let until = map.get(&endpoint)?.open_until?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    fn succeeded(&self, endpoint: Uuid) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.remove(&endpoint).is_some_and(|b| b.open_until.is_some()) {
+            tracing::info!(endpoint_id = %endpoint, "webhook endpoint answered again; circuit closed");
+        }
+    }
+
+    fn failed(&self, endpoint: Uuid, time_scale: f64) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let b = map.entry(endpoint).or_default();
+        b.failures += 1;
+        if b.failures >= BREAKER_FAILURES {
+            b.cooldown =
+                if b.cooldown.is_zero() { BREAKER_COOLDOWN } else { (b.cooldown * 2).min(BREAKER_MAX_COOLDOWN) };
+            b.open_until = Some(Instant::now() + b.cooldown.div_f64(time_scale.max(1.0)));
+            metrics::counter!("eventra_webhook_breaker_opened_total").increment(1);
+            tracing::warn!(endpoint_id = %endpoint, failures = b.failures, cooldown = ?b.cooldown,
+                "webhook endpoint keeps failing; circuit open");
+        }
+    }
 }
 
 /// The longest `Retry-After` honoured.
@@ -87,6 +143,7 @@ pub struct WebhookDelivery {
     store: Arc<dyn Store>,
     client: reqwest::Client,
     config: DeliveryConfig,
+    breakers: Breakers,
 }
 
 impl WebhookDelivery {
@@ -100,7 +157,7 @@ impl WebhookDelivery {
         if !config.allow_private {
             builder = builder.dns_resolver(Arc::new(ssrf::GuardedResolver));
         }
-        Ok(WebhookDelivery { store, client: builder.build()?, config })
+        Ok(WebhookDelivery { store, client: builder.build()?, config, breakers: Breakers::default() })
     }
 
     /// One POST; `Ok(status)` when the receiver answered.
@@ -189,7 +246,12 @@ impl JobKind for WebhookDelivery {
         let timestamp = chrono::Utc::now().timestamp();
         let signature = signature_header(&secrets, &msg_id, timestamp, &body);
         let started = Instant::now();
-        let outcome = self.post(&endpoint.url, &msg_id, timestamp, &signature, body).await;
+        let outcome = match self.breakers.open_for(endpoint.id) {
+            Some(remaining) => {
+                Err(format!("not sent: the circuit is open for {remaining:?} (the endpoint kept failing)"))
+            }
+            None => self.post(&endpoint.url, &msg_id, timestamp, &signature, body).await,
+        };
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         let (status, response_status, error, wait) = match &outcome {
             Ok(res) if res.status().is_success() => ("succeeded", Some(res.status().as_u16()), None, None),
@@ -220,6 +282,7 @@ impl JobKind for WebhookDelivery {
         metrics::counter!("eventra_webhook_deliveries_total", "status" => status).increment(1);
         metrics::histogram!("eventra_webhook_delivery_seconds").record(duration_ms as f64 / 1000.0);
         if status == "succeeded" {
+            self.breakers.succeeded(endpoint.id);
             match logged {
                 Ok(true) => tracing::info!(response_status, duration_ms, "webhook delivered"),
                 Ok(false) => tracing::warn!("webhook delivered again; the log keeps the first success"),
@@ -240,6 +303,9 @@ impl JobKind for WebhookDelivery {
             return Ok(());
         }
         let error = error.unwrap_or_default();
+        if !error.starts_with("not sent: the circuit is open") {
+            self.breakers.failed(endpoint.id, self.config.time_scale);
+        }
         tracing::warn!(%error, response_status, duration_ms, "webhook attempt failed");
         Err(JobFailure::new(error).retry_in(wait.unwrap_or_else(|| backoff(attempt, self.config.time_scale))))
     }
@@ -248,6 +314,22 @@ impl JobKind for WebhookDelivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_failures_in_a_row_and_closes_on_success() {
+        let b = Breakers::default();
+        let e = Uuid::now_v7();
+        for _ in 0..BREAKER_FAILURES - 1 {
+            b.failed(e, 1.0);
+        }
+        assert!(b.open_for(e).is_none(), "not yet");
+        b.failed(e, 1.0);
+        let open = b.open_for(e).expect("open after 5 in a row");
+        assert!(open <= BREAKER_COOLDOWN && open > BREAKER_COOLDOWN - Duration::from_secs(1));
+        b.succeeded(e);
+        assert!(b.open_for(e).is_none(), "a success closes it");
+        assert!(b.open_for(Uuid::now_v7()).is_none(), "per endpoint");
+    }
 
     #[test]
     fn the_schedule_is_spec_7s_divided_by_the_time_scale() {
