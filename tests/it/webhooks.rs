@@ -44,6 +44,8 @@ impl Received {
 struct Receiver {
     got: Arc<Mutex<HashMap<String, Vec<Received>>>>,
     plans: Arc<Mutex<HashMap<String, Vec<u16>>>>,
+    /// Planned status 0: the request hangs until this is notified (then answers 200).
+    release: Arc<tokio::sync::Notify>,
     base: String,
 }
 
@@ -71,6 +73,10 @@ async fn hook(
         answered: status,
     };
     r.got.lock().unwrap().entry(name).or_default().push(got);
+    if status == 0 {
+        r.release.notified().await;
+        return StatusCode::OK;
+    }
     StatusCode::from_u16(status).unwrap()
 }
 
@@ -100,7 +106,7 @@ impl Receiver {
     async fn wait_for_successes(&self, name: &str, n: usize) -> Vec<Received> {
         wait_for(&format!("{n} successful deliveries to {name}"), WAIT, || async {
             let got = self.got(name);
-            (got.iter().filter(|g| g.answered < 300).count() >= n).then_some(got)
+            (got.iter().filter(|g| (200..300).contains(&g.answered)).count() >= n).then_some(got)
         })
         .await
     }
@@ -359,6 +365,69 @@ async fn recover_resends_what_failed_and_the_log_keeps_one_success() {
     let log = deliveries(&app, &t, &hook).await;
     assert_eq!(log.iter().filter(|d| d["status"] == "succeeded").count(), 1, "{log:?}");
     assert_eq!(rx.got("down").iter().filter(|g| g.answered == 200).count(), 1);
+    app.stop().await;
+}
+
+/// SPEC §7's exactly-once: the worker delivering is killed mid-request (its lease
+/// lapses, another worker takes the job), then the event is redelivered by the bus. The
+/// receiver sees the one unavoidable resend (the same `webhook-id`: the first request
+/// never got its answer back), and the log shows exactly one success; the redelivered
+/// event adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_delivery_and_a_redelivered_event_log_one_success() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start_with(db.url(), |c| {
+        c.webhook_allow_private = true;
+        c.chaos = true;
+        c.jobs.time_scale = 100.0;
+        c.jobs.jitter = false;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let t = app.tenant("hooks-kill", 0).await;
+    let (hook, _) = endpoint(&app, &t, &rx.url("slow"), &["user.created"]).await;
+    rx.plan("slow", &[0]);
+    let user = app.user(&t, "kill@x.example").await;
+    wait_for("the first request to arrive and hang", WAIT, || async { (rx.got("slow").len() == 1).then_some(()) })
+        .await;
+    let running: Value = app.get("/v1/admin/jobs/running?q=webhook_delivery", ADMIN_TOKEN).await.json().await.unwrap();
+    let worker = running["items"][0]["worker"].as_str().expect("the delivering worker").to_owned();
+    let res = app.post(&format!("/debug/actors/{worker}/kill"), ADMIN_TOKEN, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED, "kill {worker}");
+    // The lease lapses, the reaper hands the job on, the next try succeeds.
+    let got = rx.wait_for_successes("slow", 1).await;
+    rx.release.notify_waiters();
+    assert_eq!(got.len(), 2, "the resend after the kill: {got:?}");
+    assert!(got.iter().all(|g| g.id == got[0].id && g.json()["subject"] == user["id"]), "the same webhook-id");
+
+    // The bus delivers the same event again: it becomes no second job.
+    let store = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap();
+    let event_id: uuid::Uuid = got[0].id.parse().unwrap();
+    let event = eventra::store::Store::outbox_event(&store, event_id).await.unwrap().expect("in the outbox");
+    let bus = eventra::bus::SqliteBus::new(store.pools(), eventra::bus::BusConfig::default());
+    let again = eventra::bus::BusMessage {
+        id: event_id.to_string(),
+        routing_key: event.event_type.as_str().into(),
+        body: serde_json::to_vec(&event).unwrap(),
+    };
+    eventra::bus::EventBus::publish(&bus, &[again]).await.unwrap();
+    let pool = store.pool().clone();
+    wait_for("the redelivered event consumed", WAIT, || async {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM bus_messages WHERE state <> 'parked'").fetch_one(&pool).await.ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    wait_for("the queue to drain", WAIT, || async {
+        let jobs: Value = app.get("/v1/admin/jobs", ADMIN_TOKEN).await.json().await.ok()?;
+        let c = &jobs["counts"];
+        (c["ready"] == 0 && c["running"] == 0 && c["retry"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(rx.got("slow").len(), 2, "nothing more after the redelivery");
+    let log = deliveries(&app, &t, &hook).await;
+    assert_eq!(log.iter().filter(|d| d["status"] == "succeeded").count(), 1, "{log:?}");
+    eprintln!("killed mid-delivery: the receiver saw {} requests for 1 event (1 resend), the log 1 success", got.len());
     app.stop().await;
 }
 
