@@ -304,6 +304,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Page<crate::domain::webhook::DeliveryAttempt>>;
     /// Events with a failed attempt since `since` and no success (what recover resends).
     async fn undelivered_since(&self, endpoint_id: Uuid, since: DateTime<Utc>, limit: u32) -> StoreResult<Vec<Uuid>>;
+    /// When the endpoint's failing streak began: its first failed attempt after its last
+    /// success (`None`: its latest attempt succeeded, or it has none).
+    async fn failing_since(&self, endpoint_id: Uuid) -> StoreResult<Option<DateTime<Utc>>>;
+    /// Deletes delivery-log rows older than `before` (at most `limit`); how many.
+    async fn prune_deliveries(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
     /// An event still in the outbox, by id.
     async fn outbox_event(&self, event_id: Uuid) -> StoreResult<Option<crate::domain::DomainEvent>>;
     /// Disables an enabled endpoint and writes `webhook.disabled` in the same
@@ -332,6 +337,9 @@ pub trait Store: Send + Sync + 'static {
     /// skipped); returns how many were new.
     async fn record_emails(&self, emails: &[SentEmail]) -> StoreResult<u64>;
 }
+
+/// How long the webhook delivery log keeps an attempt.
+pub const DELIVERY_LOG_DAYS: i64 = 30;
 
 /// A tenant's recent activity (`Store::tenant_activity`).
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]

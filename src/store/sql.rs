@@ -822,7 +822,7 @@ macro_rules! sql_store_impl {
 
             async fn delivered(&self, endpoint_id: uuid::Uuid, event_id: uuid::Uuid) -> $crate::store::StoreResult<bool> {
                 let row: Option<(i64,)> = sqlx::query_as(
-                    "SELECT 1 FROM webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2 AND status = 'succeeded'",
+                    "SELECT CAST(1 AS BIGINT) FROM webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2 AND status = 'succeeded'",
                 )
                 .bind(endpoint_id)
                 .bind(event_id)
@@ -867,6 +867,34 @@ macro_rules! sql_store_impl {
                 .fetch_all(&self.pool)
                 .await?;
                 Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            async fn failing_since(
+                &self,
+                endpoint_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+                let row: Option<(chrono::DateTime<chrono::Utc>,)> = sqlx::query_as(
+                    "SELECT at FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'failed' AND id > COALESCE( \
+                     (SELECT id FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'succeeded' ORDER BY id DESC LIMIT 1), $2) \
+                     ORDER BY id LIMIT 1",
+                )
+                .bind(endpoint_id)
+                .bind(uuid::Uuid::nil())
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(at,)| at))
+            }
+
+            async fn prune_deliveries(&self, before: chrono::DateTime<chrono::Utc>, limit: u32) -> $crate::store::StoreResult<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM webhook_deliveries WHERE id IN \
+                     (SELECT id FROM webhook_deliveries WHERE id < $1 ORDER BY id LIMIT $2)",
+                )
+                .bind($crate::store::first_uuid_v7_at(before))
+                .bind(i64::from(limit))
+                .execute(&self.writer)
+                .await?;
+                Ok(done.rows_affected())
             }
 
             async fn outbox_event(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::DomainEvent>> {

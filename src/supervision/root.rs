@@ -4,7 +4,8 @@
 //! root (one_for_one; every supervisor allows 5 restarts per child in 5 s)
 //! ├── tenants (supervisor, one_for_one, dynamic children; passivates idle ones)
 //! │   └── tenant-<uuid>: one per active tenant (transient): group-commits its writes
-//! ├── idempotency-purge: deletes expired idempotency records every 5 minutes
+//! ├── idempotency-purge: deletes expired idempotency records and old webhook delivery
+//! │   log rows every 5 minutes
 //! ├── metrics-sampler: keeps a window of `/metrics` for the dashboard (every 2 s)
 //! ├── indexer: batches index changes by count and time; circuit breaker
 //! ├── jobs (supervisor, one_for_one; `worker` role)
@@ -301,7 +302,20 @@ fn purge_task(store: Arc<dyn Store>) -> Task {
             if n > 0 {
                 tracing::info!(deleted = n, "purged expired idempotency records");
             }
-            Ok(n)
+            // The webhook delivery log keeps 30 days, pruned in chunks.
+            let before = chrono::Utc::now() - chrono::Duration::days(crate::store::DELIVERY_LOG_DAYS);
+            let mut pruned = 0;
+            loop {
+                let d = store.prune_deliveries(before, 5_000).await.map_err(|e| e.to_string())?;
+                pruned += d;
+                if d < 5_000 {
+                    break;
+                }
+            }
+            if pruned > 0 {
+                tracing::info!(deleted = pruned, "pruned webhook delivery log rows past their retention");
+            }
+            Ok(n + pruned)
         })
     })
 }

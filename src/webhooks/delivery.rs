@@ -8,7 +8,8 @@
 //! 3. POSTs exactly the bytes it signs, with `webhook-id` = the event id (the same on
 //!    every attempt), through a client with a timeout, no redirects and the SSRF resolver;
 //! 4. logs the attempt. At most one success per pair is ever logged (a unique index);
-//! 5. on `410 Gone` disables the endpoint (`webhook.disabled`, audited) and stops; on
+//! 5. on `410 Gone`, or when every attempt has failed for 5 days, disables the endpoint
+//!    (`webhook.disabled`, audited) and stops; on
 //!    any other failure retries on SPEC §7's schedule (immediately, 5 s, 5 min, 30 min,
 //!    2 h, 5 h, 10 h, 10 h, divided by `EVENTRA_JOB_TIME_SCALE`), or after the
 //!    receiver's `Retry-After` on 429/503.
@@ -107,6 +108,9 @@ impl Breakers {
         }
     }
 }
+
+/// An endpoint whose every attempt failed for this long is disabled (SPEC §7).
+pub const DISABLE_AFTER_FAILING: Duration = Duration::from_secs(5 * 24 * 3600);
 
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -305,6 +309,17 @@ impl JobKind for WebhookDelivery {
         let error = error.unwrap_or_default();
         if !error.starts_with("not sent: the circuit is open") {
             self.breakers.failed(endpoint.id, self.config.time_scale);
+        }
+        if let Ok(Some(since)) = self.store.failing_since(endpoint.id).await {
+            let failing = (chrono::Utc::now() - since).to_std().unwrap_or_default();
+            if failing >= DISABLE_AFTER_FAILING {
+                let ctx = EventContext::system(format!("webhook-failing:{}", event.id));
+                let reason = format!("every attempt failed since {}", since.to_rfc3339());
+                if let Ok(true) = self.store.disable_webhook(endpoint.id, &reason, &ctx).await {
+                    tracing::warn!(%since, "webhook endpoint failed for 5 days; disabled");
+                }
+                return Ok(());
+            }
         }
         tracing::warn!(%error, response_status, duration_ms, "webhook attempt failed");
         Err(JobFailure::new(error).retry_in(wait.unwrap_or_else(|| backoff(attempt, self.config.time_scale))))

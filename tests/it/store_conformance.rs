@@ -40,6 +40,47 @@ fn new_user(tenant_id: Uuid, email: &str) -> NewUser {
     NewUser::parse(tenant_id, input, eventra::domain::now()).expect("valid user")
 }
 
+/// The webhook delivery log: one success per (endpoint, event); the failing streak
+/// starts after the last success; old rows are pruned.
+pub async fn the_delivery_log_knows_failing_streaks_and_prunes(s: Arc<dyn Store>) {
+    use eventra::domain::webhook::{DeliveryAttempt, NewEndpoint, NewEndpointInput};
+    let t = tenant(&s, "hooks", 0).await;
+    let input = NewEndpointInput { url: "https://hooks.example.com/x".into(), event_types: None, description: None };
+    let e = NewEndpoint::parse(t.id, input, false, eventra::domain::now()).unwrap();
+    let e = s.create_webhook(&e).await.unwrap();
+    let now = chrono::Utc::now();
+    let attempt = |event: Uuid, n: i32, ok: bool, days_ago: i64| {
+        let at = eventra::domain::now() - chrono::Duration::days(days_ago);
+        DeliveryAttempt {
+            id: Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, at.timestamp() as u64, 0)),
+            endpoint_id: e.id,
+            event_id: event,
+            event_type: "user.created".into(),
+            attempt: n,
+            status: if ok { "succeeded" } else { "failed" }.into(),
+            response_status: Some(if ok { 200 } else { 500 }),
+            duration_ms: 3,
+            error: None,
+            at,
+        }
+    };
+    let (e1, e2) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(s.failing_since(e.id).await.unwrap(), None, "no attempts");
+    assert!(s.record_delivery(&attempt(e1, 1, false, 40)).await.unwrap());
+    assert!(s.record_delivery(&attempt(e1, 2, true, 39)).await.unwrap());
+    assert!(!s.record_delivery(&attempt(e1, 3, true, 38)).await.unwrap(), "a second success is not logged");
+    assert_eq!(s.failing_since(e.id).await.unwrap(), None, "the latest attempt succeeded");
+    assert!(s.record_delivery(&attempt(e2, 1, false, 6)).await.unwrap());
+    assert!(s.record_delivery(&attempt(e2, 2, false, 1)).await.unwrap());
+    let since = s.failing_since(e.id).await.unwrap().expect("failing");
+    assert!((now - since).num_days() >= 5, "{since}: the first failure after the last success");
+    assert!(s.delivered(e.id, e1).await.unwrap() && !s.delivered(e.id, e2).await.unwrap());
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    assert_eq!(s.prune_deliveries(cutoff, 100).await.unwrap(), 2, "the two attempts from 39-40 days ago");
+    let left = s.list_deliveries(e.id, None, eventra::domain::PageRequest::parse(None, None).unwrap()).await.unwrap();
+    assert_eq!(left.items.len(), 2);
+}
+
 /// The busiest tenants by events since a time (the dashboard's tenants panel): counted
 /// from the outbox, busiest first, with user counts; nothing from before `since`.
 pub async fn tenant_activity_counts_recent_events(s: Arc<dyn Store>) {
@@ -592,4 +633,5 @@ conformance!(
     batched_writes_keep_every_rule,
     one_failing_statement_fails_only_its_write,
     tenant_activity_counts_recent_events,
+    the_delivery_log_knows_failing_streaks_and_prunes,
 );

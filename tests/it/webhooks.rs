@@ -181,7 +181,20 @@ async fn deliveries(app: &TestApp, t: &TestTenant, id: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribed_events_arrive_once_signed_filtered_and_isolated() {
-    let db = TestDb::sqlite();
+    subscribed_events(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_subscribed_events_arrive_once_signed_filtered_and_isolated() {
+    let Some(db) =
+        TestDb::postgres("webhooks::postgres_subscribed_events_arrive_once_signed_filtered_and_isolated").await
+    else {
+        return;
+    };
+    subscribed_events(db).await;
+}
+
+async fn subscribed_events(db: TestDb) {
     let app = app(&db).await;
     let rx = Receiver::start().await;
     let a = app.tenant("hooks-a", 0).await;
@@ -255,7 +268,19 @@ async fn subscribed_events_arrive_once_signed_filtered_and_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_retry_with_the_same_id_410_disables_and_rotation_signs_twice() {
-    let db = TestDb::sqlite();
+    failures_and_rotation(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failures_retry_410_disables_and_rotation_signs_twice() {
+    let Some(db) = TestDb::postgres("webhooks::postgres_failures_retry_410_disables_and_rotation_signs_twice").await
+    else {
+        return;
+    };
+    failures_and_rotation(db).await;
+}
+
+async fn failures_and_rotation(db: TestDb) {
     let app = app(&db).await;
     let rx = Receiver::start().await;
     let t = app.tenant("hooks-retry", 0).await;
@@ -329,7 +354,16 @@ async fn failures_retry_with_the_same_id_410_disables_and_rotation_signs_twice()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_resends_what_failed_and_the_log_keeps_one_success() {
-    let db = TestDb::sqlite();
+    recover(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_recover_resends_what_failed() {
+    let Some(db) = TestDb::postgres("webhooks::postgres_recover_resends_what_failed").await else { return };
+    recover(db).await;
+}
+
+async fn recover(db: TestDb) {
     let app = app(&db).await;
     let rx = Receiver::start().await;
     let t = app.tenant("hooks-recover", 0).await;
@@ -428,6 +462,43 @@ async fn a_worker_killed_mid_delivery_and_a_redelivered_event_log_one_success() 
     let log = deliveries(&app, &t, &hook).await;
     assert_eq!(log.iter().filter(|d| d["status"] == "succeeded").count(), 1, "{log:?}");
     eprintln!("killed mid-delivery: the receiver saw {} requests for 1 event (1 resend), the log 1 success", got.len());
+    app.stop().await;
+}
+
+/// An endpoint whose every attempt has failed for 5 days is disabled at its next failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_for_five_days_is_disabled() {
+    let db = TestDb::sqlite();
+    let app = app(&db).await;
+    let rx = Receiver::start().await;
+    let t = app.tenant("hooks-5days", 0).await;
+    let (hook, _) = endpoint(&app, &t, &rx.url("dead"), &["user.created"]).await;
+    rx.plan("dead", &[500; 8]);
+    // Its failing streak began six days ago.
+    let store = db.store().await;
+    let at = eventra::domain::now() - chrono::Duration::days(6);
+    let old = eventra::domain::webhook::DeliveryAttempt {
+        id: uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, at.timestamp() as u64, 0)),
+        endpoint_id: hook.parse().unwrap(),
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "user.created".into(),
+        attempt: 1,
+        status: "failed".into(),
+        response_status: Some(500),
+        duration_ms: 1,
+        error: Some("down".into()),
+        at,
+    };
+    assert!(store.record_delivery(&old).await.unwrap());
+    app.user(&t, "five-days@x.example").await;
+    let disabled = wait_for("the endpoint disabled after its next failure", WAIT, || async {
+        let e: Value =
+            app.get(&format!("/v1/tenants/{}/webhooks/{hook}", t.id), &t.admin_key).await.json().await.ok()?;
+        (e["status"] == "disabled").then_some(e)
+    })
+    .await;
+    assert!(disabled["disabled_reason"].as_str().unwrap().starts_with("every attempt failed since"), "{disabled}");
+    assert_eq!(rx.got("dead").len(), 1, "no retry once disabled");
     app.stop().await;
 }
 
