@@ -58,6 +58,9 @@ enum Bench {
     /// Resident memory with many tenants touched once (managers started, passivated
     /// past the limit).
     Tenants(eventra::bench::tenants::TenantsBenchArgs),
+    /// Webhook deliveries/s to a local receiver (and with a dead endpoint beside), vs a
+    /// raw reqwest POST loop.
+    Webhooks(eventra::bench::webhooks::WebhooksBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
@@ -135,6 +138,11 @@ fn main() -> ExitCode {
                 } else {
                     Err("invariants violated".to_owned())
                 }
+            }
+            Command::Bench(Bench::Webhooks(args)) => {
+                let report = eventra::bench::webhooks::run(args).await?;
+                println!("{}", eventra::bench::webhooks::table(&report));
+                Ok(())
             }
             Command::Bench(Bench::Tenants(args)) => {
                 let report = eventra::bench::tenants::run(args).await?;

@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod raw;
 pub mod search;
 pub mod tenants;
+pub mod webhooks;
 pub mod writes;
 
 use std::sync::Arc;
