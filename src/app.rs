@@ -153,9 +153,20 @@ pub async fn run_with(
         .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
     tracing::info!(backend = jobs.queue.backend(), "job queue ready");
+    let webhook_runner = (config.webhook_workers > 0).then(|| {
+        let c = RunnerConfig {
+            queues: vec![crate::webhooks::delivery::QUEUE.into()],
+            batch: 1,
+            workers: u32::try_from(config.webhook_workers).unwrap_or(u32::MAX),
+            ..runner_config(&config)
+        };
+        Arc::new(Runner::new(jobs.clone(), kinds.clone(), c))
+    });
     let job_deps = (config.has_role("worker") && config.jobs.workers > 0).then(|| JobsDeps {
         runner: Arc::new(Runner::new(jobs.clone(), kinds, runner_config(&config))),
         workers: config.jobs.workers,
+        webhook_runner: webhook_runner.clone(),
+        webhook_workers: config.webhook_workers,
         scheduler_every: config.jobs.poll,
     });
     tracing::info!(
@@ -264,6 +275,9 @@ pub async fn run_with(
     tracing::info!("http drained; stopping the supervision tree");
     if let Some(runner) = &runner {
         // Workers finish the batch in hand and take no more while the tree stops.
+        runner.drain();
+    }
+    if let Some(runner) = &webhook_runner {
         runner.drain();
     }
     if root.actor.stop_and_wait(Some("shutdown".into()), Some(TREE_SHUTDOWN)).await.is_err() {

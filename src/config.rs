@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// How long a webhook receiver has to answer 2xx, in milliseconds.
     #[arg(long, env = "EVENTRA_WEBHOOK_TIMEOUT_MS", default_value_t = 15_000)]
     pub webhook_timeout_ms: u64,
+    /// Workers that deliver webhooks (their own queue, one delivery at a time each, so
+    /// a slow receiver holds only its own deliveries), with the `worker` role.
+    #[arg(long, env = "EVENTRA_WEBHOOK_WORKERS", default_value_t = 32)]
+    pub webhook_workers: usize,
     #[command(flatten)]
     pub jobs: JobArgs,
     #[command(flatten)]
@@ -328,6 +332,7 @@ pub struct Config {
     /// See `EVENTRA_WEBHOOK_ALLOW_PRIVATE`.
     pub webhook_allow_private: bool,
     pub webhook_timeout: std::time::Duration,
+    pub webhook_workers: usize,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
 }
@@ -386,6 +391,7 @@ impl Config {
             max_effect_lag: std::time::Duration::from_millis(a.max_effect_lag_ms),
             webhook_allow_private: a.webhook_allow_private,
             webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.clamp(100, 120_000)),
+            webhook_workers: a.webhook_workers.min(1000),
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
         })
@@ -414,6 +420,7 @@ impl Config {
             max_effect_lag: std::time::Duration::from_secs(2),
             webhook_allow_private: false,
             webhook_timeout: std::time::Duration::from_secs(15),
+            webhook_workers: 4,
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),
         }

@@ -127,7 +127,13 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
             ..RunnerConfig::default()
         }
     }));
-    let deps = JobsDeps { runner, workers: args.concurrency, scheduler_every: Duration::from_secs(1) };
+    let deps = JobsDeps {
+        runner,
+        workers: args.concurrency,
+        webhook_runner: None,
+        webhook_workers: 0,
+        scheduler_every: Duration::from_secs(1),
+    };
     let probe = client(&args.redis_url).await?;
     let cpu0 = redis_cpu(&probe).await?;
     let started = Instant::now();

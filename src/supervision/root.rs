@@ -11,7 +11,8 @@
 //! ├── jobs (supervisor, one_for_one; `worker` role)
 //! │   ├── job-scheduler: due scheduled and retrying jobs become ready
 //! │   ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
-//! │   └── job-worker-1 … job-worker-N: run jobs
+//! │   ├── job-worker-1 … job-worker-N: run jobs
+//! │   └── webhook-worker-1 … N: deliver webhooks (queue `webhooks`, one at a time)
 //! └── pipeline (supervisor, one_for_one; `relay` and `consumer` roles)
 //!     ├── outbox-relay: outbox rows → event bus (one active per database)
 //!     └── event-consumer-1 … N: events → jobs, ack after enqueue
@@ -76,6 +77,9 @@ pub struct PipelineDeps {
 pub struct JobsDeps {
     pub runner: SharedRunner,
     pub workers: usize,
+    /// The webhook deliveries' own pool (queue `webhooks`, one job at a time each).
+    pub webhook_runner: Option<SharedRunner>,
+    pub webhook_workers: usize,
     /// How often the scheduler promotes due jobs.
     pub scheduler_every: Duration,
 }
@@ -238,6 +242,20 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
         // Stop waits for the batch in hand (the runner drains first, so no new batch is
         // taken); past this, the batch is left to the reaper.
         children.push(ChildSpec::worker(format!("job-worker-{n}"), start).shutdown(Duration::from_secs(15)));
+    }
+    if let Some(webhook_runner) = &jobs.webhook_runner {
+        for n in 1..=jobs.webhook_workers {
+            let runner = webhook_runner.clone();
+            let start: StartFn = Arc::new(move |ctx: StartCtx| {
+                let runner = runner.clone();
+                Box::pin(async move {
+                    let args = JobWorkerArgs { runner, name: ctx.name.clone() };
+                    let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
+                    Ok(worker.get_cell())
+                })
+            });
+            children.push(ChildSpec::worker(format!("webhook-worker-{n}"), start).shutdown(Duration::from_secs(20)));
+        }
     }
     let intensity = Intensity::per_child(children.len());
     SupervisorSpec { intensity, ..SupervisorSpec::new("jobs", Strategy::OneForOne, children) }

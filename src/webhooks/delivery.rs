@@ -18,9 +18,11 @@
 //! after [`BREAKER_FAILURES`] failed attempts in a row, attempts in the next cooldown
 //! (30 s, doubling to 10 min while it keeps failing; divided by the time scale) are
 //! logged as failed without a request, and retried on the same schedule, so a dead
-//! receiver's backlog does not hold workers for its timeouts. After a cooldown attempts
-//! go through again: a success closes the breaker, another failure reopens it for twice
-//! as long.
+//! receiver's backlog does not hold workers for its timeouts. After a cooldown one
+//! attempt probes: a success closes the breaker, a failure reopens it for twice as long.
+//! Deliveries have their own queue (`webhooks`) and workers (`webhook-worker-N`, one
+//! delivery at a time each), so a slow receiver holds only workers busy with its own
+//! deliveries, never a batch of other jobs.
 //!
 //! The window left for a second POST is a crash between the receiver's 2xx and the log
 //! row: the retry sends again with the same `webhook-id`, which is how Standard Webhooks
@@ -43,6 +45,8 @@ use crate::jobs::{Job, NewJob};
 use crate::store::Store;
 
 pub const KIND: &str = "webhook_delivery";
+/// Deliveries have a queue of their own, worked by `webhook-worker-N` one at a time.
+pub const QUEUE: &str = "webhooks";
 
 /// SPEC §7's schedule: the wait before attempt n+1 after attempt n failed.
 const SCHEDULE: [Duration; 7] = [
@@ -80,11 +84,19 @@ struct Breaker {
 struct Breakers(Mutex<HashMap<Uuid, Breaker>>);
 
 impl Breakers {
-    /// `Some(remaining)` while the endpoint's breaker is open.
-    fn open_for(&self, endpoint: Uuid) -> Option<Duration> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let until = map.get(&endpoint)?.open_until?;
-        until.checked_duration_since(Instant::now())
+    /// `Some(remaining)` while the endpoint's breaker is open. When a cooldown ends, one
+    /// caller gets `None` (the probe) and the others see it open for `probe` longer.
+    fn open_for(&self, endpoint: Uuid, probe: Duration) -> Option<Duration> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let b = map.get_mut(&endpoint)?;
+        let until = b.open_until?;
+        match until.checked_duration_since(Instant::now()) {
+            Some(remaining) => Some(remaining),
+            None => {
+                b.open_until = Some(Instant::now() + probe);
+                None
+            }
+        }
     }
 
     fn succeeded(&self, endpoint: Uuid) {
@@ -127,6 +139,7 @@ impl DeliveryArgs {
         let args = DeliveryArgs { endpoint_id, event: event.clone() };
         NewJob {
             max_attempts: Some(MAX_ATTEMPTS),
+            queue: QUEUE.into(),
             ..NewJob::new(KIND, format!("webhook:{endpoint_id}:{}", event.id), serde_json::json!(args))
         }
     }
@@ -250,7 +263,7 @@ impl JobKind for WebhookDelivery {
         let timestamp = chrono::Utc::now().timestamp();
         let signature = signature_header(&secrets, &msg_id, timestamp, &body);
         let started = Instant::now();
-        let outcome = match self.breakers.open_for(endpoint.id) {
+        let outcome = match self.breakers.open_for(endpoint.id, self.config.timeout) {
             Some(remaining) => {
                 Err(format!("not sent: the circuit is open for {remaining:?} (the endpoint kept failing)"))
             }
@@ -337,13 +350,18 @@ mod tests {
         for _ in 0..BREAKER_FAILURES - 1 {
             b.failed(e, 1.0);
         }
-        assert!(b.open_for(e).is_none(), "not yet");
+        let probe = Duration::from_secs(15);
+        assert!(b.open_for(e, probe).is_none(), "not yet");
         b.failed(e, 1.0);
-        let open = b.open_for(e).expect("open after 5 in a row");
+        let open = b.open_for(e, probe).expect("open after 5 in a row");
         assert!(open <= BREAKER_COOLDOWN && open > BREAKER_COOLDOWN - Duration::from_secs(1));
+        // At the end of the cooldown one call probes; the others still see it open.
+        b.0.lock().unwrap().get_mut(&e).unwrap().open_until = Some(Instant::now());
+        assert!(b.open_for(e, probe).is_none(), "the probe");
+        assert!(b.open_for(e, probe).is_some(), "only one probe");
         b.succeeded(e);
-        assert!(b.open_for(e).is_none(), "a success closes it");
-        assert!(b.open_for(Uuid::now_v7()).is_none(), "per endpoint");
+        assert!(b.open_for(e, probe).is_none(), "a success closes it");
+        assert!(b.open_for(Uuid::now_v7(), probe).is_none(), "per endpoint");
     }
 
     #[test]

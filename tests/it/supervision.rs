@@ -303,6 +303,7 @@ async fn architecture_md_draws_the_running_tree() {
         .map(|n| match n {
             n if n.starts_with("tenant-") => "tenant-<uuid>".into(),
             n if n.starts_with("job-worker-") => "job-worker-<n>".into(),
+            n if n.starts_with("webhook-worker-") => "webhook-worker-<n>".into(),
             n if n.starts_with("event-consumer-") => "event-consumer-<n>".into(),
             n => n,
         })
