@@ -156,7 +156,7 @@ pub async fn run_with(
     let webhook_runner = (config.webhook_workers > 0).then(|| {
         let c = RunnerConfig {
             queues: vec![crate::webhooks::delivery::QUEUE.into()],
-            batch: 1,
+            batch: crate::webhooks::delivery::WORKER_BATCH,
             workers: u32::try_from(config.webhook_workers).unwrap_or(u32::MAX),
             ..runner_config(&config)
         };

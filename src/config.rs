@@ -69,8 +69,8 @@ pub struct ServeArgs {
     /// How long a webhook receiver has to answer 2xx, in milliseconds.
     #[arg(long, env = "EVENTRA_WEBHOOK_TIMEOUT_MS", default_value_t = 15_000)]
     pub webhook_timeout_ms: u64,
-    /// Workers that deliver webhooks (their own queue, one delivery at a time each, so
-    /// a slow receiver holds only its own deliveries), with the `worker` role.
+    /// Workers that deliver webhooks (their own queue, so a slow receiver never holds
+    /// other jobs), with the `worker` role.
     #[arg(long, env = "EVENTRA_WEBHOOK_WORKERS", default_value_t = 32)]
     pub webhook_workers: usize,
     #[command(flatten)]

@@ -39,11 +39,16 @@ pub struct WebhooksBenchArgs {
     /// Concurrent API clients creating the users.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Create users at this many per second (steady load; latency then shows delivery,
+    /// not a backlog draining). Unset: as fast as the API takes them.
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug)]
 pub struct Report {
     pub stack: Stack,
+    pub rate: Option<f64>,
     pub events: usize,
     pub endpoints: usize,
     pub dead_endpoint: bool,
@@ -140,7 +145,14 @@ pub async fn run(args: WebhooksBenchArgs) -> BenchResult<Report> {
 
     eprintln!("creating {} users, {} healthy deliveries each…", args.events, args.endpoints);
     let started = Instant::now();
+    let rate = args.rate;
     let created: Vec<Result<(), String>> = futures_util::stream::iter(0..args.events)
+        .then(|i| async move {
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+            }
+            i
+        })
         .map(|i| {
             let (client, base, tenant) = (client.clone(), base.clone(), tenant.clone());
             async move {
@@ -199,6 +211,7 @@ pub async fn run(args: WebhooksBenchArgs) -> BenchResult<Report> {
 
     Ok(Report {
         stack: args.stack,
+        rate: args.rate,
         events: args.events,
         endpoints: args.endpoints,
         dead_endpoint: args.dead_endpoint,
@@ -212,11 +225,12 @@ pub async fn run(args: WebhooksBenchArgs) -> BenchResult<Report> {
 
 pub fn table(r: &Report) -> String {
     format!(
-        "| stack | events | healthy endpoints | dead endpoint | deliveries | seconds | deliveries/s | commit → delivered p50 / p95 / p99 | raw reqwest POSTs/s |\n\
-         |---|---:|---:|---|---:|---:|---:|---|---:|\n\
-         | {:?} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} / {:.0} / {:.0} ms | {:.0} |\n",
+        "| stack | events | events/s sent | healthy endpoints | dead endpoint | deliveries | seconds | deliveries/s | commit → delivered p50 / p95 / p99 | raw reqwest POSTs/s |\n\
+         |---|---:|---:|---:|---|---:|---:|---:|---|---:|\n\
+         | {:?} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} / {:.0} / {:.0} ms | {:.0} |\n",
         r.stack,
         r.events,
+        r.rate.map_or_else(|| "max".to_owned(), |x| format!("{x:.0}")),
         r.endpoints,
         if r.dead_endpoint { "yes" } else { "no" },
         r.deliveries,

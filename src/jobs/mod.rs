@@ -238,6 +238,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// [`fail`](JobQueue::fail), retrying after `delay` instead of the queue's schedule
     /// (a kind with a schedule of its own, or a receiver's `Retry-After`).
     async fn fail_after(&self, id: Uuid, lease: Uuid, error: &str, delay: Duration) -> JobResult<Failed>;
+    /// The job did not run (its handler chose to wait: a receiver's circuit is open, too
+    /// many deliveries in flight): it runs again after `delay`, and no attempt is counted.
+    async fn snooze(&self, id: Uuid, lease: Uuid, delay: Duration) -> JobResult<()>;
     /// The job failed in a way no retry can fix (or is unreadable): straight to the
     /// dead set, whatever attempts it has left.
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()>;

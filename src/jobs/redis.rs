@@ -224,7 +224,8 @@ end
     };
 }
 
-/// KEYS: job, running, retry, dead. ARGV: id, lease id, error, (unused), retry delay
+/// KEYS: job, running, retry, dead. ARGV: id, lease id, error, `snooze` (run again after
+/// the delay without counting an attempt) or empty, retry delay
 /// (µs), expected failures, dead max age (µs), dead max count, job key prefix, idem key
 /// prefix, `1` to bury at once (a permanent failure), lease-set key prefix. Returns -1
 /// if not leased, 0 for retry, 1 for dead.
@@ -236,10 +237,18 @@ const FAIL: &str = concat!(
 local now = now_us()
 local f = redis.call('HMGET', KEYS[1], 'lease', 'state', 'failures', 'max_attempts')
 if f[1] ~= ARGV[2] or f[2] ~= 'running' then return {-1, ''} end
+local snooze = ARGV[4] == 'snooze'
 local failures = tonumber(f[3]) + 1
+if snooze then failures = tonumber(f[3]) end
 if failures ~= tonumber(ARGV[6]) then return {-1, ''} end
 release(ARGV[12], KEYS[2], ARGV[2], {ARGV[1]})
 redis.call('HDEL', KEYS[1], 'worker', 'lease')
+if snooze then
+  local at = fmt(now + tonumber(ARGV[5]))
+  redis.call('HSET', KEYS[1], 'state', 'retry', 'run_at_us', at)
+  redis.call('ZADD', KEYS[3], at, ARGV[1])
+  return {0, at}
+end
 redis.call('HSET', KEYS[1], 'failures', failures, 'last_error', ARGV[3], 'failed_at_us', fmt(now))
 if failures < tonumber(f[4]) and ARGV[11] ~= '1' then
   local at = fmt(now + tonumber(ARGV[5]))
@@ -845,6 +854,31 @@ impl JobQueue for RedisJobQueue {
 
     async fn fail_after(&self, id: Uuid, lease: Uuid, error: &str, delay: Duration) -> JobResult<Failed> {
         self.settle_failure(id, lease, error, false, Some(delay)).await
+    }
+
+    async fn snooze(&self, id: Uuid, lease: Uuid, delay: Duration) -> JobResult<()> {
+        let failures: Option<i64> = self.client.hget(self.keys.job(id), "failures").await?;
+        let failures = failures.ok_or(JobError::NotLeased(id))?;
+        let keys = vec![self.keys.job(id), self.keys.running.clone(), self.keys.retry.clone(), self.keys.dead.clone()];
+        let args = vec![
+            id.to_string(),
+            lease.to_string(),
+            String::new(),
+            "snooze".to_owned(),
+            dur_us(delay).to_string(),
+            failures.to_string(),
+            self.dead_max_age(),
+            self.config.dead_max_jobs.to_string(),
+            self.keys.job.clone(),
+            self.keys.idem.clone(),
+            "0".to_owned(),
+            self.keys.lease.clone(),
+        ];
+        let (outcome, _): (i64, String) = self.fail.evalsha_with_reload(&self.client, keys, args).await?;
+        if outcome < 0 {
+            return Err(JobError::NotLeased(id));
+        }
+        Ok(())
     }
 
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {

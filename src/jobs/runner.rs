@@ -340,6 +340,14 @@ impl Runner {
     }
 
     async fn settle_failure(&self, job: &Job, lease: Uuid, failure: JobFailure, metrics: &KindMetrics) {
+        if failure.snooze {
+            let delay = failure.retry_in.unwrap_or(Duration::from_secs(1));
+            match self.client.queue.snooze(job.id, lease, delay).await {
+                Ok(()) => tracing::debug!(reason = %failure.message, ?delay, "job snoozed"),
+                Err(e) => tracing::warn!(error = %e, "could not snooze the job; the reaper returns it"),
+            }
+            return;
+        }
         metrics.failed.increment(1);
         let error = failure.message;
         if failure.permanent {

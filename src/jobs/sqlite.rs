@@ -253,6 +253,22 @@ impl JobQueue for SqliteJobQueue {
         self.settle_failure(id, lease, error, false, Some(delay)).await
     }
 
+    async fn snooze(&self, id: Uuid, lease: Uuid, delay: Duration) -> JobResult<()> {
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'retry', run_at_us = $3, worker = NULL, lease_id = NULL, lease_until_us = NULL \
+             WHERE id = $1 AND lease_id = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(lease)
+        .bind(now_us() + dur_us(delay))
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(JobError::NotLeased(id));
+        }
+        Ok(())
+    }
+
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> JobResult<()> {
         self.settle_failure(id, lease, error, true, None).await.map(|_| ())
     }

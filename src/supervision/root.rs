@@ -12,7 +12,7 @@
 //! │   ├── job-scheduler: due scheduled and retrying jobs become ready
 //! │   ├── job-reaper: jobs of dead workers (lapsed leases) go back to their queue
 //! │   ├── job-worker-1 … job-worker-N: run jobs
-//! │   └── webhook-worker-1 … N: deliver webhooks (queue `webhooks`, one at a time)
+//! │   └── webhook-worker-1 … N: deliver webhooks (queue `webhooks`, small batches)
 //! └── pipeline (supervisor, one_for_one; `relay` and `consumer` roles)
 //!     ├── outbox-relay: outbox rows → event bus (one active per database)
 //!     └── event-consumer-1 … N: events → jobs, ack after enqueue

@@ -374,6 +374,17 @@ pub async fn operators_retry_kill_and_delete(make: Make) {
     assert_eq!(q.fail(dead, lease(&again), "still broken").await.unwrap(), Failed::Dead);
     assert_eq!(q.get(dead).await.unwrap().unwrap().started_at, None, "only while running");
 
+    // A snoozed job waits without spending an attempt; a stale lease cannot snooze.
+    let napper = new_id(q.enqueue(job("napper")).await.unwrap());
+    let j = take(&q, "w").await;
+    assert_eq!(j.id, napper);
+    assert!(matches!(q.snooze(napper, Uuid::now_v7(), Duration::from_secs(60)).await, Err(JobError::NotLeased(_))));
+    q.snooze(napper, lease(&j), Duration::from_secs(3600)).await.unwrap();
+    let napping = q.get(napper).await.unwrap().unwrap();
+    assert_eq!((napping.state, napping.failures), (JobState::Retry, 0), "no attempt counted");
+    assert!(napping.run_at > chrono::Utc::now() + chrono::Duration::minutes(59));
+    assert_eq!(q.delete(napper).await.unwrap(), Acted::Done);
+
     // A job waiting for its first retry (15 s or more away) runs now.
     let flaky = new_id(q.enqueue(job("flaky")).await.unwrap());
     let j = take(&q, "w").await;

@@ -487,6 +487,9 @@ impl JobQueue for Blips {
     ) -> eventra::jobs::JobResult<eventra::jobs::Failed> {
         self.inner.fail_after(id, lease, error, delay).await
     }
+    async fn snooze(&self, id: Uuid, lease: Uuid, delay: Duration) -> eventra::jobs::JobResult<()> {
+        self.inner.snooze(id, lease, delay).await
+    }
     async fn bury(&self, id: Uuid, lease: Uuid, error: &str) -> eventra::jobs::JobResult<()> {
         self.inner.bury(id, lease, error).await
     }

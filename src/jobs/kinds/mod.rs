@@ -34,17 +34,25 @@ pub struct JobFailure {
     pub permanent: bool,
     /// Retry after this long instead of the queue's schedule.
     pub retry_in: Option<std::time::Duration>,
+    /// The job did not run: no attempt is counted (see [`JobFailure::snooze`]).
+    pub snooze: bool,
 }
 
 impl JobFailure {
     /// A failure a later attempt may not hit (retried on the schedule).
     pub fn new(msg: impl std::fmt::Display) -> Self {
-        JobFailure { message: msg.to_string(), permanent: false, retry_in: None }
+        JobFailure { message: msg.to_string(), permanent: false, retry_in: None, snooze: false }
     }
 
     /// A failure every attempt would hit: straight to the dead set.
     pub fn permanent(msg: impl std::fmt::Display) -> Self {
-        JobFailure { message: msg.to_string(), permanent: true, retry_in: None }
+        JobFailure { message: msg.to_string(), permanent: true, retry_in: None, snooze: false }
+    }
+
+    /// The job chose not to run now (its receiver is unavailable or busy): it runs after
+    /// `delay`, and this does not count as an attempt.
+    pub fn snooze(msg: impl std::fmt::Display, delay: std::time::Duration) -> Self {
+        JobFailure { message: msg.to_string(), permanent: false, retry_in: Some(delay), snooze: true }
     }
 
     /// The next attempt runs after `delay` (the kind's own schedule, or `Retry-After`).
