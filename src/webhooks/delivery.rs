@@ -15,8 +15,8 @@
 //!    receiver's `Retry-After` on 429/503.
 //!
 //! One endpoint cannot hold the others back (in each process):
-//! - at most [`MAX_IN_FLIGHT`] deliveries to an endpoint are in flight; more wait
-//!   (snoozed: back in the queue shortly, no attempt counted);
+//! - at most [`MAX_IN_FLIGHT`] deliveries to an endpoint are in flight; more wait for a
+//!   slot briefly, then are snoozed (back in the queue shortly, no attempt counted);
 //! - a circuit breaker: after [`BREAKER_FAILURES`] failed attempts in a row, its
 //!   deliveries are snoozed until the cooldown ends (30 s, doubling to 10 min while it
 //!   keeps failing; divided by the time scale). Then one attempt probes: a success
@@ -72,36 +72,23 @@ fn backoff(attempt: u32, time_scale: f64) -> Duration {
 }
 
 /// Most deliveries in flight to one endpoint from one process.
-pub const MAX_IN_FLIGHT: usize = 8;
+pub const MAX_IN_FLIGHT: usize = 16;
+/// How long a delivery waits for one of its endpoint's slots before it is snoozed
+/// (waiting holds the worker: short).
+const SLOT_WAIT: Duration = Duration::from_millis(20);
 
-/// Deliveries in flight per endpoint.
+/// Delivery slots per endpoint.
 #[derive(Default)]
-struct InFlight(Mutex<HashMap<Uuid, usize>>);
-
-/// One delivery's slot; given back when dropped.
-struct Slot<'a>(&'a InFlight, Uuid);
+struct InFlight(Mutex<HashMap<Uuid, Arc<tokio::sync::Semaphore>>>);
 
 impl InFlight {
-    fn take(&self, endpoint: Uuid) -> Option<Slot<'_>> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(endpoint).or_default();
-        if *n >= MAX_IN_FLIGHT {
-            return None;
-        }
-        *n += 1;
-        Some(Slot(self, endpoint))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
+    /// A slot for `endpoint`, waiting up to `wait` for one to free.
+    async fn take(&self, endpoint: Uuid, wait: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(endpoint).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT))).clone()
+        };
+        tokio::time::timeout(wait, slots.acquire_owned()).await.ok()?.ok()
     }
 }
 
@@ -306,8 +293,9 @@ impl JobKind for WebhookDelivery {
         if let Some(remaining) = self.breakers.open_for(endpoint.id, self.config.timeout) {
             return Err(JobFailure::snooze(format!("the endpoint's circuit is open for {remaining:?}"), remaining));
         }
-        let Some(_slot) = self.in_flight.take(endpoint.id) else {
-            let wait = Duration::from_secs(1).div_f64(self.config.time_scale.max(1.0)).max(Duration::from_millis(50));
+        let Some(_slot) = self.in_flight.take(endpoint.id, SLOT_WAIT).await else {
+            let wait =
+                Duration::from_millis(250).div_f64(self.config.time_scale.max(1.0)).max(Duration::from_millis(20));
             return Err(JobFailure::snooze(format!("{MAX_IN_FLIGHT} deliveries to this endpoint in flight"), wait));
         };
         let attempt = job.failures + 1;
@@ -410,15 +398,19 @@ mod tests {
         assert!(b.open_for(Uuid::now_v7(), probe).is_none(), "per endpoint");
     }
 
-    #[test]
-    fn in_flight_deliveries_per_endpoint_are_bounded() {
+    #[tokio::test]
+    async fn in_flight_deliveries_per_endpoint_are_bounded() {
         let f = InFlight::default();
         let e = Uuid::now_v7();
-        let slots: Vec<_> = (0..MAX_IN_FLIGHT).map(|_| f.take(e).expect("a slot")).collect();
-        assert!(f.take(e).is_none(), "full");
-        assert!(f.take(Uuid::now_v7()).is_some(), "per endpoint");
-        drop(slots);
-        assert!(f.take(e).is_some(), "given back");
+        let short = Duration::from_millis(10);
+        let mut slots = Vec::new();
+        for _ in 0..MAX_IN_FLIGHT {
+            slots.push(f.take(e, short).await.expect("a slot"));
+        }
+        assert!(f.take(e, short).await.is_none(), "full");
+        assert!(f.take(Uuid::now_v7(), short).await.is_some(), "per endpoint");
+        slots.pop();
+        assert!(f.take(e, short).await.is_some(), "given back");
     }
 
     #[test]
