@@ -57,7 +57,7 @@ pub struct Stats {
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(stats)).routes(routes!(tenant_activity))
+    OpenApiRouter::new().routes(routes!(stats)).routes(routes!(tenant_activity)).routes(routes!(webhook_health))
 }
 
 /// `?window=&limit=`.
@@ -71,6 +71,22 @@ pub struct ActivityQuery {
     /// Tenants to list, 1-100 (default 20).
     #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+}
+
+impl ActivityQuery {
+    /// `(window seconds, limit)`, checked.
+    fn checked(&self) -> Result<(u64, u32)> {
+        let mut errors = ValidationErrors::new();
+        let window = self.window.unwrap_or(DEFAULT_WINDOW_SECS);
+        if !(10..=86_400).contains(&window) {
+            errors.add("window", "must be between 10 and 86400 seconds");
+        }
+        let limit = self.limit.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            errors.add("limit", "must be between 1 and 100");
+        }
+        Ok(errors.into_result((window, limit))?)
+    }
 }
 
 /// A tenant's events over the window, from the outbox (every process's writes).
@@ -98,16 +114,7 @@ async fn tenant_activity(
     ApiQuery(q): ApiQuery<ActivityQuery>,
 ) -> Result<Response> {
     principal.require_platform_admin()?;
-    let mut errors = ValidationErrors::new();
-    let window = q.window.unwrap_or(DEFAULT_WINDOW_SECS);
-    if !(10..=86_400).contains(&window) {
-        errors.add("window", "must be between 10 and 86400 seconds");
-    }
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        errors.add("limit", "must be between 1 and 100");
-    }
-    errors.into_result(())?;
+    let (window, limit) = q.checked()?;
     let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
     let items = s
         .tenants
@@ -148,4 +155,42 @@ async fn stats(State(s): State<AppState>, principal: Principal, ApiQuery(q): Api
     let counts = JobCounts { failed: overview.failed_total, ..counts };
     let active_tenants = s.tenants.managers().await.map(|m| m.len()).unwrap_or(0);
     Ok(Json(Stats { counts, active_tenants, overview }).into_response())
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookHealth {
+    pub window_seconds: u64,
+    pub items: Vec<EndpointFailures>,
+}
+
+/// An endpoint's attempts and failures in the window.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EndpointFailures {
+    #[serde(flatten)]
+    pub health: crate::store::EndpointHealth,
+    /// failed / attempts.
+    pub failure_rate: f64,
+}
+
+/// `GET /v1/admin/stats/webhooks?window=&limit=`: webhook endpoints with delivery attempts
+/// in the window, across tenants, the most failures first, with their failure rates.
+#[utoipa::path(get, path = "/v1/admin/stats/webhooks", operation_id = "webhookHealth", tag = "operations", security(("bearer" = [])),
+    params(ActivityQuery),
+    responses((status = 200, description = "Endpoints, the most failures first", body = WebhookHealth), AuthProblems, QueryProblems, Unavailable))]
+async fn webhook_health(
+    State(s): State<AppState>,
+    principal: Principal,
+    ApiQuery(q): ApiQuery<ActivityQuery>,
+) -> Result<Response> {
+    principal.require_platform_admin()?;
+    let (window, limit) = q.checked()?;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
+    let items = s
+        .webhooks
+        .health(since, limit)
+        .await?
+        .into_iter()
+        .map(|h| EndpointFailures { failure_rate: h.failed as f64 / h.attempts.max(1) as f64, health: h })
+        .collect();
+    Ok(Json(WebhookHealth { window_seconds: window, items }).into_response())
 }

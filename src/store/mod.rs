@@ -309,6 +309,9 @@ pub trait Store: Send + Sync + 'static {
     async fn failing_since(&self, endpoint_id: Uuid) -> StoreResult<Option<DateTime<Utc>>>;
     /// Deletes delivery-log rows older than `before` (at most `limit`); how many.
     async fn prune_deliveries(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
+    /// Endpoints with delivery attempts since `since`, the most failures first (the
+    /// operator's view, across tenants).
+    async fn webhook_health(&self, since: DateTime<Utc>, limit: u32) -> StoreResult<Vec<EndpointHealth>>;
     /// An event still in the outbox, by id.
     async fn outbox_event(&self, event_id: Uuid) -> StoreResult<Option<crate::domain::DomainEvent>>;
     /// Disables an enabled endpoint and writes `webhook.disabled` in the same
@@ -340,6 +343,19 @@ pub trait Store: Send + Sync + 'static {
 
 /// How long the webhook delivery log keeps an attempt.
 pub const DELIVERY_LOG_DAYS: i64 = 30;
+
+/// An endpoint's recent deliveries (`Store::webhook_health`).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct EndpointHealth {
+    pub endpoint_id: Uuid,
+    pub tenant_id: Uuid,
+    pub slug: String,
+    pub url: String,
+    pub status: String,
+    /// Attempts logged in the window.
+    pub attempts: i64,
+    pub failed: i64,
+}
 
 /// A tenant's recent activity (`Store::tenant_activity`).
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]

@@ -897,6 +897,26 @@ macro_rules! sql_store_impl {
                 Ok(done.rows_affected())
             }
 
+            async fn webhook_health(
+                &self,
+                since: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::EndpointHealth>> {
+                Ok(sqlx::query_as::<_, $crate::store::EndpointHealth>(
+                    "SELECT e.id AS endpoint_id, e.tenant_id, t.slug, e.url, e.status, a.attempts, a.failed \
+                     FROM (SELECT endpoint_id, COUNT(*) AS attempts, \
+                           COUNT(CASE WHEN status = 'failed' THEN 1 END) AS failed \
+                           FROM webhook_deliveries WHERE id >= $1 GROUP BY endpoint_id \
+                           ORDER BY failed DESC, attempts DESC LIMIT $2) AS a \
+                     JOIN webhook_endpoints e ON e.id = a.endpoint_id JOIN tenants t ON t.id = e.tenant_id \
+                     ORDER BY a.failed DESC, a.attempts DESC, e.id",
+                )
+                .bind($crate::store::first_uuid_v7_at(since))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn outbox_event(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::DomainEvent>> {
                 let row: Option<(sqlx::types::Json<$crate::domain::DomainEvent>,)> =
                     sqlx::query_as("SELECT payload FROM outbox WHERE event_id = $1")

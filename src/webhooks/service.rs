@@ -138,6 +138,11 @@ impl Webhooks {
         Ok(n)
     }
 
+    /// Endpoints with attempts since `since`, the most failures first (all tenants).
+    pub async fn health(&self, since: DateTime<Utc>, limit: u32) -> Result<Vec<crate::store::EndpointHealth>> {
+        Ok(self.store.webhook_health(since, limit).await?)
+    }
+
     /// A fresh delivery job: a previous one (dead, or done after failing) keeps its key
     /// for the queue's retention, so the key says which resend this is.
     async fn resend(&self, endpoint_id: Uuid, event: &DomainEvent) -> Result<()> {

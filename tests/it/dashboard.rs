@@ -116,8 +116,22 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
     let c = &b.client;
     let db = TestDb::sqlite();
     let kind = Flaky::new("test_dashboard_broken", 0, true, 1);
-    let app = TestApp::start_with_kinds(db.url(), Kinds::default().with(kind.clone()), |c| c.chaos = true).await;
+    let app = TestApp::start_with_kinds(db.url(), Kinds::default().with(kind.clone()), |c| {
+        c.chaos = true;
+        c.webhook_allow_private = true;
+    })
+    .await;
     let tenant = app.tenant("dash", 0).await;
+    // A webhook endpoint that refuses every delivery (405: GET-only), for the webhooks panel.
+    let res = app
+        .post(
+            &format!("/v1/tenants/{}/webhooks", tenant.id),
+            &tenant.admin_key,
+            json!({"url": format!("{}/health/live", app.base), "event_types": ["user.created"]}),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let hook: Value = res.json().await.unwrap();
     app.user(&tenant, "dash@example.com").await;
 
     // A dead job: one attempt, broken.
@@ -211,6 +225,14 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
     wait_for("our tenant among the busiest, with one user", WAIT, || async {
         let row = text(c, "#tenant-activity tbody tr").await?;
         (row.starts_with("dash-") && row.contains(" 1 ")).then_some(())
+    })
+    .await;
+
+    // The webhooks panel: our endpoint, every attempt failed.
+    show(c, "#webhooks").await;
+    wait_for("the failing endpoint in the webhooks panel", WAIT, || async {
+        let row = text(c, &format!("tr[data-endpoint-id=\"{}\"]", hook["id"].as_str()?)).await?;
+        row.contains("100.0 %").then_some(())
     })
     .await;
 

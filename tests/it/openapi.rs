@@ -54,6 +54,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tenants/{tenant_id}/webhooks/{webhook_id}/deliveries/{event_id}/retry"),
     ("post", "/v1/tenants/{tenant_id}/webhooks/{webhook_id}/recover"),
     ("get", "/v1/admin/stats/tenants"),
+    ("get", "/v1/admin/stats/webhooks"),
     ("get", "/dashboard"),
     ("get", "/dashboard/login"),
     ("post", "/dashboard/login"),

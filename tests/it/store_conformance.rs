@@ -75,6 +75,12 @@ pub async fn the_delivery_log_knows_failing_streaks_and_prunes(s: Arc<dyn Store>
     let since = s.failing_since(e.id).await.unwrap().expect("failing");
     assert!((now - since).num_days() >= 5, "{since}: the first failure after the last success");
     assert!(s.delivered(e.id, e1).await.unwrap() && !s.delivered(e.id, e2).await.unwrap());
+    let health = s.webhook_health(chrono::Utc::now() - chrono::Duration::days(60), 10).await.unwrap();
+    let seen: Vec<(Uuid, i64, i64)> = health.iter().map(|h| (h.endpoint_id, h.attempts, h.failed)).collect();
+    assert_eq!(seen, [(e.id, 4, 3)], "four attempts logged, three failed");
+    assert_eq!(health[0].slug, "hooks");
+    let recent = s.webhook_health(chrono::Utc::now() - chrono::Duration::days(3), 10).await.unwrap();
+    assert_eq!((recent[0].attempts, recent[0].failed), (1, 1), "only the window's attempts");
     let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
     assert_eq!(s.prune_deliveries(cutoff, 100).await.unwrap(), 2, "the two attempts from 39-40 days ago");
     let left = s.list_deliveries(e.id, None, eventra::domain::PageRequest::parse(None, None).unwrap()).await.unwrap();

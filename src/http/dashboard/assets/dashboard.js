@@ -220,6 +220,15 @@ const panels = {
     next.onclick = () => { view.tenantsCursor = page.next_cursor; refresh(); };
   },
 
+  async webhooks() {
+    const page = await api('GET', `/v1/admin/stats/webhooks?window=${$('#window').value}&limit=100`);
+    fill($('#webhooks tbody'), page.items.map((w) => el('tr', { 'data-endpoint-id': w.endpoint_id },
+      el('td', {}, w.slug), el('td', { class: 'args' }, w.url), el('td', {}, w.status),
+      el('td', {}, fmt(w.attempts)), el('td', {}, fmt(w.failed)),
+      el('td', { class: w.failure_rate > 0.5 ? 'error-text' : '' }, `${(w.failure_rate * 100).toFixed(1)} %`))),
+    'No deliveries in this window.');
+  },
+
   async tree() {
     const root = await api('GET', '/debug/actors');
     const node = (n) => el('li', { 'data-actor': n.name, class: `actor ${n.status}` },
