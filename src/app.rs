@@ -139,8 +139,13 @@ pub async fn run_with(
     // Writes go through the indexer actor; searches straight to the index.
     let (indexer, search) = crate::actors::indexer::IndexerDeps::new(raw_index);
     let search: Arc<dyn crate::search::SearchIndex> = Arc::new(search);
+    let secret_box = Arc::new(
+        crate::webhooks::secret_box::SecretBox::from_base64(config.secret_key.expose())
+            .map_err(|e| StartupError::Backend(e.to_string()))?,
+    );
     let delivery = crate::webhooks::delivery::WebhookDelivery::new(
         store.clone(),
+        secret_box.clone(),
         crate::webhooks::delivery::DeliveryConfig {
             timeout: config.webhook_timeout,
             allow_private: config.webhook_allow_private,
@@ -226,7 +231,12 @@ pub async fn run_with(
         metrics,
         metrics_history,
         sessions: Arc::new(crate::http::dashboard::Sessions::new(config.admin_token.expose())),
-        webhooks: crate::webhooks::Webhooks::new(store_for_webhooks, jobs.clone(), config.webhook_allow_private),
+        webhooks: crate::webhooks::Webhooks::new(
+            store_for_webhooks,
+            jobs.clone(),
+            secret_box,
+            config.webhook_allow_private,
+        ),
         jobs,
         bus,
         search,

@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// (local development and tests only: it turns the SSRF protection off).
     #[arg(long, env = "EVENTRA_WEBHOOK_ALLOW_PRIVATE", default_value = "0", value_parser = parse_flag)]
     pub webhook_allow_private: bool,
+    /// The key webhook signing secrets are encrypted with at rest: 32 bytes, base64
+    /// (`openssl rand -base64 32`); every process must share it. Unset: generated once
+    /// and kept in `<data dir>/secret_key` (fine for one process).
+    #[arg(long, env = "EVENTRA_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
     /// How long a webhook receiver has to answer 2xx, in milliseconds.
     #[arg(long, env = "EVENTRA_WEBHOOK_TIMEOUT_MS", default_value_t = 15_000)]
     pub webhook_timeout_ms: u64,
@@ -333,6 +338,8 @@ pub struct Config {
     pub webhook_allow_private: bool,
     pub webhook_timeout: std::time::Duration,
     pub webhook_workers: usize,
+    /// See `EVENTRA_SECRET_KEY` (base64 of 32 bytes, checked).
+    pub secret_key: Secret,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
 }
@@ -364,6 +371,14 @@ impl Config {
         }
         let data_dir = a.data.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| ConfigError::DataDir { path: data_dir.clone(), source })?;
+        let secret_key = match a.secret_key.clone().filter(|k| !k.is_empty()) {
+            Some(k) => {
+                crate::webhooks::secret_box::SecretBox::from_base64(&k)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                Secret::new(k)
+            }
+            None => load_or_generate_secret_key(&data_dir)?,
+        };
         let (admin_token, admin_token_source) = match a.admin_token.filter(|t| !t.is_empty()) {
             Some(t) if t.len() < 16 => {
                 return Err(ConfigError::Invalid("EVENTRA_ADMIN_TOKEN must be at least 16 characters".into()))
@@ -392,6 +407,7 @@ impl Config {
             webhook_allow_private: a.webhook_allow_private,
             webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.clamp(100, 120_000)),
             webhook_workers: a.webhook_workers.min(1000),
+            secret_key,
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
         })
@@ -421,6 +437,7 @@ impl Config {
             webhook_allow_private: false,
             webhook_timeout: std::time::Duration::from_secs(15),
             webhook_workers: 4,
+            secret_key: Secret::new(crate::webhooks::secret_box::SecretBox::generate_key()),
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),
         }
@@ -446,6 +463,25 @@ fn load_or_generate_token(dir: &Path) -> Result<(Secret, TokenSource), ConfigErr
         .replacen(crate::domain::api_key::KEY_PREFIX, "eva_", 1);
     write_private(&path, &token).map_err(io)?;
     Ok((Secret::new(token), TokenSource::Generated))
+}
+
+/// Reads `<data dir>/secret_key`, or creates it (mode 0600) with a fresh key.
+fn load_or_generate_secret_key(dir: &Path) -> Result<Secret, ConfigError> {
+    let path = dir.join("secret_key");
+    let io = |source| ConfigError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => {
+            crate::webhooks::secret_box::SecretBox::from_base64(s.trim())
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+            return Ok(Secret::new(s.trim()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let key = crate::webhooks::secret_box::SecretBox::generate_key();
+    write_private(&path, &key).map_err(io)?;
+    Ok(Secret::new(key))
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

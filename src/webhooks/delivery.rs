@@ -21,6 +21,7 @@
 //!   deliveries are snoozed until the cooldown ends (30 s, doubling to 10 min while it
 //!   keeps failing; divided by the time scale). Then one attempt probes: a success
 //!   closes the breaker, a failure reopens it for twice as long.
+//!
 //! So a dead receiver's backlog holds at most a few workers for one timeout, then none.
 //! Deliveries have their own queue (`webhooks`) and workers (`webhook-worker-N`, small
 //! batches), so a slow receiver never holds a batch of audit, email or index jobs.
@@ -184,6 +185,8 @@ pub struct DeliveryConfig {
 
 pub struct WebhookDelivery {
     store: Arc<dyn Store>,
+    /// Opens the secrets as stored (encrypted at rest).
+    secret_box: Arc<super::secret_box::SecretBox>,
     client: reqwest::Client,
     config: DeliveryConfig,
     breakers: Breakers,
@@ -191,7 +194,11 @@ pub struct WebhookDelivery {
 }
 
 impl WebhookDelivery {
-    pub fn new(store: Arc<dyn Store>, config: DeliveryConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        secret_box: Arc<super::secret_box::SecretBox>,
+        config: DeliveryConfig,
+    ) -> Result<Self, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -202,6 +209,7 @@ impl WebhookDelivery {
             builder = builder.dns_resolver(Arc::new(ssrf::GuardedResolver));
         }
         Ok(WebhookDelivery {
+            secret_box,
             store,
             client: builder.build()?,
             config,
@@ -275,7 +283,7 @@ impl JobKind for WebhookDelivery {
             .map_err(|e| JobFailure::permanent(format!("bad webhook_delivery args: {e}")))?;
         let event = &args.event;
         let store_err = |e: crate::store::StoreError| JobFailure::new(format!("database: {e}"));
-        let Some((endpoint, secrets)) = self.store.webhook_for_delivery(args.endpoint_id).await.map_err(store_err)?
+        let Some((endpoint, stored)) = self.store.webhook_for_delivery(args.endpoint_id).await.map_err(store_err)?
         else {
             tracing::info!(endpoint_id = %args.endpoint_id, event_id = %event.id, "webhook endpoint deleted; delivery dropped");
             return Ok(());
@@ -297,6 +305,11 @@ impl JobKind for WebhookDelivery {
             let wait =
                 Duration::from_millis(250).div_f64(self.config.time_scale.max(1.0)).max(Duration::from_millis(20));
             return Err(JobFailure::snooze(format!("{MAX_IN_FLIGHT} deliveries to this endpoint in flight"), wait));
+        };
+        let open = |s: &str| self.secret_box.open(s).map_err(|e| JobFailure::new(format!("webhook secret: {e}")));
+        let secrets = crate::domain::webhook::Secrets {
+            current: open(&stored.current)?,
+            previous: stored.previous.as_deref().map(open).transpose()?,
         };
         let attempt = job.failures + 1;
         let body = serde_json::to_vec(event).map_err(|e| JobFailure::permanent(format!("event body: {e}")))?;

@@ -4,6 +4,7 @@
 //! - [`signature`]: the `webhook-signature` header.
 //! - [`ssrf`]: which destinations may be called, at create and at every delivery.
 //! - [`service`]: what the API's webhook routes do.
+//! - [`secret_box`]: signing secrets encrypted at rest.
 //! - [`delivery`]: the `webhook_delivery` job kind: one job per (endpoint, event), keyed
 //!   so a redelivered event adds nothing; it POSTs, logs the attempt, and disables the
 //!   endpoint on `410 Gone`.
@@ -12,6 +13,7 @@
 //! `Store::webhook_targets` query per batch (`actors::event_consumer`).
 
 pub mod delivery;
+pub mod secret_box;
 pub mod service;
 pub mod signature;
 pub mod ssrf;

@@ -27,13 +27,20 @@ pub const MAX_RECOVER: u32 = 10_000;
 pub struct Webhooks {
     store: Arc<dyn Store>,
     jobs: JobClient,
+    /// Seals secrets before they are stored.
+    secret_box: Arc<super::secret_box::SecretBox>,
     allow_private: bool,
     resolve_timeout: Duration,
 }
 
 impl Webhooks {
-    pub fn new(store: Arc<dyn Store>, jobs: JobClient, allow_private: bool) -> Self {
-        Webhooks { store, jobs, allow_private, resolve_timeout: Duration::from_secs(3) }
+    pub fn new(
+        store: Arc<dyn Store>,
+        jobs: JobClient,
+        secret_box: Arc<super::secret_box::SecretBox>,
+        allow_private: bool,
+    ) -> Self {
+        Webhooks { store, jobs, secret_box, allow_private, resolve_timeout: Duration::from_secs(3) }
     }
 
     /// 422 unless the URL's host is public (or private ones are allowed).
@@ -53,7 +60,8 @@ impl Webhooks {
     pub async fn create(&self, tenant_id: Uuid, input: NewEndpointInput) -> Result<(WebhookEndpoint, String)> {
         let new = NewEndpoint::parse(tenant_id, input, self.allow_private, crate::domain::now())?;
         self.check_destination(&new.endpoint.url).await?;
-        let endpoint = self.store.create_webhook(&new).await?;
+        let sealed = NewEndpoint { secret: self.secret_box.seal(&new.secret), endpoint: new.endpoint.clone() };
+        let endpoint = self.store.create_webhook(&sealed).await?;
         tracing::info!(tenant_id = %tenant_id, endpoint_id = %endpoint.id, "webhook endpoint created");
         Ok((endpoint, new.secret))
     }
@@ -85,7 +93,7 @@ impl Webhooks {
     pub async fn rotate_secret(&self, tenant_id: Uuid, id: Uuid) -> Result<String> {
         let secret = new_secret();
         let until = Utc::now() + chrono::Duration::from_std(ROTATION_OVERLAP).unwrap_or_default();
-        self.store.rotate_webhook_secret(tenant_id, id, &secret, until).await?;
+        self.store.rotate_webhook_secret(tenant_id, id, &self.secret_box.seal(&secret), until).await?;
         tracing::info!(tenant_id = %tenant_id, endpoint_id = %id, "webhook secret rotated");
         Ok(secret)
     }

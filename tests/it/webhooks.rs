@@ -83,8 +83,7 @@ async fn hook(
 impl Receiver {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut r = Receiver::default();
-        r.base = format!("http://{}", listener.local_addr().unwrap());
+        let r = Receiver { base: format!("http://{}", listener.local_addr().unwrap()), ..Default::default() };
         let app = axum::Router::new().route("/hook/{name}", axum::routing::post(hook)).with_state(r.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         r
@@ -472,8 +471,16 @@ async fn an_endpoint_failing_for_five_days_is_disabled() {
     let app = app(&db).await;
     let rx = Receiver::start().await;
     let t = app.tenant("hooks-5days", 0).await;
-    let (hook, _) = endpoint(&app, &t, &rx.url("dead"), &["user.created"]).await;
+    let (hook, secret) = endpoint(&app, &t, &rx.url("dead"), &["user.created"]).await;
     rx.plan("dead", &[500; 8]);
+    // The secret is encrypted at rest: the row holds neither it nor its key bytes.
+    let pool = eventra::store::SqliteStore::connect(db.url(), 1).await.unwrap().pool().clone();
+    let (stored,): (String,) = sqlx::query_as("SELECT secret FROM webhook_endpoints WHERE id = $1")
+        .bind(hook.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(stored.starts_with("enc1:") && !stored.contains(&secret[6..]), "{stored}");
     // Its failing streak began six days ago.
     let store = db.store().await;
     let at = eventra::domain::now() - chrono::Duration::days(6);
