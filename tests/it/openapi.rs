@@ -213,6 +213,7 @@ async fn schemathesis_finds_no_server_error() {
     let doomed_tenant = app.tenant("fuzz-doomed", 0).await;
     let doomed_user = app.user(&tenant, "doomed@example.com").await;
     let config = tempfile::NamedTempFile::new().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let toml = format!(
         "[parameters]\n\"path.tenant_id\" = \"{}\"\n\"path.user_id\" = \"{}\"\n\n\
          [[operations]]\ninclude-operation-id = \"deleteTenant\"\nparameters = {{ \"path.tenant_id\" = \"{}\" }}\n\n\
@@ -228,6 +229,8 @@ async fn schemathesis_finds_no_server_error() {
     let out = tokio::time::timeout(
         Duration::from_secs(600),
         tokio::process::Command::new(st)
+            // Its cache (`.schemathesis/`) goes to a scratch directory, not the checkout.
+            .current_dir(scratch.path())
             .arg("--config-file")
             .arg(config.path())
             .args(["run", &format!("{}/openapi.json", app.base), "--checks", checks])
