@@ -22,6 +22,8 @@
 //! - [`telemetry`]: JSON logging and the Prometheus recorder.
 //! - [`metrics_history`]: a window of `/metrics` samples: rates and percentiles for the
 //!   dashboard.
+//! - [`webhooks`]: tenants' webhook endpoints: signing, SSRF checks, delivery jobs,
+//!   secrets at rest.
 
 pub mod actors;
 pub mod app;
