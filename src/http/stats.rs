@@ -74,8 +74,8 @@ pub struct ActivityQuery {
 }
 
 impl ActivityQuery {
-    /// `(window seconds, limit)`, checked.
-    fn checked(&self) -> Result<(u64, u32)> {
+    /// `(window seconds, limit, window start)`, checked.
+    fn checked(&self) -> Result<(u64, u32, chrono::DateTime<chrono::Utc>)> {
         let mut errors = ValidationErrors::new();
         let window = self.window.unwrap_or(DEFAULT_WINDOW_SECS);
         if !(10..=86_400).contains(&window) {
@@ -85,7 +85,9 @@ impl ActivityQuery {
         if !(1..=100).contains(&limit) {
             errors.add("limit", "must be between 1 and 100");
         }
-        Ok(errors.into_result((window, limit))?)
+        errors.into_result(())?;
+        let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
+        Ok((window, limit, since))
     }
 }
 
@@ -114,8 +116,7 @@ async fn tenant_activity(
     ApiQuery(q): ApiQuery<ActivityQuery>,
 ) -> Result<Response> {
     principal.require_platform_admin()?;
-    let (window, limit) = q.checked()?;
-    let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
+    let (window, limit, since) = q.checked()?;
     let items = s
         .tenants
         .tenant_activity(since, limit)
@@ -183,8 +184,7 @@ async fn webhook_health(
     ApiQuery(q): ApiQuery<ActivityQuery>,
 ) -> Result<Response> {
     principal.require_platform_admin()?;
-    let (window, limit) = q.checked()?;
-    let since = chrono::Utc::now() - chrono::Duration::seconds(i64::try_from(window).unwrap_or(300));
+    let (window, limit, since) = q.checked()?;
     let items = s
         .webhooks
         .health(since, limit)

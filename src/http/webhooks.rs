@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, Unavailable};
+use super::tenants::ListQuery;
 use super::AppState;
 use crate::domain::webhook::{DeliveryAttempt, EndpointPatch, NewEndpointInput, WebhookEndpoint};
 use crate::domain::{Page, PageRequest, Role, ValidationErrors};
@@ -25,18 +26,6 @@ pub struct EndpointWithSecret {
     pub endpoint: WebhookEndpoint,
     /// `whsec_…`: verify the `webhook-signature` header with it. Shown only here.
     pub secret: String,
-}
-
-/// `?limit=&cursor=`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// Items per page, 1-200 (default 50).
-    #[param(minimum = 1, maximum = 200)]
-    limit: Option<u32>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
 }
 
 /// `?status=&limit=&cursor=`.
@@ -95,8 +84,7 @@ async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Response> {
     caller.principal.require_tenant(tenant_id, Role::Admin)?;
-    let page = page(q.limit, q.cursor.as_deref())?;
-    Ok(Json(s.webhooks.list(tenant_id, page).await?).into_response())
+    Ok(Json(s.webhooks.list(tenant_id, q.page()?).await?).into_response())
 }
 
 /// `GET …/webhooks/{webhook_id}`.

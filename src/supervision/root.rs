@@ -229,36 +229,32 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
         ChildSpec::worker("job-scheduler", periodic_start(jobs.scheduler_every, scheduler)),
         ChildSpec::worker("job-reaper", periodic_start((lease / 4).max(Duration::from_millis(50)), reaper)),
     ];
+    // Stop waits for the batch in hand (the runner drains first, so no new batch is
+    // taken); past this, the batch is left to the reaper.
     for n in 1..=jobs.workers {
-        let runner = jobs.runner.clone();
-        let start: StartFn = Arc::new(move |ctx: StartCtx| {
-            let runner = runner.clone();
-            Box::pin(async move {
-                let args = JobWorkerArgs { runner, name: ctx.name.clone() };
-                let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
-                Ok(worker.get_cell())
-            })
-        });
-        // Stop waits for the batch in hand (the runner drains first, so no new batch is
-        // taken); past this, the batch is left to the reaper.
-        children.push(ChildSpec::worker(format!("job-worker-{n}"), start).shutdown(Duration::from_secs(15)));
+        children.push(worker_child(format!("job-worker-{n}"), &jobs.runner, Duration::from_secs(15)));
     }
     if let Some(webhook_runner) = &jobs.webhook_runner {
         for n in 1..=jobs.webhook_workers {
-            let runner = webhook_runner.clone();
-            let start: StartFn = Arc::new(move |ctx: StartCtx| {
-                let runner = runner.clone();
-                Box::pin(async move {
-                    let args = JobWorkerArgs { runner, name: ctx.name.clone() };
-                    let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
-                    Ok(worker.get_cell())
-                })
-            });
-            children.push(ChildSpec::worker(format!("webhook-worker-{n}"), start).shutdown(Duration::from_secs(20)));
+            children.push(worker_child(format!("webhook-worker-{n}"), webhook_runner, Duration::from_secs(20)));
         }
     }
     let intensity = Intensity::per_child(children.len());
     SupervisorSpec { intensity, ..SupervisorSpec::new("jobs", Strategy::OneForOne, children) }
+}
+
+/// A job worker on `runner`'s queues.
+fn worker_child(name: String, runner: &SharedRunner, shutdown: Duration) -> ChildSpec {
+    let runner = runner.clone();
+    let start: StartFn = Arc::new(move |ctx: StartCtx| {
+        let runner = runner.clone();
+        Box::pin(async move {
+            let args = JobWorkerArgs { runner, name: ctx.name.clone() };
+            let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
+            Ok(worker.get_cell())
+        })
+    });
+    ChildSpec::worker(name, start).shutdown(shutdown)
 }
 
 fn periodic_start(every: Duration, task: Task) -> StartFn {

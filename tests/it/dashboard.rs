@@ -275,32 +275,3 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
     b.client.close().await.unwrap();
     app.stop().await;
 }
-
-/// Saves `docs/dashboard.png` from a running server under load (the README's picture):
-/// `EVENTRA_DASHBOARD_URL=http://127.0.0.1:8080 EVENTRA_ADMIN_TOKEN=… cargo test --test it
-/// -- --ignored dashboard::screenshot`.
-#[tokio::test]
-#[ignore = "a command: takes the README's screenshot from a running server"]
-async fn screenshot() {
-    let base = std::env::var("EVENTRA_DASHBOARD_URL").expect("EVENTRA_DASHBOARD_URL");
-    let token = std::env::var("EVENTRA_ADMIN_TOKEN").expect("EVENTRA_ADMIN_TOKEN");
-    let Some(b) = browser("dashboard::screenshot").await else { return };
-    let c = &b.client;
-    c.goto(&format!("{base}/dashboard")).await.unwrap();
-    c.wait().for_element(Locator::Css("#token")).await.unwrap().send_keys(&token).await.unwrap();
-    click(c, "#sign-in").await;
-    c.wait().for_element(Locator::Css("#chart-live path.line")).await.unwrap();
-    // Enough samples that the live chart draws a line (30 points: a minute).
-    wait_for("30 points on the live chart", Duration::from_secs(180), || async {
-        let d = c
-            .execute("const p = document.querySelector('#chart-live path.line.processed'); return p ? p.getAttribute('d') : ''", vec![])
-            .await
-            .ok()?;
-        (d.as_str()?.matches('L').count() >= 30).then_some(())
-    })
-    .await;
-    let png = c.screenshot().await.unwrap();
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/dashboard.png");
-    std::fs::write(path, png).unwrap();
-    b.client.close().await.unwrap();
-}
