@@ -87,7 +87,8 @@ pub struct DeliveryAttempt {
     pub event_type: String,
     /// 1 for the first try.
     pub attempt: i32,
-    /// `succeeded` or `failed`.
+    /// `succeeded` or `failed`; `pending` in the `status=pending` listing (this
+    /// attempt failed and another is due).
     pub status: String,
     /// The receiver's HTTP status, when it answered.
     pub response_status: Option<i32>,

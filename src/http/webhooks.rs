@@ -33,8 +33,10 @@ pub struct EndpointWithSecret {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DeliveriesQuery {
-    /// `succeeded` or `failed`; absent: every attempt.
-    #[param(pattern = "^(succeeded|failed)$")]
+    /// `succeeded` or `failed`: those attempts; `pending`: each event's latest attempt
+    /// when it failed and another is due (shown with status `pending`); absent: every
+    /// attempt.
+    #[param(pattern = "^(succeeded|failed|pending)$")]
     status: Option<String>,
     /// Attempts per page, 1-200 (default 50).
     #[param(minimum = 1, maximum = 200)]
@@ -169,8 +171,8 @@ async fn deliveries(
     ApiQuery(q): ApiQuery<DeliveriesQuery>,
 ) -> Result<Response> {
     caller.principal.require_tenant(tenant_id, Role::Admin)?;
-    if let Some(st) = q.status.as_deref().filter(|st| !matches!(*st, "succeeded" | "failed")) {
-        return Err(ValidationErrors::single("status", format!("'{st}' is not succeeded or failed")).into());
+    if let Some(st) = q.status.as_deref().filter(|st| !matches!(*st, "succeeded" | "failed" | "pending")) {
+        return Err(ValidationErrors::single("status", format!("'{st}' is not succeeded, failed or pending")).into());
     }
     let page = page(q.limit, q.cursor.as_deref())?;
     Ok(Json(s.webhooks.deliveries(tenant_id, id, q.status.as_deref(), page).await?).into_response())

@@ -6,6 +6,7 @@
 //! `sql.rs`; both backends follow it.
 
 mod batch;
+mod group_write;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -23,6 +24,7 @@ use crate::domain::{
     TenantPatch, User, UserPatch,
 };
 
+pub use group_write::GroupWrite;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use writes::{TenantWrite, WriteOutcome};
@@ -286,16 +288,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The enabled endpoints of these tenants (the consumers' fan-out, one query a batch).
     async fn webhook_targets(&self, tenant_ids: &[Uuid]) -> StoreResult<Vec<crate::domain::webhook::WebhookEndpoint>>;
-    /// An endpoint with the secrets that sign now (a delivery's look-up, by id alone).
-    async fn webhook_for_delivery(
+    /// Endpoints with the secrets that sign now, by id alone (the look-up of a batch of
+    /// deliveries); the ids not found are gone.
+    async fn webhooks_for_delivery(
         &self,
-        id: Uuid,
-    ) -> StoreResult<Option<(crate::domain::webhook::WebhookEndpoint, crate::domain::webhook::Secrets)>>;
-    /// Logs an attempt; `false` when it was a success and one is already logged for that
-    /// (endpoint, event), or the endpoint is gone.
-    async fn record_delivery(&self, d: &crate::domain::webhook::DeliveryAttempt) -> StoreResult<bool>;
-    /// Whether a success is logged for (endpoint, event).
-    async fn delivered(&self, endpoint_id: Uuid, event_id: Uuid) -> StoreResult<bool>;
+        ids: &[Uuid],
+    ) -> StoreResult<Vec<(crate::domain::webhook::WebhookEndpoint, crate::domain::webhook::Secrets)>>;
+    /// Logs attempts, one answer each in order: `false` when it was a success and one is
+    /// already logged for that (endpoint, event) (earlier, or earlier in `attempts`), or
+    /// the endpoint is gone.
+    async fn record_deliveries(&self, attempts: &[crate::domain::webhook::DeliveryAttempt]) -> StoreResult<Vec<bool>>;
+    /// The (endpoint, event) pairs among `pairs` with a success logged.
+    async fn delivered(&self, pairs: &[(Uuid, Uuid)]) -> StoreResult<std::collections::HashSet<(Uuid, Uuid)>>;
+    /// An endpoint's attempts, oldest first: all, those of one status, or `pending`: the
+    /// latest attempt of each event when it failed and another is due (the endpoint is
+    /// enabled and attempts are left), shown with status `pending`.
     async fn list_deliveries(
         &self,
         endpoint_id: Uuid,

@@ -781,54 +781,100 @@ macro_rules! sql_store_impl {
                 Ok(rows.iter().map(|r| r.endpoint()).collect())
             }
 
-            async fn webhook_for_delivery(
+            async fn webhooks_for_delivery(
                 &self,
-                id: uuid::Uuid,
-            ) -> $crate::store::StoreResult<Option<($crate::domain::webhook::WebhookEndpoint, $crate::domain::webhook::Secrets)>> {
-                let row = sqlx::query_as::<_, $crate::store::sql::WebhookRow>("SELECT * FROM webhook_endpoints WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(row.map(|r| (r.endpoint(), r.secrets(chrono::Utc::now()))))
-            }
-
-            async fn record_delivery(
-                &self,
-                d: &$crate::domain::webhook::DeliveryAttempt,
-            ) -> $crate::store::StoreResult<bool> {
-                let done = sqlx::query(
-                    "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, attempt, status, response_status, duration_ms, error, at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
-                )
-                .bind(d.id)
-                .bind(d.endpoint_id)
-                .bind(d.event_id)
-                .bind(&d.event_type)
-                .bind(d.attempt)
-                .bind(&d.status)
-                .bind(d.response_status)
-                .bind(d.duration_ms)
-                .bind(&d.error)
-                .bind(d.at)
-                .execute(&self.writer)
-                .await;
-                match done {
-                    Ok(r) => Ok(r.rows_affected() == 1),
-                    // The endpoint was deleted meanwhile: nothing to log against.
-                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => Ok(false),
-                    Err(e) => Err(e.into()),
+                ids: &[uuid::Uuid],
+            ) -> $crate::store::StoreResult<Vec<($crate::domain::webhook::WebhookEndpoint, $crate::domain::webhook::Secrets)>> {
+                let now = chrono::Utc::now();
+                let mut found = Vec::new();
+                for chunk in ids.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM webhook_endpoints WHERE id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    let rows = q.build_query_as::<$crate::store::sql::WebhookRow>().fetch_all(&self.pool).await?;
+                    found.extend(rows.iter().map(|r| (r.endpoint(), r.secrets(now))));
                 }
+                Ok(found)
             }
 
-            async fn delivered(&self, endpoint_id: uuid::Uuid, event_id: uuid::Uuid) -> $crate::store::StoreResult<bool> {
-                let row: Option<(i64,)> = sqlx::query_as(
-                    "SELECT CAST(1 AS BIGINT) FROM webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2 AND status = 'succeeded'",
-                )
-                .bind(endpoint_id)
-                .bind(event_id)
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(row.is_some())
+            async fn record_deliveries(
+                &self,
+                attempts: &[$crate::domain::webhook::DeliveryAttempt],
+            ) -> $crate::store::StoreResult<Vec<bool>> {
+                // One statement for the lot; the ids it returns are the rows written.
+                async fn insert(
+                    writer: &sqlx::Pool<$db>,
+                    rows: &[$crate::domain::webhook::DeliveryAttempt],
+                ) -> Result<std::collections::HashSet<uuid::Uuid>, sqlx::Error> {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, attempt, status, \
+                         response_status, duration_ms, error, at) ",
+                    );
+                    q.push_values(rows, |mut row, d| {
+                        row.push_bind(d.id)
+                            .push_bind(d.endpoint_id)
+                            .push_bind(d.event_id)
+                            .push_bind(d.event_type.clone())
+                            .push_bind(d.attempt)
+                            .push_bind(d.status.clone())
+                            .push_bind(d.response_status)
+                            .push_bind(d.duration_ms)
+                            .push_bind(d.error.clone())
+                            .push_bind(d.at);
+                    });
+                    q.push(" ON CONFLICT DO NOTHING RETURNING id");
+                    let ids: Vec<(uuid::Uuid,)> = q.build_query_as().fetch_all(writer).await?;
+                    Ok(ids.into_iter().map(|(id,)| id).collect())
+                }
+                let mut written = std::collections::HashSet::new();
+                for chunk in attempts.chunks(500) {
+                    match insert(&self.writer, chunk).await {
+                        Ok(ids) => written.extend(ids),
+                        // An endpoint was deleted meanwhile: its rows have nothing to be
+                        // logged against; the others are written one by one.
+                        Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                            for d in chunk {
+                                match insert(&self.writer, std::slice::from_ref(d)).await {
+                                    Ok(ids) => written.extend(ids),
+                                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {}
+                                    Err(e) => return Err(e.into()),
+                                }
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(attempts.iter().map(|d| written.contains(&d.id)).collect())
+            }
+
+            async fn delivered(
+                &self,
+                pairs: &[(uuid::Uuid, uuid::Uuid)],
+            ) -> $crate::store::StoreResult<std::collections::HashSet<(uuid::Uuid, uuid::Uuid)>> {
+                let mut found = std::collections::HashSet::new();
+                for chunk in pairs.chunks(500) {
+                    // Both columns of the one-success index, then the exact pairs.
+                    let endpoints: std::collections::BTreeSet<uuid::Uuid> = chunk.iter().map(|p| p.0).collect();
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT endpoint_id, event_id FROM webhook_deliveries WHERE status = 'succeeded' AND endpoint_id IN (",
+                    );
+                    let mut list = q.separated(", ");
+                    for id in &endpoints {
+                        list.push_bind(*id);
+                    }
+                    q.push(") AND event_id IN (");
+                    let mut list = q.separated(", ");
+                    for (_, event) in chunk {
+                        list.push_bind(*event);
+                    }
+                    q.push(")");
+                    let rows: Vec<(uuid::Uuid, uuid::Uuid)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    found.extend(rows.into_iter().filter(|p| chunk.contains(p)));
+                }
+                Ok(found)
             }
 
             async fn list_deliveries(
@@ -837,16 +883,37 @@ macro_rules! sql_store_impl {
                 status: Option<&str>,
                 page: $crate::domain::PageRequest,
             ) -> $crate::store::StoreResult<$crate::domain::Page<$crate::domain::webhook::DeliveryAttempt>> {
-                let rows = sqlx::query_as::<_, $crate::domain::webhook::DeliveryAttempt>(
-                    "SELECT * FROM webhook_deliveries WHERE endpoint_id = $1 AND id > $2 AND ($3 IS NULL OR status = $3) \
-                     ORDER BY id LIMIT $4",
-                )
-                .bind(endpoint_id)
-                .bind(page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil()))
-                .bind(status)
-                .bind(i64::from(page.limit) + 1)
-                .fetch_all(&self.pool)
-                .await?;
+                let after = page.after.map(|c| c.0).unwrap_or(uuid::Uuid::nil());
+                let rows = if status == Some("pending") {
+                    // The latest attempt of each event that failed, with another due: the
+                    // endpoint is enabled, no success is logged (a success is the latest
+                    // attempt), and attempts are left.
+                    sqlx::query_as::<_, $crate::domain::webhook::DeliveryAttempt>(
+                        "SELECT f.id, f.endpoint_id, f.event_id, f.event_type, f.attempt, 'pending' AS status, \
+                         f.response_status, f.duration_ms, f.error, f.at FROM webhook_deliveries f \
+                         JOIN webhook_endpoints e ON e.id = f.endpoint_id AND e.status = 'enabled' \
+                         WHERE f.endpoint_id = $1 AND f.id > $2 AND f.status = 'failed' AND f.attempt < $3 \
+                         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries l WHERE l.endpoint_id = f.endpoint_id \
+                         AND l.event_id = f.event_id AND l.id > f.id) ORDER BY f.id LIMIT $4",
+                    )
+                    .bind(endpoint_id)
+                    .bind(after)
+                    .bind(i32::try_from($crate::webhooks::delivery::MAX_ATTEMPTS).unwrap_or(i32::MAX))
+                    .bind(i64::from(page.limit) + 1)
+                    .fetch_all(&self.pool)
+                    .await?
+                } else {
+                    sqlx::query_as::<_, $crate::domain::webhook::DeliveryAttempt>(
+                        "SELECT * FROM webhook_deliveries WHERE endpoint_id = $1 AND id > $2 AND ($3 IS NULL OR status = $3) \
+                         ORDER BY id LIMIT $4",
+                    )
+                    .bind(endpoint_id)
+                    .bind(after)
+                    .bind(status)
+                    .bind(i64::from(page.limit) + 1)
+                    .fetch_all(&self.pool)
+                    .await?
+                };
                 Ok($crate::domain::Page::from_rows(rows, page.limit, |d| d.id))
             }
 

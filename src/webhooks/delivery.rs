@@ -1,7 +1,9 @@
 //! `webhook_delivery`: one event to one endpoint (SPEC §7).
 //!
 //! A job per (endpoint, event), keyed `webhook:<endpoint>:<event>`, so a redelivered
-//! event adds no second job. A run:
+//! event adds no second job. A worker's leased batch shares its round trips (one
+//! endpoint look-up, one look-up of logged successes, one log write, itself shared with
+//! the other workers' batches in flight); the POSTs run concurrently. Each delivery:
 //! 1. reads the endpoint and its signing secrets (deleted or disabled: nothing to do);
 //! 2. skips the POST when a success is already logged for the pair (an operator's
 //!    retry, a job run again after a crash before its ack);
@@ -30,7 +32,7 @@
 //! row: the retry sends again with the same `webhook-id`, which is how Standard Webhooks
 //! receivers recognise a duplicate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,11 +42,11 @@ use uuid::Uuid;
 
 use super::signature::signature_header;
 use super::ssrf;
-use crate::domain::webhook::DeliveryAttempt;
+use crate::domain::webhook::{DeliveryAttempt, EndpointStatus, Secrets, WebhookEndpoint};
 use crate::domain::{DomainEvent, EventContext};
-use crate::jobs::kinds::{JobFailure, JobKind};
+use crate::jobs::kinds::{JobContext, JobFailure, JobKind};
 use crate::jobs::{Job, NewJob};
-use crate::store::Store;
+use crate::store::{GroupWrite, Store};
 
 pub const KIND: &str = "webhook_delivery";
 /// Deliveries have a queue of their own, worked by `webhook-worker-N`.
@@ -191,6 +193,8 @@ pub struct WebhookDelivery {
     config: DeliveryConfig,
     breakers: Breakers,
     in_flight: InFlight,
+    /// The attempts of concurrent batches, logged together.
+    log: GroupWrite<DeliveryAttempt, bool>,
 }
 
 impl WebhookDelivery {
@@ -215,6 +219,7 @@ impl WebhookDelivery {
             config,
             breakers: Breakers::default(),
             in_flight: InFlight::default(),
+            log: GroupWrite::default(),
         })
     }
 
@@ -268,36 +273,26 @@ fn retry_after(res: &reqwest::Response) -> Option<Duration> {
     (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok().map(|d| d.min(MAX_RETRY_AFTER))
 }
 
-#[async_trait]
-impl JobKind for WebhookDelivery {
-    fn name(&self) -> &'static str {
-        KIND
-    }
+/// A delivery that passed its checks and was attempted: what the log gets, and what
+/// decides the job's outcome once the log row is written.
+struct Attempted {
+    endpoint: WebhookEndpoint,
+    event: DomainEvent,
+    record: DeliveryAttempt,
+    /// The receiver's `Retry-After` on 429/503.
+    wait: Option<Duration>,
+}
 
-    fn max_attempts(&self) -> u32 {
-        MAX_ATTEMPTS
-    }
-
-    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
-        let args: DeliveryArgs = serde_json::from_value(job.args.clone())
-            .map_err(|e| JobFailure::permanent(format!("bad webhook_delivery args: {e}")))?;
-        let event = &args.event;
-        let store_err = |e: crate::store::StoreError| JobFailure::new(format!("database: {e}"));
-        let Some((endpoint, stored)) = self.store.webhook_for_delivery(args.endpoint_id).await.map_err(store_err)?
-        else {
-            tracing::info!(endpoint_id = %args.endpoint_id, event_id = %event.id, "webhook endpoint deleted; delivery dropped");
-            return Ok(());
-        };
-        let test = event.event_type == crate::domain::EventType::WebhookTest;
-        if !(endpoint.wants(event.event_type.as_str())
-            || (test && endpoint.status == crate::domain::webhook::EndpointStatus::Enabled))
-        {
-            tracing::info!(endpoint_id = %endpoint.id, event_id = %event.id, "webhook endpoint disabled or unsubscribed; delivery dropped");
-            return Ok(());
-        }
-        if self.store.delivered(endpoint.id, event.id).await.map_err(store_err)? {
-            return Ok(());
-        }
+impl WebhookDelivery {
+    /// Checks the breaker and the endpoint's slots, signs and POSTs. `Err` when the
+    /// delivery is not attempted now (snoozed) or cannot be signed.
+    async fn attempt(
+        &self,
+        job: &Job,
+        endpoint: &WebhookEndpoint,
+        stored: &Secrets,
+        event: DomainEvent,
+    ) -> Result<Attempted, JobFailure> {
         if let Some(remaining) = self.breakers.open_for(endpoint.id, self.config.timeout) {
             return Err(JobFailure::snooze(format!("the endpoint's circuit is open for {remaining:?}"), remaining));
         }
@@ -307,12 +302,10 @@ impl JobKind for WebhookDelivery {
             return Err(JobFailure::snooze(format!("{MAX_IN_FLIGHT} deliveries to this endpoint in flight"), wait));
         };
         let open = |s: &str| self.secret_box.open(s).map_err(|e| JobFailure::new(format!("webhook secret: {e}")));
-        let secrets = crate::domain::webhook::Secrets {
-            current: open(&stored.current)?,
-            previous: stored.previous.as_deref().map(open).transpose()?,
-        };
+        let secrets =
+            Secrets { current: open(&stored.current)?, previous: stored.previous.as_deref().map(open).transpose()? };
         let attempt = job.failures + 1;
-        let body = serde_json::to_vec(event).map_err(|e| JobFailure::permanent(format!("event body: {e}")))?;
+        let body = serde_json::to_vec(&event).map_err(|e| JobFailure::permanent(format!("event body: {e}")))?;
         let msg_id = event.id.to_string();
         let timestamp = chrono::Utc::now().timestamp();
         let signature = signature_header(&secrets, &msg_id, timestamp, &body);
@@ -328,24 +321,33 @@ impl JobKind for WebhookDelivery {
             }
             Err(e) => ("failed", None, Some(e.clone()), None),
         };
-        let logged = self
-            .store
-            .record_delivery(&DeliveryAttempt {
-                id: Uuid::now_v7(),
-                endpoint_id: endpoint.id,
-                event_id: event.id,
-                event_type: event.event_type.as_str().to_owned(),
-                attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
-                status: status.to_owned(),
-                response_status: response_status.map(i32::from),
-                duration_ms,
-                error: error.clone(),
-                at: crate::domain::now(),
-            })
-            .await;
-        let span = tracing::info_span!("webhook", endpoint_id = %endpoint.id, event_id = %event.id, tenant_id = %endpoint.tenant_id, attempt);
+        let record = DeliveryAttempt {
+            id: Uuid::now_v7(),
+            endpoint_id: endpoint.id,
+            event_id: event.id,
+            event_type: event.event_type.as_str().to_owned(),
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            status: status.to_owned(),
+            response_status: response_status.map(i32::from),
+            duration_ms,
+            error,
+            at: crate::domain::now(),
+        };
+        Ok(Attempted { endpoint: endpoint.clone(), event, record, wait })
+    }
+
+    /// The job's outcome once its attempt is logged (`logged`: the log's answer).
+    async fn settle(&self, a: Attempted, logged: Result<bool, String>) -> Result<(), JobFailure> {
+        let Attempted { endpoint, event, record, wait } = a;
+        let span = tracing::info_span!("webhook", endpoint_id = %endpoint.id, event_id = %event.id,
+            tenant_id = %endpoint.tenant_id, attempt = record.attempt);
         let _enter = span.enter();
-        metrics::counter!("eventra_webhook_deliveries_total", "status" => status).increment(1);
+        let (status, response_status, duration_ms) =
+            (record.status.as_str(), record.response_status, record.duration_ms);
+        metrics::counter!("eventra_webhook_deliveries_total", "status" => status.to_owned()).increment(1);
+        metrics::counter!("eventra_webhook_endpoint_attempts_total", "endpoint_id" => endpoint.id.to_string(),
+            "tenant_id" => endpoint.tenant_id.to_string(), "status" => status.to_owned())
+        .increment(1);
         metrics::histogram!("eventra_webhook_delivery_seconds").record(duration_ms as f64 / 1000.0);
         if status == "succeeded" {
             self.breakers.succeeded(endpoint.id);
@@ -368,7 +370,7 @@ impl JobKind for WebhookDelivery {
             }
             return Ok(());
         }
-        let error = error.unwrap_or_default();
+        let error = record.error.unwrap_or_default();
         self.breakers.failed(endpoint.id, self.config.time_scale);
         if let Ok(Some(since)) = self.store.failing_since(endpoint.id).await {
             let failing = (chrono::Utc::now() - since).to_std().unwrap_or_default();
@@ -382,7 +384,108 @@ impl JobKind for WebhookDelivery {
             }
         }
         tracing::warn!(%error, response_status, duration_ms, "webhook attempt failed");
+        let attempt = u32::try_from(record.attempt).unwrap_or(1);
         Err(JobFailure::new(error).retry_in(wait.unwrap_or_else(|| backoff(attempt, self.config.time_scale))))
+    }
+}
+
+#[async_trait]
+impl JobKind for WebhookDelivery {
+    fn name(&self) -> &'static str {
+        KIND
+    }
+
+    fn max_attempts(&self) -> u32 {
+        MAX_ATTEMPTS
+    }
+
+    /// A leased batch in three shared round trips: one look-up of its endpoints, one of
+    /// the successes already logged, the POSTs concurrently, and one log write (shared
+    /// with the other workers' batches in flight, [`GroupWrite`]).
+    async fn run_batch(&self, jobs: &[&Job], _ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
+        let mut results: Vec<Option<Result<(), JobFailure>>> = vec![None; jobs.len()];
+        let mut todo: Vec<(usize, DeliveryArgs)> = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.iter().enumerate() {
+            match serde_json::from_value::<DeliveryArgs>(job.args.clone()) {
+                Ok(args) => todo.push((i, args)),
+                Err(e) => results[i] = Some(Err(JobFailure::permanent(format!("bad webhook_delivery args: {e}")))),
+            }
+        }
+        let fail_all =
+            |results: &mut Vec<Option<Result<(), JobFailure>>>, todo: &[(usize, DeliveryArgs)], e: String| {
+                for (i, _) in todo {
+                    results[*i] = Some(Err(JobFailure::new(format!("database: {e}"))));
+                }
+            };
+        let ids: Vec<Uuid> = todo.iter().map(|(_, a)| a.endpoint_id).collect::<HashSet<_>>().into_iter().collect();
+        let endpoints: HashMap<Uuid, (WebhookEndpoint, Secrets)> = match self.store.webhooks_for_delivery(&ids).await {
+            Ok(found) => found.into_iter().map(|(e, s)| (e.id, (e, s))).collect(),
+            Err(e) => {
+                fail_all(&mut results, &todo, e.to_string());
+                todo.clear();
+                HashMap::new()
+            }
+        };
+        todo.retain(|(i, args)| {
+            let event = &args.event;
+            let Some((endpoint, _)) = endpoints.get(&args.endpoint_id) else {
+                tracing::info!(endpoint_id = %args.endpoint_id, event_id = %event.id, "webhook endpoint deleted; delivery dropped");
+                results[*i] = Some(Ok(()));
+                return false;
+            };
+            let test = event.event_type == crate::domain::EventType::WebhookTest;
+            if !(endpoint.wants(event.event_type.as_str()) || (test && endpoint.status == EndpointStatus::Enabled)) {
+                tracing::info!(endpoint_id = %endpoint.id, event_id = %event.id, "webhook endpoint disabled or unsubscribed; delivery dropped");
+                results[*i] = Some(Ok(()));
+                return false;
+            }
+            true
+        });
+        let pairs: Vec<(Uuid, Uuid)> = todo.iter().map(|(_, a)| (a.endpoint_id, a.event.id)).collect();
+        match self.store.delivered(&pairs).await {
+            Ok(done) => todo.retain(|(i, a)| {
+                let delivered = done.contains(&(a.endpoint_id, a.event.id));
+                if delivered {
+                    results[*i] = Some(Ok(()));
+                }
+                !delivered
+            }),
+            Err(e) => {
+                fail_all(&mut results, &todo, e.to_string());
+                todo.clear();
+            }
+        }
+        let endpoints = &endpoints;
+        let attempts = futures_util::future::join_all(todo.into_iter().map(|(i, args)| async move {
+            let (endpoint, secrets) = &endpoints[&args.endpoint_id];
+            (i, self.attempt(jobs[i], endpoint, secrets, args.event).await)
+        }))
+        .await;
+        let mut attempted = Vec::with_capacity(attempts.len());
+        for (i, a) in attempts {
+            match a {
+                Ok(a) => attempted.push((i, a)),
+                Err(failure) => results[i] = Some(Err(failure)),
+            }
+        }
+        let records: Vec<DeliveryAttempt> = attempted.iter().map(|(_, a)| a.record.clone()).collect();
+        let store = &self.store;
+        let logged: Vec<Result<bool, String>> = match self
+            .log
+            .submit(records, |all| async move { store.record_deliveries(&all).await.map_err(|e| e.to_string()) })
+            .await
+        {
+            Ok(logged) => logged.into_iter().map(Ok).collect(),
+            Err(e) => attempted.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let settled = futures_util::future::join_all(
+            attempted.into_iter().zip(logged).map(|((i, a), logged)| async move { (i, self.settle(a, logged).await) }),
+        )
+        .await;
+        for (i, r) in settled {
+            results[i] = Some(r);
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(JobFailure::new("delivery not decided")))).collect()
     }
 }
 

@@ -66,23 +66,34 @@ pub async fn the_delivery_log_knows_failing_streaks_and_prunes(s: Arc<dyn Store>
     };
     let (e1, e2) = (Uuid::now_v7(), Uuid::now_v7());
     assert_eq!(s.failing_since(e.id).await.unwrap(), None, "no attempts");
-    assert!(s.record_delivery(&attempt(e1, 1, false, 40)).await.unwrap());
-    assert!(s.record_delivery(&attempt(e1, 2, true, 39)).await.unwrap());
-    assert!(!s.record_delivery(&attempt(e1, 3, true, 38)).await.unwrap(), "a second success is not logged");
+    let logged = s.record_deliveries(&[attempt(e1, 1, false, 40), attempt(e1, 2, true, 39)]).await.unwrap();
+    assert_eq!(logged, [true, true]);
+    let e3 = Uuid::now_v7();
+    let gone = DeliveryAttempt { endpoint_id: Uuid::now_v7(), ..attempt(e3, 1, true, 38) };
+    let again = s
+        .record_deliveries(&[attempt(e1, 3, true, 38), attempt(e3, 1, true, 38), gone, attempt(e3, 2, true, 38)])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        [false, true, false, false],
+        "a second success is not logged, not even in the same statement; nor is an attempt of a deleted endpoint; the rest is"
+    );
     assert_eq!(s.failing_since(e.id).await.unwrap(), None, "the latest attempt succeeded");
-    assert!(s.record_delivery(&attempt(e2, 1, false, 6)).await.unwrap());
-    assert!(s.record_delivery(&attempt(e2, 2, false, 1)).await.unwrap());
+    let failures = s.record_deliveries(&[attempt(e2, 1, false, 6), attempt(e2, 2, false, 1)]).await.unwrap();
+    assert_eq!(failures, [true, true], "failures are all logged");
     let since = s.failing_since(e.id).await.unwrap().expect("failing");
     assert!((now - since).num_days() >= 5, "{since}: the first failure after the last success");
-    assert!(s.delivered(e.id, e1).await.unwrap() && !s.delivered(e.id, e2).await.unwrap());
+    let delivered = s.delivered(&[(e.id, e1), (e.id, e2), (e.id, e3), (Uuid::now_v7(), e1)]).await.unwrap();
+    assert_eq!(delivered, [(e.id, e1), (e.id, e3)].into_iter().collect());
     let health = s.webhook_health(chrono::Utc::now() - chrono::Duration::days(60), 10).await.unwrap();
     let seen: Vec<(Uuid, i64, i64)> = health.iter().map(|h| (h.endpoint_id, h.attempts, h.failed)).collect();
-    assert_eq!(seen, [(e.id, 4, 3)], "four attempts logged, three failed");
+    assert_eq!(seen, [(e.id, 5, 3)], "five attempts logged, three failed");
     assert_eq!(health[0].slug, "hooks");
     let recent = s.webhook_health(chrono::Utc::now() - chrono::Duration::days(3), 10).await.unwrap();
     assert_eq!((recent[0].attempts, recent[0].failed), (1, 1), "only the window's attempts");
     let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
-    assert_eq!(s.prune_deliveries(cutoff, 100).await.unwrap(), 2, "the two attempts from 39-40 days ago");
+    assert_eq!(s.prune_deliveries(cutoff, 100).await.unwrap(), 3, "the three attempts from 38-40 days ago");
     let left = s.list_deliveries(e.id, None, eventra::domain::PageRequest::parse(None, None).unwrap()).await.unwrap();
     assert_eq!(left.items.len(), 2);
 }

@@ -313,6 +313,23 @@ async fn failures_and_rotation(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(failed["items"].as_array().unwrap().len(), 2);
+    // Each endpoint's attempts by outcome, for failure rates in /metrics (counted just
+    // after the log row is written).
+    wait_for("the endpoint's attempts in /metrics: 2 failed, 1 succeeded", WAIT, || async {
+        let metrics = app.get("/metrics", ADMIN_TOKEN).await.text().await.ok()?;
+        let attempts = |status: &str| {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("eventra_webhook_endpoint_attempts_total{")
+                        && l.contains(&format!("endpoint_id=\"{flaky}\""))
+                        && l.contains(&format!("status=\"{status}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        ((attempts("failed"), attempts("succeeded")) == (Some(2.0), Some(1.0))).then_some(())
+    })
+    .await;
 
     // 410 Gone: disabled at once, with a reason, and audited.
     let disabled = wait_for("the 410 endpoint disabled", WAIT, || async {
@@ -373,6 +390,14 @@ async fn recover(db: TestDb) {
     app.user(&t, "recover@x.example").await;
     wait_for("two failed attempts", WAIT, || async { (deliveries(&app, &t, &hook).await.len() >= 2).then_some(()) })
         .await;
+    let pending_path = format!("/v1/tenants/{}/webhooks/{hook}/deliveries?status=pending", t.id);
+    let pending = || async {
+        let page: Value = app.get(&pending_path, &t.admin_key).await.json().await.unwrap();
+        let items = page["items"].as_array().unwrap().iter();
+        items.map(|d| (d["attempt"].as_i64().unwrap(), d["status"].clone())).collect::<Vec<_>>()
+    };
+    // The third attempt is 3 s away: the event waits for it.
+    assert_eq!(pending().await, [(2, json!("pending"))], "the latest failed attempt, with another due");
     let res = app
         .post(
             &format!(
@@ -398,6 +423,7 @@ async fn recover(db: TestDb) {
     let log = deliveries(&app, &t, &hook).await;
     assert_eq!(log.iter().filter(|d| d["status"] == "succeeded").count(), 1, "{log:?}");
     assert_eq!(rx.got("down").iter().filter(|g| g.answered == 200).count(), 1);
+    assert_eq!(pending().await, [], "delivered: nothing pending");
     app.stop().await;
 }
 
@@ -496,7 +522,7 @@ async fn an_endpoint_failing_for_five_days_is_disabled() {
         error: Some("down".into()),
         at,
     };
-    assert!(store.record_delivery(&old).await.unwrap());
+    assert_eq!(store.record_deliveries(&[old]).await.unwrap(), [true]);
     app.user(&t, "five-days@x.example").await;
     let disabled = wait_for("the endpoint disabled after its next failure", WAIT, || async {
         let e: Value =
