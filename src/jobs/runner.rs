@@ -302,6 +302,7 @@ impl Runner {
     async fn settle(&self, jobs: &[Job], members: &[usize], outcomes: Vec<Outcome>) {
         let mut leases = Vec::new();
         let mut kinds: HashMap<Uuid, KindMetrics> = HashMap::new();
+        let mut failures = Vec::new();
         for (i, outcome) in members.iter().zip(outcomes) {
             let job = &jobs[*i];
             let Some(lease) = job.lease else { continue };
@@ -314,10 +315,14 @@ impl Runner {
                 Outcome::Failed(failure) => {
                     let span =
                         tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.failures + 1);
-                    self.settle_failure(job, lease, failure, &metrics).instrument(span).await;
+                    failures
+                        .push(async move { self.settle_failure(job, lease, failure, &metrics).instrument(span).await });
                 }
             }
         }
+        // Recorded concurrently: a batch of snoozed deliveries is one pipeline to Redis,
+        // not one round trip after another.
+        futures_util::future::join_all(failures).await;
         if leases.is_empty() {
             return;
         }

@@ -17,8 +17,10 @@
 //!    receiver's `Retry-After` on 429/503.
 //!
 //! One endpoint cannot hold the others back (in each process):
-//! - at most [`MAX_IN_FLIGHT`] deliveries to an endpoint are in flight; more wait for a
-//!   slot briefly, then are snoozed (back in the queue shortly, no attempt counted);
+//! - at most [`MAX_IN_FLIGHT`] deliveries to an endpoint are in flight; more wait
+//!   briefly for a fast endpoint's slot, and are snoozed (no attempt counted) for about
+//!   as long as a slow endpoint takes, so a hanging receiver's backlog neither holds
+//!   workers nor churns through the queue;
 //! - a circuit breaker: after [`BREAKER_FAILURES`] failed attempts in a row, its
 //!   deliveries are snoozed until the cooldown ends (30 s, doubling to 10 min while it
 //!   keeps failing; divided by the time scale). Then one attempt probes: a success
@@ -76,22 +78,92 @@ fn backoff(attempt: u32, time_scale: f64) -> Duration {
 
 /// Most deliveries in flight to one endpoint from one process.
 pub const MAX_IN_FLIGHT: usize = 16;
-/// How long a delivery waits for one of its endpoint's slots before it is snoozed
+/// How long a delivery waits for one of a fast endpoint's slots before it is snoozed
 /// (waiting holds the worker: short).
 const SLOT_WAIT: Duration = Duration::from_millis(20);
+/// The shortest snooze of a delivery whose endpoint has no slot free.
+const MIN_SNOOZE: Duration = Duration::from_millis(250);
+
+/// One endpoint's slots, and how fast they turn over.
+struct EndpointSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    pace: Mutex<Pace>,
+}
+
+/// How long the endpoint's attempts take.
+struct Pace {
+    /// A moving average of finished attempts' durations.
+    typical: Option<Duration>,
+    /// When the last attempt finished (or the slots were created).
+    last_done: Instant,
+}
+
+impl EndpointSlots {
+    /// How slow the endpoint is now: its typical attempt, or, while none finishes, at
+    /// least the time since one last did.
+    fn slowness(&self) -> Duration {
+        let pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        pace.typical.unwrap_or_default().max(pace.last_done.elapsed())
+    }
+
+    fn done(&self, took: Duration) {
+        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        pace.typical = Some(match pace.typical {
+            Some(t) => (t * 7 + took) / 8,
+            None => took,
+        });
+        pace.last_done = Instant::now();
+    }
+}
+
+/// A delivery's slot; giving it back records how long the attempt held it.
+struct Slot {
+    endpoint: Arc<EndpointSlots>,
+    started: Instant,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.endpoint.done(self.started.elapsed());
+    }
+}
 
 /// Delivery slots per endpoint.
 #[derive(Default)]
-struct InFlight(Mutex<HashMap<Uuid, Arc<tokio::sync::Semaphore>>>);
+struct InFlight(Mutex<HashMap<Uuid, Arc<EndpointSlots>>>);
 
 impl InFlight {
-    /// A slot for `endpoint`, waiting up to `wait` for one to free.
-    async fn take(&self, endpoint: Uuid, wait: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let slots = {
+    /// A slot for `endpoint`, or how long to snooze. A fast endpoint's slots free within
+    /// moments: the delivery waits up to `wait` for one. A slow one's (a receiver that
+    /// hangs until the timeout) do not: the delivery is snoozed at once, for about as
+    /// long as the endpoint takes (at least [`MIN_SNOOZE`], at most `longest`, spread
+    /// by up to half again), so a backlog for a dead receiver neither holds workers nor
+    /// keeps coming back to the queue.
+    async fn take(&self, endpoint: Uuid, wait: Duration, longest: Duration) -> Result<Slot, Duration> {
+        let entry = {
             let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(endpoint).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT))).clone()
+            map.entry(endpoint)
+                .or_insert_with(|| {
+                    Arc::new(EndpointSlots {
+                        slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+                        pace: Mutex::new(Pace { typical: None, last_done: Instant::now() }),
+                    })
+                })
+                .clone()
         };
-        tokio::time::timeout(wait, slots.acquire_owned()).await.ok()?.ok()
+        let slot = |permit| Slot { endpoint: entry.clone(), started: Instant::now(), _permit: permit };
+        if let Ok(permit) = entry.slots.clone().try_acquire_owned() {
+            return Ok(slot(permit));
+        }
+        let slowness = entry.slowness();
+        if slowness <= wait {
+            if let Ok(Ok(permit)) = tokio::time::timeout(wait, entry.slots.clone().acquire_owned()).await {
+                return Ok(slot(permit));
+            }
+        }
+        let snooze = slowness.clamp(MIN_SNOOZE, longest.max(MIN_SNOOZE));
+        Err(snooze.mul_f64(1.0 + rand::random::<f64>() / 2.0))
     }
 }
 
@@ -294,13 +366,13 @@ impl WebhookDelivery {
         event: DomainEvent,
     ) -> Result<Attempted, JobFailure> {
         if let Some(remaining) = self.breakers.open_for(endpoint.id, self.config.timeout) {
-            return Err(JobFailure::snooze(format!("the endpoint's circuit is open for {remaining:?}"), remaining));
+            // Spread out, so the backlog does not come back all at the probe.
+            let wait = remaining + remaining.min(self.config.timeout).mul_f64(rand::random::<f64>());
+            return Err(JobFailure::snooze(format!("the endpoint's circuit is open for {remaining:?}"), wait));
         }
-        let Some(_slot) = self.in_flight.take(endpoint.id, SLOT_WAIT).await else {
-            let wait =
-                Duration::from_millis(250).div_f64(self.config.time_scale.max(1.0)).max(Duration::from_millis(20));
-            return Err(JobFailure::snooze(format!("{MAX_IN_FLIGHT} deliveries to this endpoint in flight"), wait));
-        };
+        let _slot = self.in_flight.take(endpoint.id, SLOT_WAIT, self.config.timeout).await.map_err(|wait| {
+            JobFailure::snooze(format!("{MAX_IN_FLIGHT} deliveries to this endpoint in flight"), wait)
+        })?;
         let open = |s: &str| self.secret_box.open(s).map_err(|e| JobFailure::new(format!("webhook secret: {e}")));
         let secrets =
             Secrets { current: open(&stored.current)?, previous: stored.previous.as_deref().map(open).transpose()? };
@@ -518,15 +590,37 @@ mod tests {
     async fn in_flight_deliveries_per_endpoint_are_bounded() {
         let f = InFlight::default();
         let e = Uuid::now_v7();
-        let short = Duration::from_millis(10);
+        let (short, longest) = (Duration::from_millis(10), Duration::from_secs(15));
         let mut slots = Vec::new();
         for _ in 0..MAX_IN_FLIGHT {
-            slots.push(f.take(e, short).await.expect("a slot"));
+            slots.push(f.take(e, short, longest).await.expect("a slot"));
         }
-        assert!(f.take(e, short).await.is_none(), "full");
-        assert!(f.take(Uuid::now_v7(), short).await.is_some(), "per endpoint");
+        let snooze = f.take(e, short, longest).await.err().expect("full");
+        assert!(snooze >= MIN_SNOOZE && snooze <= MIN_SNOOZE.mul_f64(1.5), "{snooze:?}");
+        assert!(f.take(Uuid::now_v7(), short, longest).await.is_ok(), "per endpoint");
         slots.pop();
-        assert!(f.take(e, short).await.is_some(), "given back");
+        assert!(f.take(e, short, longest).await.is_ok(), "given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoints_backlog_is_snoozed_for_about_as_long_as_it_takes() {
+        let f = InFlight::default();
+        let e = Uuid::now_v7();
+        let (short, longest) = (Duration::from_millis(10), Duration::from_secs(15));
+        let slots: Vec<Slot> = futures_util::future::join_all((0..MAX_IN_FLIGHT).map(|_| f.take(e, short, longest)))
+            .await
+            .into_iter()
+            .map(|s| s.expect("a slot"))
+            .collect();
+        // Hanging: nothing has finished for 4 s.
+        {
+            let map = f.0.lock().unwrap();
+            map[&e].pace.lock().unwrap().last_done = Instant::now() - Duration::from_secs(4);
+        }
+        let snooze = f.take(e, short, longest).await.err().expect("full");
+        assert!(snooze >= Duration::from_secs(4) && snooze <= Duration::from_secs(6), "{snooze:?}");
+        drop(slots);
+        assert!(f.take(e, short, longest).await.is_ok(), "free again");
     }
 
     #[test]
