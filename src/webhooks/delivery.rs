@@ -56,7 +56,7 @@ pub const QUEUE: &str = "webhooks";
 /// Deliveries one webhook worker leases at once. Small, because a batch waits for its
 /// slowest delivery; not 1, because every lease and ack is a write to the queue (the
 /// embedded queue's single writer took 35 % fewer deliveries/s at 1).
-pub const WORKER_BATCH: u32 = 8;
+pub const WORKER_BATCH: u32 = 16;
 
 /// SPEC §7's schedule: the wait before attempt n+1 after attempt n failed.
 const SCHEDULE: [Duration; 7] = [
