@@ -290,10 +290,11 @@ async fn step(args: &ConsumerArgs, held: &mut Held) -> Result<Step, BusError> {
     for event in &events {
         tracing::debug!(event_id = %event.id, tenant_id = %event.tenantid, correlation_id = %event.correlationid,
             r#type = event.event_type.as_str(), "event consumed");
-        metrics::counter!("eventra_events_consumed_total", "type" => event.event_type.as_str()).increment(1);
-        // Commit → consumed: the event's time is its transaction's.
-        let latency = (now - event.time).to_std().unwrap_or_default().as_secs_f64();
-        metrics::histogram!("eventra_event_latency_seconds", "type" => event.event_type.as_str()).record(latency);
+        metrics::counter!("eventra_events_consumed_total", "type" => event.event_type.as_str().to_owned()).increment(1);
+        // Commit → consumed (a custom event's `time` is the client's: its id tells).
+        let latency = (now - event.committed_at()).to_std().unwrap_or_default().as_secs_f64();
+        metrics::histogram!("eventra_event_latency_seconds", "type" => event.event_type.as_str().to_owned())
+            .record(latency);
     }
     in_hand.clear();
     Ok(Step::Done)

@@ -28,7 +28,10 @@ impl AuditEntry {
     /// Updates carry `before` and `after`; a deletion's entity is the `before` state; a
     /// creation's is the `after` state (with anything created alongside it).
     pub fn from_event(e: &DomainEvent) -> Self {
-        let (before, after) = if e.data.get("before").is_some() || e.data.get("after").is_some() {
+        let (before, after) = if e.event_type.is_custom() {
+            // A tenant's own event: its data as sent.
+            (None, Some(e.data.clone()))
+        } else if e.data.get("before").is_some() || e.data.get("after").is_some() {
             (e.data.get("before").cloned(), e.data.get("after").cloned())
         } else {
             let entity = match e.data.as_object() {

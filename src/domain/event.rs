@@ -10,33 +10,28 @@ use uuid::Uuid;
 
 use super::{ApiKey, Tenant, User};
 
-/// Every event type Eventra emits. Consumers reject types not listed here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Every event type: Eventra's own, and the types tenants register for their own
+/// events (SPEC §9). Consumers reject types that are neither.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventType {
-    #[serde(rename = "tenant.created")]
     TenantCreated,
-    #[serde(rename = "tenant.updated")]
     TenantUpdated,
-    #[serde(rename = "tenant.deleted")]
     TenantDeleted,
-    #[serde(rename = "api_key.created")]
     ApiKeyCreated,
-    #[serde(rename = "user.created")]
     UserCreated,
-    #[serde(rename = "user.updated")]
     UserUpdated,
-    #[serde(rename = "user.deleted")]
     UserDeleted,
-    #[serde(rename = "user.verified")]
     UserVerified,
-    #[serde(rename = "webhook.disabled")]
     WebhookDisabled,
     /// Sent to one endpoint by `POST …/webhooks/{id}/test`; never in the outbox.
-    #[serde(rename = "webhook.test")]
     WebhookTest,
+    /// A tenant's own type (`order.placed`): a name outside the reserved prefixes,
+    /// checked by [`super::custom_event::check_type_name`].
+    Custom(std::sync::Arc<str>),
 }
 
 impl EventType {
+    /// Eventra's own types.
     pub const ALL: [EventType; 10] = [
         EventType::TenantCreated,
         EventType::TenantUpdated,
@@ -50,7 +45,7 @@ impl EventType {
         EventType::WebhookTest,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             EventType::TenantCreated => "tenant.created",
             EventType::TenantUpdated => "tenant.updated",
@@ -62,12 +57,44 @@ impl EventType {
             EventType::UserVerified => "user.verified",
             EventType::WebhookDisabled => "webhook.disabled",
             EventType::WebhookTest => "webhook.test",
+            EventType::Custom(name) => name,
         }
     }
 
+    /// One of Eventra's own types, by name.
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
+
+    /// Eventra's own type by that name, or a well-formed custom one.
+    pub fn parse_any(s: &str) -> Option<Self> {
+        Self::parse(s).or_else(|| {
+            super::custom_event::check_type_name(s).ok().map(|()| EventType::Custom(std::sync::Arc::from(s)))
+        })
+    }
+
+    pub fn is_custom(&self) -> bool {
+        matches!(self, EventType::Custom(_))
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        EventType::parse_any(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown event type {name:?}")))
+    }
+}
+
+/// The time in a UUIDv7 (an event id: when the event was committed).
+pub fn id_time(id: Uuid) -> Option<DateTime<Utc>> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
 }
 
 /// Who made a change: recorded on every event for the audit log.
@@ -134,6 +161,26 @@ impl DomainEvent {
             actor: ctx.actor.clone(),
             data,
         }
+    }
+
+    /// A tenant's own event (SPEC §9): `subject` defaults to the event id.
+    pub fn custom(
+        event_type: EventType,
+        tenant_id: Uuid,
+        subject: Option<String>,
+        time: DateTime<Utc>,
+        ctx: &EventContext,
+        data: Value,
+    ) -> Self {
+        let mut e = Self::new(event_type, tenant_id, Uuid::nil(), time, ctx, data);
+        e.subject = subject.unwrap_or_else(|| e.id.to_string());
+        e
+    }
+
+    /// When the event was committed: its id is a UUIDv7 taken at the change (a custom
+    /// event's `time` is the client's, so this, not `time`, starts latency clocks).
+    pub fn committed_at(&self) -> DateTime<Utc> {
+        id_time(self.id).unwrap_or(self.time)
     }
 
     /// The tenant and the admin key created with it (never the key's secret).
@@ -220,8 +267,15 @@ mod tests {
     #[test]
     fn type_names_round_trip() {
         for t in EventType::ALL {
-            assert_eq!(EventType::parse(t.as_str()), Some(t));
+            assert_eq!(EventType::parse(t.as_str()), Some(t.clone()));
         }
         assert_eq!(EventType::parse("user.exploded"), None);
+        assert_eq!(EventType::parse_any("user.exploded"), None, "reserved, and not ours");
+        let custom = EventType::parse_any("order.placed").unwrap();
+        assert!(custom.is_custom());
+        let json = serde_json::to_value(&custom).unwrap();
+        assert_eq!(json, "order.placed");
+        assert_eq!(serde_json::from_value::<EventType>(json).unwrap(), custom);
+        assert!(serde_json::from_value::<EventType>("user.exploded".into()).is_err());
     }
 }

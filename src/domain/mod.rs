@@ -4,8 +4,10 @@
 //! values and return values. Persistence lives in `crate::store`, concurrency in
 //! `crate::actors`; both call into this module so the rules exist exactly once.
 
+pub mod analytics;
 pub mod api_key;
 pub mod audit;
+pub mod custom_event;
 pub mod event;
 pub mod page;
 pub mod tenant;

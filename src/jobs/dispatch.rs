@@ -22,7 +22,7 @@ fn part<T: serde::de::DeserializeOwned>(event: &DomainEvent, key: &str) -> Resul
 /// would ack the event with some of its effects silently missing.
 pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
     let mut jobs = vec![NewJob::new("audit", format!("audit:{}", event.id), serde_json::json!(event))];
-    match event.event_type {
+    match &event.event_type {
         EventType::UserCreated => {
             let user: User = part(event, "user")?;
             jobs.push(IndexArgs::index_user(user.tenant_id, user.id, user.version));
@@ -60,6 +60,9 @@ pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
         EventType::WebhookDisabled => {
             let _: crate::domain::webhook::WebhookEndpoint = part(event, "webhook")?;
         }
+        // A tenant's own event: its data was validated against its type's schema when it
+        // was accepted; it is audited (and counted) like the others.
+        EventType::Custom(_) => {}
     }
     Ok(jobs)
 }

@@ -251,11 +251,44 @@ pub trait Store: Send + Sync + 'static {
     /// Gives the lease up (a clean shutdown), if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
 
-    /// Records an audit entry; `false` when the event already has one (a redelivery).
-    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<bool>;
-    /// Records several audit entries in one statement (those whose event already has
-    /// one are skipped); returns how many were new.
+    /// Records audit entries in one transaction (those whose event already has one are
+    /// skipped: a redelivery) and counts the new ones in the event analytics, in the
+    /// same transaction: every event is counted exactly once. Returns how many were new.
     async fn append_audit_many(&self, entries: &[AuditEntry]) -> StoreResult<u64>;
+    /// The analytics rows of a tenant at `grain` for buckets in `[from, to)`.
+    async fn event_stats(
+        &self,
+        tenant_id: Uuid,
+        grain: crate::domain::analytics::Grain,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        event_type: Option<&str>,
+    ) -> StoreResult<Vec<crate::domain::analytics::StatRow>>;
+    // ---- custom events (SPEC §9) ----
+    /// Creates or replaces a tenant's event type (version +1); the stored type.
+    async fn put_event_type(
+        &self,
+        def: &crate::domain::custom_event::EventTypeDef,
+    ) -> StoreResult<crate::domain::custom_event::EventTypeDef>;
+    async fn get_event_type(
+        &self,
+        tenant_id: Uuid,
+        name: &str,
+    ) -> StoreResult<Option<crate::domain::custom_event::EventTypeDef>>;
+    /// A tenant's event types by name (at most 1,000).
+    async fn list_event_types(&self, tenant_id: Uuid) -> StoreResult<Vec<crate::domain::custom_event::EventTypeDef>>;
+    async fn delete_event_type(&self, tenant_id: Uuid, name: &str) -> StoreResult<()>;
+    /// The current version of each of these types that exists (what schema caches check).
+    async fn event_type_versions(&self, tenant_id: Uuid, names: &[String]) -> StoreResult<Vec<(String, i64)>>;
+    /// Writes a tenant's accepted events to the outbox in ONE transaction, under the
+    /// tenant-row lock (gap-free `tenant_seq` in order). An event whose client id was
+    /// seen before (earlier, or earlier in `events`) writes nothing and answers with
+    /// the original id.
+    async fn ingest_events(
+        &self,
+        tenant_id: Uuid,
+        events: &[crate::domain::custom_event::NewCustomEvent],
+    ) -> StoreResult<Vec<crate::domain::custom_event::Ingested>>;
     async fn get_audit(&self, event_id: Uuid) -> StoreResult<Option<AuditEntry>>;
     /// How many audit entries a tenant has.
     async fn count_audit(&self, tenant_id: Uuid) -> StoreResult<u64>;

@@ -170,6 +170,32 @@ impl WebhookRow {
     }
 }
 
+/// An `event_types` row (the schema is stored as JSON text).
+#[derive(sqlx::FromRow)]
+pub(super) struct EventTypeRow {
+    tenant_id: Uuid,
+    name: String,
+    description: String,
+    schema: String,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<EventTypeRow> for crate::domain::custom_event::EventTypeDef {
+    fn from(r: EventTypeRow) -> Self {
+        crate::domain::custom_event::EventTypeDef {
+            tenant_id: r.tenant_id,
+            name: r.name,
+            description: r.description,
+            schema: serde_json::from_str(&r.schema).unwrap_or(serde_json::Value::Null),
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
 /// Locked tenant rows (id, event_seq, max_users, user_count) by id.
 pub(super) fn locks_by_id(rows: Vec<(Uuid, i64, i64, i64)>) -> std::collections::HashMap<Uuid, TenantLock> {
     rows.into_iter()
@@ -499,7 +525,9 @@ macro_rules! sql_store_impl {
 
             async fn purge_idempotency_keys(&self, before: chrono::DateTime<chrono::Utc>) -> $crate::store::StoreResult<u64> {
                 let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(before).execute(&self.writer).await?;
-                Ok(done.rows_affected())
+                // Custom events' ids are kept as long.
+                let keys = sqlx::query("DELETE FROM event_keys WHERE created_at < $1").bind(before).execute(&self.writer).await?;
+                Ok(done.rows_affected() + keys.rows_affected())
             }
 
             async fn outbox_after(&self, after_seq: i64, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxRecord>> {
@@ -567,36 +595,16 @@ macro_rules! sql_store_impl {
                 Ok(())
             }
 
-            async fn append_audit(&self, e: &$crate::domain::AuditEntry) -> $crate::store::StoreResult<bool> {
-                let done = sqlx::query(
-                    "INSERT INTO audit_log (event_id, tenant_id, event_type, subject, actor, correlation_id, at, \
-                     before, after, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (event_id) DO NOTHING",
-                )
-                .bind(e.event_id)
-                .bind(e.tenant_id)
-                .bind(&e.event_type)
-                .bind(&e.subject)
-                .bind(sqlx::types::Json(&e.actor))
-                .bind(&e.correlation_id)
-                .bind(e.at)
-                .bind(e.before.as_ref().map(sqlx::types::Json))
-                .bind(e.after.as_ref().map(sqlx::types::Json))
-                .bind($crate::domain::now())
-                .execute(&self.writer)
-                .await?;
-                Ok(done.rows_affected() == 1)
-            }
-
             async fn append_audit_many(&self, entries: &[$crate::domain::AuditEntry]) -> $crate::store::StoreResult<u64> {
-                let mut new = 0;
+                let mut tx = self.writer.begin().await?;
+                let now = $crate::domain::now();
+                let mut new: std::collections::HashSet<uuid::Uuid> = std::collections::HashSet::new();
                 // Ten binds a row: chunks stay well below either engine's parameter limit.
                 for chunk in entries.chunks(500) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO audit_log (event_id, tenant_id, event_type, subject, actor, correlation_id, at, \
                          before, after, recorded_at) ",
                     );
-                    let now = $crate::domain::now();
                     q.push_values(chunk, |mut row, e| {
                         row.push_bind(e.event_id)
                             .push_bind(e.tenant_id)
@@ -609,10 +617,237 @@ macro_rules! sql_store_impl {
                             .push_bind(e.after.clone().map(sqlx::types::Json))
                             .push_bind(now);
                     });
-                    q.push(" ON CONFLICT (event_id) DO NOTHING");
-                    new += q.build().execute(&self.writer).await?.rows_affected();
+                    q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+                    let ids: Vec<(uuid::Uuid,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                    new.extend(ids.into_iter().map(|(id,)| id));
                 }
-                Ok(new)
+                // The analytics of the entries written now, in their transaction: each event
+                // is counted exactly once (commit time from its UUIDv7 id).
+                let processed = entries.iter().filter(|e| new.contains(&e.event_id)).map(|e| {
+                    (e.tenant_id, e.event_type.as_str(), $crate::domain::event::id_time(e.event_id).unwrap_or(e.at))
+                });
+                let increments: Vec<($crate::domain::analytics::StatKey, i64)> =
+                    $crate::domain::analytics::stat_increments(processed, chrono::Utc::now()).into_iter().collect();
+                for chunk in increments.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO event_stats (tenant_id, grain, bucket_start, event_type, latency_bucket, count) ",
+                    );
+                    q.push_values(chunk, |mut row, (k, n)| {
+                        row.push_bind(k.tenant_id)
+                            .push_bind(k.grain)
+                            .push_bind(k.bucket_start)
+                            .push_bind(k.event_type.clone())
+                            .push_bind(k.latency_bucket)
+                            .push_bind(*n);
+                    });
+                    q.push(
+                        " ON CONFLICT (tenant_id, grain, bucket_start, event_type, latency_bucket) \
+                         DO UPDATE SET count = event_stats.count + excluded.count",
+                    );
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(new.len() as u64)
+            }
+
+            async fn event_stats(
+                &self,
+                tenant_id: uuid::Uuid,
+                grain: $crate::domain::analytics::Grain,
+                from: chrono::DateTime<chrono::Utc>,
+                to: chrono::DateTime<chrono::Utc>,
+                event_type: Option<&str>,
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::analytics::StatRow>> {
+                Ok(sqlx::query_as::<_, $crate::domain::analytics::StatRow>(
+                    "SELECT bucket_start, event_type, latency_bucket, count FROM event_stats \
+                     WHERE tenant_id = $1 AND grain = $2 AND bucket_start >= $3 AND bucket_start < $4 \
+                     AND ($5 IS NULL OR event_type = $5) ORDER BY bucket_start, event_type",
+                )
+                .bind(tenant_id)
+                .bind(grain.code())
+                .bind(grain.start(from))
+                .bind(to)
+                .bind(event_type)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn put_event_type(
+                &self,
+                def: &$crate::domain::custom_event::EventTypeDef,
+            ) -> $crate::store::StoreResult<$crate::domain::custom_event::EventTypeDef> {
+                let row = sqlx::query_as::<_, $crate::store::sql::EventTypeRow>(
+                    "INSERT INTO event_types (tenant_id, name, description, schema, version, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, 1, $5, $5) ON CONFLICT (tenant_id, name) DO UPDATE SET \
+                     description = excluded.description, schema = excluded.schema, \
+                     version = event_types.version + 1, updated_at = excluded.updated_at RETURNING *",
+                )
+                .bind(def.tenant_id)
+                .bind(&def.name)
+                .bind(&def.description)
+                .bind(def.schema.to_string())
+                .bind(def.updated_at)
+                .fetch_one(&self.writer)
+                .await;
+                match row {
+                    Ok(r) => Ok(r.into()),
+                    Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                        Err($crate::store::StoreError::NotFound("tenant"))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+
+            async fn get_event_type(
+                &self,
+                tenant_id: uuid::Uuid,
+                name: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::domain::custom_event::EventTypeDef>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::EventTypeRow>(
+                    "SELECT * FROM event_types WHERE tenant_id = $1 AND name = $2",
+                )
+                .bind(tenant_id)
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(Into::into))
+            }
+
+            async fn list_event_types(
+                &self,
+                tenant_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::custom_event::EventTypeDef>> {
+                let rows = sqlx::query_as::<_, $crate::store::sql::EventTypeRow>(
+                    "SELECT * FROM event_types WHERE tenant_id = $1 ORDER BY name LIMIT 1000",
+                )
+                .bind(tenant_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn delete_event_type(&self, tenant_id: uuid::Uuid, name: &str) -> $crate::store::StoreResult<()> {
+                let done = sqlx::query("DELETE FROM event_types WHERE tenant_id = $1 AND name = $2")
+                    .bind(tenant_id)
+                    .bind(name)
+                    .execute(&self.writer)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err($crate::store::StoreError::NotFound("event type"));
+                }
+                Ok(())
+            }
+
+            async fn event_type_versions(
+                &self,
+                tenant_id: uuid::Uuid,
+                names: &[String],
+            ) -> $crate::store::StoreResult<Vec<(String, i64)>> {
+                if names.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT name, version FROM event_types WHERE tenant_id = ");
+                q.push_bind(tenant_id).push(" AND name IN (");
+                let mut list = q.separated(", ");
+                for n in names {
+                    list.push_bind(n.clone());
+                }
+                q.push(")");
+                Ok(q.build_query_as().fetch_all(&self.pool).await?)
+            }
+
+            async fn ingest_events(
+                &self,
+                tenant_id: uuid::Uuid,
+                events: &[$crate::domain::custom_event::NewCustomEvent],
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::custom_event::Ingested>> {
+                use $crate::domain::custom_event::Ingested;
+                let mut tx = self.writer.begin().await?;
+                // The tenant row first: it serializes the tenant's writers (every process).
+                let seq: Option<(i64,)> =
+                    sqlx::query_as("UPDATE tenants SET event_seq = event_seq WHERE id = $1 RETURNING event_seq")
+                        .bind(tenant_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if seq.is_none() {
+                    return Err($crate::store::StoreError::NotFound("tenant"));
+                }
+                // Clients' ids: the first sending of each is new; a later one (earlier, or
+                // earlier in this batch) answers with the original event's id.
+                let now = $crate::domain::now();
+                let mut firsts: std::collections::HashMap<&str, uuid::Uuid> = std::collections::HashMap::new();
+                let keyed: Vec<(&str, uuid::Uuid)> = events
+                    .iter()
+                    .filter_map(|e| Some((e.key.as_deref()?, e.event.id)))
+                    .filter(|(k, id)| match firsts.entry(k) {
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(*id);
+                            true
+                        }
+                    })
+                    .collect();
+                let mut originals: std::collections::HashMap<String, uuid::Uuid> = std::collections::HashMap::new();
+                for chunk in keyed.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO event_keys (tenant_id, key, event_id, created_at) ",
+                    );
+                    q.push_values(chunk, |mut row, (k, id)| {
+                        row.push_bind(tenant_id).push_bind(k.to_string()).push_bind(*id).push_bind(now);
+                    });
+                    q.push(" ON CONFLICT (tenant_id, key) DO NOTHING RETURNING key");
+                    let inserted: std::collections::HashSet<String> =
+                        q.build_query_as::<(String,)>().fetch_all(&mut *tx).await?.into_iter().map(|(k,)| k).collect();
+                    let seen: Vec<&str> = chunk.iter().map(|(k, _)| *k).filter(|k| !inserted.contains(*k)).collect();
+                    if !seen.is_empty() {
+                        let mut q = sqlx::QueryBuilder::<$db>::new("SELECT key, event_id FROM event_keys WHERE tenant_id = ");
+                        q.push_bind(tenant_id).push(" AND key IN (");
+                        let mut list = q.separated(", ");
+                        for k in &seen {
+                            list.push_bind(k.to_string());
+                        }
+                        q.push(")");
+                        originals.extend(q.build_query_as::<(String, uuid::Uuid)>().fetch_all(&mut *tx).await?);
+                    }
+                }
+                let outcomes: Vec<Ingested> = events
+                    .iter()
+                    .map(|e| match e.key.as_deref() {
+                        Some(k) if originals.contains_key(k) => Ingested { id: originals[k], new: false },
+                        Some(k) if firsts.get(k) != Some(&e.event.id) => Ingested { id: firsts[k], new: false },
+                        _ => Ingested { id: e.event.id, new: true },
+                    })
+                    .collect();
+                let new: Vec<&$crate::domain::DomainEvent> =
+                    events.iter().zip(&outcomes).filter(|(_, o)| o.new).map(|(e, _)| &e.event).collect();
+                if !new.is_empty() {
+                    let n = i64::try_from(new.len()).unwrap_or(i64::MAX);
+                    let (last,): (i64,) =
+                        sqlx::query_as("UPDATE tenants SET event_seq = event_seq + $2 WHERE id = $1 RETURNING event_seq")
+                            .bind(tenant_id)
+                            .bind(n)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    let first = last - n + 1;
+                    let numbered: Vec<(i64, &$crate::domain::DomainEvent)> =
+                        new.into_iter().enumerate().map(|(i, e)| (first + i as i64, e)).collect();
+                    for chunk in numbered.chunks(500) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) ",
+                        );
+                        q.push_values(chunk, |mut row, (seq, e)| {
+                            row.push_bind(e.id)
+                                .push_bind(e.tenantid)
+                                .push_bind(*seq)
+                                .push_bind(e.event_type.as_str().to_owned())
+                                .push_bind(sqlx::types::Json(*e))
+                                .push_bind(now);
+                        });
+                        q.build().execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(outcomes)
             }
 
             async fn get_audit(&self, event_id: uuid::Uuid) -> $crate::store::StoreResult<Option<$crate::domain::AuditEntry>> {

@@ -346,7 +346,7 @@ async fn reindex_rebuilds_the_index_from_the_database() {
     // Some events audited in the database (the audit job's first half).
     let events = store.outbox_after(0, 5).await.unwrap();
     for r in &events {
-        store.append_audit(&AuditEntry::from_event(&r.event)).await.unwrap();
+        store.append_audit_many(&[AuditEntry::from_event(&r.event)]).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let ix: Arc<dyn SearchIndex> = Arc::new(Arc::new(TantivyIndex::open(dir.path()).unwrap()));

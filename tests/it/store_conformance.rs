@@ -119,7 +119,7 @@ pub async fn tenant_activity_counts_recent_events(s: Arc<dyn Store>) {
 pub async fn tenant_changes_write_one_event_each(s: Arc<dyn Store>) {
     let t = tenant(&s, "acme", 0).await;
     let rows = expect_events(&s, 1, 0).await;
-    assert_eq!((rows[0].event.event_type, rows[0].tenant_seq), (EventType::TenantCreated, 1));
+    assert_eq!((rows[0].event.event_type.clone(), rows[0].tenant_seq), (EventType::TenantCreated, 1));
     assert_eq!(rows[0].event.data["tenant"]["slug"], "acme");
     assert!(rows[0].published_at.is_none());
 
@@ -160,7 +160,7 @@ pub async fn user_changes_write_one_event_each(s: Arc<dyn Store>) {
     let u = created.value;
     let rows = expect_events(&s, 1, 1).await;
     let e = &rows[0].event;
-    assert_eq!((e.event_type, e.subject.clone(), e.tenantid), (EventType::UserCreated, u.id.to_string(), t.id));
+    assert_eq!((e.event_type.clone(), e.subject.clone(), e.tenantid), (EventType::UserCreated, u.id.to_string(), t.id));
     assert_eq!(e.correlationid, c.correlation_id);
     assert_eq!(e.data["user"]["email"], "Ada@Example.com");
     assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 1);
@@ -342,8 +342,8 @@ pub async fn audit_and_email_logs_are_idempotent(s: Arc<dyn Store>) {
     let events = expect_events(&s, 1, before).await;
     let event = events[0].event.clone();
     let entry = eventra::domain::AuditEntry::from_event(&event);
-    assert!(s.append_audit(&entry).await.unwrap(), "first write");
-    assert!(!s.append_audit(&entry).await.unwrap(), "a redelivery writes nothing");
+    assert_eq!(s.append_audit_many(std::slice::from_ref(&entry)).await.unwrap(), 1, "first write");
+    assert_eq!(s.append_audit_many(std::slice::from_ref(&entry)).await.unwrap(), 0, "a redelivery writes nothing");
     assert_eq!(s.get_audit(event.id).await.unwrap(), Some(entry.clone()), "reads back as written");
     assert_eq!(s.count_audit(t.id).await.unwrap(), 1);
     assert_eq!(s.count_audit(Uuid::now_v7()).await.unwrap(), 0);
@@ -413,6 +413,59 @@ pub async fn the_relay_reads_unpublished_rows_and_leases(s: Arc<dyn Store>) {
     assert_eq!(s.unpublished_outbox(10).await.unwrap().len(), 1);
 }
 
+/// Custom events (SPEC §9): types are versioned on replacement; accepted events go to the
+/// outbox in one transaction with gap-free tenant_seq; a client id seen before (earlier,
+/// or earlier in the same batch) writes nothing and answers with the original id.
+pub async fn custom_events_are_written_once_per_client_id(s: Arc<dyn Store>) {
+    use eventra::domain::custom_event::{EventInput, EventTypeDef, EventTypeInput, NewCustomEvent};
+    let t = tenant(&s, "custom", 0).await;
+    let now = eventra::domain::now();
+    let input = EventTypeInput { schema: serde_json::json!({"type": "object"}), description: None };
+    let (def, _) = EventTypeDef::parse(t.id, "order.placed", input.clone(), None, now).unwrap();
+    let stored = s.put_event_type(&def).await.unwrap();
+    assert_eq!(stored.version, 1);
+    let replaced = s.put_event_type(&def).await.unwrap();
+    assert_eq!((replaced.version, replaced.created_at), (2, stored.created_at));
+    assert_eq!(
+        s.event_type_versions(t.id, &["order.placed".into(), "nope.x".into()]).await.unwrap(),
+        [("order.placed".into(), 2)]
+    );
+    assert_eq!(s.list_event_types(t.id).await.unwrap().len(), 1);
+    let ghost = EventTypeDef { tenant_id: Uuid::now_v7(), ..def.clone() };
+    assert!(matches!(s.put_event_type(&ghost).await, Err(eventra::store::StoreError::NotFound(_))));
+
+    let schema = eventra::domain::custom_event::compile(&def.schema).unwrap();
+    let event = |key: Option<&str>| {
+        let input = EventInput {
+            event_type: "order.placed".into(),
+            data: serde_json::json!({"n": 1}),
+            id: key.map(str::to_owned),
+            subject: None,
+            time: None,
+        };
+        NewCustomEvent::parse(t.id, input, Some(&schema), &ctx(), now).unwrap()
+    };
+    let before = outbox(&s).await.len();
+    let batch = [event(Some("a")), event(None), event(Some("a")), event(Some("b"))];
+    let out = s.ingest_events(t.id, &batch).await.unwrap();
+    let news: Vec<bool> = out.iter().map(|o| o.new).collect();
+    assert_eq!(news, [true, true, false, true]);
+    assert_eq!(out[2].id, out[0].id, "the same client id in one batch: the first event's id");
+    let again = s.ingest_events(t.id, &[event(Some("b")), event(Some("c"))]).await.unwrap();
+    assert_eq!((again[0].id, again[0].new, again[1].new), (out[3].id, false, true));
+    let rows = expect_events(&s, 4, before).await;
+    let seqs: Vec<i64> = rows.iter().map(|r| r.tenant_seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gap-free: {seqs:?}");
+    assert!(rows.iter().all(|r| r.event.event_type.as_str() == "order.placed"));
+    assert!(matches!(
+        s.ingest_events(Uuid::now_v7(), &[event(None)]).await,
+        Err(eventra::store::StoreError::NotFound(_))
+    ));
+    s.delete_event_type(t.id, "order.placed").await.unwrap();
+    assert!(s.get_event_type(t.id, "order.placed").await.unwrap().is_none());
+    assert!(matches!(s.delete_event_type(t.id, "order.placed").await, Err(eventra::store::StoreError::NotFound(_))));
+}
+
 /// What batched jobs use: many audit entries in one statement (idempotent by event id),
 /// which emails of a batch were sent, users found by id whatever their tenant.
 pub async fn batched_effects_reads_and_writes(s: Arc<dyn Store>) {
@@ -424,10 +477,20 @@ pub async fn batched_effects_reads_and_writes(s: Arc<dyn Store>) {
     }
     let events = expect_events(&s, 5, before).await;
     let entries: Vec<_> = events.iter().map(|r| eventra::domain::AuditEntry::from_event(&r.event)).collect();
-    assert!(s.append_audit(&entries[0]).await.unwrap());
+    assert_eq!(s.append_audit_many(&entries[..1]).await.unwrap(), 1);
     assert_eq!(s.append_audit_many(&entries).await.unwrap(), 4, "the one already there is skipped");
     assert_eq!(s.append_audit_many(&entries).await.unwrap(), 0, "a redelivered batch writes nothing");
     assert_eq!(s.count_audit(t.id).await.unwrap(), 5);
+    // Counted in the analytics with the entries, exactly once, at every grain.
+    use eventra::domain::analytics::Grain;
+    let (from, to) = (chrono::Utc::now() - chrono::Duration::days(2), chrono::Utc::now() + chrono::Duration::days(1));
+    for grain in Grain::ALL {
+        let rows = s.event_stats(t.id, grain, from, to, Some("user.created")).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 5, "{grain:?}: the five users");
+        let none = s.event_stats(t.id, grain, from, to, Some("order.placed")).await.unwrap();
+        assert!(none.is_empty());
+    }
+    assert!(s.event_stats(Uuid::now_v7(), Grain::Minute, from, to, None).await.unwrap().is_empty(), "per tenant");
     for e in &entries {
         assert_eq!(s.get_audit(e.event_id).await.unwrap().as_ref(), Some(e), "reads back as written");
     }
@@ -556,7 +619,7 @@ pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
     let of = |t: Uuid| -> Vec<(i64, EventType, String)> {
         rows.iter()
             .filter(|r| r.tenant_id == t)
-            .map(|r| (r.tenant_seq, r.event.event_type, r.event.subject.clone()))
+            .map(|r| (r.tenant_seq, r.event.event_type.clone(), r.event.subject.clone()))
             .collect()
     };
     let a_events = of(a.id);
@@ -568,7 +631,7 @@ pub async fn batched_writes_keep_every_rule(s: Arc<dyn Store>) {
     let b_events = of(b.id);
     assert_eq!(b_events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
     assert_eq!(
-        b_events.iter().map(|e| e.1).collect::<Vec<_>>(),
+        b_events.iter().map(|e| e.1.clone()).collect::<Vec<_>>(),
         vec![
             EventType::UserCreated,
             EventType::UserUpdated,
@@ -651,4 +714,5 @@ conformance!(
     one_failing_statement_fails_only_its_write,
     tenant_activity_counts_recent_events,
     the_delivery_log_knows_failing_streaks_and_prunes,
+    custom_events_are_written_once_per_client_id,
 );
