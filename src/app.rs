@@ -220,9 +220,12 @@ pub async fn run_with(
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let store_for_webhooks = store.clone();
+    let effect_lag = crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag);
+    let ingest =
+        crate::ingest::Ingest::new(store.clone(), config.ingest_max_backlog, effect_lag.clone(), outbox_wake.clone());
     let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers)
         .with_outbox_wake(outbox_wake)
-        .with_effect_lag(crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag));
+        .with_effect_lag(effect_lag);
     let state = AppState {
         tenants,
         admin_token: Arc::new(config.admin_token.clone()),
@@ -237,6 +240,7 @@ pub async fn run_with(
             secret_box,
             config.webhook_allow_private,
         ),
+        ingest,
         jobs,
         bus,
         search,

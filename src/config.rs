@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// milliseconds behind and still working (see `jobs::lag`); 0 turns it off.
     #[arg(long, env = "EVENTRA_MAX_EFFECT_LAG_MS", default_value_t = 2_000)]
     pub max_effect_lag_ms: u64,
+    /// Custom-event ingestion answers 429 (`Retry-After`) while this many of a tenant's
+    /// events are accepted and not yet processed; 0 turns it off.
+    #[arg(long, env = "EVENTRA_INGEST_MAX_BACKLOG", default_value_t = 100_000)]
+    pub ingest_max_backlog: u64,
     /// `1` lets webhooks call `http://` and private, loopback and link-local addresses
     /// (local development and tests only: it turns the SSRF protection off).
     #[arg(long, env = "EVENTRA_WEBHOOK_ALLOW_PRIVATE", default_value = "0", value_parser = parse_flag)]
@@ -334,6 +338,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// See `EVENTRA_MAX_EFFECT_LAG_MS` (zero: off).
     pub max_effect_lag: std::time::Duration,
+    /// See `EVENTRA_INGEST_MAX_BACKLOG` (zero: off).
+    pub ingest_max_backlog: u64,
     /// See `EVENTRA_WEBHOOK_ALLOW_PRIVATE`.
     pub webhook_allow_private: bool,
     pub webhook_timeout: std::time::Duration,
@@ -404,6 +410,7 @@ impl Config {
             max_tenant_managers: a.max_tenant_managers.max(1),
             max_body_bytes: a.max_body_bytes,
             max_effect_lag: std::time::Duration::from_millis(a.max_effect_lag_ms),
+            ingest_max_backlog: a.ingest_max_backlog,
             webhook_allow_private: a.webhook_allow_private,
             webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.clamp(100, 120_000)),
             webhook_workers: a.webhook_workers.min(1000),
@@ -434,6 +441,7 @@ impl Config {
             max_tenant_managers: DEFAULT_MAX_TENANT_MANAGERS,
             max_body_bytes: 64 * 1024,
             max_effect_lag: std::time::Duration::from_secs(2),
+            ingest_max_backlog: 100_000,
             webhook_allow_private: false,
             webhook_timeout: std::time::Duration::from_secs(15),
             webhook_workers: 4,

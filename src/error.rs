@@ -32,6 +32,9 @@ pub enum Error {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The caller sends faster than its events are processed: back off (429).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A component is down or restarting; retrying later may succeed (503).
     #[error("{0}")]
     Unavailable(String),

@@ -34,6 +34,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod ingest;
 pub mod jobs;
 pub mod mail;
 pub mod metrics_history;

@@ -37,3 +37,9 @@ CREATE TABLE event_stats (
     count           BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, grain, bucket_start, event_type, latency_bucket)
 );
+
+-- What was audited before analytics existed counts as processed (grain 3: all time),
+-- so a tenant's backlog (event_seq - processed) starts right.
+INSERT INTO event_stats (tenant_id, grain, bucket_start, event_type, latency_bucket, count)
+SELECT tenant_id, 3, TIMESTAMPTZ '1970-01-01 00:00:00+00', event_type, 0, COUNT(*)
+FROM audit_log GROUP BY tenant_id, event_type;

@@ -81,6 +81,10 @@ pub struct StatKey {
     pub latency_bucket: i16,
 }
 
+/// The grain of each (tenant, type)'s all-time count (one bucket, starting at the
+/// epoch, latency bucket 0): what a tenant's backlog is measured against.
+pub const ALL_TIME: i16 = 3;
+
 /// What processed events add to the stats: one count per (grain, bucket, type, latency
 /// bucket), sorted (writers take row locks in this order, so they cannot deadlock).
 pub fn stat_increments<'a>(
@@ -101,6 +105,14 @@ pub fn stat_increments<'a>(
             };
             *out.entry(key).or_insert(0) += 1;
         }
+        let all_time = StatKey {
+            tenant_id,
+            grain: ALL_TIME,
+            bucket_start: DateTime::UNIX_EPOCH,
+            event_type: event_type.to_owned(),
+            latency_bucket: 0,
+        };
+        *out.entry(all_time).or_insert(0) += 1;
     }
     out
 }

@@ -77,9 +77,12 @@ async fn list(
             None
         }
     };
-    if let Some(t) = query.event_type.as_deref().filter(|t| EventType::parse(t).is_none()) {
+    if let Some(t) = query.event_type.as_deref().filter(|t| EventType::parse_any(t).is_none()) {
         let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
-        errors.add("type", format!("unknown event type {t:?}; one of {}", known.join(", ")));
+        errors.add(
+            "type",
+            format!("unknown event type {t:?}; one of {}, or one of the tenant's own types", known.join(", ")),
+        );
     }
     let from = time(&mut errors, "from", query.from.as_deref());
     let to = time(&mut errors, "to", query.to.as_deref());

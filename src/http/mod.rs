@@ -10,6 +10,7 @@ pub mod audit;
 mod body;
 pub mod dashboard;
 pub mod debug;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub bus: Arc<dyn crate::bus::EventBus>,
     /// Webhook endpoints (`/v1/tenants/{id}/webhooks`).
     pub webhooks: crate::webhooks::Webhooks,
+    /// Tenants' own events, their types and analytics (`/v1/tenants/{id}/events`).
+    pub ingest: crate::ingest::Ingest,
     /// The search index (`/users/search`).
     pub search: Arc<dyn crate::search::SearchIndex>,
 }
@@ -74,8 +77,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(openapi::router(openapi::document(doc)))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn(move |req, next| body::limit(max_body_bytes, req, next)))
+        .layer(DefaultBodyLimit::max(events::body_limit("/events/batch", max_body_bytes)))
+        .layer(middleware::from_fn(move |req: Request, next| {
+            body::limit(events::body_limit(req.uri().path(), max_body_bytes), req, next)
+        }))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
         .with_state(state)
@@ -96,6 +101,7 @@ fn described_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(audit::router())
         .merge(stats::router())
         .merge(webhooks::router())
+        .merge(events::router())
         .merge(dashboard::router())
 }
 
@@ -116,7 +122,8 @@ async fn request_context(max_body_bytes: usize, mut req: Request, next: Next) ->
         .map(str::to_owned)
         .unwrap_or_else(|| Uuid::now_v7().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    req.extensions_mut().insert(BodyLimit(max_body_bytes));
+    let limit = events::body_limit(req.uri().path(), max_body_bytes);
+    req.extensions_mut().insert(BodyLimit(limit));
     let span = tracing::info_span!(
         "request",
         method = %req.method(),

@@ -108,6 +108,11 @@ problems!(
     "404" => "Not found, or another tenant's",
 );
 problems!(
+    /// Ingestion backpressure (with `Retry-After`).
+    Backlog:
+    "429" => "The tenant's accepted events not yet processed are past the limit; retry after `Retry-After`",
+);
+problems!(
     /// A dependency is down or the service is shedding load (with `Retry-After`).
     Unavailable:
     "503" => "A dependency is down or restarting, or effects are behind (load shedding); retry after `Retry-After`",

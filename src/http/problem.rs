@@ -52,7 +52,9 @@ impl IntoResponse for Problem {
         if unauthorized {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE && !res.headers().contains_key(header::RETRY_AFTER) {
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS)
+            && !res.headers().contains_key(header::RETRY_AFTER)
+        {
             // Outages here are short (a dependency reconnecting): come back in a second.
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -91,6 +93,7 @@ impl From<&Error> for Problem {
                 Problem::new(S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type", d)
             }
             Error::Unavailable(_) => Problem::new(S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", d),
+            Error::TooManyRequests(_) => Problem::new(S::TOO_MANY_REQUESTS, "backlog", "Too many requests", d),
             Error::Internal(_) => Problem::new(
                 S::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -255,6 +255,9 @@ pub trait Store: Send + Sync + 'static {
     /// skipped: a redelivery) and counts the new ones in the event analytics, in the
     /// same transaction: every event is counted exactly once. Returns how many were new.
     async fn append_audit_many(&self, entries: &[AuditEntry]) -> StoreResult<u64>;
+    /// A tenant's events accepted (its event sequence) and not yet processed (counted in
+    /// the analytics); `None` for an unknown tenant.
+    async fn tenant_backlog(&self, tenant_id: Uuid) -> StoreResult<Option<i64>>;
     /// The analytics rows of a tenant at `grain` for buckets in `[from, to)`.
     async fn event_stats(
         &self,

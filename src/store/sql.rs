@@ -650,6 +650,17 @@ macro_rules! sql_store_impl {
                 Ok(new.len() as u64)
             }
 
+            async fn tenant_backlog(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<Option<i64>> {
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "SELECT t.event_seq - COALESCE((SELECT CAST(SUM(s.count) AS BIGINT) FROM event_stats s \
+                     WHERE s.tenant_id = t.id AND s.grain = 3), 0) FROM tenants t WHERE t.id = $1",
+                )
+                .bind(tenant_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(n,)| n))
+            }
+
             async fn event_stats(
                 &self,
                 tenant_id: uuid::Uuid,

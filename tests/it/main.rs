@@ -9,6 +9,7 @@ mod audit;
 mod binary;
 mod bus_conformance;
 mod concurrency;
+mod custom_events;
 mod dashboard;
 mod faults;
 mod http_api;
