@@ -558,3 +558,79 @@ async fn consumer_restarts_do_not_park_valid_events() {
     app.stop().await;
     let _ = probe.delete_topology().await;
 }
+
+/// SPEC §9's exactly-once counting: 10,000 custom events in batches of 500, while a
+/// consumer is killed, the broker connections are cut and the other consumer is killed.
+/// The analytics total equals exactly the accepted events, and so does the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_custom_events_are_counted_exactly_once_through_kills_and_cuts() {
+    const BATCHES: usize = 20;
+    const TEST: &str = "pipeline::production_custom_events_are_counted_exactly_once_through_kills_and_cuts";
+    let Some(s) = production_stack(TEST).await else { return };
+    let t = s.app.tenant("count", 0).await;
+    let res = s
+        .app
+        .req(reqwest::Method::PUT, &format!("/v1/tenants/{}/event-types/page.viewed", t.id), Some(&t.admin_key))
+        .json(&serde_json::json!({"schema": {"type": "object", "required": ["n"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let mut accepted = 0i64;
+    for b in 0..BATCHES {
+        match b {
+            5 => kill(&s.app, "event-consumer-1").await,
+            10 => {
+                let ns = s.ns.clone();
+                let cut =
+                    tokio::task::spawn_blocking(move || crate::utils::close_rabbitmq_connections(&ns)).await.unwrap();
+                assert!(cut >= 1, "no connection to cut");
+            }
+            15 => kill(&s.app, "event-consumer-2").await,
+            _ => {}
+        }
+        let events: Vec<serde_json::Value> = (0..500)
+            .map(|i| serde_json::json!({"type": "page.viewed", "id": format!("{b}-{i}"), "data": {"n": i}}))
+            .collect();
+        let body = serde_json::json!({ "events": events });
+        // A client honouring backpressure: the same batch again after Retry-After (its
+        // ids make a resend harmless).
+        let out: serde_json::Value = wait_for("the batch accepted", Duration::from_secs(60), || async {
+            let res = s.app.post(&format!("/v1/tenants/{}/events/batch", t.id), &t.admin_key, body.clone()).await;
+            if res.status() == StatusCode::OK {
+                return res.json().await.ok();
+            }
+            assert!(matches!(res.status().as_u16(), 429 | 503), "{}", res.status());
+            None
+        })
+        .await;
+        accepted += out["items"].as_array().unwrap().iter().filter(|i| i["status"] == 202).count() as i64;
+    }
+    assert_eq!(accepted, (BATCHES * 500) as i64, "every event accepted once (resent batches answer 200)");
+    let day_path = format!("/v1/tenants/{}/analytics/events?bucket=day&type=page.viewed", t.id);
+    let day = || async {
+        let a: serde_json::Value = s.app.get(&day_path, &t.admin_key).await.json().await.ok()?;
+        a["types"].as_array()?.first().and_then(|t| t["count"].as_i64()).or(Some(0))
+    };
+    wait_for("every event counted", Duration::from_secs(180), || async { (day().await? >= accepted).then_some(()) })
+        .await;
+    // Settled: nothing left to count twice.
+    wait_for("the job queue drained", Duration::from_secs(60), || async {
+        let jobs: serde_json::Value = s.app.get("/v1/admin/jobs", ADMIN_TOKEN).await.json().await.ok()?;
+        let c = &jobs["counts"];
+        (c["ready"] == 0 && c["running"] == 0 && c["retry"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(day().await, Some(accepted), "counted exactly once");
+    let audited: serde_json::Value = s
+        .app
+        .get(&format!("/v1/tenants/{}/audit?type=page.viewed&limit=1", t.id), &t.admin_key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(audited["items"].as_array().is_some_and(|i| i.len() == 1), "{audited}");
+    let total = s.store.count_audit(t.id).await.unwrap() as i64;
+    assert_eq!(total, accepted + 1, "one audit entry per event (and the tenant's own)");
+    s.finish().await;
+}
