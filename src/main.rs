@@ -61,6 +61,8 @@ enum Bench {
     /// Webhook deliveries/s to a local receiver (and with a dead endpoint beside), vs a
     /// raw reqwest POST loop.
     Webhooks(eventra::bench::webhooks::WebhooksBenchArgs),
+    /// Custom events accepted/s (batches and single) and processed/s, vs the raw engine inserting the same rows
+    Ingest(eventra::bench::ingest::IngestBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
@@ -138,6 +140,11 @@ fn main() -> ExitCode {
                 } else {
                     Err("invariants violated".to_owned())
                 }
+            }
+            Command::Bench(Bench::Ingest(args)) => {
+                let report = eventra::bench::ingest::run(args).await?;
+                println!("{}", eventra::bench::ingest::table(&report));
+                Ok(())
             }
             Command::Bench(Bench::Webhooks(args)) => {
                 let report = eventra::bench::webhooks::run(args).await?;

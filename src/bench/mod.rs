@@ -4,6 +4,7 @@
 
 pub mod e2e;
 pub mod harness;
+pub mod ingest;
 pub mod jobs;
 pub mod raw;
 pub mod search;

@@ -159,6 +159,19 @@ async fn bench_writes_runs_on_embedded() {
     }
 }
 
+/// `eventra bench ingest`, short (CI): custom events in batches and one by one into an
+/// embedded server, every accepted event processed (the command waits for the
+/// analytics to count them all), with the raw SQLite baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ingest_runs_on_embedded() {
+    let stdout = run_command(&["bench", "ingest", "--events", "2000", "--batch", "250", "--single", "200"]).await;
+    let row = stdout.lines().find(|l| l.starts_with("| Embedded |")).unwrap_or_else(|| panic!("{stdout}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(cells[2], "2000", "every event accepted once: {row}");
+    assert_eq!(cells[8], "200", "every single event accepted: {row}");
+    assert!(cells[11].contains("rows/s"), "the raw baseline ran: {row}");
+}
+
 /// `eventra bench tenants`, short (CI): 300 tenants touched once with a limit of 100
 /// managers: at most 100 run afterwards (the others were passivated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
