@@ -48,7 +48,7 @@ pub struct EventTypeDef {
     pub name: String,
     pub description: String,
     /// A JSON Schema 2020-12 document that every event's `data` must satisfy.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub schema: Value,
     /// 1 at creation, +1 on every replacement (what the compiled-schema caches key on).
     pub version: i64,
@@ -61,7 +61,7 @@ pub struct EventTypeDef {
 #[serde(deny_unknown_fields)]
 pub struct EventTypeInput {
     /// A JSON Schema 2020-12 document (no remote `$ref`).
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub schema: Value,
     pub description: Option<String>,
 }
@@ -129,7 +129,7 @@ pub struct EventInput {
     #[schema(example = "order.placed")]
     pub event_type: String,
     /// Validated against the type's schema.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub data: Value,
     /// The client's id for the event (any string of 1-200 characters): sending it again
     /// answers 200 with the original event's id and writes nothing.
