@@ -73,16 +73,19 @@ impl EventBus for SqliteBus {
     async fn publish(&self, messages: &[BusMessage]) -> BusResult<()> {
         let mut tx = self.writer.begin().await?;
         let now = now_us();
-        for m in messages {
-            sqlx::query(
-                "INSERT INTO bus_messages (id, routing_key, body, state, published_at_us) VALUES ($1, $2, $3, 'ready', $4)",
-            )
-            .bind(&m.id)
-            .bind(&m.routing_key)
-            .bind(&m.body)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        // One statement per chunk: every statement is a round trip to the writer's thread.
+        for chunk in messages.chunks(500) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO bus_messages (id, routing_key, body, state, published_at_us) ",
+            );
+            q.push_values(chunk, |mut row, m| {
+                row.push_bind(m.id.clone())
+                    .push_bind(m.routing_key.clone())
+                    .push_bind(m.body.clone())
+                    .push_bind("ready")
+                    .push_bind(now);
+            });
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.wake.notify_waiters();

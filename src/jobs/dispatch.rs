@@ -10,7 +10,7 @@ use crate::domain::{ApiKey, DomainEvent, EventType, Tenant, User};
 /// The part of an event's `data` that must be there, in the shape its type promises.
 fn part<T: serde::de::DeserializeOwned>(event: &DomainEvent, key: &str) -> Result<T, String> {
     let value = event.data.get(key).ok_or_else(|| format!("{} data has no `{key}`", event.event_type.as_str()))?;
-    serde_json::from_value(value.clone())
+    T::deserialize(value)
         .map_err(|e| format!("{} data: `{key}` is not in the expected shape: {e}", event.event_type.as_str()))
 }
 

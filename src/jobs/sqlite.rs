@@ -119,41 +119,66 @@ impl JobQueue for SqliteJobQueue {
         let expired = now - dur_us(self.config.done_retention);
         let mut tx = self.writer.begin().await?;
         let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let id = Uuid::now_v7();
-            let run_at = job.run_at.map(micros).filter(|t| *t > now);
-            let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
-            let taken: Option<(Uuid,)> = sqlx::query_as(
+        // One statement per chunk (ten binds a row): every statement is a round trip to
+        // the writer's thread. A key already held (a live job, or earlier in the chunk)
+        // answers with its holder.
+        for chunk in jobs.chunks(500) {
+            let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO jobs (id, kind, queue, args, idempotency_key, state, failures, max_attempts, \
-                 enqueued_at_us, run_at_us) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9) \
-                 ON CONFLICT (idempotency_key) DO UPDATE SET id = excluded.id, kind = excluded.kind, \
+                 enqueued_at_us, run_at_us) ",
+            );
+            q.push_values(chunk.iter().zip(&ids), |mut row, (job, id)| {
+                let run_at = job.run_at.map(micros).filter(|t| *t > now);
+                let state = if run_at.is_some() { JobState::Scheduled } else { JobState::Ready };
+                row.push_bind(*id)
+                    .push_bind(job.kind.clone())
+                    .push_bind(job.queue.clone())
+                    .push_bind(Json(job.args.clone()))
+                    .push_bind(job.idempotency_key.clone())
+                    .push_bind(state.as_str())
+                    .push_bind(0i64)
+                    .push_bind(i64::from(job.attempts()))
+                    .push_bind(now)
+                    .push_bind(run_at.unwrap_or(now));
+            });
+            q.push(
+                " ON CONFLICT (idempotency_key) DO UPDATE SET id = excluded.id, kind = excluded.kind, \
                  queue = excluded.queue, args = excluded.args, state = excluded.state, failures = 0, \
                  max_attempts = excluded.max_attempts, enqueued_at_us = excluded.enqueued_at_us, \
                  run_at_us = excluded.run_at_us, worker = NULL, lease_id = NULL, lease_until_us = NULL, \
                  last_error = NULL, failed_at_us = NULL, finished_at_us = NULL, reaped = 0 \
-                 WHERE jobs.state = 'done' AND jobs.finished_at_us < $10 RETURNING id",
-            )
-            .bind(id)
-            .bind(&job.kind)
-            .bind(&job.queue)
-            .bind(Json(&job.args))
-            .bind(&job.idempotency_key)
-            .bind(state.as_str())
-            .bind(i64::from(job.attempts()))
-            .bind(now)
-            .bind(run_at.unwrap_or(now))
-            .bind(expired)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if taken.is_some() {
-                out.push(Enqueued::New(id));
-                continue;
+                 WHERE jobs.state = 'done' AND jobs.finished_at_us < ",
+            );
+            q.push_bind(expired).push(" RETURNING id");
+            let taken: std::collections::HashSet<Uuid> =
+                q.build_query_as::<(Uuid,)>().fetch_all(&mut *tx).await?.into_iter().map(|(id,)| id).collect();
+            let held: Vec<&str> = chunk
+                .iter()
+                .zip(&ids)
+                .filter(|(_, id)| !taken.contains(id))
+                .map(|(j, _)| j.idempotency_key.as_str())
+                .collect();
+            let mut holders: std::collections::HashMap<String, Uuid> = std::collections::HashMap::new();
+            if !held.is_empty() {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN (");
+                let mut list = q.separated(", ");
+                for k in &held {
+                    list.push_bind(k.to_string());
+                }
+                q.push(")");
+                holders.extend(q.build_query_as::<(String, Uuid)>().fetch_all(&mut *tx).await?);
             }
-            let (holder,): (Uuid,) = sqlx::query_as("SELECT id FROM jobs WHERE idempotency_key = $1")
-                .bind(&job.idempotency_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            out.push(Enqueued::Duplicate(holder));
+            for (job, id) in chunk.iter().zip(ids) {
+                if taken.contains(&id) {
+                    out.push(Enqueued::New(id));
+                } else {
+                    let holder = holders.get(&job.idempotency_key).copied().ok_or_else(|| {
+                        JobError::Backend(format!("no job holds the key {}", job.idempotency_key))
+                    })?;
+                    out.push(Enqueued::Duplicate(holder));
+                }
+            }
         }
         tx.commit().await?;
         Ok(out)

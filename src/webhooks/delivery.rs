@@ -478,7 +478,7 @@ impl JobKind for WebhookDelivery {
         let mut results: Vec<Option<Result<(), JobFailure>>> = vec![None; jobs.len()];
         let mut todo: Vec<(usize, DeliveryArgs)> = Vec::with_capacity(jobs.len());
         for (i, job) in jobs.iter().enumerate() {
-            match serde_json::from_value::<DeliveryArgs>(job.args.clone()) {
+            match DeliveryArgs::deserialize(&job.args) {
                 Ok(args) => todo.push((i, args)),
                 Err(e) => results[i] = Some(Err(JobFailure::permanent(format!("bad webhook_delivery args: {e}")))),
             }

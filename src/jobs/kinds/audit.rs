@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::Deserialize;
 
 use super::{JobContext, JobFailure, JobKind};
 use crate::domain::{AuditEntry, DomainEvent};
@@ -29,7 +30,7 @@ impl Audit {
 }
 
 fn entry_of(job: &Job) -> Result<AuditEntry, JobFailure> {
-    let event: DomainEvent = serde_json::from_value(job.args.clone())
+    let event: DomainEvent = DomainEvent::deserialize(&job.args)
         .map_err(|e| JobFailure::permanent(format!("args are not a domain event: {e}")))?;
     Ok(AuditEntry::from_event(&event))
 }

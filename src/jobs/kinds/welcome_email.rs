@@ -148,7 +148,7 @@ impl JobKind for WelcomeEmail {
         let parsed: Vec<Result<WelcomeArgs, JobFailure>> = jobs
             .iter()
             .map(|j| {
-                serde_json::from_value(j.args.clone())
+                WelcomeArgs::deserialize(&j.args)
                     .map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))
             })
             .collect();
