@@ -190,25 +190,22 @@ async fn relay_once(a: &RelayArgs) -> Result<bool, String> {
     if rows.is_empty() {
         return Ok(false);
     }
-    let mut messages = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let body = serde_json::to_vec(&r.event).map_err(|e| e.to_string())?;
-        messages.push(BusMessage {
-            id: r.event.id.to_string(),
-            routing_key: r.event.event_type.as_str().to_owned(),
-            body,
-        });
-    }
-    a.bus.publish(&messages).await.map_err(|e| e.to_string())?;
+    let n = rows.len();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    // The stored JSON goes out as it is (consumers parse and validate it).
+    let messages: Vec<BusMessage> = rows
+        .into_iter()
+        .map(|r| BusMessage { id: r.event_id.to_string(), routing_key: r.event_type, body: r.payload.into_bytes() })
+        .collect();
+    a.bus.publish(&messages).await.map_err(|e| e.to_string())?;
     let marked = a.store.mark_published(&seqs, RELAY_LEASE, &a.holder).await.map_err(|e| e.to_string())?;
     if marked < seqs.len() as u64 {
         // Our lease lapsed meanwhile: the new holder republishes what we could not mark
         // (at-least-once; consumers are idempotent).
         return Err(format!("lease lapsed before {} of {} rows were marked", seqs.len() as u64 - marked, seqs.len()));
     }
-    metrics::counter!("eventra_events_published_total").increment(rows.len() as u64);
-    Ok(rows.len() as u32 >= a.batch)
+    metrics::counter!("eventra_events_published_total").increment(n as u64);
+    Ok(n as u32 >= a.batch)
 }
 
 /// How often the active relay prunes published rows past their retention.

@@ -161,7 +161,9 @@ impl JobQueue for SqliteJobQueue {
                 .collect();
             let mut holders: std::collections::HashMap<String, Uuid> = std::collections::HashMap::new();
             if !held.is_empty() {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN (");
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN (",
+                );
                 let mut list = q.separated(", ");
                 for k in &held {
                     list.push_bind(k.to_string());
@@ -173,9 +175,10 @@ impl JobQueue for SqliteJobQueue {
                 if taken.contains(&id) {
                     out.push(Enqueued::New(id));
                 } else {
-                    let holder = holders.get(&job.idempotency_key).copied().ok_or_else(|| {
-                        JobError::Backend(format!("no job holds the key {}", job.idempotency_key))
-                    })?;
+                    let holder = holders
+                        .get(&job.idempotency_key)
+                        .copied()
+                        .ok_or_else(|| JobError::Backend(format!("no job holds the key {}", job.idempotency_key)))?;
                     out.push(Enqueued::Duplicate(holder));
                 }
             }

@@ -105,6 +105,18 @@ pub struct Created<T> {
     pub replayed: bool,
 }
 
+/// An unpublished outbox row as the relay sends it: the stored payload as it is, not
+/// parsed and serialized again on its way to the bus.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OutboxMessage {
+    pub seq: i64,
+    pub tenant_seq: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    /// The event's CloudEvents JSON.
+    pub payload: String,
+}
+
 /// One outbox row as the relay (and tests) read it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRecord {
@@ -233,7 +245,7 @@ pub trait Store: Send + Sync + 'static {
     /// order: the tenant-row lock makes a tenant's next write wait for the previous
     /// commit, so a row is never visible before its tenant's earlier rows (this is why
     /// a `seq > cursor` scan would be wrong but a `published_at IS NULL` scan is right).
-    async fn unpublished_outbox(&self, limit: u32) -> StoreResult<Vec<OutboxRecord>>;
+    async fn unpublished_outbox(&self, limit: u32) -> StoreResult<Vec<OutboxMessage>>;
     /// Marks rows published (after the bus confirmed them), but only while `holder` still
     /// holds the lease `lease` (fencing: a relay whose lease lapsed mid-publish cannot
     /// mark); returns how many rows it marked.

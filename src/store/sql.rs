@@ -542,15 +542,14 @@ macro_rules! sql_store_impl {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
-            async fn unpublished_outbox(&self, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxRecord>> {
-                let rows = sqlx::query_as::<_, $crate::store::sql::OutboxRow>(
-                    "SELECT seq, tenant_seq, tenant_id, payload, created_at, published_at FROM outbox \
+            async fn unpublished_outbox(&self, limit: u32) -> $crate::store::StoreResult<Vec<$crate::store::OutboxMessage>> {
+                Ok(sqlx::query_as::<_, $crate::store::OutboxMessage>(
+                    "SELECT seq, tenant_seq, event_id, event_type, CAST(payload AS TEXT) AS payload FROM outbox \
                      WHERE published_at IS NULL ORDER BY seq LIMIT $1",
                 )
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
-                .await?;
-                Ok(rows.into_iter().map(Into::into).collect())
+                .await?)
             }
 
             async fn mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> $crate::store::StoreResult<u64> {

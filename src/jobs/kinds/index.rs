@@ -69,8 +69,8 @@ impl Indexing {
 
     /// The (tenant, user) pair a job names, or why it cannot be run.
     fn target(&self, job: &Job) -> Result<(Uuid, Option<Uuid>), JobFailure> {
-        let args: IndexArgs = IndexArgs::deserialize(&job.args)
-            .map_err(|e| JobFailure::permanent(format!("{} args: {e}", job.kind)))?;
+        let args: IndexArgs =
+            IndexArgs::deserialize(&job.args).map_err(|e| JobFailure::permanent(format!("{} args: {e}", job.kind)))?;
         match (self.name, args.user_id) {
             ("unindex_tenant", _) => Ok((args.tenant_id, None)),
             (_, Some(user)) => Ok((args.tenant_id, Some(user))),

@@ -148,8 +148,7 @@ impl JobKind for WelcomeEmail {
         let parsed: Vec<Result<WelcomeArgs, JobFailure>> = jobs
             .iter()
             .map(|j| {
-                WelcomeArgs::deserialize(&j.args)
-                    .map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))
+                WelcomeArgs::deserialize(&j.args).map_err(|e| JobFailure::permanent(format!("welcome_email args: {e}")))
             })
             .collect();
         let keys: Vec<String> = parsed.iter().filter_map(|p| p.as_ref().ok()).map(|a| log_key(a.user_id)).collect();
