@@ -38,6 +38,9 @@ pub const BACKLOG_EVERY: Duration = Duration::from_millis(250);
 /// The longest analytics window, per grain (the rows read stay bounded).
 const MAX_WINDOW_DAYS: [i64; 3] = [2, 62, 3660];
 
+/// Compiled schemas by (tenant, type), with the version they were compiled from.
+type SchemaCache = quick_cache::sync::Cache<(Uuid, String), (i64, Arc<Schema>)>;
+
 /// One event's outcome in a batch.
 #[derive(Debug)]
 pub enum ItemOutcome {
@@ -48,7 +51,7 @@ pub enum ItemOutcome {
 #[derive(Clone)]
 pub struct Ingest {
     store: Arc<dyn Store>,
-    schemas: Arc<quick_cache::sync::Cache<(Uuid, String), (i64, Arc<Schema>)>>,
+    schemas: Arc<SchemaCache>,
     backlogs: Arc<Mutex<HashMap<Uuid, (Instant, i64)>>>,
     /// Above this many unprocessed events a tenant's ingestion answers 429 (0: off).
     max_backlog: i64,
@@ -78,7 +81,7 @@ impl Ingest {
 
     /// Creates or replaces a type; `true` when it was created.
     pub async fn put_type(&self, tenant_id: Uuid, name: &str, input: EventTypeInput) -> Result<(EventTypeDef, bool)> {
-        let (def, compiled) = EventTypeDef::parse(tenant_id, name, input, None, crate::domain::now())?;
+        let (def, compiled) = EventTypeDef::parse(tenant_id, name, input, crate::domain::now())?;
         let stored = self.store.put_event_type(&def).await?;
         self.schemas.insert((tenant_id, stored.name.clone()), (stored.version, Arc::new(compiled)));
         let created = stored.version == 1;

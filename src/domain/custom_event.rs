@@ -83,12 +83,12 @@ pub fn compile(schema: &Value) -> Result<Schema, ValidationErrors> {
 }
 
 impl EventTypeDef {
-    /// The type as `input` defines it, replacing `existing` (if any) at `now`.
+    /// The type as `input` defines it at `now`, with its compiled schema (the store
+    /// keeps `created_at` and bumps `version` when it replaces a type).
     pub fn parse(
         tenant_id: Uuid,
         name: &str,
         input: EventTypeInput,
-        existing: Option<&EventTypeDef>,
         now: DateTime<Utc>,
     ) -> Result<(EventTypeDef, Schema), ValidationErrors> {
         let mut errors = ValidationErrors::new();
@@ -111,8 +111,8 @@ impl EventTypeDef {
             name: name.to_owned(),
             description,
             schema: input.schema,
-            version: existing.map_or(1, |e| e.version + 1),
-            created_at: existing.map_or(now, |e| e.created_at),
+            version: 1,
+            created_at: now,
             updated_at: now,
         };
         let compiled = errors.into_result(compiled)?;

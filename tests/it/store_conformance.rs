@@ -421,7 +421,7 @@ pub async fn custom_events_are_written_once_per_client_id(s: Arc<dyn Store>) {
     let t = tenant(&s, "custom", 0).await;
     let now = eventra::domain::now();
     let input = EventTypeInput { schema: serde_json::json!({"type": "object"}), description: None };
-    let (def, _) = EventTypeDef::parse(t.id, "order.placed", input.clone(), None, now).unwrap();
+    let (def, _) = EventTypeDef::parse(t.id, "order.placed", input.clone(), now).unwrap();
     let stored = s.put_event_type(&def).await.unwrap();
     assert_eq!(stored.version, 1);
     let replaced = s.put_event_type(&def).await.unwrap();
