@@ -252,24 +252,7 @@ pub async fn raw_pgbench(admin_url: &str, clients: usize, seconds: u64) -> Bench
              VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001', :n::bigint * 100 + :client_id, 'user.created', '{payload}', now()) ON CONFLICT DO NOTHING;\n\
              END;\n"
         );
-        let script_path = std::env::temp_dir().join(format!("{name}.sql"));
-        std::fs::write(&script_path, script).map_err(err)?;
-        let pgbench = find_pgbench().ok_or("pgbench not found (Debian: postgresql-15 has /usr/lib/postgresql/15/bin/pgbench)")?;
-        let out = tokio::process::Command::new(pgbench)
-            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "-f"])
-            .arg(&script_path)
-            .arg(&url)
-            .output()
-            .await
-            .map_err(err)?;
-        let _ = std::fs::remove_file(&script_path);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let tps = text
-            .lines()
-            .find(|l| l.starts_with("tps ="))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| format!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+        let tps = pgbench_tps(&url, &script, clients, seconds).await?;
         Ok((
             format!("pgbench: INSERT user + INSERT outbox row, one transaction each, {clients} clients"),
             tps,
@@ -279,6 +262,29 @@ pub async fn raw_pgbench(admin_url: &str, clients: usize, seconds: u64) -> Bench
     .await;
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin.pool()).await;
     result
+}
+
+/// Runs pgbench with `script` (one transaction) against `url`: transactions per second.
+pub async fn pgbench_tps(url: &str, script: &str, clients: usize, seconds: u64) -> BenchResult<f64> {
+    let script_path = std::env::temp_dir().join(format!("eventra-pgbench-{}.sql", Uuid::now_v7().simple()));
+    std::fs::write(&script_path, script).map_err(err)?;
+    let pgbench =
+        find_pgbench().ok_or("pgbench not found (Debian: postgresql-15 has /usr/lib/postgresql/15/bin/pgbench)")?;
+    let out = tokio::process::Command::new(pgbench)
+        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(&script_path)
+        .arg(url)
+        .output()
+        .await
+        .map_err(err);
+    let _ = std::fs::remove_file(&script_path);
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps ="))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 pub fn find_pgbench() -> Option<PathBuf> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::harness::{err, find_pgbench, new_tenant, BenchResult, Run, ServiceUrls, Stack};
+use super::harness::{err, new_tenant, pgbench_tps, BenchResult, Run, ServiceUrls, Stack};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestBenchArgs {
@@ -244,24 +244,7 @@ async fn raw_pgbench_batches(admin_url: &str, batch: usize, clients: usize) -> B
              SELECT gen_random_uuid(), '00000000-0000-7000-8000-000000000001', (:n::bigint * 1000 + :client_id) * 1000 + g, 'page.viewed', '{payload}', now() \
              FROM generate_series(1, {batch}) g;\n"
         );
-        let script_path = std::env::temp_dir().join(format!("{name}.sql"));
-        std::fs::write(&script_path, script).map_err(err)?;
-        let pgbench = find_pgbench().ok_or("pgbench not found")?;
-        let out = tokio::process::Command::new(pgbench)
-            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", "10", "-f"])
-            .arg(&script_path)
-            .arg(&url)
-            .output()
-            .await
-            .map_err(err)?;
-        let _ = std::fs::remove_file(&script_path);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let tps = text
-            .lines()
-            .find(|l| l.starts_with("tps ="))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| format!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+        let tps = pgbench_tps(&url, &script, clients, 10).await?;
         Ok((format!("pgbench: {batch} outbox rows a transaction, {clients} clients"), tps * batch as f64))
     }
     .await;

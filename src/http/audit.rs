@@ -47,14 +47,10 @@ pub struct AuditQuery {
 }
 
 fn time(errors: &mut ValidationErrors, field: &str, value: Option<&str>) -> Option<DateTime<Utc>> {
-    let v = value.filter(|v| !v.is_empty())?;
-    match DateTime::parse_from_rfc3339(v) {
-        Ok(t) => Some(t.with_timezone(&Utc)),
-        Err(_) => {
-            errors.add(field, "must be an RFC 3339 time, e.g. 2026-11-23T10:00:00Z");
-            None
-        }
-    }
+    super::extract::query_time(field, value).unwrap_or_else(|e| {
+        errors.errors.extend(e.errors);
+        None
+    })
 }
 
 /// `GET /v1/tenants/{tenant_id}/audit`: the audit log, oldest first (tenant admin).

@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::extract::{query_time, ApiJson, ApiPath, ApiQuery, Caller};
 use super::openapi::{AuthProblems, Backlog, BodyProblems, NotFound, QueryProblems, Unavailable};
 use super::AppState;
 use crate::domain::analytics::{EventAnalytics, Grain};
@@ -193,15 +193,6 @@ pub struct AnalyticsQuery {
     r#type: Option<String>,
 }
 
-fn time(field: &str, v: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
-    v.map(|v| {
-        chrono::DateTime::parse_from_rfc3339(v)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .map_err(|e| Error::Validation(ValidationErrors::single(field, format!("is not an RFC 3339 time: {e}"))))
-    })
-    .transpose()
-}
-
 /// `GET …/analytics/events`: counts per type (and per bucket in `items`), events per
 /// second, and commit → processed latency p50/p95/p99 per type; every event counted
 /// exactly once (domain events too).
@@ -220,13 +211,13 @@ async fn analytics(
         Some(b) => Grain::parse(b)
             .ok_or_else(|| ValidationErrors::single("bucket", format!("'{b}' is not minute, hour or day")))?,
     };
-    let to = time("to", q.to.as_deref())?.unwrap_or_else(chrono::Utc::now);
+    let to = query_time("to", q.to.as_deref())?.unwrap_or_else(chrono::Utc::now);
     let default_span = match grain {
         Grain::Minute => chrono::TimeDelta::hours(1),
         Grain::Hour => chrono::TimeDelta::days(1),
         Grain::Day => chrono::TimeDelta::days(30),
     };
-    let from = time("from", q.from.as_deref())?.unwrap_or(to - default_span);
+    let from = query_time("from", q.from.as_deref())?.unwrap_or(to - default_span);
     Ok(Json(s.ingest.analytics(tenant_id, from, to, grain, q.r#type.as_deref()).await?).into_response())
 }
 

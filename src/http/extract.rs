@@ -51,6 +51,15 @@ fn json_rejection(r: JsonRejection, limit: usize) -> Error {
     }
 }
 
+/// An RFC 3339 time from a query parameter (absent or empty: `None`); `Err` says what
+/// the field must be.
+pub fn query_time(field: &str, value: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ValidationErrors> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else { return Ok(None) };
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| Some(t.with_timezone(&chrono::Utc)))
+        .map_err(|_| ValidationErrors::single(field, "must be an RFC 3339 time, e.g. 2026-11-23T10:00:00Z"))
+}
+
 /// Deserializes an already-parsed JSON value into a request type (422 on mismatch).
 pub fn from_json_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| Error::Validation(ValidationErrors::single("body", e.to_string())))

@@ -17,7 +17,7 @@ use super::tenants::ListQuery;
 use super::AppState;
 use crate::domain::webhook::{DeliveryAttempt, EndpointPatch, NewEndpointInput, WebhookEndpoint};
 use crate::domain::{Page, PageRequest, Role, ValidationErrors};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// An endpoint with its secret: only in the answers to create and rotation.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -205,10 +205,8 @@ async fn recover(
     ApiQuery(q): ApiQuery<RecoverQuery>,
 ) -> Result<Response> {
     caller.principal.require_tenant(tenant_id, Role::Admin)?;
-    let since = q.since.as_deref().ok_or_else(|| ValidationErrors::single("since", "is required: an RFC 3339 time"))?;
-    let since = chrono::DateTime::parse_from_rfc3339(since)
-        .map_err(|e| Error::Validation(ValidationErrors::single("since", format!("is not an RFC 3339 time: {e}"))))?
-        .with_timezone(&chrono::Utc);
+    let since = super::extract::query_time("since", q.since.as_deref())?
+        .ok_or_else(|| ValidationErrors::single("since", "is required: an RFC 3339 time"))?;
     let n = s.webhooks.recover(tenant_id, id, since).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "resent": n }))).into_response())
 }
