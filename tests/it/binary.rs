@@ -238,3 +238,38 @@ async fn chaos_runs_short_and_its_invariants_hold() {
         "resends without an Eventra SIGKILL: {report}"
     );
 }
+
+/// `docker/docker-compose.yml` is a valid compose file (`docker-compose config`, with
+/// the two secrets it refuses to start without). Needs Debian's `docker-compose`
+/// (`.ci/run` installs it); without it, and outside CI, it prints NOT RUN.
+#[test]
+fn the_compose_file_validates() {
+    let compose = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/docker-compose.yml");
+    let out = std::process::Command::new("docker-compose")
+        .arg("-f")
+        .arg(&compose)
+        .arg("config")
+        .env("EVENTRA_ADMIN_TOKEN", "ci-admin-token")
+        .env("EVENTRA_SECRET_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        .output();
+    let Ok(out) = out else {
+        assert!(!crate::utils::in_ci(), "docker-compose is missing on CI (Debian package `docker-compose`)");
+        eprintln!("NOT RUN: binary::the_compose_file_validates (no docker-compose)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for service in ["api:", "postgres:", "rabbitmq:", "redis:"] {
+        assert!(text.lines().any(|l| l.trim() == service), "{service} in {text}");
+    }
+    // Without its secrets the file refuses to start rather than run with defaults.
+    let bare = std::process::Command::new("docker-compose")
+        .arg("-f")
+        .arg(&compose)
+        .arg("config")
+        .env_remove("EVENTRA_ADMIN_TOKEN")
+        .env_remove("EVENTRA_SECRET_KEY")
+        .output()
+        .expect("docker-compose ran once already");
+    assert!(!bare.status.success(), "the admin token and secret key are mandatory");
+}
