@@ -37,6 +37,11 @@ pub struct IngestBenchArgs {
     /// Events then sent one request each (by 16 clients).
     #[arg(long, default_value_t = 5_000)]
     pub single: usize,
+    /// Send the batches at this many events per second (steady load: the drain after
+    /// the last batch then shows whether processing keeps pace). Unset: as fast as they
+    /// are accepted.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Skip the raw engine's run.
     #[arg(long)]
     pub no_raw: bool,
@@ -45,6 +50,7 @@ pub struct IngestBenchArgs {
 #[derive(Debug)]
 pub struct Report {
     pub stack: Stack,
+    pub rate: Option<f64>,
     pub events: usize,
     pub batch: usize,
     /// Batch phase: events accepted per second (first request sent → last answered).
@@ -105,7 +111,15 @@ pub async fn run(args: IngestBenchArgs) -> BenchResult<Report> {
     let started = Instant::now();
     let batches: Vec<Vec<Value>> =
         (0..args.events).collect::<Vec<_>>().chunks(batch).map(|c| c.iter().map(|i| event(*i)).collect()).collect();
-    let sent: Vec<Result<(usize, f64), String>> = futures_util::stream::iter(batches)
+    let rate = args.rate.filter(|r| *r > 0.0);
+    let sent: Vec<Result<(usize, f64), String>> = futures_util::stream::iter(batches.into_iter().enumerate())
+        .then(|(n, events)| async move {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64((n * batch) as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            events
+        })
         .map(|events| {
             let (client, base, tenant) = (client.clone(), base.clone(), tenant.clone());
             async move {
@@ -199,6 +213,7 @@ pub async fn run(args: IngestBenchArgs) -> BenchResult<Report> {
 
     Ok(Report {
         stack: args.stack,
+        rate: args.rate,
         events: accepted,
         batch,
         accepted_per_s: accepted as f64 / batch_secs,
@@ -288,11 +303,12 @@ async fn raw_sqlite_batches(dir: &std::path::Path, n: usize, batch: usize) -> Be
 pub fn table(r: &Report) -> String {
     let raw = r.raw.as_ref().map_or_else(|| "not run".to_owned(), |(what, n)| format!("{n:.0} rows/s ({what})"));
     format!(
-        "| stack | events | batch | accepted/s | processed/s (send → counted) | drain after the last batch | batch request p50 / p99 | single events | single accepted/s | single p50 / p99 | raw engine, same rows |\n\
-         |---|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n\
-         | {:?} | {} | {} | {:.0} | {:.0} | {:.1} s | {:.0} / {:.0} ms | {} | {:.0} | {:.1} / {:.1} ms | {} |\n",
+        "| stack | events | sent at | batch | accepted/s | processed/s (send → counted) | drain after the last batch | batch request p50 / p99 | single events | single accepted/s | single p50 / p99 | raw engine, same rows |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n\
+         | {:?} | {} | {} | {} | {:.0} | {:.0} | {:.1} s | {:.0} / {:.0} ms | {} | {:.0} | {:.1} / {:.1} ms | {} |\n",
         r.stack,
         r.events,
+        r.rate.map_or_else(|| "max".to_owned(), |x| format!("{x:.0}/s")),
         r.batch,
         r.accepted_per_s,
         r.processed_per_s,
