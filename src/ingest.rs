@@ -205,6 +205,10 @@ impl Ingest {
                 Err(e) => outcomes.push(Some(ItemOutcome::Invalid(e))),
             }
         }
+        if accepted.is_empty() && self.max_backlog == 0 {
+            // Nothing to write and no backlog read: an unknown tenant is still a 404.
+            self.store.get_tenant(tenant_id).await?;
+        }
         if !accepted.is_empty() {
             let events: Vec<NewCustomEvent> = accepted.iter().map(|(_, e)| e.clone()).collect();
             let written = self.store.ingest_events(tenant_id, &events).await?;

@@ -295,3 +295,21 @@ async fn ingestion_pushes_back_at_the_backlog_limit_and_loses_nothing() {
     assert_eq!(res.status(), StatusCode::OK, "the backlog drained: accepted again");
     app.stop().await;
 }
+
+/// An unknown tenant is a 404, whether or not the backlog limit (which reads the
+/// tenant) is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_an_unknown_tenant_are_a_404() {
+    let db = TestDb::sqlite();
+    for limit in [0, 100] {
+        let app = TestApp::start_with(db.url(), |c| c.ingest_max_backlog = limit).await;
+        let ghost = uuid::Uuid::now_v7();
+        let one = json!({"type": "order.placed", "data": {}});
+        let res = app.post(&format!("/v1/tenants/{ghost}/events"), crate::utils::app::ADMIN_TOKEN, one.clone()).await;
+        expect_problem(res, StatusCode::NOT_FOUND).await;
+        let batch = json!({"events": [one]});
+        let res = app.post(&format!("/v1/tenants/{ghost}/events/batch"), crate::utils::app::ADMIN_TOKEN, batch).await;
+        expect_problem(res, StatusCode::NOT_FOUND).await;
+        app.stop().await;
+    }
+}
