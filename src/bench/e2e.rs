@@ -46,12 +46,8 @@ use crate::store::Store;
 pub struct E2eBenchArgs {
     #[arg(long, value_enum, default_value = "embedded")]
     pub stack: Stack,
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
-    pub database_url: String,
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub urls: ServiceUrls,
     /// Send the welcome emails to this SMTP server instead of `.eml` files.
     #[arg(long)]
     pub smtp_url: Option<String>,
@@ -136,18 +132,14 @@ struct Bench {
 
 impl Bench {
     fn new(args: &E2eBenchArgs) -> BenchResult<Self> {
-        let urls = ServiceUrls {
-            database_url: args.database_url.clone(),
-            amqp_url: args.amqp_url.clone(),
-            redis_url: args.redis_url.clone(),
-        };
+        let urls = args.urls.clone();
         Ok(Bench { args: args.clone(), run: Run::new(args.stack, urls, args.smtp_url.clone())? })
     }
 
     async fn queue(&self) -> BenchResult<Arc<dyn JobQueue>> {
         Ok(match self.args.stack {
             Stack::Services => Arc::new(
-                crate::jobs::RedisJobQueue::connect(&self.args.redis_url, &self.run.ns, QueueConfig::default())
+                crate::jobs::RedisJobQueue::connect(&self.args.urls.redis_url, &self.run.ns, QueueConfig::default())
                     .await
                     .map_err(err)?,
             ),
@@ -516,12 +508,12 @@ fn summarise(
 /// A user row and its outbox row as Eventra writes them (the same JSON).
 async fn raw_services(args: &E2eBenchArgs, n: usize) -> BenchResult<Vec<(String, f64, String)>> {
     let mut rows = Vec::new();
-    rows.push(raw_pgbench(&args.database_url, 16, 10).await?);
+    rows.push(raw_pgbench(&args.urls.database_url, 16, 10).await?);
     let events: Vec<(String, Vec<u8>)> = sample_rows(n)
         .into_iter()
         .map(|(_, e)| Ok((e.id.to_string(), serde_json::to_vec(&e).map_err(err)?)))
         .collect::<BenchResult<_>>()?;
-    rows.push(super::raw::lapin_publish_consume(&args.amqp_url, &events).await?);
+    rows.push(super::raw::lapin_publish_consume(&args.urls.amqp_url, &events).await?);
     let jobs: Vec<Vec<u8>> = sample_rows(n)
         .into_iter()
         .flat_map(|(u, e)| {
@@ -529,7 +521,7 @@ async fn raw_services(args: &E2eBenchArgs, n: usize) -> BenchResult<Vec<(String,
             payloads.into_iter().map(|p| p.to_string().into_bytes())
         })
         .collect();
-    rows.push(super::raw::redis_push_pop(&args.redis_url, &jobs).await?);
+    rows.push(super::raw::redis_push_pop(&args.urls.redis_url, &jobs).await?);
     Ok(rows)
 }
 

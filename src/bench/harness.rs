@@ -28,12 +28,15 @@ pub enum Stack {
     Services,
 }
 
-/// Where the services are (used on the services stack).
-#[derive(Debug, Clone)]
+/// Where the services are (used on the services stack): the benches' shared flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServiceUrls {
     /// An admin connection: each run creates and drops its own database beside it.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub database_url: String,
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 }
 

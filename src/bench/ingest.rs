@@ -19,12 +19,8 @@ use super::harness::{err, new_tenant, pgbench_tps, BenchResult, Run, ServiceUrls
 pub struct IngestBenchArgs {
     #[arg(long, value_enum, default_value = "embedded")]
     pub stack: Stack,
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
-    pub database_url: String,
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub urls: ServiceUrls,
     /// Events sent in batches.
     #[arg(long, default_value_t = 50_000)]
     pub events: usize,
@@ -81,11 +77,7 @@ fn event(i: usize) -> Value {
 
 pub async fn run(args: IngestBenchArgs) -> BenchResult<Report> {
     let batch = args.batch.clamp(1, 500);
-    let urls = ServiceUrls {
-        database_url: args.database_url.clone(),
-        amqp_url: args.amqp_url.clone(),
-        redis_url: args.redis_url.clone(),
-    };
+    let urls = args.urls.clone();
     let run = Run::new(args.stack, urls, None)?;
     run.prepare().await?;
     // Ingestion as fast as it is accepted: the backlog limit is far away, and shedding
@@ -200,7 +192,7 @@ pub async fn run(args: IngestBenchArgs) -> BenchResult<Report> {
         None
     } else {
         Some(match args.stack {
-            Stack::Services => raw_pgbench_batches(&args.database_url, batch, args.concurrency).await?,
+            Stack::Services => raw_pgbench_batches(&args.urls.database_url, batch, args.concurrency).await?,
             Stack::Embedded => {
                 let dir = std::env::temp_dir().join(format!("eventra-rawingest-{}", uuid::Uuid::now_v7().simple()));
                 std::fs::create_dir_all(&dir).map_err(err)?;

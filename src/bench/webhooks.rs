@@ -21,12 +21,8 @@ use super::harness::{err, new_tenant, BenchResult, Run, ServiceUrls, Stack};
 pub struct WebhooksBenchArgs {
     #[arg(long, value_enum, default_value = "embedded")]
     pub stack: Stack,
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
-    pub database_url: String,
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub urls: ServiceUrls,
     /// Users to create (events).
     #[arg(long, default_value_t = 2_000)]
     pub events: usize,
@@ -109,11 +105,7 @@ pub async fn run(args: WebhooksBenchArgs) -> BenchResult<Report> {
         .with_state(tally.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let urls = ServiceUrls {
-        database_url: args.database_url.clone(),
-        amqp_url: args.amqp_url.clone(),
-        redis_url: args.redis_url.clone(),
-    };
+    let urls = args.urls.clone();
     let run = Run::new(args.stack, urls, None)?;
     run.prepare().await?;
     let env = [
