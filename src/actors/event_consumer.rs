@@ -7,8 +7,14 @@
 //! - **Invalid messages** (not JSON, not a CloudEvent 1.0, an unknown type, or `data`
 //!   without the shape its type promises) are parked at once with the reason; no retry
 //!   can fix them. So is a message whose handling panics.
+//! - **The audit log is written here**, before the batch's jobs are enqueued: one
+//!   multi-row insert a batch (idempotent by event id; the analytics are counted in its
+//!   transaction), and one `audit` job a batch makes the entries searchable. A job per
+//!   event only for an audit entry was most of the job system's load under custom
+//!   events. If the database refuses the write, the batch is held, as when the job queue
+//!   is down.
 //! - **Idempotent** by event id: every job's idempotency key derives from the event (or
-//!   its user), so a redelivery enqueues nothing new.
+//!   its user, or the batch), so a redelivery enqueues nothing new.
 //! - **Backpressure.** If the job queue is down, the batch is held and the enqueue
 //!   retried with backoff (by a timer message, never a sleep in the handler) until it is
 //!   back: an outage never spends a valid event's delivery attempts.
@@ -31,7 +37,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Mutex;
 
 use crate::bus::{BusError, Consumer, Delivery, EventBus};
-use crate::domain::DomainEvent;
+use crate::domain::{AuditEntry, DomainEvent};
+use crate::jobs::kinds::AuditArgs;
 use crate::jobs::{jobs_for_event, JobClient, NewJob};
 
 // Messages
@@ -58,7 +65,7 @@ pub type SubscriptionSlot = Arc<Mutex<Held>>;
 pub struct ConsumerArgs {
     pub bus: Arc<dyn EventBus>,
     pub jobs: JobClient,
-    /// Where the tenants' webhook endpoints are read (the fan-out).
+    /// Where the audit log is written and the tenants' webhook endpoints are read.
     pub store: Arc<dyn crate::store::Store>,
     /// The tree name (and the consumer's tag prefix).
     pub name: String,
@@ -131,7 +138,7 @@ impl Actor for EventConsumer {
             Ok(Step::QueueDown(e)) => {
                 let delay = state.hold.next_backoff().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(consumer = %state.args.name, error = %e, held = held.in_hand.len(), retry_in = ?delay,
-                    "job queue unavailable; holding the events");
+                    "cannot settle the batch (job queue or database unavailable); holding the events");
                 myself.send_after(delay, || ConsumerMsg::Poll);
             }
             Err(e) => {
@@ -260,6 +267,16 @@ async fn step(args: &ConsumerArgs, held: &mut Held) -> Result<Step, BusError> {
     }
     // What remains in hand is what still needs its jobs.
     *in_hand = valid;
+    // The audit log: written here, one multi-row insert a batch (idempotent by event id,
+    // and counted in the analytics in the same transaction), and indexed by ONE job.
+    if !events.is_empty() {
+        let entries: Vec<AuditEntry> = events.iter().map(AuditEntry::from_event).collect();
+        if let Err(e) = args.store.append_audit_many(&entries).await {
+            // Acking without the entries would lose them: hold the batch.
+            return Ok(Step::QueueDown(format!("audit log unwritable: {e}")));
+        }
+        jobs.extend(AuditArgs::job(&entries));
+    }
     // Webhooks: one delivery job per (subscribed endpoint, event); one query a batch.
     if !events.is_empty() {
         let mut tenants: Vec<uuid::Uuid> = events.iter().map(|e| e.tenantid).collect();

@@ -145,17 +145,41 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes every message (pipelined) and checks every confirm: a nack or a returned
 /// (unroutable) message is a refusal.
 async fn publish_all(channel: &Channel, exchange: &str, messages: &[(BusMessage, BasicProperties)]) -> BusResult<()> {
-    let mut confirms = Vec::with_capacity(messages.len());
-    for (m, props) in messages {
-        let confirm = channel
-            .basic_publish(
+    // Every publish is started before any is awaited. lapin does a publish's work up to
+    // its first await on the first poll (the delivery tag taken, the frames queued on
+    // the channel), so polling each once, in order, sends them in this order; awaiting
+    // each before starting the next cost a hand-off to lapin's I/O loop per message
+    // (measured: 15–60 ms per 500, most of the relay's time).
+    type Sending<'a> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send + 'a>>;
+    let mut sends: Vec<(Sending<'_>, Option<lapin::Result<lapin::PublisherConfirm>>)> = messages
+        .iter()
+        .map(|(m, props)| {
+            let send: Sending<'_> = Box::pin(channel.basic_publish(
                 short(exchange),
                 short(&m.routing_key),
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 &m.body,
                 props.clone(),
-            )
-            .await?;
+            ));
+            (send, None)
+        })
+        .collect();
+    std::future::poll_fn(|cx| {
+        for (send, done) in sends.iter_mut() {
+            if let std::task::Poll::Ready(r) = send.as_mut().poll(cx) {
+                *done = Some(r);
+            }
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+    let mut confirms = Vec::with_capacity(messages.len());
+    for ((m, _), (send, done)) in messages.iter().zip(sends) {
+        let confirm = match done {
+            Some(r) => r?,
+            None => send.await?,
+        };
         confirms.push((m.id.as_str(), confirm));
     }
     for (id, confirm) in confirms {

@@ -14,14 +14,15 @@ fn part<T: serde::de::DeserializeOwned>(event: &DomainEvent, key: &str) -> Resul
         .map_err(|e| format!("{} data: `{key}` is not in the expected shape: {e}", event.event_type.as_str()))
 }
 
-/// Every event gets an audit job; a new user also gets a welcome email; user changes
-/// keep the search index in step.
+/// A new user gets a welcome email; user changes keep the search index in step. (Every
+/// event's audit entry is written by the consumer itself, with one `audit` job per
+/// consumed batch to index the entries: see `actors::event_consumer`.)
 ///
 /// An event whose `data` lacks what its type promises is refused as a whole (the
 /// consumer parks it with the reason): enqueueing only the jobs that could be made
 /// would ack the event with some of its effects silently missing.
 pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
-    let mut jobs = vec![NewJob::new("audit", format!("audit:{}", event.id), serde_json::json!(event))];
+    let mut jobs = Vec::new();
     match &event.event_type {
         EventType::UserCreated => {
             let user: User = part(event, "user")?;
@@ -73,22 +74,19 @@ mod tests {
     use crate::domain::{EventContext, NewUser};
 
     #[test]
-    fn a_new_user_gets_an_audit_entry_and_one_welcome_email() {
+    fn a_new_user_gets_its_index_entry_and_one_welcome_email() {
         let input = serde_json::from_value(serde_json::json!({"email": "a@x.io", "name": "A"})).unwrap();
         let u = NewUser::parse(uuid::Uuid::now_v7(), input, crate::domain::now()).unwrap().0;
         let e = DomainEvent::user_created(&u, &EventContext::system("r"));
         let jobs = jobs_for_event(&e).unwrap();
         let keys: Vec<_> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
-        assert_eq!(
-            keys,
-            [format!("audit:{}", e.id), format!("index_user:{}:1", u.id), format!("welcome_email:{}", u.id)]
-        );
-        assert_eq!(jobs[2].args["email"], "a@x.io");
+        assert_eq!(keys, [format!("index_user:{}:1", u.id), format!("welcome_email:{}", u.id)]);
+        assert_eq!(jobs[1].args["email"], "a@x.io");
         // The same event again: the same keys (so the queue drops the duplicates).
         assert_eq!(jobs_for_event(&e).unwrap(), jobs);
         let deleted = DomainEvent::user_deleted(&u, crate::domain::now(), &EventContext::system("r"));
         let kinds: Vec<_> = jobs_for_event(&deleted).unwrap().into_iter().map(|j| j.kind).collect();
-        assert_eq!(kinds, ["audit", "unindex_user"]);
+        assert_eq!(kinds, ["unindex_user"]);
     }
 }
 

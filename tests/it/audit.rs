@@ -152,3 +152,33 @@ async fn audit_log_on_postgres() {
     let Some(db) = TestDb::postgres("audit::audit_log_on_postgres").await else { return };
     audit_log_filters_and_pages(db).await;
 }
+
+/// An `audit` job in the shape older versions enqueued (one per event, its args the
+/// event, the entry not yet written) still runs after an upgrade: its entry is written
+/// and indexed. The current shape (a consumed batch's entries, already written) is
+/// indexed only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_jobs_of_the_older_shape_still_write_and_index_their_entry() {
+    use eventra::domain::{DomainEvent, EventContext, NewUser};
+    use eventra::jobs::{JobQueue, NewJob, QueueConfig, SqliteJobQueue};
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("audit-upgrade", 0).await;
+    let input = serde_json::from_value(json!({"email": "zebedee@example.com", "name": "Zebedee Legacy"})).unwrap();
+    let user = NewUser::parse(t.id, input, eventra::domain::now()).unwrap().0;
+    let event = DomainEvent::user_created(&user, &EventContext::system("upgrade-test"));
+    let queue = SqliteJobQueue::open(db.url(), QueueConfig::default()).await.unwrap();
+    queue.enqueue(NewJob::new("audit", format!("audit:{}", event.id), json!(event))).await.unwrap();
+    let found = wait_for("the older job's entry written and searchable", Duration::from_secs(30), || async {
+        let hits = audit(&app, &t, "q=zebedee").await;
+        let ids: Vec<String> =
+            hits["items"].as_array()?.iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+        (ids == [event.id.to_string()]).then_some(hits)
+    })
+    .await;
+    assert_eq!(found["items"][0]["type"], "user.created");
+    // The database of record has it too (no `q`: read from `audit_log`).
+    let listed = audit(&app, &t, "type=user.created").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    app.stop().await;
+}

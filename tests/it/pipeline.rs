@@ -151,6 +151,11 @@ struct Stack {
 }
 
 async fn production_stack(test: &str) -> Option<Stack> {
+    production_stack_with(test, |_| {}).await
+}
+
+/// [`production_stack`], with the configuration changed by `tweak` last.
+async fn production_stack_with(test: &str, tweak: impl FnOnce(&mut eventra::config::Config)) -> Option<Stack> {
     let amqp = crate::utils::service_url("AMQP_URL", test)?;
     let redis = crate::utils::service_url("REDIS_URL", test)?;
     let db = TestDb::postgres(test).await?;
@@ -168,6 +173,7 @@ async fn production_stack(test: &str) -> Option<Stack> {
         c.jobs.workers = 4;
         // A killed worker's batch comes back after this (the reaper runs every third).
         c.jobs.lease = Duration::from_secs(3);
+        tweak(c);
     })
     .await;
     let store = db.store().await;
@@ -632,5 +638,80 @@ async fn production_custom_events_are_counted_exactly_once_through_kills_and_cut
     assert!(audited["items"].as_array().is_some_and(|i| i.len() == 1), "{audited}");
     let total = s.store.count_audit(t.id).await.unwrap() as i64;
     assert_eq!(total, accepted + 1, "one audit entry per event (and the tenant's own)");
+    s.finish().await;
+}
+
+/// The relay publishes each tenant's events in their commit order (`tenant_seq`) while
+/// it overlaps a batch's mark with the next batch's read and publish: concurrent
+/// writers on PostgreSQL (where `seq` is taken at insert, so rows of different tenants
+/// become visible out of `seq` order), no consumers, then the queue read back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn production_relay_publishes_each_tenants_events_in_commit_order() {
+    const TENANTS: usize = 6;
+    const BATCHES: usize = 8;
+    const PER_BATCH: usize = 100;
+    const TEST: &str = "pipeline::production_relay_publishes_each_tenants_events_in_commit_order";
+    let Some(s) = production_stack_with(TEST, |c| c.pipeline.consumers = 0).await else { return };
+    let mut tenants = Vec::new();
+    for i in 0..TENANTS {
+        let t = s.app.tenant(&format!("order-{i}"), 0).await;
+        let res = s
+            .app
+            .req(reqwest::Method::PUT, &format!("/v1/tenants/{}/event-types/step.done", t.id), Some(&t.admin_key))
+            .json(&json!({"schema": {"type": "object"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        tenants.push(t);
+    }
+    // Every tenant's batches from two clients at once, all tenants together.
+    let sends = futures::stream::iter((0..TENANTS * BATCHES).map(|k| {
+        let (t, b) = (&tenants[k % TENANTS], k / TENANTS);
+        let events: Vec<serde_json::Value> =
+            (0..PER_BATCH).map(|i| json!({"type": "step.done", "data": {"b": b, "i": i}})).collect();
+        let app = &s.app;
+        async move {
+            let res =
+                app.post(&format!("/v1/tenants/{}/events/batch", t.id), &t.admin_key, json!({"events": events})).await;
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+    }))
+    .buffer_unordered(12)
+    .collect::<Vec<()>>();
+    sends.await;
+    let total = TENANTS * (BATCHES * PER_BATCH + 1);
+    wait_for("every outbox row published", Duration::from_secs(60), || async {
+        s.store.unpublished_outbox(1).await.ok().filter(|r| r.is_empty())
+    })
+    .await;
+    let seq_of: std::collections::HashMap<String, (Uuid, i64)> = s
+        .store
+        .outbox_after(0, u32::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event.id.to_string(), (r.tenant_id, r.tenant_seq)))
+        .collect();
+    assert_eq!(seq_of.len(), total);
+    let mut sub = eventra::bus::EventBus::consume(&*s.bus, "order-reader", 500).await.unwrap();
+    let mut seen: std::collections::HashMap<Uuid, Vec<i64>> = std::collections::HashMap::new();
+    let mut received = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while received < total && std::time::Instant::now() < deadline {
+        let batch = sub.next_batch(500, Duration::from_millis(500)).await.unwrap();
+        for d in &batch {
+            let (tenant, seq) = seq_of[&d.message.id];
+            seen.entry(tenant).or_default().push(seq);
+        }
+        received += batch.len();
+        sub.ack_many(&batch).await.unwrap();
+    }
+    assert_eq!(received, total, "every event delivered once");
+    for (tenant, seqs) in &seen {
+        let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
+        assert_eq!(seqs, &expected, "tenant {tenant}: events out of commit order");
+    }
+    assert_eq!(seen.len(), TENANTS);
     s.finish().await;
 }

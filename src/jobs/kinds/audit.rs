@@ -1,20 +1,27 @@
-//! `audit`: records the audit entry of one domain event (the job's args are the event):
-//! first in the database of record, then in the search index. Idempotent by event id: a
-//! redelivered event finds its entry already there, and a retry after an index failure
-//! only indexes.
+//! `audit`: makes a batch of audit entries searchable. The broker consumer writes the
+//! entries of each batch it takes to the database of record itself (counted in the
+//! analytics in the same transaction, see `actors::event_consumer`) and enqueues ONE
+//! `audit` job with those entries, so the job system carries one job per consumed
+//! batch, not one per event.
 //!
-//! A leased batch is written together: one multi-row insert (`ON CONFLICT (event_id) DO
-//! NOTHING`) and one index change set, so the cost of a round trip and of an index
-//! commit is shared by every entry of the batch.
+//! Args: `{"entries": [AuditEntry, …]}`. The index write is an upsert by event id, so a
+//! redelivered batch (or two batches that overlap) indexes an entry again, harmlessly.
+//!
+//! A job in the older shape (its args one domain event, from a version that wrote the
+//! entry in the job) is still run: the entry is written, then indexed. Both writes are
+//! idempotent by event id.
+//!
+//! A leased batch of jobs is written together: one index change set (and, for older
+//! jobs, one multi-row insert), so a round trip and an index commit are shared.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{JobContext, JobFailure, JobKind};
 use crate::domain::{AuditEntry, DomainEvent};
-use crate::jobs::Job;
+use crate::jobs::{Job, NewJob};
 use crate::search::{IndexOp, SearchIndex};
 use crate::store::Store;
 
@@ -29,10 +36,38 @@ impl Audit {
     }
 }
 
-fn entry_of(job: &Job) -> Result<AuditEntry, JobFailure> {
-    let event: DomainEvent = DomainEvent::deserialize(&job.args)
-        .map_err(|e| JobFailure::permanent(format!("args are not a domain event: {e}")))?;
-    Ok(AuditEntry::from_event(&event))
+/// The args of an `audit` job.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditArgs {
+    pub entries: Vec<AuditEntry>,
+}
+
+impl AuditArgs {
+    /// The job that indexes `entries` (already written). Its key names the batch by its
+    /// first event and size: a redelivery of the same batch adds no second job.
+    pub fn job(entries: &[AuditEntry]) -> Option<NewJob> {
+        let first = entries.first()?;
+        let key = format!("audit:{}+{}", first.event_id, entries.len());
+        let args = serde_json::to_value(AuditArgs { entries: entries.to_vec() }).ok()?;
+        Some(NewJob::new("audit", key, args))
+    }
+}
+
+/// What one job asks: entries to index, and whether they still need writing.
+struct Parsed {
+    entries: Vec<AuditEntry>,
+    written: bool,
+}
+
+fn parse(job: &Job) -> Result<Parsed, JobFailure> {
+    if job.args.get("entries").is_some() {
+        let args = AuditArgs::deserialize(&job.args)
+            .map_err(|e| JobFailure::permanent(format!("args are not audit entries: {e}")))?;
+        return Ok(Parsed { entries: args.entries, written: true });
+    }
+    let event = DomainEvent::deserialize(&job.args)
+        .map_err(|e| JobFailure::permanent(format!("args are neither audit entries nor a domain event: {e}")))?;
+    Ok(Parsed { entries: vec![AuditEntry::from_event(&event)], written: false })
 }
 
 #[async_trait]
@@ -42,20 +77,28 @@ impl JobKind for Audit {
     }
 
     async fn run_batch(&self, jobs: &[&Job], _ctx: &JobContext) -> Vec<Result<(), JobFailure>> {
-        let parsed: Vec<Result<AuditEntry, JobFailure>> = jobs.iter().map(|j| entry_of(j)).collect();
-        let entries: Vec<AuditEntry> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-        let written = async {
-            if entries.is_empty() {
+        let parsed: Vec<Result<Parsed, JobFailure>> = jobs.iter().map(|j| parse(j)).collect();
+        let unwritten: Vec<AuditEntry> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .filter(|p| !p.written)
+            .flat_map(|p| p.entries.iter().cloned())
+            .collect();
+        let ops: Vec<IndexOp> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .flat_map(|p| p.entries.iter().cloned().map(IndexOp::UpsertAudit))
+            .collect();
+        let done = async {
+            if !unwritten.is_empty() {
+                self.store.append_audit_many(&unwritten).await.map_err(JobFailure::new)?;
+            }
+            if ops.is_empty() {
                 return Ok(());
             }
-            let new = self.store.append_audit_many(&entries).await.map_err(JobFailure::new)?;
-            if new < entries.len() as u64 {
-                tracing::debug!(already = entries.len() as u64 - new, "audit entries already recorded (redeliveries)");
-            }
-            let ops: Vec<IndexOp> = entries.iter().cloned().map(IndexOp::UpsertAudit).collect();
             self.index.apply(&ops).await.map_err(JobFailure::new)
         }
         .await;
-        super::outcomes(parsed, &written)
+        super::outcomes(parsed, &done)
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-pub use audit::Audit;
+pub use audit::{Audit, AuditArgs};
 pub use index::Indexing;
 pub use noop::Noop;
 pub use welcome_email::WelcomeEmail;
