@@ -227,6 +227,15 @@ async fn an_operator_signs_in_sees_the_counts_and_fixes_jobs_and_messages_by_cli
         (row.starts_with("dash-") && row.contains(" 1 ")).then_some(())
     })
     .await;
+    // Its analytics, picked by clicking it: the user's creation processed once (every
+    // process's durable counts, not this process's metrics).
+    click(c, &format!("#tenant-activity tr[data-tenant-id=\"{}\"]", tenant.id)).await;
+    wait_for("the tenant's analytics: one user.created processed", WAIT, || async {
+        let row = text(c, "#tenant-analytics tr[data-type=\"user.created\"]").await?;
+        let slug = text(c, "#analytics-tenant").await?;
+        (row.starts_with("user.created 1 ") && slug.starts_with("dash-")).then_some(())
+    })
+    .await;
 
     // The webhooks panel: our endpoint, every attempt failed.
     show(c, "#webhooks").await;

@@ -107,7 +107,7 @@ function barChart(svg, hours) {
 // ---- panels -----------------------------------------------------------------------
 
 const SETS = { retries: 'Retries', scheduled: 'Scheduled', dead: 'Dead' };
-const view = { panel: 'overview', set: { q: '', cursor: null }, queue: null, queueCursor: null, tenantsCursor: null };
+const view = { panel: 'overview', set: { q: '', cursor: null }, queue: null, queueCursor: null, tenantsCursor: null, analyticsTenant: null };
 
 const panels = {
   overview(stats) {
@@ -208,9 +208,24 @@ const panels = {
   async tenants(stats) {
     $('#active-tenants').textContent = `${fmt(stats.active_tenants)} with a running manager in this process`;
     const busiest = await api('GET', `/v1/admin/stats/tenants?window=${$('#window').value}&limit=20`);
-    fill($('#tenant-activity tbody'), busiest.items.map((t) => el('tr', {},
+    fill($('#tenant-activity tbody'), busiest.items.map((t) => el('tr', {
+      'data-tenant-id': t.tenant_id, class: t.tenant_id === view.analyticsTenant?.id ? 'selected' : null,
+      on: { click: () => { view.analyticsTenant = { id: t.tenant_id, slug: t.slug }; refresh(); } } },
       el('td', {}, t.slug), el('td', {}, t.name), el('td', {}, fmt(t.user_count)),
       el('td', {}, fmt(t.events)), el('td', {}, t.per_second.toFixed(2)))), 'No events in this window.');
+    // The chosen tenant's analytics (the busiest one until an operator picks another).
+    const pick = view.analyticsTenant || (busiest.items[0] && { id: busiest.items[0].tenant_id, slug: busiest.items[0].slug });
+    $('#analytics-tenant').textContent = pick ? pick.slug : '–';
+    if (pick) {
+      const from = new Date(Date.now() - $('#window').value * 1000).toISOString();
+      const a = await api('GET', `/v1/tenants/${pick.id}/analytics/events?bucket=minute&from=${encodeURIComponent(from)}`);
+      fill($('#tenant-analytics tbody'), a.types.map((t) => el('tr', { 'data-type': t.type },
+        el('td', {}, t.type), el('td', {}, fmt(t.count)), el('td', {}, t.events_per_second.toFixed(2)),
+        el('td', {}, ms(t.latency_ms.p50)), el('td', {}, ms(t.latency_ms.p95)), el('td', {}, ms(t.latency_ms.p99)))),
+      'No events processed in this window.');
+    } else {
+      fill($('#tenant-analytics tbody'), [], 'No tenant with events in this window.');
+    }
     const page = await api('GET', `/v1/tenants?limit=50${view.tenantsCursor ? `&cursor=${encodeURIComponent(view.tenantsCursor)}` : ''}`);
     fill($('#tenants tbody'), page.items.map((t) => el('tr', {},
       el('td', {}, t.slug), el('td', {}, t.name), el('td', {}, fmt(t.user_count)),
