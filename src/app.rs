@@ -220,6 +220,8 @@ pub async fn run_with(
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let store_for_webhooks = store.clone();
+    let auth = crate::auth::Auth::new(store.clone(), secret_box.clone(), config.auth.clone())
+        .map_err(|e| StartupError::Backend(e.to_string()))?;
     let effect_lag = crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag);
     let ingest =
         crate::ingest::Ingest::new(store.clone(), config.ingest_max_backlog, effect_lag.clone(), outbox_wake.clone());
@@ -241,6 +243,7 @@ pub async fn run_with(
             config.webhook_allow_private,
         ),
         ingest,
+        auth,
         jobs,
         bus,
         search,
@@ -269,6 +272,8 @@ pub async fn run_with(
         }
     };
     tracing::info!(addr = %listener.local_addr()?, "http listening");
+    // With the peer address: sessions record the client IP (and rate limits key on it).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve = axum::serve(listener, app).with_graceful_shutdown(stop).into_future();
     tokio::pin!(serve);
     // Graceful, but bounded: requests still running after the drain time are cut.

@@ -86,6 +86,77 @@ pub struct ServeArgs {
     pub jobs: JobArgs,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Flags of end-user authentication (SPEC §8).
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// `iss` of access tokens (and what verification expects).
+    #[arg(long, env = "EVENTRA_JWT_ISSUER", default_value = "eventra")]
+    pub jwt_issuer: String,
+    /// Seconds an access token is valid.
+    #[arg(long, env = "EVENTRA_ACCESS_TOKEN_TTL_SECS", default_value_t = 900)]
+    pub access_token_ttl_secs: u64,
+    /// Days a session (its refresh tokens) lives.
+    #[arg(long, env = "EVENTRA_REFRESH_TOKEN_TTL_DAYS", default_value_t = 30)]
+    pub refresh_token_ttl_days: u64,
+    /// Argon2id memory per hash, KiB (OWASP baseline: 19456).
+    #[arg(long, env = "EVENTRA_ARGON2_MEMORY_KIB", default_value_t = 19_456)]
+    pub argon2_memory_kib: u32,
+    /// Argon2id passes.
+    #[arg(long, env = "EVENTRA_ARGON2_ITERATIONS", default_value_t = 2)]
+    pub argon2_iterations: u32,
+}
+
+impl AuthArgs {
+    fn validate(self) -> Result<AuthConfig, ConfigError> {
+        if self.jwt_issuer.is_empty() {
+            return Err(ConfigError::Invalid("EVENTRA_JWT_ISSUER must not be empty".into()));
+        }
+        if !(60..=86_400).contains(&self.access_token_ttl_secs) {
+            return Err(ConfigError::Invalid("EVENTRA_ACCESS_TOKEN_TTL_SECS must be 60 to 86400".into()));
+        }
+        if !(1..=365).contains(&self.refresh_token_ttl_days) {
+            return Err(ConfigError::Invalid("EVENTRA_REFRESH_TOKEN_TTL_DAYS must be 1 to 365".into()));
+        }
+        if !(8_192..=1_048_576).contains(&self.argon2_memory_kib) || !(1..=10).contains(&self.argon2_iterations) {
+            return Err(ConfigError::Invalid(
+                "EVENTRA_ARGON2_MEMORY_KIB must be 8192 to 1048576 and EVENTRA_ARGON2_ITERATIONS 1 to 10".into(),
+            ));
+        }
+        Ok(AuthConfig {
+            issuer: self.jwt_issuer,
+            access_ttl: std::time::Duration::from_secs(self.access_token_ttl_secs),
+            refresh_ttl: std::time::Duration::from_secs(self.refresh_token_ttl_days * 86_400),
+            hash_cost: crate::auth::password::HashCost {
+                memory_kib: self.argon2_memory_kib,
+                iterations: self.argon2_iterations,
+                lanes: 1,
+            },
+        })
+    }
+}
+
+/// Validated authentication settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub access_ttl: std::time::Duration,
+    pub refresh_ttl: std::time::Duration,
+    pub hash_cost: crate::auth::password::HashCost,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: "eventra".into(),
+            access_ttl: std::time::Duration::from_secs(900),
+            refresh_ttl: std::time::Duration::from_secs(30 * 86_400),
+            hash_cost: crate::auth::password::HashCost::default(),
+        }
+    }
 }
 
 /// Flags of the event pipeline (the `relay` and `consumer` roles).
@@ -350,6 +421,7 @@ pub struct Config {
     pub secret_key: Secret,
     pub jobs: JobsConfig,
     pub pipeline: PipelineConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +491,7 @@ impl Config {
             secret_key,
             jobs: a.jobs.validate()?,
             pipeline: a.pipeline.validate()?,
+            auth: a.auth.validate()?,
         })
     }
 
@@ -450,6 +523,7 @@ impl Config {
             secret_key: Secret::new(crate::webhooks::secret_box::SecretBox::generate_key()),
             jobs: JobsConfig::default(),
             pipeline: PipelineConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 

@@ -219,7 +219,7 @@ async fn seed(users: usize) -> BenchResult<(PathBuf, Arc<dyn Store>, Uuid, Strin
             let (store, ctx, bar) = (store.clone(), ctx.clone(), bar.clone());
             async move {
                 let (name, email) = person(i);
-                let input = crate::domain::user::NewUserInput { email, name, attributes: None };
+                let input = crate::domain::user::NewUserInput { email, name, attributes: None, password: None };
                 let user = NewUser::parse(tenant.id, input, crate::domain::now()).map_err(|e| format!("{e:?}"))?;
                 store.create_user(&user, None, &ctx).await.map_err(err)?;
                 bar.inc(1);

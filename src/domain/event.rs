@@ -22,6 +22,11 @@ pub enum EventType {
     UserUpdated,
     UserDeleted,
     UserVerified,
+    UserPasswordChanged,
+    AuthLoginSucceeded,
+    AuthLoginFailed,
+    AuthSessionRevoked,
+    AuthRefreshReuseDetected,
     WebhookDisabled,
     /// Sent to one endpoint by `POST …/webhooks/{id}/test`; never in the outbox.
     WebhookTest,
@@ -32,7 +37,7 @@ pub enum EventType {
 
 impl EventType {
     /// Eventra's own types.
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 15] = [
         EventType::TenantCreated,
         EventType::TenantUpdated,
         EventType::TenantDeleted,
@@ -41,6 +46,11 @@ impl EventType {
         EventType::UserUpdated,
         EventType::UserDeleted,
         EventType::UserVerified,
+        EventType::UserPasswordChanged,
+        EventType::AuthLoginSucceeded,
+        EventType::AuthLoginFailed,
+        EventType::AuthSessionRevoked,
+        EventType::AuthRefreshReuseDetected,
         EventType::WebhookDisabled,
         EventType::WebhookTest,
     ];
@@ -55,6 +65,11 @@ impl EventType {
             EventType::UserUpdated => "user.updated",
             EventType::UserDeleted => "user.deleted",
             EventType::UserVerified => "user.verified",
+            EventType::UserPasswordChanged => "user.password_changed",
+            EventType::AuthLoginSucceeded => "auth.login_succeeded",
+            EventType::AuthLoginFailed => "auth.login_failed",
+            EventType::AuthSessionRevoked => "auth.session_revoked",
+            EventType::AuthRefreshReuseDetected => "auth.refresh_reuse_detected",
             EventType::WebhookDisabled => "webhook.disabled",
             EventType::WebhookTest => "webhook.test",
             EventType::Custom(name) => name,
@@ -105,6 +120,8 @@ pub enum Actor {
     PlatformAdmin,
     /// A tenant API key.
     ApiKey { id: Uuid, role: super::Role },
+    /// A tenant's user, signed in (or signing in) themselves.
+    User { id: Uuid },
 }
 
 /// Request-scoped facts every event carries.
@@ -231,6 +248,34 @@ impl DomainEvent {
             at,
             ctx,
             json!({ "webhook_id": e.id, "message": "a test event from Eventra" }),
+        )
+    }
+
+    /// A sign-in: the session it opened (never a password or token).
+    pub fn auth_login_succeeded(s: &super::auth::Session, ctx: &EventContext) -> Self {
+        Self::new(EventType::AuthLoginSucceeded, s.tenant_id, s.user_id, s.created_at, ctx, json!({ "session": s }))
+    }
+
+    /// A refused sign-in of a known user (`reason`: `wrong_password` or `disabled`).
+    pub fn auth_login_failed(tenant_id: Uuid, user_id: Uuid, reason: &str, ip: &str, ctx: &EventContext) -> Self {
+        let data = json!({ "attempt": { "user_id": user_id, "reason": reason, "ip": ip } });
+        Self::new(EventType::AuthLoginFailed, tenant_id, user_id, super::now(), ctx, data)
+    }
+
+    pub fn auth_session_revoked(s: &super::auth::Session, reason: &str, ctx: &EventContext) -> Self {
+        let data = json!({ "session": s, "reason": reason });
+        Self::new(EventType::AuthSessionRevoked, s.tenant_id, s.user_id, super::now(), ctx, data)
+    }
+
+    /// A spent refresh token was presented again: its session (the family) is revoked.
+    pub fn auth_refresh_reuse_detected(s: &super::auth::Session, ctx: &EventContext) -> Self {
+        Self::new(
+            EventType::AuthRefreshReuseDetected,
+            s.tenant_id,
+            s.user_id,
+            super::now(),
+            ctx,
+            json!({ "session": s }),
         )
     }
 

@@ -7,6 +7,7 @@
 pub mod analytics;
 pub mod api_key;
 pub mod audit;
+pub mod auth;
 pub mod custom_event;
 pub mod event;
 pub mod page;

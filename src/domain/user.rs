@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::auth::{Credential, Password, PasswordHash};
 use super::event::EventType;
 use super::validation::{check_name, ValidationErrors};
 
@@ -80,11 +81,17 @@ pub struct NewUserInput {
     pub name: String,
     #[serde(default)]
     pub attributes: Option<Map<String, Value>>,
+    /// 8-128 characters. Lets the user sign in (`POST …/auth/login`); never returned,
+    /// never in events, the audit log or logs.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, min_length = 8, max_length = 128)]
+    pub password: Option<Password>,
 }
 
-/// A validated user, ready to insert (id and timestamps already assigned).
+/// A validated user, ready to insert (id and timestamps already assigned), with its
+/// password if it has one (hashed before the write reaches the store).
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewUser(pub User);
+pub struct NewUser(pub User, pub Option<Credential>);
 
 impl NewUser {
     pub fn parse(tenant_id: Uuid, input: NewUserInput, now: DateTime<Utc>) -> Result<Self, ValidationErrors> {
@@ -93,18 +100,34 @@ impl NewUser {
         let name = check_name(&mut errors, "name", &input.name);
         let attributes = input.attributes.unwrap_or_default();
         check_attributes(&mut errors, &attributes);
-        errors.into_result(NewUser(User {
-            id: Uuid::now_v7(),
-            tenant_id,
-            email,
-            name,
-            status: UserStatus::Active,
-            email_verified: false,
-            attributes,
-            version: 1,
-            created_at: now,
-            updated_at: now,
-        }))
+        if let Some(p) = &input.password {
+            p.check(&mut errors, "password");
+        }
+        let credential = input.password.map(Credential::Plain);
+        errors.into_result(NewUser(
+            User {
+                id: Uuid::now_v7(),
+                tenant_id,
+                email,
+                name,
+                status: UserStatus::Active,
+                email_verified: false,
+                attributes,
+                version: 1,
+                created_at: now,
+                updated_at: now,
+            },
+            credential,
+        ))
+    }
+
+    /// The password as the store takes it: hashed, if there is one.
+    pub fn password_hash(&self) -> Result<Option<&PasswordHash>, &'static str> {
+        match &self.1 {
+            None => Ok(None),
+            Some(Credential::Hashed(h)) => Ok(Some(h)),
+            Some(Credential::Plain(_)) => Err("a new user's password reached the store unhashed"),
+        }
     }
 }
 
@@ -246,7 +269,8 @@ mod tests {
     use serde_json::json;
 
     fn user() -> User {
-        let input = NewUserInput { email: "Ada@Example.com".into(), name: "Ada".into(), attributes: None };
+        let input =
+            NewUserInput { email: "Ada@Example.com".into(), name: "Ada".into(), attributes: None, password: None };
         NewUser::parse(Uuid::now_v7(), input, Utc::now()).unwrap().0
     }
 
@@ -261,7 +285,7 @@ mod tests {
     fn rejects_bad_email_name_and_huge_attributes() {
         let mut attrs = Map::new();
         attrs.insert("blob".into(), json!("x".repeat(MAX_ATTRIBUTES_BYTES)));
-        let input = NewUserInput { email: "nope".into(), name: "".into(), attributes: Some(attrs) };
+        let input = NewUserInput { email: "nope".into(), name: "".into(), attributes: Some(attrs), password: None };
         let err = NewUser::parse(Uuid::now_v7(), input, Utc::now()).unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["email", "name", "attributes"]);
@@ -270,8 +294,12 @@ mod tests {
     #[test]
     fn rejects_deep_nesting_and_nul_in_attributes() {
         let parse = |attrs: Value| {
-            let input =
-                NewUserInput { email: "a@b.io".into(), name: "A".into(), attributes: attrs.as_object().cloned() };
+            let input = NewUserInput {
+                email: "a@b.io".into(),
+                name: "A".into(),
+                attributes: attrs.as_object().cloned(),
+                password: None,
+            };
             NewUser::parse(Uuid::now_v7(), input, Utc::now())
         };
         let mut deep = json!(1);

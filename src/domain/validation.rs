@@ -35,6 +35,10 @@ impl ValidationErrors {
     }
 
     /// `Ok(value)` when nothing was added, the collected errors otherwise.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
     pub fn into_result<T>(self, value: T) -> Result<T, Self> {
         if self.errors.is_empty() {
             Ok(value)

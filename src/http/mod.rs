@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api_keys;
 pub mod audit;
+pub mod auth;
 mod body;
 pub mod dashboard;
 pub mod debug;
@@ -66,6 +67,8 @@ pub struct AppState {
     pub webhooks: crate::webhooks::Webhooks,
     /// Tenants' own events, their types and analytics (`/v1/tenants/{id}/events`).
     pub ingest: crate::ingest::Ingest,
+    /// End-user sign-in, tokens and sessions (`/v1/tenants/{id}/auth/…`, the JWKS).
+    pub auth: crate::auth::Auth,
     /// The search index (`/users/search`).
     pub search: Arc<dyn crate::search::SearchIndex>,
 }
@@ -102,6 +105,7 @@ fn described_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(stats::router())
         .merge(webhooks::router())
         .merge(events::router())
+        .merge(auth::router())
         .merge(dashboard::router())
 }
 

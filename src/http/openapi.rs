@@ -31,6 +31,7 @@ use super::AppState;
         (name = "tenants", description = "Tenants and their API keys (platform admin)"),
         (name = "users", description = "A tenant's users"),
         (name = "audit", description = "A tenant's audit log"),
+        (name = "auth", description = "End-user sign-in: passwords, access tokens (JWT, EdDSA; verify with `/.well-known/jwks.json`), rotating refresh tokens, sessions"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their delivery log (tenant admin)"),
         (name = "jobs", description = "The job system, as operators see it (platform admin)"),
         (name = "pipeline", description = "The event bus's dead-letter queue (platform admin)"),
@@ -40,7 +41,8 @@ use super::AppState;
 )]
 pub struct ApiDoc;
 
-/// `Authorization: Bearer <token>`: the platform admin token or a tenant API key.
+/// `Authorization: Bearer <token>`: the platform admin token, a tenant API key, or (on
+/// the `auth` routes that say so) a user's access token.
 struct BearerAuth;
 
 impl Modify for BearerAuth {

@@ -61,6 +61,19 @@ pub fn jobs_for_event(event: &DomainEvent) -> Result<Vec<NewJob>, String> {
         EventType::WebhookDisabled => {
             let _: crate::domain::webhook::WebhookEndpoint = part(event, "webhook")?;
         }
+        EventType::AuthLoginSucceeded | EventType::AuthRefreshReuseDetected => {
+            let _: crate::domain::auth::Session = part(event, "session")?;
+        }
+        EventType::AuthSessionRevoked => {
+            let _: crate::domain::auth::Session = part(event, "session")?;
+            let _: String = part(event, "reason")?;
+        }
+        EventType::AuthLoginFailed => {
+            let _: serde_json::Value = part(event, "attempt")?;
+        }
+        EventType::UserPasswordChanged => {
+            let _: User = part(event, "user")?;
+        }
         // A tenant's own event: its data was validated against its type's schema when it
         // was accepted; it is audited (and counted) like the others.
         EventType::Custom(_) => {}

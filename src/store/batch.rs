@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use super::sql::TenantLock;
 use super::{StoreError, StoreResult, TenantWrite, WriteOutcome};
-use crate::domain::{DomainEvent, User};
+use crate::domain::{DomainEvent, NewUser, User};
 
 /// Rows per multi-row statement: 11 parameters a user row, well inside SQLite's 32,766.
 pub(super) const ROWS_PER_STATEMENT: usize = 500;
@@ -144,12 +144,12 @@ pub(super) fn decide_creates<'w>(
     part: &mut Part<'w>,
     run: &[usize],
     known: &Known,
-) -> StoreResult<(Vec<&'w User>, Vec<String>)> {
+) -> StoreResult<(Vec<&'w NewUser>, Vec<String>)> {
     let now = crate::domain::now();
     let ttl = chrono::Duration::hours(super::IDEMPOTENCY_TTL_HOURS);
     let tenant = part.tenant_id;
     let writes = part.writes;
-    let mut accepted = Vec::new();
+    let mut accepted: Vec<&'w NewUser> = Vec::new();
     let mut expired = Vec::new();
     let mut emails: HashSet<String> = HashSet::new();
     for &i in run {
@@ -181,6 +181,10 @@ pub(super) fn decide_creates<'w>(
                 }
             }
         }
+        if let Err(bug) = user.password_hash() {
+            part.results[i] = Some(Err(StoreError::Corrupt(bug.to_owned())));
+            continue;
+        }
         let email = u.email_key();
         if emails.contains(&email) || known.taken.contains(&(tenant, email.clone())) {
             part.results[i] = Some(Err(email_taken(&u.email)));
@@ -198,18 +202,19 @@ pub(super) fn decide_creates<'w>(
             part.keyed.insert(req.key.clone(), (req.request_hash.clone(), u.clone()));
             part.idempotency.push((req.key.clone(), req.request_hash.clone(), response));
         }
-        accepted.push(u);
+        accepted.push(user);
         part.results[i] = Some(Ok(WriteOutcome::UserCreated(super::Created { value: u.clone(), replayed: false })));
     }
     Ok((accepted, expired))
 }
 
 /// `INSERT INTO users … VALUES …` for these users.
-pub(super) fn push_users<'a, DB>(q: &mut sqlx::QueryBuilder<'a, DB>, users: &[&'a User])
+pub(super) fn push_users<'a, DB>(q: &mut sqlx::QueryBuilder<'a, DB>, users: &[&'a NewUser])
 where
     DB: sqlx::Database,
     Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     bool: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -218,9 +223,12 @@ where
 {
     q.push(
         "INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, \
-         attributes, version, created_at, updated_at) ",
+         attributes, version, created_at, updated_at, password_hash) ",
     );
-    q.push_values(users, |mut row, u| {
+    q.push_values(users, |mut row, n| {
+        let u = &n.0;
+        // Checked when the write was accepted (`decide_creates`): only hashes get here.
+        let hash = n.password_hash().ok().flatten().map(|h| h.as_str());
         row.push_bind(u.id)
             .push_bind(u.tenant_id)
             .push_bind(u.email.as_str())
@@ -231,7 +239,8 @@ where
             .push_bind(sqlx::types::Json(&u.attributes))
             .push_bind(u.version)
             .push_bind(u.created_at)
-            .push_bind(u.updated_at);
+            .push_bind(u.updated_at)
+            .push_bind(hash);
     });
 }
 
@@ -366,7 +375,7 @@ macro_rules! batch_helpers {
             let mut prefetched = Some(taken);
             // Accepted creates, inserted before the next write of another kind (which
             // must see them) or with the transaction's other rows at its end.
-            let mut users: Vec<&$crate::domain::User> = Vec::new();
+            let mut users: Vec<&$crate::domain::NewUser> = Vec::new();
             // Tenants that are gone answer "not found" for each write, without a part.
             let mut parts: Vec<Option<Part<'_>>> =
                 batches.iter().map(|(t, writes)| locks.get(t).map(|lock| Part::new(*t, writes, lock))).collect();
@@ -433,7 +442,7 @@ macro_rules! batch_helpers {
             tx: &mut sqlx::Transaction<'_, $db>,
             parts: &mut [Option<$crate::store::batch::Part<'w>>],
             runs: &[(usize, Vec<usize>)],
-            users: &mut Vec<&'w $crate::domain::User>,
+            users: &mut Vec<&'w $crate::domain::NewUser>,
             taken: Option<std::collections::HashSet<(uuid::Uuid, String)>>,
         ) -> $crate::store::StoreResult<()> {
             use $crate::store::TenantWrite;
@@ -508,7 +517,7 @@ macro_rules! batch_helpers {
         /// Inserts users, in multi-row statements.
         async fn insert_users(
             tx: &mut sqlx::Transaction<'_, $db>,
-            users: &[&$crate::domain::User],
+            users: &[&$crate::domain::NewUser],
         ) -> $crate::store::StoreResult<()> {
             for chunk in users.chunks($crate::store::batch::ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("");
@@ -641,7 +650,7 @@ macro_rules! batch_helpers {
         async fn finish_batches(
             tx: &mut sqlx::Transaction<'_, $db>,
             parts: &[Option<$crate::store::batch::Part<'_>>],
-            users: &[&$crate::domain::User],
+            users: &[&$crate::domain::NewUser],
         ) -> $crate::store::StoreResult<()> {
             use $crate::store::batch::{push_events, push_idempotency, push_tenant_rows, push_users, ROWS_PER_STATEMENT};
             let now = crate::domain::now();
@@ -653,7 +662,7 @@ macro_rules! batch_helpers {
             if changed.is_empty() && users.is_empty() && events.is_empty() && records.is_empty() {
                 return Ok(());
             }
-            let params = users.len() * 11 + events.len() * 6 + records.len() * 5 + changed.len() * 3;
+            let params = users.len() * 12 + events.len() * 6 + records.len() * 5 + changed.len() * 3;
             if Self::ONE_STATEMENT_WRITES && params <= 60_000 && !changed.is_empty() {
                 let mut q = sqlx::QueryBuilder::<$db>::new("WITH ");
                 if !users.is_empty() {

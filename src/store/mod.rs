@@ -25,6 +25,40 @@ use crate::domain::{
 };
 
 pub use group_write::GroupWrite;
+
+use crate::domain::auth::Session;
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefreshUse {
+    /// It was current: spent, and its successor stored. The session and its user now.
+    Rotated { session: Session, user: User },
+    /// It was spent already: its session is revoked (the whole family).
+    Reused(Session),
+    /// Unknown, of another tenant, or its session is revoked or expired.
+    Invalid,
+}
+
+/// An access-token signing key as stored (Ed25519, PKCS#8). `Debug` leaves out the
+/// private key.
+#[derive(Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredKey {
+    pub kid: String,
+    pub private_key: Vec<u8>,
+    pub public_key: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use writes::{TenantWrite, WriteOutcome};
@@ -270,6 +304,55 @@ pub trait Store: Send + Sync + 'static {
     /// A tenant's events accepted (its event sequence) and not yet processed (counted in
     /// the analytics); `None` for an unknown tenant.
     async fn tenant_backlog(&self, tenant_id: Uuid) -> StoreResult<Option<i64>>;
+
+    // ---- End-user authentication (SPEC §8) ----
+
+    /// The tenant's user with this normalized email, and its password hash if it has
+    /// one (the only read of a hash).
+    async fn user_credentials(
+        &self,
+        tenant_id: Uuid,
+        email_normalized: &str,
+    ) -> StoreResult<Option<(User, Option<String>)>>;
+    /// Replaces a user's password hash with one of the same password (new parameters,
+    /// at sign-in): no event, the password did not change.
+    async fn rehash_password(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<()>;
+    /// A new session with its first refresh token (by hash), and its
+    /// `auth.login_succeeded` event, in one transaction.
+    async fn create_session(&self, session: &Session, refresh_hash: &str, event: &DomainEvent) -> StoreResult<()>;
+    /// Spends the refresh token `token_hash` of the tenant: rotated to `new_hash` if it
+    /// was current; if it was spent already, its session is revoked and
+    /// `auth.refresh_reuse_detected` written, in one transaction.
+    async fn use_refresh_token(
+        &self,
+        tenant_id: Uuid,
+        token_hash: &str,
+        new_hash: &str,
+        correlation_id: &str,
+    ) -> StoreResult<RefreshUse>;
+    /// Revokes an active session (`auth.session_revoked` in the same transaction);
+    /// `None` if the tenant has no such active session (of `user_id`, when given).
+    async fn revoke_session(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        user_id: Option<Uuid>,
+        reason: &str,
+        ctx: &EventContext,
+    ) -> StoreResult<Option<Session>>;
+    /// A user's active sessions, newest first.
+    async fn sessions_of(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<Vec<Session>>;
+    /// Whether the session is neither revoked nor expired (checked on every request an
+    /// access token makes, so a revocation holds at once in every process).
+    async fn session_active(&self, tenant_id: Uuid, session_id: Uuid) -> StoreResult<bool>;
+    /// Appends an event that records no other change (`auth.login_failed`), in its
+    /// tenant's order.
+    async fn append_event(&self, event: &DomainEvent) -> StoreResult<()>;
+    /// Every signing key, newest first.
+    async fn signing_keys(&self) -> StoreResult<Vec<StoredKey>>;
+    /// Adds a signing key; with `retire_others`, every other unretired key is retired
+    /// now (it stays published until its tokens expired).
+    async fn add_signing_key(&self, key: &StoredKey, retire_others: bool) -> StoreResult<()>;
     /// The analytics rows of a tenant at `grain` for buckets in `[from, to)`.
     async fn event_stats(
         &self,

@@ -41,6 +41,14 @@ pub(super) struct UserRow {
     updated_at: DateTime<Utc>,
 }
 
+/// A user row with its password hash (sign-in only).
+#[derive(sqlx::FromRow)]
+pub(super) struct CredentialRow {
+    #[sqlx(flatten)]
+    pub(super) user: UserRow,
+    pub(super) password_hash: Option<String>,
+}
+
 impl TryFrom<UserRow> for User {
     type Error = StoreError;
     fn try_from(r: UserRow) -> Result<Self, StoreError> {
@@ -273,6 +281,21 @@ macro_rules! sql_store_impl {
                     .fetch_optional(&mut **tx)
                     .await?
                     .ok_or($crate::store::StoreError::NotFound("tenant"))
+            }
+
+            /// A session as the transaction sees it.
+            async fn session_row(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<$crate::domain::auth::Session> {
+                sqlx::query_as::<_, $crate::domain::auth::Session>(
+                    "SELECT id, tenant_id, user_id, created_at, last_used_at, expires_at, user_agent, ip \
+                     FROM auth_sessions WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or($crate::store::StoreError::NotFound("session"))
             }
 
             $crate::store::batch::batch_helpers!($db);
@@ -647,6 +670,257 @@ macro_rules! sql_store_impl {
                 }
                 tx.commit().await?;
                 Ok(new.len() as u64)
+            }
+
+            async fn user_credentials(
+                &self,
+                tenant_id: uuid::Uuid,
+                email_normalized: &str,
+            ) -> $crate::store::StoreResult<Option<($crate::domain::User, Option<String>)>> {
+                let row = sqlx::query_as::<_, $crate::store::sql::CredentialRow>(
+                    "SELECT * FROM users WHERE tenant_id = $1 AND email_normalized = $2",
+                )
+                .bind(tenant_id)
+                .bind(email_normalized)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                Ok(Some((row.user.try_into()?, row.password_hash)))
+            }
+
+            async fn rehash_password(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                hash: &str,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query("UPDATE users SET password_hash = $3 WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(user_id)
+                    .bind(hash)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            async fn create_session(
+                &self,
+                session: &$crate::domain::auth::Session,
+                refresh_hash: &str,
+                event: &$crate::domain::DomainEvent,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.writer.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, session.tenant_id).await?;
+                sqlx::query(
+                    "INSERT INTO auth_sessions (id, tenant_id, user_id, created_at, last_used_at, expires_at, \
+                     user_agent, ip) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(session.id)
+                .bind(session.tenant_id)
+                .bind(session.user_id)
+                .bind(session.created_at)
+                .bind(session.last_used_at)
+                .bind(session.expires_at)
+                .bind(&session.user_agent)
+                .bind(&session.ip)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                    .bind(refresh_hash)
+                    .bind(session.id)
+                    .bind(session.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::insert_event(&mut tx, lock.event_seq, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn use_refresh_token(
+                &self,
+                tenant_id: uuid::Uuid,
+                token_hash: &str,
+                new_hash: &str,
+                correlation_id: &str,
+            ) -> $crate::store::StoreResult<$crate::store::RefreshUse> {
+                use $crate::store::RefreshUse;
+                let now = $crate::domain::now();
+                let mut tx = self.writer.begin().await?;
+                let found: Option<(Option<chrono::DateTime<chrono::Utc>>, uuid::Uuid)> = sqlx::query_as(
+                    "SELECT t.spent_at, s.id FROM refresh_tokens t JOIN auth_sessions s ON s.id = t.session_id \
+                     WHERE t.token_hash = $1 AND s.tenant_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3",
+                )
+                .bind(token_hash)
+                .bind(tenant_id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((spent_at, session_id)) = found else { return Ok(RefreshUse::Invalid) };
+                // Spend it, unless someone did first (then this is a reuse too).
+                let spent_now = spent_at.is_none()
+                    && sqlx::query("UPDATE refresh_tokens SET spent_at = $2 WHERE token_hash = $1 AND spent_at IS NULL")
+                        .bind(token_hash)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                if !spent_now {
+                    // Reuse: the whole family ends, with the event, in one transaction.
+                    let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                    let revoked = sqlx::query(
+                        "UPDATE auth_sessions SET revoked_at = $2, revoked_reason = 'refresh token reuse' \
+                         WHERE id = $1 AND revoked_at IS NULL",
+                    )
+                    .bind(session_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let session = Self::session_row(&mut tx, session_id).await?;
+                    if revoked == 1 {
+                        // Whoever presented it holds the session's token: its user.
+                        let ctx = $crate::domain::EventContext {
+                            correlation_id: correlation_id.to_owned(),
+                            actor: $crate::domain::Actor::User { id: session.user_id },
+                        };
+                        let event = $crate::domain::DomainEvent::auth_refresh_reuse_detected(&session, &ctx);
+                        Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                        tx.commit().await?;
+                    }
+                    return Ok(RefreshUse::Reused(session));
+                }
+                sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                    .bind(new_hash)
+                    .bind(session_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE auth_sessions SET last_used_at = $2 WHERE id = $1")
+                    .bind(session_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                let session = Self::session_row(&mut tx, session_id).await?;
+                let user = sqlx::query_as::<_, $crate::store::sql::UserRow>("SELECT * FROM users WHERE id = $1")
+                    .bind(session.user_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(user) = user else { return Ok(RefreshUse::Invalid) };
+                let user: $crate::domain::User = user.try_into()?;
+                tx.commit().await?;
+                Ok(RefreshUse::Rotated { session, user })
+            }
+
+            async fn revoke_session(
+                &self,
+                tenant_id: uuid::Uuid,
+                session_id: uuid::Uuid,
+                user_id: Option<uuid::Uuid>,
+                reason: &str,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<Option<$crate::domain::auth::Session>> {
+                let now = $crate::domain::now();
+                let mut tx = self.writer.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                let done = sqlx::query(
+                    "UPDATE auth_sessions SET revoked_at = $3, revoked_reason = $4 \
+                     WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL AND expires_at > $3 \
+                     AND ($5 IS NULL OR user_id = $5)",
+                )
+                .bind(session_id)
+                .bind(tenant_id)
+                .bind(now)
+                .bind(reason)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(None); // the rollback returns the event number
+                }
+                let session = Self::session_row(&mut tx, session_id).await?;
+                let event = $crate::domain::DomainEvent::auth_session_revoked(&session, reason, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(Some(session))
+            }
+
+            async fn sessions_of(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<Vec<$crate::domain::auth::Session>> {
+                Ok(sqlx::query_as::<_, $crate::domain::auth::Session>(
+                    "SELECT id, tenant_id, user_id, created_at, last_used_at, expires_at, user_agent, ip \
+                     FROM auth_sessions WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL \
+                     AND expires_at > $3 ORDER BY created_at DESC LIMIT 1000",
+                )
+                .bind(tenant_id)
+                .bind(user_id)
+                .bind($crate::domain::now())
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn session_active(
+                &self,
+                tenant_id: uuid::Uuid,
+                session_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<bool> {
+                let row: Option<(uuid::Uuid,)> = sqlx::query_as(
+                    "SELECT id FROM auth_sessions WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL \
+                     AND expires_at > $3",
+                )
+                .bind(session_id)
+                .bind(tenant_id)
+                .bind($crate::domain::now())
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn append_event(&self, event: &$crate::domain::DomainEvent) -> $crate::store::StoreResult<()> {
+                let mut tx = self.writer.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, event.tenantid).await?;
+                Self::insert_event(&mut tx, lock.event_seq, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn signing_keys(&self) -> $crate::store::StoreResult<Vec<$crate::store::StoredKey>> {
+                Ok(sqlx::query_as::<_, $crate::store::StoredKey>(
+                    "SELECT kid, private_key, public_key, created_at, retired_at FROM signing_keys \
+                     ORDER BY created_at DESC, kid DESC",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn add_signing_key(
+                &self,
+                key: &$crate::store::StoredKey,
+                retire_others: bool,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.writer.begin().await?;
+                if retire_others {
+                    sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+                        .bind(key.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO signing_keys (kid, private_key, public_key, created_at, retired_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&key.kid)
+                .bind(&key.private_key)
+                .bind(&key.public_key)
+                .bind(key.created_at)
+                .bind(key.retired_at)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn tenant_backlog(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<Option<i64>> {

@@ -37,7 +37,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     assert!(tenants.managers().await.unwrap().is_empty(), "creating a tenant starts no manager");
 
     let user = |email: &str| {
-        let input = NewUserInput { email: email.into(), name: "U".into(), attributes: None };
+        let input = NewUserInput { email: email.into(), name: "U".into(), attributes: None, password: None };
         NewUser::parse(tenant.id, input, eventra::domain::now()).unwrap()
     };
     tenants.create_user(user("a@x.io"), None, ctx()).await.unwrap();
@@ -61,7 +61,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     // Unknown tenants get no actor.
     let ghost = NewUser::parse(
         uuid::Uuid::now_v7(),
-        NewUserInput { email: "g@x.io".into(), name: "G".into(), attributes: None },
+        NewUserInput { email: "g@x.io".into(), name: "G".into(), attributes: None, password: None },
         eventra::domain::now(),
     )
     .unwrap();

@@ -6,6 +6,7 @@
 
 mod actors;
 mod audit;
+mod auth;
 mod binary;
 mod bus_conformance;
 mod concurrency;

@@ -339,6 +339,7 @@ async fn reindex_rebuilds_the_index_from_the_database() {
             email: format!("member{i}@example.com"),
             name: format!("Member {i}"),
             attributes: None,
+            password: None,
         };
         let u = eventra::domain::NewUser::parse(tenant.id, input, eventra::domain::now()).unwrap();
         store.create_user(&u, None, &ctx).await.unwrap();

@@ -36,7 +36,7 @@ async fn tenant(s: &Arc<dyn Store>, slug: &str, max_users: u32) -> Tenant {
 }
 
 fn new_user(tenant_id: Uuid, email: &str) -> NewUser {
-    let input = NewUserInput { email: email.into(), name: "Someone".into(), attributes: None };
+    let input = NewUserInput { email: email.into(), name: "Someone".into(), attributes: None, password: None };
     NewUser::parse(tenant_id, input, eventra::domain::now()).expect("valid user")
 }
 

@@ -1,0 +1,255 @@
+//! End-user authentication (SPEC §8): sign-in with a password, short-lived access
+//! tokens (JWT, EdDSA) that other services verify with the JWKS, and sessions whose
+//! opaque refresh tokens rotate on every use; presenting a spent one revokes the
+//! session (the whole family).
+//!
+//! [`Auth`] is the service the HTTP layer calls. Passwords are hashed in
+//! [`password`], tokens signed and checked in [`jwt`] with the keys of [`keys`]. Every
+//! change (a session opened, revoked, a reuse detected, a refused sign-in of a known
+//! user) is written with its event in one transaction by the store.
+//!
+//! Secrets never travel further than they must: a password only to the hasher, a
+//! refresh token only as its SHA-256, and none of them into an event, the audit log or
+//! a log line (their `Debug` is redacted).
+
+pub mod jwt;
+pub mod keys;
+pub mod password;
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::AuthConfig;
+use crate::domain::auth::{Claims, Credential, LoginInput, Session, TokenPair};
+use crate::domain::user::normalize_email;
+use crate::domain::{Actor, DomainEvent, EventContext, NewUser, User, UserStatus};
+use crate::error::{Error, Result};
+use crate::store::{RefreshUse, Store};
+
+use keys::{Jwks, KeyRing};
+use password::Hasher;
+
+/// The one answer to every refused sign-in, whatever the reason.
+const BAD_CREDENTIALS: &str = "the email or password is wrong, or the user cannot sign in";
+/// Clock skew tolerated when checking `exp` and `iat`.
+const LEEWAY_SECS: i64 = 30;
+
+/// Who is signing in: recorded on the session.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    pub ip: String,
+    pub user_agent: String,
+}
+
+#[derive(Clone)]
+pub struct Auth {
+    store: Arc<dyn Store>,
+    hasher: Hasher,
+    keys: KeyRing,
+    config: AuthConfig,
+}
+
+impl Auth {
+    pub fn new(
+        store: Arc<dyn Store>,
+        sealer: Arc<crate::webhooks::secret_box::SecretBox>,
+        config: AuthConfig,
+    ) -> std::result::Result<Self, password::HashError> {
+        let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hasher = Hasher::new(config.hash_cost, parallelism)?;
+        let keys = KeyRing::new(store.clone(), sealer, config.access_ttl);
+        Ok(Auth { store, hasher, keys, config })
+    }
+
+    pub fn hash_cost(&self) -> password::HashCost {
+        self.hasher.cost()
+    }
+
+    /// A new user's password, hashed (off the runtime) before the write is sent.
+    pub async fn hash_new_user(&self, mut user: NewUser) -> Result<NewUser> {
+        if let Some(Credential::Plain(p)) = &user.1 {
+            let hash = self.hasher.hash(p).await.map_err(|e| Error::Internal(e.to_string()))?;
+            user.1 = Some(Credential::Hashed(hash));
+        }
+        Ok(user)
+    }
+
+    /// `POST …/auth/login`: a session and its first token pair. Every refusal is the
+    /// same 401, after the same work.
+    pub async fn login(
+        &self,
+        tenant_id: Uuid,
+        input: LoginInput,
+        client: &Client,
+        request_id: &str,
+    ) -> Result<TokenPair> {
+        let email = normalize_email(input.email.trim());
+        let found = self.store.user_credentials(tenant_id, &email).await?;
+        let (user, stored) = match found {
+            Some((user, hash)) => (Some(user), hash),
+            None => (None, None),
+        };
+        let verified =
+            self.hasher.verify(&input.password, stored.as_deref()).await.map_err(|e| Error::Internal(e.to_string()))?;
+        let Some(user) = user else { return Err(Error::Unauthorized(BAD_CREDENTIALS.into())) };
+        let ctx = EventContext { correlation_id: request_id.to_owned(), actor: Actor::User { id: user.id } };
+        let refused = if !verified.ok {
+            // No password at all: like an unknown email, nothing to record.
+            if stored.is_none() {
+                return Err(Error::Unauthorized(BAD_CREDENTIALS.into()));
+            }
+            Some("wrong_password")
+        } else if user.status != UserStatus::Active {
+            Some("disabled")
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            let event = DomainEvent::auth_login_failed(tenant_id, user.id, reason, &client.ip, &ctx);
+            if let Err(e) = self.store.append_event(&event).await {
+                tracing::warn!(tenant_id = %tenant_id, error = %e, "could not record a refused sign-in");
+            }
+            return Err(Error::Unauthorized(BAD_CREDENTIALS.into()));
+        }
+        if verified.needs_rehash {
+            match self.hasher.hash(&input.password).await {
+                Ok(h) => {
+                    if let Err(e) = self.store.rehash_password(tenant_id, user.id, h.as_str()).await {
+                        tracing::warn!(user_id = %user.id, error = %e, "password hash upgrade failed; kept the old one");
+                    }
+                }
+                Err(e) => tracing::warn!(user_id = %user.id, error = %e, "password hash upgrade failed"),
+            }
+        }
+        let now = crate::domain::now();
+        let session = Session {
+            id: Uuid::now_v7(),
+            tenant_id,
+            user_id: user.id,
+            created_at: now,
+            last_used_at: now,
+            expires_at: now + chrono::Duration::from_std(self.config.refresh_ttl).unwrap_or(chrono::Duration::days(30)),
+            user_agent: client.user_agent.chars().take(512).collect(),
+            ip: client.ip.clone(),
+        };
+        let refresh = new_refresh_token();
+        self.store
+            .create_session(&session, &token_hash(&refresh), &DomainEvent::auth_login_succeeded(&session, &ctx))
+            .await?;
+        tracing::info!(tenant_id = %tenant_id, user_id = %user.id, session_id = %session.id, "user signed in");
+        self.pair(&user, session.id, refresh).await
+    }
+
+    /// `POST …/auth/refresh`: the token is spent and a new pair issued; a spent one
+    /// revokes its session.
+    pub async fn refresh(&self, tenant_id: Uuid, token: &str, request_id: &str) -> Result<TokenPair> {
+        let next = new_refresh_token();
+        match self.store.use_refresh_token(tenant_id, &token_hash(token), &token_hash(&next), request_id).await? {
+            RefreshUse::Rotated { session, user } if user.status == UserStatus::Active => {
+                self.pair(&user, session.id, next).await
+            }
+            RefreshUse::Rotated { .. } => Err(Error::Unauthorized("the user cannot sign in".into())),
+            RefreshUse::Reused(session) => {
+                tracing::warn!(tenant_id = %tenant_id, user_id = %session.user_id, session_id = %session.id,
+                    "a spent refresh token was presented again; the session is revoked");
+                Err(Error::Unauthorized("the refresh token was already used; the session is revoked".into()))
+            }
+            RefreshUse::Invalid => Err(Error::Unauthorized("the refresh token is not valid".into())),
+        }
+    }
+
+    /// The claims of a valid access token of this tenant whose session is active.
+    pub async fn authenticate(&self, tenant_id: Uuid, token: &str) -> Result<Claims> {
+        let bad = |why: String| Error::Unauthorized(format!("the access token is not valid: {why}"));
+        let kid = jwt::kid(token).map_err(|e| bad(e.to_string()))?;
+        let key = self
+            .keys
+            .public_key(&kid)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?
+            .ok_or_else(|| bad("its key is unknown".into()))?;
+        let now = chrono::Utc::now().timestamp();
+        let claims = jwt::verify(token, &key, &self.config.issuer, now, LEEWAY_SECS).map_err(|e| bad(e.to_string()))?;
+        if claims.tid != tenant_id {
+            return Err(bad("it belongs to another tenant".into()));
+        }
+        if !self.store.session_active(tenant_id, claims.sid).await? {
+            return Err(bad("its session is revoked or expired".into()));
+        }
+        Ok(claims)
+    }
+
+    /// The user of a verified token.
+    pub async fn me(&self, claims: &Claims) -> Result<User> {
+        Ok(self.store.get_user(claims.tid, claims.sub).await?)
+    }
+
+    /// Ends a session (logout, or an operator's revocation); `user_id` limits it to
+    /// that user's sessions.
+    pub async fn revoke(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        user_id: Option<Uuid>,
+        reason: &str,
+        ctx: &EventContext,
+    ) -> Result<Session> {
+        self.store.revoke_session(tenant_id, session_id, user_id, reason, ctx).await?.ok_or(Error::NotFound("session"))
+    }
+
+    pub async fn sessions(&self, tenant_id: Uuid, user_id: Uuid) -> Result<Vec<Session>> {
+        self.store.get_user(tenant_id, user_id).await?;
+        Ok(self.store.sessions_of(tenant_id, user_id).await?)
+    }
+
+    pub async fn jwks(&self) -> Result<Jwks> {
+        self.keys.jwks().await.map_err(|e| Error::Unavailable(e.to_string()))
+    }
+
+    pub async fn rotate_keys(&self) -> Result<String> {
+        self.keys.rotate().await.map_err(|e| Error::Unavailable(e.to_string()))
+    }
+
+    async fn pair(&self, user: &User, session_id: Uuid, refresh: String) -> Result<TokenPair> {
+        let (kid, key) = self.keys.signer().await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        let now = chrono::Utc::now().timestamp();
+        let ttl = self.config.access_ttl.as_secs() as i64;
+        let claims = Claims {
+            iss: self.config.issuer.clone(),
+            sub: user.id,
+            tid: user.tenant_id,
+            exp: now + ttl,
+            iat: now,
+            jti: Uuid::now_v7(),
+            sid: session_id,
+            email: user.email.clone(),
+            email_verified: user.email_verified,
+        };
+        Ok(TokenPair {
+            access_token: jwt::sign(&claims, &kid, &key),
+            token_type: "Bearer",
+            expires_in: ttl,
+            refresh_token: refresh,
+        })
+    }
+}
+
+/// 256 random bits, base64url: opaque to clients.
+fn new_refresh_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    format!("rt_{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// What is stored of a refresh token.
+fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,319 @@
+//! End-user authentication over HTTP (SPEC §8): passwords, sign-in, access tokens
+//! checked by an independent verifier (the `jsonwebtoken` crate with the JWKS), every
+//! forged token refused, refresh rotation with reuse revoking the family (also across
+//! two processes on one PostgreSQL), sessions, key rotation, and no secret in the
+//! outbox.
+
+use base64::Engine as _;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::utils::app::{expect_problem, TestTenant, ADMIN_TOKEN};
+use crate::utils::{TestApp, TestDb};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+async fn post_anon(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
+    app.req(Method::POST, path, None).json(&body).send().await.unwrap()
+}
+
+async fn login(app: &TestApp, t: &TestTenant, email: &str, password: &str) -> reqwest::Response {
+    post_anon(app, &format!("/v1/tenants/{}/auth/login", t.id), json!({"email": email, "password": password})).await
+}
+
+async fn signed_in(app: &TestApp, t: &TestTenant, email: &str) -> Value {
+    let res = login(app, t, email, PASSWORD).await;
+    let status = res.status();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn user_with_password(app: &TestApp, t: &TestTenant, email: &str) -> Value {
+    let res = app
+        .post(
+            &format!("/v1/tenants/{}/users", t.id),
+            &t.admin_key,
+            json!({"email": email, "name": "Signing In", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let user: Value = res.json().await.unwrap();
+    assert!(user.get("password").is_none() && user.get("password_hash").is_none(), "{user}");
+    user
+}
+
+async fn me(app: &TestApp, t: &TestTenant, token: &str) -> reqwest::Response {
+    app.get(&format!("/v1/tenants/{}/me", t.id), token).await
+}
+
+/// The claims, checked by `jsonwebtoken` against the served JWKS.
+async fn verified_independently(app: &TestApp, token: &str) -> Value {
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        app.req(Method::GET, "/.well-known/jwks.json", None).send().await.unwrap().json().await.unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
+    let jwk = jwks.find(header.kid.as_deref().unwrap()).expect("the token's key is in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.set_issuer(&["eventra"]);
+    validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+    jsonwebtoken::decode::<Value>(token, &key, &validation).expect("verifies").claims
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+async fn sign_in_tokens_sessions_and_refusals(db: TestDb) {
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("auth", 0).await;
+    let other = app.tenant("auth-other", 0).await;
+    let user = user_with_password(&app, &t, "ada@example.com").await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+
+    // Password rules: 8 to 128 characters, named in the 422.
+    let res = app
+        .post(
+            &format!("/v1/tenants/{}/users", t.id),
+            &t.admin_key,
+            json!({"email": "b@example.com", "name": "B", "password": "short"}),
+        )
+        .await;
+    let problem = expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem["errors"][0]["field"], "password", "{problem}");
+
+    // Every refusal is one 401 with one body.
+    app.user(&t, "nopassword@example.com").await;
+    let disabled = user_with_password(&app, &t, "gone@example.com").await;
+    let res = app
+        .patch(
+            &format!("/v1/tenants/{}/users/{}", t.id, disabled["id"].as_str().unwrap()),
+            &t.admin_key,
+            json!({"status": "disabled"}),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut bodies = Vec::new();
+    for (email, pw) in [
+        ("ada@example.com", "wrong password!"),
+        ("nobody@example.com", PASSWORD),
+        ("nopassword@example.com", PASSWORD),
+        ("gone@example.com", PASSWORD),
+    ] {
+        let mut p = expect_problem(login(&app, &t, email, pw).await, StatusCode::UNAUTHORIZED).await;
+        p.as_object_mut().unwrap().remove("request_id");
+        p.as_object_mut().unwrap().remove("instance");
+        bodies.push(p);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    // Another tenant does not know the user.
+    expect_problem(login(&app, &other, "ada@example.com", PASSWORD).await, StatusCode::UNAUTHORIZED).await;
+
+    // Sign-in: the pair, `/me`, and claims an independent verifier accepts.
+    let pair = signed_in(&app, &t, "ADA@example.com").await;
+    assert_eq!(pair["token_type"], "Bearer");
+    assert_eq!(pair["expires_in"], 900);
+    let access = pair["access_token"].as_str().unwrap().to_owned();
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    let claims = verified_independently(&app, &access).await;
+    assert_eq!(claims["sub"], user_id.as_str());
+    assert_eq!(claims["tid"], t.id.to_string());
+    assert_eq!(claims["email"], "ada@example.com");
+    assert_eq!(claims["email_verified"], false);
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900);
+    let me_res = me(&app, &t, &access).await;
+    assert_eq!(me_res.status(), StatusCode::OK);
+    assert_eq!(me_res.json::<Value>().await.unwrap()["id"], user_id.as_str());
+    // Not a key of any kind elsewhere: another tenant's routes, the tenant API.
+    expect_problem(me(&app, &other, &access).await, StatusCode::UNAUTHORIZED).await;
+    expect_problem(app.get(&format!("/v1/tenants/{}/users", t.id), &access).await, StatusCode::UNAUTHORIZED).await;
+
+    // Forged tokens: a changed claim, alg none, HS256 keyed with the public key, a key
+    // Eventra does not know, and an expired token signed with a key it does know.
+    let parts: Vec<&str> = access.split('.').collect();
+    let mut forged_claims = claims.clone();
+    forged_claims["sub"] = json!(Uuid::now_v7());
+    let tampered = format!("{}.{}.{}", parts[0], b64(&forged_claims), parts[2]);
+    let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), parts[1]);
+    let header = jsonwebtoken::decode_header(&access).unwrap();
+    let jwks: Value = app.req(Method::GET, "/.well-known/jwks.json", None).send().await.unwrap().json().await.unwrap();
+    let x = jwks["keys"][0]["x"].as_str().unwrap();
+    let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(x).unwrap();
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.kid = header.kid.clone();
+    let hs256 = jsonwebtoken::encode(&hs, &claims, &jsonwebtoken::EncodingKey::from_secret(&public)).unwrap();
+    let stranger = ring_key();
+    let mut claims_struct: eventra::domain::auth::Claims = serde_json::from_value(claims.clone()).unwrap();
+    let unknown_kid = eventra::auth::jwt::sign(&claims_struct, "not-a-key-of-ours", &stranger);
+    // A key the store has (older, not the signer), and a token of it that expired.
+    let store = db.store().await;
+    let sealer = eventra::webhooks::secret_box::SecretBox::from_base64(app.config.secret_key.expose()).unwrap();
+    let (old_kid, old_key) = stored_key(&*store, &sealer).await;
+    claims_struct.exp = chrono::Utc::now().timestamp() - 120;
+    claims_struct.iat = claims_struct.exp - 900;
+    let expired = eventra::auth::jwt::sign(&claims_struct, &old_kid, &old_key);
+    for (what, token) in [
+        ("tampered", &tampered),
+        ("alg none", &none),
+        ("HS256", &hs256),
+        ("unknown kid", &unknown_kid),
+        ("expired", &expired),
+    ] {
+        let p = expect_problem(me(&app, &t, token).await, StatusCode::UNAUTHORIZED).await;
+        assert!(p["detail"].as_str().unwrap_or("").contains("access token"), "{what}: {p}");
+    }
+
+    // Sessions: listed for the admin key and the user, with where they came from.
+    let sessions_path = format!("/v1/tenants/{}/users/{user_id}/sessions", t.id);
+    let listed: Value = app.get(&sessions_path, &t.admin_key).await.json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], claims["sid"]);
+    assert_eq!(listed[0]["ip"], "127.0.0.1");
+    assert_eq!(app.get(&sessions_path, &access).await.status(), StatusCode::OK);
+    let reader = app.key(&t, "reader").await;
+    expect_problem(app.get(&sessions_path, &reader).await, StatusCode::FORBIDDEN).await;
+
+    // Refresh rotates; presenting the spent token again revokes the whole family.
+    let res = post_anon(&app, &format!("/v1/tenants/{}/auth/refresh", t.id), json!({"refresh_token": refresh})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let second: Value = res.json().await.unwrap();
+    let second_access = second["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(second["refresh_token"], refresh.as_str());
+    assert_eq!(me(&app, &t, &second_access).await.status(), StatusCode::OK);
+    let reuse = post_anon(&app, &format!("/v1/tenants/{}/auth/refresh", t.id), json!({"refresh_token": refresh})).await;
+    expect_problem(reuse, StatusCode::UNAUTHORIZED).await;
+    let after = post_anon(
+        &app,
+        &format!("/v1/tenants/{}/auth/refresh", t.id),
+        json!({"refresh_token": second["refresh_token"]}),
+    )
+    .await;
+    expect_problem(after, StatusCode::UNAUTHORIZED).await;
+    expect_problem(me(&app, &t, &second_access).await, StatusCode::UNAUTHORIZED).await;
+    expect_problem(me(&app, &t, &access).await, StatusCode::UNAUTHORIZED).await;
+
+    // Logout ends its session at once; revoking by id too (the user's own token).
+    let third = signed_in(&app, &t, "ada@example.com").await;
+    let third_access = third["access_token"].as_str().unwrap();
+    let res =
+        app.req(Method::POST, &format!("/v1/tenants/{}/auth/logout", t.id), Some(third_access)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    expect_problem(me(&app, &t, third_access).await, StatusCode::UNAUTHORIZED).await;
+    let fourth = signed_in(&app, &t, "ada@example.com").await;
+    let fourth_access = fourth["access_token"].as_str().unwrap();
+    let sid = verified_independently(&app, fourth_access).await["sid"].as_str().unwrap().to_owned();
+    assert_eq!(app.delete(&format!("{sessions_path}/{sid}"), fourth_access).await.status(), StatusCode::NO_CONTENT);
+    expect_problem(me(&app, &t, fourth_access).await, StatusCode::UNAUTHORIZED).await;
+    expect_problem(app.delete(&format!("{sessions_path}/{sid}"), &t.admin_key).await, StatusCode::NOT_FOUND).await;
+
+    // Key rotation: new tokens carry the new key; the old key's tokens still verify.
+    let fifth = signed_in(&app, &t, "ada@example.com").await;
+    let fifth_access = fifth["access_token"].as_str().unwrap();
+    let res = app.req(Method::POST, "/v1/admin/signing-keys/rotate", Some(ADMIN_TOKEN)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let new_kid = res.json::<Value>().await.unwrap()["kid"].as_str().unwrap().to_owned();
+    expect_problem(
+        app.req(Method::POST, "/v1/admin/signing-keys/rotate", Some(&t.admin_key)).send().await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert_eq!(me(&app, &t, fifth_access).await.status(), StatusCode::OK);
+    let sixth = signed_in(&app, &t, "ada@example.com").await;
+    let sixth_access = sixth["access_token"].as_str().unwrap();
+    assert_eq!(jsonwebtoken::decode_header(sixth_access).unwrap().kid.as_deref(), Some(new_kid.as_str()));
+    verified_independently(&app, sixth_access).await;
+    verified_independently(&app, fifth_access).await;
+
+    // The events, and no secret anywhere in the outbox.
+    let outbox = store.outbox_after(0, u32::MAX).await.unwrap();
+    let types: Vec<&str> = outbox.iter().filter(|r| r.tenant_id == t.id).map(|r| r.event.event_type.as_str()).collect();
+    for expected in ["auth.login_succeeded", "auth.login_failed", "auth.refresh_reuse_detected", "auth.session_revoked"]
+    {
+        assert!(types.contains(&expected), "{expected} in {types:?}");
+    }
+    let failed: Vec<_> = outbox.iter().filter(|r| r.event.event_type.as_str() == "auth.login_failed").collect();
+    // Known users only (wrong password, disabled): unknown emails write nothing.
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let everything = serde_json::to_string(&outbox.iter().map(|r| &r.event).collect::<Vec<_>>()).unwrap();
+    for secret in [PASSWORD, refresh.as_str(), access.as_str(), second["refresh_token"].as_str().unwrap(), "argon2"] {
+        assert!(!everything.contains(secret), "a secret in the outbox");
+    }
+    app.stop().await;
+}
+
+fn ring_key() -> ring::signature::Ed25519KeyPair {
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
+}
+
+/// A key added to the store the way Eventra stores them (sealed), dated an hour ago,
+/// so it verifies but does not sign.
+async fn stored_key(
+    store: &dyn eventra::store::Store,
+    sealer: &eventra::webhooks::secret_box::SecretBox,
+) -> (String, ring::signature::Ed25519KeyPair) {
+    use ring::signature::KeyPair as _;
+    let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+    let kid = format!("test-{}", Uuid::now_v7().simple());
+    let key = eventra::store::StoredKey {
+        kid: kid.clone(),
+        private_key: sealer.seal(&base64::engine::general_purpose::STANDARD.encode(doc.as_ref())).into_bytes(),
+        public_key: pair.public_key().as_ref().to_vec(),
+        created_at: eventra::domain::now() - chrono::Duration::hours(1),
+        retired_at: None,
+    };
+    store.add_signing_key(&key, false).await.unwrap();
+    (kid, pair)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_tokens_sessions_and_refusals_on_sqlite() {
+    sign_in_tokens_sessions_and_refusals(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_tokens_sessions_and_refusals_on_postgres() {
+    let Some(db) = TestDb::postgres("auth::sign_in_tokens_sessions_and_refusals_on_postgres").await else { return };
+    sign_in_tokens_sessions_and_refusals(db).await;
+}
+
+/// Two processes on one PostgreSQL: a token signed by one verifies at the other, and a
+/// refresh token spent at one and presented again at the other revokes the family in
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refresh_reuse_revokes_the_family_across_two_processes() {
+    let Some(db) = TestDb::postgres("auth::postgres_refresh_reuse_revokes_the_family_across_two_processes").await
+    else {
+        return;
+    };
+    let a = TestApp::start(db.url()).await;
+    let secret = a.config.secret_key.clone();
+    let b = TestApp::start_with(db.url(), |c| c.secret_key = secret).await;
+    let t = a.tenant("auth-two", 0).await;
+    user_with_password(&a, &t, "two@example.com").await;
+    let first = signed_in(&a, &t, "two@example.com").await;
+    assert_eq!(me(&b, &t, first["access_token"].as_str().unwrap()).await.status(), StatusCode::OK);
+    let refresh_path = format!("/v1/tenants/{}/auth/refresh", t.id);
+    let res = post_anon(&b, &refresh_path, json!({"refresh_token": first["refresh_token"]})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let second: Value = res.json().await.unwrap();
+    // The spent token again, at the first process.
+    expect_problem(
+        post_anon(&a, &refresh_path, json!({"refresh_token": first["refresh_token"]})).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    expect_problem(
+        post_anon(&b, &refresh_path, json!({"refresh_token": second["refresh_token"]})).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    for app in [&a, &b] {
+        expect_problem(me(app, &t, second["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED).await;
+    }
+    b.stop().await;
+    a.stop().await;
+}
