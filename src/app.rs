@@ -220,8 +220,13 @@ pub async fn run_with(
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
     let store_for_webhooks = store.clone();
-    let auth = crate::auth::Auth::new(store.clone(), secret_box.clone(), config.auth.clone())
-        .map_err(|e| StartupError::Backend(e.to_string()))?;
+    let auth = crate::auth::Auth::new(
+        store.clone(),
+        secret_box.clone(),
+        config.auth.clone(),
+        config.redis_url.as_deref().map(|u| (u, config.namespace.as_str())),
+    )
+    .map_err(StartupError::Backend)?;
     let effect_lag = crate::jobs::EffectLag::spawn(jobs.queue.clone(), config.max_effect_lag);
     let ingest =
         crate::ingest::Ingest::new(store.clone(), config.ingest_max_backlog, effect_lag.clone(), outbox_wake.clone());

@@ -108,6 +108,14 @@ pub struct AuthArgs {
     /// Argon2id passes.
     #[arg(long, env = "EVENTRA_ARGON2_ITERATIONS", default_value_t = 2)]
     pub argon2_iterations: u32,
+    /// Sign-in (and verification and reset) attempts a minute, per (tenant, email) and
+    /// per client IP, successful or not.
+    #[arg(long, env = "EVENTRA_AUTH_ATTEMPTS_PER_MINUTE", default_value_t = 10)]
+    pub auth_attempts_per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated IPs or CIDRs, e.g.
+    /// `10.0.0.0/8`); otherwise the client IP is the socket's peer.
+    #[arg(long, env = "EVENTRA_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl AuthArgs {
@@ -126,7 +134,20 @@ impl AuthArgs {
                 "EVENTRA_ARGON2_MEMORY_KIB must be 8192 to 1048576 and EVENTRA_ARGON2_ITERATIONS 1 to 10".into(),
             ));
         }
+        if !(1..=10_000).contains(&self.auth_attempts_per_minute) {
+            return Err(ConfigError::Invalid("EVENTRA_AUTH_ATTEMPTS_PER_MINUTE must be 1 to 10000".into()));
+        }
+        let mut trusted_proxies = Vec::new();
+        for p in self.trusted_proxies.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            let net = p
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| ConfigError::Invalid(format!("EVENTRA_TRUSTED_PROXIES: {p:?} is not an IP or a CIDR")))?;
+            trusted_proxies.push(net);
+        }
         Ok(AuthConfig {
+            attempts_per_minute: self.auth_attempts_per_minute,
+            trusted_proxies,
             issuer: self.jwt_issuer,
             access_ttl: std::time::Duration::from_secs(self.access_token_ttl_secs),
             refresh_ttl: std::time::Duration::from_secs(self.refresh_token_ttl_days * 86_400),
@@ -142,6 +163,8 @@ impl AuthArgs {
 /// Validated authentication settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
+    pub attempts_per_minute: u32,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub issuer: String,
     pub access_ttl: std::time::Duration,
     pub refresh_ttl: std::time::Duration,
@@ -151,6 +174,8 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
+            attempts_per_minute: 10,
+            trusted_proxies: Vec::new(),
             issuer: "eventra".into(),
             access_ttl: std::time::Duration::from_secs(900),
             refresh_ttl: std::time::Duration::from_secs(30 * 86_400),

@@ -35,6 +35,10 @@ pub enum Error {
     /// The caller sends faster than its events are processed: back off (429).
     #[error("{0}")]
     TooManyRequests(String),
+    /// Over a rate limit of `limit` a `window_secs` (429 with `Retry-After` and the
+    /// `RateLimit` headers).
+    #[error("too many attempts: at most {limit} every {window_secs} s; retry in {retry_after_secs} s")]
+    RateLimited { limit: u32, window_secs: u64, retry_after_secs: u64 },
     /// A component is down or restarting; retrying later may succeed (503).
     #[error("{0}")]
     Unavailable(String),

@@ -15,6 +15,7 @@
 pub mod jwt;
 pub mod keys;
 pub mod password;
+pub mod rate_limit;
 
 use std::sync::Arc;
 
@@ -50,19 +51,63 @@ pub struct Auth {
     store: Arc<dyn Store>,
     hasher: Hasher,
     keys: KeyRing,
+    attempts: rate_limit::Limiter,
     config: AuthConfig,
 }
 
 impl Auth {
+    /// `redis`: the URL and namespace of the Redis that shares the rate limits between
+    /// processes (in-process limits without it).
     pub fn new(
         store: Arc<dyn Store>,
         sealer: Arc<crate::webhooks::secret_box::SecretBox>,
         config: AuthConfig,
-    ) -> std::result::Result<Self, password::HashError> {
+        redis: Option<(&str, &str)>,
+    ) -> std::result::Result<Self, String> {
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let hasher = Hasher::new(config.hash_cost, parallelism)?;
+        let hasher = Hasher::new(config.hash_cost, parallelism).map_err(|e| e.to_string())?;
         let keys = KeyRing::new(store.clone(), sealer, config.access_ttl);
-        Ok(Auth { store, hasher, keys, config })
+        let limit = rate_limit::Limit { burst: config.attempts_per_minute, period: std::time::Duration::from_secs(60) };
+        let attempts = match redis {
+            Some((url, ns)) => rate_limit::Limiter::redis(limit, url, ns)?,
+            None => rate_limit::Limiter::local(limit),
+        };
+        // Idle keys of the in-process limiter are forgotten every minute.
+        let sweep = attempts.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                sweep.forget_idle();
+            }
+        });
+        Ok(Auth { store, hasher, keys, attempts, config })
+    }
+
+    pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
+        &self.config.trusted_proxies
+    }
+
+    /// Spends one attempt of each key (`kind` names the route: `login`, `verify`,
+    /// `reset`); 429 when any is over the limit. The email is hashed: no address is
+    /// kept in Redis's keys.
+    async fn attempt(&self, kind: &str, tenant_id: Uuid, email: &str, ip: &str) -> Result<()> {
+        let mut keys = vec![format!("{kind}:e:{tenant_id}:{}", token_hash(email))];
+        if !ip.is_empty() {
+            keys.push(format!("{kind}:ip:{ip}"));
+        }
+        for key in keys {
+            if let Err(r) = self.attempts.check(&key).await {
+                tracing::info!(tenant_id = %tenant_id, kind, by = if key.contains(":ip:") { "ip" } else { "email" },
+                    "rate limit reached");
+                return Err(Error::RateLimited {
+                    limit: r.limit.burst,
+                    window_secs: r.limit.period.as_secs(),
+                    retry_after_secs: r.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn hash_cost(&self) -> password::HashCost {
@@ -88,6 +133,9 @@ impl Auth {
         request_id: &str,
     ) -> Result<TokenPair> {
         let email = normalize_email(input.email.trim());
+        // Before any work: an attack is stopped here, before the hash and before it
+        // could write an `auth.login_failed` event per attempt.
+        self.attempt("login", tenant_id, &email, &client.ip).await?;
         let found = self.store.user_credentials(tenant_id, &email).await?;
         let (user, stored) = match found {
             Some((user, hash)) => (Some(user), hash),

@@ -6,7 +6,7 @@
 //! the user's access token. The sessions routes take a tenant `admin` key or the user's
 //! own access token.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
@@ -38,11 +38,24 @@ fn request_id(parts: &Parts) -> String {
     parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
 }
 
-fn client(parts: &Parts) -> Client {
+fn client(parts: &Parts, trusted: &[ipnet::IpNet]) -> Client {
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     Client {
-        ip: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default(),
+        ip: peer.map(|p| client_ip(p, parts, trusted).to_string()).unwrap_or_default(),
         user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
     }
+}
+
+/// The socket's peer; behind trusted proxies, the right-most `X-Forwarded-For` entry
+/// that is not one of them (entries further left are the client's own say, forgeable).
+fn client_ip(peer: IpAddr, parts: &Parts, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+    let hops: Vec<IpAddr> = forwarded.iter().flat_map(|v| v.split(',')).filter_map(|h| h.trim().parse().ok()).collect();
+    hops.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer)
 }
 
 /// The user's verified access token of `tenant_id` (401 without one).
@@ -80,6 +93,7 @@ async fn user_or_key(
     request_body = LoginInput,
     responses((status = 200, description = "Signed in", body = TokenPair),
         (status = 401, description = "The email or password is wrong, or the user cannot sign in", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many attempts for this email or from this IP (`Retry-After`, `RateLimit`, `RateLimit-Policy`)", body = super::problem::Problem, content_type = "application/problem+json"),
         BodyProblems, Unavailable))]
 async fn login(
     State(s): State<AppState>,
@@ -87,7 +101,8 @@ async fn login(
     ApiPath(tenant_id): ApiPath<Uuid>,
     ApiJson(input): ApiJson<LoginInput>,
 ) -> Result<Json<TokenPair>> {
-    Ok(Json(s.auth.login(tenant_id, input, &client(&parts), &request_id(&parts)).await?))
+    let client = client(&parts, s.auth.trusted_proxies());
+    Ok(Json(s.auth.login(tenant_id, input, &client, &request_id(&parts)).await?))
 }
 
 /// `POST …/auth/refresh`: spends the refresh token and answers a new pair. A spent one
@@ -177,6 +192,31 @@ pub struct Rotated {
 async fn rotate(State(s): State<AppState>, caller: Caller) -> Result<Json<Rotated>> {
     caller.principal.require_platform_admin()?;
     Ok(Json(Rotated { kid: s.auth.rotate_keys().await? }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_ip_is_the_peer_unless_a_trusted_proxy_forwarded_it() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let req = |xff: &str| {
+            let (parts, ()) =
+                axum::http::Request::builder().header("x-forwarded-for", xff).body(()).unwrap().into_parts();
+            parts
+        };
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        // An untrusted peer's header is ignored.
+        assert_eq!(client_ip(stranger, &req("198.51.100.1"), &trusted), stranger);
+        // Behind the proxy: the right-most address it did not add itself.
+        assert_eq!(
+            client_ip(proxy, &req("1.1.1.1, 198.51.100.1, 10.9.9.9"), &trusted),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(proxy, &req("garbage"), &trusted), proxy);
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {

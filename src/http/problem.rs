@@ -94,6 +94,7 @@ impl From<&Error> for Problem {
             }
             Error::Unavailable(_) => Problem::new(S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", d),
             Error::TooManyRequests(_) => Problem::new(S::TOO_MANY_REQUESTS, "backlog", "Too many requests", d),
+            Error::RateLimited { .. } => Problem::new(S::TOO_MANY_REQUESTS, "rate-limited", "Too many attempts", d),
             Error::Internal(_) => Problem::new(
                 S::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -111,7 +112,21 @@ impl IntoResponse for Error {
             Error::Unavailable(detail) => tracing::warn!(error = %detail, "unavailable"),
             _ => {}
         }
-        Problem::from(&self).into_response()
+        let mut res = Problem::from(&self).into_response();
+        if let Error::RateLimited { limit, window_secs, retry_after_secs } = self {
+            // RFC 9110 Retry-After, and the IETF draft's RateLimit / RateLimit-Policy.
+            let h = res.headers_mut();
+            for (name, value) in [
+                ("retry-after", retry_after_secs.to_string()),
+                ("ratelimit", format!("limit={limit}, remaining=0, reset={retry_after_secs}")),
+                ("ratelimit-policy", format!("{limit};w={window_secs}")),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(axum::http::HeaderName::from_static(name), v);
+                }
+            }
+        }
+        res
     }
 }
 

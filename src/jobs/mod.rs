@@ -16,7 +16,7 @@
 pub mod dispatch;
 pub mod kinds;
 pub mod lag;
-mod redis;
+pub(crate) mod redis;
 pub mod runner;
 pub mod schedule;
 mod sqlite;

@@ -67,7 +67,8 @@ fn b64(v: &Value) -> String {
 }
 
 async fn sign_in_tokens_sessions_and_refusals(db: TestDb) {
-    let app = TestApp::start(db.url()).await;
+    // Many sign-ins from one IP here: the rate limits have their own tests.
+    let app = TestApp::start_with(db.url(), |c| c.auth.attempts_per_minute = 1000).await;
     let t = app.tenant("auth", 0).await;
     let other = app.tenant("auth-other", 0).await;
     let user = user_with_password(&app, &t, "ada@example.com").await;
@@ -314,6 +315,100 @@ async fn postgres_refresh_reuse_revokes_the_family_across_two_processes() {
     for app in [&a, &b] {
         expect_problem(me(app, &t, second["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED).await;
     }
+    b.stop().await;
+    a.stop().await;
+}
+
+/// A login from `ip` (the test's trusted proxy forwards it).
+async fn login_from(app: &TestApp, tenant: Uuid, email: &str, ip: &str) -> reqwest::Response {
+    app.req(Method::POST, &format!("/v1/tenants/{tenant}/auth/login"), None)
+        .header("x-forwarded-for", ip)
+        .json(&json!({"email": email, "password": "not the password"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// In one process: attempts per email and per IP, successful or not, each up to the
+/// limit; the refusal is a 429 problem with `Retry-After` and the `RateLimit` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_attempts_are_limited_per_email_and_per_ip() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start_with(db.url(), |c| {
+        c.auth.attempts_per_minute = 3;
+        c.auth.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let t = app.tenant("limits", 0).await;
+    user_with_password(&app, &t, "limited@example.com").await;
+    // Per email: three attempts from three IPs, the fourth refused (a right password too).
+    for i in 0..3 {
+        let res = login_from(&app, t.id, "limited@example.com", &format!("198.51.100.{i}")).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    let res = app
+        .req(Method::POST, &format!("/v1/tenants/{}/auth/login", t.id), None)
+        .header("x-forwarded-for", "198.51.100.200")
+        .json(&json!({"email": "limited@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let retry_after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry_after), "{retry_after}");
+    assert_eq!(res.headers()["ratelimit-policy"], "3;w=60");
+    assert!(res.headers()["ratelimit"].to_str().unwrap().starts_with("limit=3, remaining=0, reset="));
+    let p = expect_problem(res, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(p["type"], "urn:eventra:problem:rate-limited");
+    // Per IP: other emails from one address, the fourth refused.
+    for i in 0..3 {
+        let res = login_from(&app, t.id, &format!("spray{i}@example.com"), "203.0.113.7").await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    let res = login_from(&app, t.id, "spray9@example.com", "203.0.113.7").await;
+    expect_problem(res, StatusCode::TOO_MANY_REQUESTS).await;
+    // A refused attempt writes no event: the three allowed wrong passwords of the known
+    // user wrote one each, the refused attempt and the unknown emails none.
+    let outbox = db.store().await.outbox_after(0, u32::MAX).await.unwrap();
+    let failed = outbox.iter().filter(|r| r.event.event_type.as_str() == "auth.login_failed").count();
+    assert_eq!(failed, 3, "one event per allowed attempt of a known user, none for refused ones");
+    app.stop().await;
+}
+
+/// Two processes sharing Redis share the limit: 10 attempts a minute for an email in
+/// all, not 10 per process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_limits_hold_across_two_processes_sharing_redis() {
+    const TEST: &str = "auth::sign_in_limits_hold_across_two_processes_sharing_redis";
+    let Some(redis) = crate::utils::service_url("REDIS_URL", TEST) else { return };
+    let Some(db) = TestDb::postgres(TEST).await else { return };
+    let ns = crate::utils::RedisNamespace::new(&redis);
+    let tweak = |c: &mut eventra::config::Config| {
+        c.redis_url = Some(redis.clone());
+        c.namespace = ns.ns.clone();
+        c.auth.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    };
+    let a = TestApp::start_with(db.url(), tweak).await;
+    let secret = a.config.secret_key.clone();
+    let b = TestApp::start_with(db.url(), |c| {
+        tweak(c);
+        c.secret_key = secret;
+    })
+    .await;
+    let t = a.tenant("limits-two", 0).await;
+    let started = std::time::Instant::now();
+    let mut allowed = 0;
+    for i in 0..40 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        // A new IP each time: only the email's limit applies.
+        match login_from(app, t.id, "target@example.com", &format!("198.51.100.{i}")).await.status() {
+            StatusCode::UNAUTHORIZED => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // GCRA refills one attempt every 6 s.
+    let refilled = started.elapsed().as_secs() / 6;
+    assert!(allowed >= 10 && allowed <= 10 + refilled, "{allowed} attempts allowed in {:?}", started.elapsed());
     b.stop().await;
     a.stop().await;
 }
