@@ -231,6 +231,43 @@ impl Auth {
         Ok(claims)
     }
 
+    /// Sets a user's password. By the user (`by_user`: their token's claims), the
+    /// current password must be right (an attempt counted like a sign-in) and their own
+    /// session stays; by a key, every session of the user ends.
+    pub async fn change_password(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        change: crate::domain::auth::PasswordChange,
+        by_user: Option<&Claims>,
+        client: &Client,
+        ctx: &EventContext,
+    ) -> Result<User> {
+        let mut errors = crate::domain::ValidationErrors::new();
+        change.password.check(&mut errors, "password");
+        if by_user.is_some() && change.current_password.is_none() {
+            errors.add("current_password", "is required when the user changes their own password");
+        }
+        errors.into_result(())?;
+        let keep = match (by_user, &change.current_password) {
+            (Some(claims), Some(current)) => {
+                let (user, stored) = self.store.user_with_hash(tenant_id, user_id).await?;
+                self.attempt("password", tenant_id, &normalize_email(&user.email), &client.ip).await?;
+                let ok =
+                    self.hasher.verify(current, stored.as_deref()).await.map_err(|e| Error::Internal(e.to_string()))?;
+                if !ok.ok {
+                    return Err(Error::Forbidden("current_password is wrong".into()));
+                }
+                Some(claims.sid)
+            }
+            _ => None,
+        };
+        let hash = self.hasher.hash(&change.password).await.map_err(|e| Error::Internal(e.to_string()))?;
+        let user = self.store.set_password(tenant_id, user_id, hash.as_str(), keep, ctx).await?;
+        tracing::info!(tenant_id = %tenant_id, user_id = %user_id, "password changed; the user's other sessions are revoked");
+        Ok(user)
+    }
+
     /// The user of a verified token.
     pub async fn me(&self, claims: &Claims) -> Result<User> {
         Ok(self.store.get_user(claims.tid, claims.sub).await?)

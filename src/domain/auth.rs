@@ -113,6 +113,19 @@ pub struct LoginInput {
     pub password: Password,
 }
 
+/// Body of `PUT …/users/{user_id}/password`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    /// The new password, 8-128 characters.
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 128)]
+    pub password: Password,
+    /// Required with the user's own access token; not with a tenant key.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Password, max_length = 1024)]
+    pub current_password: Option<Password>,
+}
+
 /// Body of `POST …/auth/refresh`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -251,6 +251,11 @@ impl DomainEvent {
         )
     }
 
+    /// The user's password was set (never the password: the user as it is).
+    pub fn user_password_changed(u: &User, ctx: &EventContext) -> Self {
+        Self::new(EventType::UserPasswordChanged, u.tenant_id, u.id, super::now(), ctx, json!({ "user": u }))
+    }
+
     /// A sign-in: the session it opened (never a password or token).
     pub fn auth_login_succeeded(s: &super::auth::Session, ctx: &EventContext) -> Self {
         Self::new(EventType::AuthLoginSucceeded, s.tenant_id, s.user_id, s.created_at, ctx, json!({ "session": s }))

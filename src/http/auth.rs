@@ -22,7 +22,7 @@ use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, Unavai
 use super::AppState;
 use crate::auth::keys::Jwks;
 use crate::auth::Client;
-use crate::domain::auth::{Claims, LoginInput, RefreshInput, Session, TokenPair};
+use crate::domain::auth::{Claims, LoginInput, PasswordChange, RefreshInput, Session, TokenPair};
 use crate::domain::{Actor, EventContext, Role, User};
 use crate::error::{Error, Result};
 
@@ -120,6 +120,31 @@ async fn refresh(
     ApiJson(input): ApiJson<RefreshInput>,
 ) -> Result<Json<TokenPair>> {
     Ok(Json(s.auth.refresh(tenant_id, &input.refresh_token, &request_id(&parts)).await?))
+}
+
+/// `PUT …/users/{user_id}/password`: sets the user's password (tenant `writer` key, or
+/// the user's own access token with `current_password`). Revokes the user's other
+/// sessions (all of them, with a key).
+#[utoipa::path(put, path = "/v1/tenants/{tenant_id}/users/{user_id}/password", operation_id = "setPassword", tag = "auth", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
+    request_body = PasswordChange,
+    responses((status = 204, description = "Set; the other sessions are revoked"),
+        (status = 429, description = "Too many wrong current passwords (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, BodyProblems, NotFound, Unavailable))]
+async fn set_password(
+    State(s): State<AppState>,
+    mut parts: Parts,
+    ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
+    ApiJson(change): ApiJson<PasswordChange>,
+) -> Result<StatusCode> {
+    let claims = match access_token(&parts) {
+        Some(_) => Some(user(&s, &parts, tenant_id).await?),
+        None => None,
+    };
+    let ctx = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
+    let client = client(&parts, s.auth.trusted_proxies());
+    s.auth.change_password(tenant_id, user_id, change, claims.as_ref(), &client, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST …/auth/logout`: revokes the access token's session.
@@ -224,6 +249,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(login))
         .routes(routes!(refresh))
         .routes(routes!(logout))
+        .routes(routes!(set_password))
         .routes(routes!(me))
         .routes(routes!(sessions))
         .routes(routes!(revoke_session))

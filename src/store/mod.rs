@@ -314,6 +314,18 @@ pub trait Store: Send + Sync + 'static {
         tenant_id: Uuid,
         email_normalized: &str,
     ) -> StoreResult<Option<(User, Option<String>)>>;
+    /// A user by id with its password hash (checking a current password).
+    async fn user_with_hash(&self, tenant_id: Uuid, user_id: Uuid) -> StoreResult<(User, Option<String>)>;
+    /// Sets a user's password: the hash, `user.password_changed`, and every session of
+    /// the user but `keep` revoked, in one transaction.
+    async fn set_password(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        hash: &str,
+        keep: Option<Uuid>,
+        ctx: &EventContext,
+    ) -> StoreResult<User>;
     /// Replaces a user's password hash with one of the same password (new parameters,
     /// at sign-in): no event, the password did not change.
     async fn rehash_password(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<()>;

@@ -688,6 +688,59 @@ macro_rules! sql_store_impl {
                 Ok(Some((row.user.try_into()?, row.password_hash)))
             }
 
+            async fn user_with_hash(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<($crate::domain::User, Option<String>)> {
+                let row = sqlx::query_as::<_, $crate::store::sql::CredentialRow>(
+                    "SELECT * FROM users WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or($crate::store::StoreError::NotFound("user"))?;
+                Ok((row.user.try_into()?, row.password_hash))
+            }
+
+            async fn set_password(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                hash: &str,
+                keep: Option<uuid::Uuid>,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::domain::User> {
+                let now = $crate::domain::now();
+                let mut tx = self.writer.begin().await?;
+                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                let row = sqlx::query_as::<_, $crate::store::sql::UserRow>(
+                    "UPDATE users SET password_hash = $3 WHERE tenant_id = $1 AND id = $2 RETURNING *",
+                )
+                .bind(tenant_id)
+                .bind(user_id)
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or($crate::store::StoreError::NotFound("user"))?;
+                let user: $crate::domain::User = row.try_into()?;
+                sqlx::query(
+                    "UPDATE auth_sessions SET revoked_at = $3, revoked_reason = 'password changed' \
+                     WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND ($4 IS NULL OR id <> $4)",
+                )
+                .bind(tenant_id)
+                .bind(user_id)
+                .bind(now)
+                .bind(keep)
+                .execute(&mut *tx)
+                .await?;
+                let event = $crate::domain::DomainEvent::user_password_changed(&user, ctx);
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(user)
+            }
+
             async fn rehash_password(
                 &self,
                 tenant_id: uuid::Uuid,

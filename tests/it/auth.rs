@@ -412,3 +412,54 @@ async fn sign_in_limits_hold_across_two_processes_sharing_redis() {
     b.stop().await;
     a.stop().await;
 }
+
+/// `PUT …/password`: the user with their current password keeps their own session and
+/// ends the others; a writer key sets it without one and ends every session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_a_password_revokes_the_other_sessions() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let t = app.tenant("pw", 0).await;
+    let user = user_with_password(&app, &t, "pw@example.com").await;
+    let path = format!("/v1/tenants/{}/users/{}/password", t.id, user["id"].as_str().unwrap());
+    let mine = signed_in(&app, &t, "pw@example.com").await;
+    let other = signed_in(&app, &t, "pw@example.com").await;
+    let my_token = mine["access_token"].as_str().unwrap();
+    let put = |token: &str, body: Value| app.req(Method::PUT, &path, Some(token)).json(&body).send();
+    // Without, or with a wrong, current password: refused.
+    let p = expect_problem(
+        put(my_token, json!({"password": "a brand new one"})).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(p["errors"][0]["field"], "current_password");
+    let wrong = json!({"password": "a brand new one", "current_password": "not it at all"});
+    expect_problem(put(my_token, wrong).await.unwrap(), StatusCode::FORBIDDEN).await;
+    // Another user's token may not.
+    let stranger = user_with_password(&app, &t, "stranger@example.com").await;
+    assert_ne!(stranger["id"], user["id"]);
+    let stranger_token = signed_in(&app, &t, "stranger@example.com").await["access_token"].as_str().unwrap().to_owned();
+    let body = json!({"password": "a brand new one", "current_password": PASSWORD});
+    expect_problem(put(&stranger_token, body.clone()).await.unwrap(), StatusCode::FORBIDDEN).await;
+    // Right: 204; this session lives on, the other one ends; only the new password works.
+    assert_eq!(put(my_token, body).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(me(&app, &t, my_token).await.status(), StatusCode::OK);
+    expect_problem(me(&app, &t, other["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED).await;
+    expect_problem(login(&app, &t, "pw@example.com", PASSWORD).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(login(&app, &t, "pw@example.com", "a brand new one").await.status(), StatusCode::OK);
+    // A writer key: no current password, and every session ends (the caller's too).
+    let writer = app.key(&t, "writer").await;
+    assert_eq!(put(&writer, json!({"password": "set by support"})).await.unwrap().status(), StatusCode::NO_CONTENT);
+    expect_problem(me(&app, &t, my_token).await, StatusCode::UNAUTHORIZED).await;
+    let reader = app.key(&t, "reader").await;
+    expect_problem(put(&reader, json!({"password": "set by a reader"})).await.unwrap(), StatusCode::FORBIDDEN).await;
+    // Two events, and no password in the outbox.
+    let outbox = db.store().await.outbox_after(0, u32::MAX).await.unwrap();
+    let changed = outbox.iter().filter(|r| r.event.event_type.as_str() == "user.password_changed").count();
+    assert_eq!(changed, 2);
+    let everything = serde_json::to_string(&outbox.iter().map(|r| &r.event).collect::<Vec<_>>()).unwrap();
+    for secret in [PASSWORD, "a brand new one", "set by support"] {
+        assert!(!everything.contains(secret));
+    }
+    app.stop().await;
+}

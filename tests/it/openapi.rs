@@ -65,6 +65,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tenants/{tenant_id}/auth/login"),
     ("post", "/v1/tenants/{tenant_id}/auth/refresh"),
     ("post", "/v1/tenants/{tenant_id}/auth/logout"),
+    ("put", "/v1/tenants/{tenant_id}/users/{user_id}/password"),
     ("get", "/v1/tenants/{tenant_id}/me"),
     ("get", "/v1/tenants/{tenant_id}/users/{user_id}/sessions"),
     ("delete", "/v1/tenants/{tenant_id}/users/{user_id}/sessions/{session_id}"),
