@@ -153,9 +153,15 @@ pub async fn run_with(
         },
     )
     .map_err(|e| StartupError::Backend(format!("webhook HTTP client: {e}")))?;
-    let kinds = Kinds::standard(store.clone(), mailer.clone(), config.jobs.mail_from.clone(), search.clone())
-        .with(Arc::new(delivery))
-        .with_all(extra_kinds);
+    let kinds = Kinds::standard(
+        store.clone(),
+        mailer.clone(),
+        config.jobs.mail_from.clone(),
+        search.clone(),
+        secret_box.clone(),
+    )
+    .with(Arc::new(delivery))
+    .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
     tracing::info!(backend = jobs.queue.backend(), "job queue ready");
     let webhook_runner = (config.webhook_workers > 0).then(|| {
@@ -223,6 +229,8 @@ pub async fn run_with(
     let auth = crate::auth::Auth::new(
         store.clone(),
         secret_box.clone(),
+        config.secret_key.expose(),
+        jobs.clone(),
         config.auth.clone(),
         config.redis_url.as_deref().map(|u| (u, config.namespace.as_str())),
     )

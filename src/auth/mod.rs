@@ -53,7 +53,17 @@ pub struct Auth {
     keys: KeyRing,
     attempts: rate_limit::Limiter,
     config: AuthConfig,
+    /// Where code emails are enqueued.
+    jobs: crate::jobs::JobClient,
+    /// Seals codes on their way through the job queue.
+    sealer: Arc<crate::webhooks::secret_box::SecretBox>,
+    /// The HMAC key codes are stored under (from `EVENTRA_SECRET_KEY`).
+    code_key: Arc<[u8]>,
 }
+
+/// How long a one-time code is valid, and how many tries it has.
+pub const CODE_TTL_MINUTES: i64 = 15;
+pub const CODE_TRIES: i32 = 5;
 
 impl Auth {
     /// `redis`: the URL and namespace of the Redis that shares the rate limits between
@@ -61,12 +71,15 @@ impl Auth {
     pub fn new(
         store: Arc<dyn Store>,
         sealer: Arc<crate::webhooks::secret_box::SecretBox>,
+        secret_key: &str,
+        jobs: crate::jobs::JobClient,
         config: AuthConfig,
         redis: Option<(&str, &str)>,
     ) -> std::result::Result<Self, String> {
+        let code_key: Arc<[u8]> = Arc::from(Sha256::digest(format!("eventra auth codes\0{secret_key}")).as_slice());
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hasher = Hasher::new(config.hash_cost, parallelism).map_err(|e| e.to_string())?;
-        let keys = KeyRing::new(store.clone(), sealer, config.access_ttl);
+        let keys = KeyRing::new(store.clone(), sealer.clone(), config.access_ttl);
         let limit = rate_limit::Limit { burst: config.attempts_per_minute, period: std::time::Duration::from_secs(60) };
         let attempts = match redis {
             Some((url, ns)) => rate_limit::Limiter::redis(limit, url, ns)?,
@@ -81,7 +94,7 @@ impl Auth {
                 sweep.forget_idle();
             }
         });
-        Ok(Auth { store, hasher, keys, attempts, config })
+        Ok(Auth { store, hasher, keys, attempts, config, jobs, sealer, code_key })
     }
 
     pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
@@ -268,6 +281,121 @@ impl Auth {
         Ok(user)
     }
 
+    /// `POST …/users/{id}/verification`: a new code (replacing an earlier one), emailed
+    /// through the job system. Returns when it expires.
+    pub async fn start_verification(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        client: &Client,
+    ) -> Result<chrono::DateTime<chrono::Utc>> {
+        let user = self.store.get_user(tenant_id, user_id).await?;
+        self.attempt("verify", tenant_id, &normalize_email(&user.email), &client.ip).await?;
+        if user.email_verified {
+            return Err(Error::Conflict("the email is verified already".into()));
+        }
+        self.send_code(&user, "verify").await
+    }
+
+    /// `POST …/users/{id}/verification/confirm`: the right code marks the email verified
+    /// (`user.verified`).
+    pub async fn confirm_verification(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        code: &str,
+        client: &Client,
+        ctx: &EventContext,
+    ) -> Result<User> {
+        let user = self.store.get_user(tenant_id, user_id).await?;
+        self.attempt("verify", tenant_id, &normalize_email(&user.email), &client.ip).await?;
+        let hash = self.code_hash(user_id, "verify", code);
+        match self.store.redeem_code(tenant_id, user_id, "verify", &hash, None, ctx).await? {
+            crate::store::CodeOutcome::Redeemed(user) => Ok(user),
+            other => Err(code_refused(other, true)),
+        }
+    }
+
+    /// `POST …/auth/password-reset`: answered at once, the same for every email; the
+    /// code (for an active user that exists) is made and sent after the answer, so the
+    /// time taken tells nothing either.
+    pub async fn request_reset(&self, tenant_id: Uuid, email: &str, client: &Client) -> Result<()> {
+        let email = normalize_email(email.trim());
+        self.attempt("reset", tenant_id, &email, &client.ip).await?;
+        let auth = self.clone();
+        tokio::spawn(async move {
+            match auth.store.user_credentials(tenant_id, &email).await {
+                Ok(Some((user, _))) if user.status == UserStatus::Active => {
+                    if let Err(e) = auth.send_code(&user, "reset").await {
+                        tracing::warn!(tenant_id = %tenant_id, user_id = %user.id, error = %e, "password reset code not sent");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(tenant_id = %tenant_id, error = %e, "password reset look-up failed"),
+            }
+        });
+        Ok(())
+    }
+
+    /// `POST …/auth/password-reset/confirm`: the right code sets the password and ends
+    /// every session. An unknown email and a wrong code get the same answer.
+    pub async fn confirm_reset(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        code: &str,
+        password: &crate::domain::auth::Password,
+        client: &Client,
+        request_id: &str,
+    ) -> Result<()> {
+        let email = normalize_email(email.trim());
+        self.attempt("reset", tenant_id, &email, &client.ip).await?;
+        let mut errors = crate::domain::ValidationErrors::new();
+        password.check(&mut errors, "password");
+        errors.into_result(())?;
+        // Hashed first, whatever follows: an unknown email takes as long as a known one.
+        let hash = self.hasher.hash(password).await.map_err(|e| Error::Internal(e.to_string()))?;
+        let Some((user, _)) = self.store.user_credentials(tenant_id, &email).await? else {
+            return Err(code_refused(crate::store::CodeOutcome::NoCode, false));
+        };
+        let ctx = EventContext { correlation_id: request_id.to_owned(), actor: Actor::User { id: user.id } };
+        let code_hash = self.code_hash(user.id, "reset", code);
+        match self.store.redeem_code(tenant_id, user.id, "reset", &code_hash, Some(hash.as_str()), &ctx).await? {
+            crate::store::CodeOutcome::Redeemed(_) => {
+                tracing::info!(tenant_id = %tenant_id, user_id = %user.id, "password reset; every session revoked");
+                Ok(())
+            }
+            // No tries count shown: it would tell that the email exists.
+            other => Err(code_refused(other, false)),
+        }
+    }
+
+    /// Makes, stores (its HMAC) and emails (sealed, through the job system) a code.
+    async fn send_code(&self, user: &User, purpose: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+        let code = format!("{:06}", rand::random_range(0..1_000_000u32));
+        let expires_at = crate::domain::now() + chrono::Duration::minutes(CODE_TTL_MINUTES);
+        let hash = self.code_hash(user.id, purpose, &code);
+        self.store.put_code(user.tenant_id, user.id, purpose, &hash, expires_at, CODE_TRIES).await?;
+        let args = crate::jobs::kinds::auth_code_email::AuthCodeArgs {
+            tenant_id: user.tenant_id,
+            user_id: user.id,
+            email: user.email.clone(),
+            purpose: purpose.to_owned(),
+            code_id: Uuid::now_v7(),
+            sealed_code: self.sealer.seal(&code),
+            expires_at,
+        };
+        self.jobs.enqueue(args.job()).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        Ok(expires_at)
+    }
+
+    fn code_hash(&self, user_id: Uuid, purpose: &str, code: &str) -> String {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.code_key).expect("HMAC takes a key of any length");
+        mac.update(format!("{user_id}:{purpose}:{}", code.trim()).as_bytes());
+        hex(&mac.finalize().into_bytes())
+    }
+
     /// The user of a verified token.
     pub async fn me(&self, claims: &Claims) -> Result<User> {
         Ok(self.store.get_user(claims.tid, claims.sub).await?)
@@ -321,6 +449,18 @@ impl Auth {
             refresh_token: refresh,
         })
     }
+}
+
+/// The 422 of a code that did not redeem (the same whether the user exists or not).
+/// `detailed` adds the tries left (only to callers who know the user exists).
+fn code_refused(outcome: crate::store::CodeOutcome, detailed: bool) -> Error {
+    let why = match outcome {
+        crate::store::CodeOutcome::Wrong { tries_left } if tries_left > 0 && detailed => {
+            format!("is wrong ({tries_left} tries left)")
+        }
+        _ => "is wrong or expired, or was tried too often: ask for a new one".to_owned(),
+    };
+    Error::Validation(crate::domain::ValidationErrors::single("code", why))
 }
 
 /// 256 random bits, base64url: opaque to clients.

@@ -126,6 +126,43 @@ pub struct PasswordChange {
     pub current_password: Option<Password>,
 }
 
+/// Body of `POST …/users/{user_id}/verification/confirm`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CodeInput {
+    /// The 6 digits from the email.
+    #[schema(max_length = 32)]
+    pub code: String,
+}
+
+/// Body of `POST …/auth/password-reset`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    #[schema(max_length = 254)]
+    pub email: String,
+}
+
+/// Body of `POST …/auth/password-reset/confirm`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetConfirm {
+    #[schema(max_length = 254)]
+    pub email: String,
+    #[schema(max_length = 32)]
+    pub code: String,
+    /// The new password, 8-128 characters.
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 128)]
+    pub password: Password,
+}
+
+/// What starting a verification answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CodeSent {
+    /// When the emailed code stops being valid.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Body of `POST …/auth/refresh`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -22,7 +22,10 @@ use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, Unavai
 use super::AppState;
 use crate::auth::keys::Jwks;
 use crate::auth::Client;
-use crate::domain::auth::{Claims, LoginInput, PasswordChange, RefreshInput, Session, TokenPair};
+use crate::domain::auth::{
+    Claims, CodeInput, CodeSent, LoginInput, PasswordChange, RefreshInput, ResetConfirm, ResetRequest, Session,
+    TokenPair,
+};
 use crate::domain::{Actor, EventContext, Role, User};
 use crate::error::{Error, Result};
 
@@ -147,6 +150,83 @@ async fn set_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST …/users/{user_id}/verification`: emails the user a 6-digit code (valid 15
+/// minutes, 5 tries), replacing an earlier one (tenant `writer` key, or the user's own
+/// access token).
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/users/{user_id}/verification", operation_id = "startVerification", tag = "auth", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
+    responses((status = 202, description = "The code is on its way", body = CodeSent),
+        (status = 409, description = "The email is verified already", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, QueryProblems, NotFound, Unavailable))]
+async fn start_verification(
+    State(s): State<AppState>,
+    mut parts: Parts,
+    ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
+) -> Result<Response> {
+    user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
+    let client = client(&parts, s.auth.trusted_proxies());
+    let expires_at = s.auth.start_verification(tenant_id, user_id, &client).await?;
+    Ok((StatusCode::ACCEPTED, Json(CodeSent { expires_at })).into_response())
+}
+
+/// `POST …/users/{user_id}/verification/confirm`: the emailed code marks the email
+/// verified (`user.verified`) and answers the user.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/users/{user_id}/verification/confirm", operation_id = "confirmVerification", tag = "auth", security(("bearer" = [])),
+    params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
+    request_body = CodeInput,
+    responses((status = 200, description = "Verified", body = User),
+        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
+        AuthProblems, BodyProblems, NotFound, Unavailable))]
+async fn confirm_verification(
+    State(s): State<AppState>,
+    mut parts: Parts,
+    ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
+    ApiJson(input): ApiJson<CodeInput>,
+) -> Result<Json<User>> {
+    let ctx = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
+    let client = client(&parts, s.auth.trusted_proxies());
+    Ok(Json(s.auth.confirm_verification(tenant_id, user_id, &input.code, &client, &ctx).await?))
+}
+
+/// `POST …/auth/password-reset`: always 202, whether the email exists or not; an
+/// active user with that email gets a code by email.
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/auth/password-reset", operation_id = "requestPasswordReset", tag = "auth",
+    params(("tenant_id" = Uuid, Path, description = "The tenant")),
+    request_body = ResetRequest,
+    responses((status = 202, description = "Accepted (nothing tells whether the email exists)"),
+        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
+        BodyProblems, Unavailable))]
+async fn request_reset(
+    State(s): State<AppState>,
+    parts: Parts,
+    ApiPath(tenant_id): ApiPath<Uuid>,
+    ApiJson(input): ApiJson<ResetRequest>,
+) -> Result<StatusCode> {
+    let client = client(&parts, s.auth.trusted_proxies());
+    s.auth.request_reset(tenant_id, &input.email, &client).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// `POST …/auth/password-reset/confirm`: the emailed code sets the new password and
+/// revokes every session of the user (`user.password_changed`).
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/auth/password-reset/confirm", operation_id = "confirmPasswordReset", tag = "auth",
+    params(("tenant_id" = Uuid, Path, description = "The tenant")),
+    request_body = ResetConfirm,
+    responses((status = 204, description = "The password is set; every session is revoked"),
+        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
+        BodyProblems, Unavailable))]
+async fn confirm_reset(
+    State(s): State<AppState>,
+    parts: Parts,
+    ApiPath(tenant_id): ApiPath<Uuid>,
+    ApiJson(input): ApiJson<ResetConfirm>,
+) -> Result<StatusCode> {
+    let client = client(&parts, s.auth.trusted_proxies());
+    s.auth.confirm_reset(tenant_id, &input.email, &input.code, &input.password, &client, &request_id(&parts)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `POST …/auth/logout`: revokes the access token's session.
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/auth/logout", operation_id = "logout", tag = "auth", security(("bearer" = [])),
     params(("tenant_id" = Uuid, Path, description = "The tenant")),
@@ -250,6 +330,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(refresh))
         .routes(routes!(logout))
         .routes(routes!(set_password))
+        .routes(routes!(start_verification))
+        .routes(routes!(confirm_verification))
+        .routes(routes!(request_reset))
+        .routes(routes!(confirm_reset))
         .routes(routes!(me))
         .routes(routes!(sessions))
         .routes(routes!(revoke_session))

@@ -39,6 +39,17 @@ pub enum RefreshUse {
     Invalid,
 }
 
+/// What redeeming a one-time code did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CodeOutcome {
+    /// Right: the change is made; the user as it is now.
+    Redeemed(User),
+    /// Wrong; this many tries are left (0: the code is gone).
+    Wrong { tries_left: i32 },
+    /// No live code (never sent, expired, used, or out of tries).
+    NoCode,
+}
+
 /// An access-token signing key as stored (Ed25519, PKCS#8). `Debug` leaves out the
 /// private key.
 #[derive(Clone, PartialEq, sqlx::FromRow)]
@@ -326,6 +337,29 @@ pub trait Store: Send + Sync + 'static {
         keep: Option<Uuid>,
         ctx: &EventContext,
     ) -> StoreResult<User>;
+    /// Stores a one-time code (its HMAC) for (user, `purpose`), replacing an earlier one.
+    async fn put_code(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        purpose: &str,
+        code_hash: &str,
+        expires_at: DateTime<Utc>,
+        tries: i32,
+    ) -> StoreResult<()>;
+    /// Spends a try of the user's `purpose` code. When `code_hash` is right (and the code
+    /// is live), the code is gone and the change is made in the same transaction:
+    /// `verify` marks the email verified (`user.verified`); `reset` sets `new_hash` and
+    /// revokes every session (`user.password_changed`).
+    async fn redeem_code(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        purpose: &str,
+        code_hash: &str,
+        new_hash: Option<&str>,
+        ctx: &EventContext,
+    ) -> StoreResult<CodeOutcome>;
     /// Replaces a user's password hash with one of the same password (new parameters,
     /// at sign-in): no event, the password did not change.
     async fn rehash_password(&self, tenant_id: Uuid, user_id: Uuid, hash: &str) -> StoreResult<()>;

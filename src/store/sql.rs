@@ -741,6 +741,134 @@ macro_rules! sql_store_impl {
                 Ok(user)
             }
 
+            async fn put_code(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                purpose: &str,
+                code_hash: &str,
+                expires_at: chrono::DateTime<chrono::Utc>,
+                tries: i32,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO auth_codes (user_id, purpose, tenant_id, code_hash, tries_left, expires_at, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, purpose) DO UPDATE SET \
+                     code_hash = excluded.code_hash, tries_left = excluded.tries_left, \
+                     expires_at = excluded.expires_at, created_at = excluded.created_at",
+                )
+                .bind(user_id)
+                .bind(purpose)
+                .bind(tenant_id)
+                .bind(code_hash)
+                .bind(tries)
+                .bind(expires_at)
+                .bind($crate::domain::now())
+                .execute(&self.writer)
+                .await?;
+                Ok(())
+            }
+
+            async fn redeem_code(
+                &self,
+                tenant_id: uuid::Uuid,
+                user_id: uuid::Uuid,
+                purpose: &str,
+                code_hash: &str,
+                new_hash: Option<&str>,
+                ctx: &$crate::domain::EventContext,
+            ) -> $crate::store::StoreResult<$crate::store::CodeOutcome> {
+                use $crate::store::CodeOutcome;
+                let now = $crate::domain::now();
+                let mut tx = self.writer.begin().await?;
+                let row: Option<(String, i32)> = sqlx::query_as(
+                    "SELECT code_hash, tries_left FROM auth_codes WHERE user_id = $1 AND purpose = $2 \
+                     AND tenant_id = $3 AND expires_at > $4 AND tries_left > 0",
+                )
+                .bind(user_id)
+                .bind(purpose)
+                .bind(tenant_id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((stored, tries)) = row else { return Ok(CodeOutcome::NoCode) };
+                let right: bool = subtle::ConstantTimeEq::ct_eq(stored.as_bytes(), code_hash.as_bytes()).into();
+                if !right {
+                    sqlx::query(
+                        "UPDATE auth_codes SET tries_left = tries_left - 1 WHERE user_id = $1 AND purpose = $2 \
+                         AND tries_left > 0",
+                    )
+                    .bind(user_id)
+                    .bind(purpose)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return Ok(CodeOutcome::Wrong { tries_left: (tries - 1).max(0) });
+                }
+                // The tenant row before the code's (the order every writer, a user's
+                // deletion included, takes them in), then the code is claimed once: a
+                // concurrent redeem of the same code finds it gone.
+                let lock = Self::lock_tenant(&mut tx, tenant_id).await?;
+                let claimed = sqlx::query("DELETE FROM auth_codes WHERE user_id = $1 AND purpose = $2 AND code_hash = $3")
+                    .bind(user_id)
+                    .bind(purpose)
+                    .bind(code_hash)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    return Ok(CodeOutcome::NoCode); // the rollback returns the event number
+                }
+                let before: $crate::domain::User = sqlx::query_as::<_, $crate::store::sql::UserRow>(
+                    "SELECT * FROM users WHERE tenant_id = $1 AND id = $2",
+                )
+                .bind(tenant_id)
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or($crate::store::StoreError::NotFound("user"))?
+                .try_into()?;
+                let (user, event) = match (purpose, new_hash) {
+                    ("reset", Some(hash)) => {
+                        sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+                            .bind(user_id)
+                            .bind(hash)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "UPDATE auth_sessions SET revoked_at = $2, revoked_reason = 'password reset' \
+                             WHERE user_id = $1 AND revoked_at IS NULL",
+                        )
+                        .bind(user_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        let event = $crate::domain::DomainEvent::user_password_changed(&before, ctx);
+                        (before, event)
+                    }
+                    _ => {
+                        let after: $crate::domain::User = sqlx::query_as::<_, $crate::store::sql::UserRow>(
+                            "UPDATE users SET email_verified = TRUE, version = version + 1, updated_at = $2 \
+                             WHERE id = $1 RETURNING *",
+                        )
+                        .bind(user_id)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .try_into()?;
+                        let event = $crate::domain::DomainEvent::user_changed(
+                            $crate::domain::EventType::UserVerified,
+                            &before,
+                            &after,
+                            ctx,
+                        );
+                        (after, event)
+                    }
+                };
+                Self::insert_event(&mut tx, lock.event_seq, &event).await?;
+                tx.commit().await?;
+                Ok(CodeOutcome::Redeemed(user))
+            }
+
             async fn rehash_password(
                 &self,
                 tenant_id: uuid::Uuid,

@@ -463,3 +463,116 @@ async fn changing_a_password_revokes_the_other_sessions() {
     }
     app.stop().await;
 }
+
+/// The code in the newest message to `to` about `subject`, once it arrived.
+async fn emailed_code(
+    inbox: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    to: &str,
+    subject: &str,
+    seen: usize,
+) -> String {
+    crate::utils::wait_for("the code email", std::time::Duration::from_secs(20), || async {
+        let mails = inbox.lock().unwrap().clone();
+        let mine: Vec<&String> = mails.iter().filter(|m| m.contains(to) && m.contains(subject)).collect();
+        let newest = mine.get(seen)?;
+        let at = newest.find(" is ")? + 4;
+        let code: String = newest[at..].chars().take(6).collect();
+        (code.len() == 6 && code.chars().all(|c| c.is_ascii_digit())).then_some(code)
+    })
+    .await
+}
+
+/// Email verification and password reset with emailed 6-digit codes: wrong codes count
+/// down, the right one changes the user in one transaction, the reset never tells
+/// whether an email exists, and no code reaches the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_and_password_reset_by_emailed_codes() {
+    let db = TestDb::sqlite();
+    let (smtp, inbox) = crate::mailer_conformance::smtp_server::start();
+    let app = TestApp::start_with(db.url(), |c| {
+        c.smtp_url = Some(smtp.clone());
+        c.auth.attempts_per_minute = 1000;
+    })
+    .await;
+    let t = app.tenant("codes", 0).await;
+    let user = user_with_password(&app, &t, "codes@example.com").await;
+    let uid = user["id"].as_str().unwrap();
+    let verify = format!("/v1/tenants/{}/users/{uid}/verification", t.id);
+
+    // Verification: a code by email; a wrong one counts down; the right one verifies.
+    let res = app.post(&verify, &t.admin_key, json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert!(res.json::<Value>().await.unwrap()["expires_at"].is_string());
+    let code = emailed_code(&inbox, "codes@example.com", "verification code", 0).await;
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let p = expect_problem(
+        app.post(&format!("{verify}/confirm"), &t.admin_key, json!({"code": wrong})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(p["errors"][0]["message"].as_str().unwrap().contains("4 tries left"), "{p}");
+    let res = app.post(&format!("{verify}/confirm"), &t.admin_key, json!({"code": code})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let verified: Value = res.json().await.unwrap();
+    assert_eq!(verified["email_verified"], true);
+    assert_eq!(verified["version"], 2);
+    // Spent; and nothing left to verify.
+    expect_problem(
+        app.post(&format!("{verify}/confirm"), &t.admin_key, json!({"code": code})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    expect_problem(app.post(&verify, &t.admin_key, json!({})).await, StatusCode::CONFLICT).await;
+
+    // Five tries, then even the right code is refused.
+    let other = user_with_password(&app, &t, "tries@example.com").await;
+    let other_verify = format!("/v1/tenants/{}/users/{}/verification", t.id, other["id"].as_str().unwrap());
+    assert_eq!(app.post(&other_verify, &t.admin_key, json!({})).await.status(), StatusCode::ACCEPTED);
+    let other_code = emailed_code(&inbox, "tries@example.com", "verification code", 0).await;
+    let wrong = if other_code == "000000" { "111111" } else { "000000" };
+    for _ in 0..5 {
+        let res = app.post(&format!("{other_verify}/confirm"), &t.admin_key, json!({"code": wrong})).await;
+        expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let res = app.post(&format!("{other_verify}/confirm"), &t.admin_key, json!({"code": other_code})).await;
+    expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+
+    // Reset: 202 for every email; a code only to the real one.
+    let session = signed_in(&app, &t, "codes@example.com").await;
+    let reset = format!("/v1/tenants/{}/auth/password-reset", t.id);
+    for email in ["codes@example.com", "nobody@example.com"] {
+        assert_eq!(post_anon(&app, &reset, json!({"email": email})).await.status(), StatusCode::ACCEPTED);
+    }
+    let reset_code = emailed_code(&inbox, "codes@example.com", "password reset code", 0).await;
+    let confirm = format!("{reset}/confirm");
+    let wrong = if reset_code == "000000" { "111111" } else { "000000" };
+    let mut refusals = Vec::new();
+    for (email, code) in [("codes@example.com", wrong), ("nobody@example.com", reset_code.as_str())] {
+        let res = post_anon(&app, &confirm, json!({"email": email, "code": code, "password": "after the reset"})).await;
+        let mut p = expect_problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+        p.as_object_mut().unwrap().remove("request_id");
+        p.as_object_mut().unwrap().remove("instance");
+        refusals.push(p);
+    }
+    assert_eq!(refusals[0], refusals[1], "a wrong code and an unknown email answer alike");
+    let res = post_anon(
+        &app,
+        &confirm,
+        json!({"email": "codes@example.com", "code": reset_code, "password": "after the reset"}),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    expect_problem(me(&app, &t, session["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED).await;
+    expect_problem(login(&app, &t, "codes@example.com", PASSWORD).await, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(login(&app, &t, "codes@example.com", "after the reset").await.status(), StatusCode::OK);
+
+    // Events, and no code in the outbox.
+    let outbox = db.store().await.outbox_after(0, u32::MAX).await.unwrap();
+    let types: Vec<&str> = outbox.iter().map(|r| r.event.event_type.as_str()).collect();
+    assert!(types.contains(&"user.verified") && types.contains(&"user.password_changed"), "{types:?}");
+    let everything = serde_json::to_string(&outbox.iter().map(|r| &r.event).collect::<Vec<_>>()).unwrap();
+    for secret in [code.as_str(), other_code.as_str(), reset_code.as_str(), "after the reset"] {
+        assert!(!everything.contains(&format!("\"{secret}\"")), "a secret in the outbox");
+    }
+    app.stop().await;
+}

@@ -184,7 +184,14 @@ async fn a_deletion_that_wins_the_race_stays_deleted(whole_tenant: bool) {
     });
     let dir = tempfile::tempdir().unwrap();
     let mailer = eventra::mail::from_config(None, dir.path().join("mail")).unwrap();
-    let kinds = Kinds::standard(store.clone(), mailer, "Eventra <no-reply@example.com>".into(), index);
+    let sealer =
+        std::sync::Arc::new(
+            eventra::webhooks::secret_box::SecretBox::from_base64(
+                &eventra::webhooks::secret_box::SecretBox::generate_key(),
+            )
+            .unwrap(),
+        );
+    let kinds = Kinds::standard(store.clone(), mailer, "Eventra <no-reply@example.com>".into(), index, sealer);
     let queue: Arc<dyn JobQueue> = Arc::new(
         SqliteJobQueue::open(&format!("sqlite://{}", dir.path().join("jobs.db").display()), QueueConfig::default())
             .await

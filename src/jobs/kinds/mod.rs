@@ -3,6 +3,7 @@
 //! least once (a worker may die after the effect and before the ack).
 
 mod audit;
+pub mod auth_code_email;
 pub mod index;
 mod noop;
 pub mod welcome_email;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use audit::{Audit, AuditArgs};
+pub use auth_code_email::AuthCodeEmail;
 pub use index::Indexing;
 pub use noop::Noop;
 pub use welcome_email::WelcomeEmail;
@@ -142,17 +144,19 @@ pub(crate) fn outcomes<T>(
 pub struct Kinds(HashMap<String, Arc<dyn JobKind>>);
 
 impl Kinds {
-    /// Eventra's own kinds: `noop`, `audit`, `welcome_email`, and the indexing kinds
+    /// Eventra's own kinds: `noop`, `audit`, `welcome_email`, `auth_code_email`, and the indexing kinds
     /// (`index_user`, `unindex_user`, `unindex_tenant`).
     pub fn standard(
         store: Arc<dyn Store>,
         mailer: Arc<dyn Mailer>,
         mail_from: String,
         index: Arc<dyn crate::search::SearchIndex>,
+        sealer: Arc<crate::webhooks::secret_box::SecretBox>,
     ) -> Self {
         let mut kinds = Kinds::default()
             .with(Arc::new(Noop))
             .with(Arc::new(Audit::new(store.clone(), index.clone())))
+            .with(Arc::new(AuthCodeEmail::new(mailer.clone(), mail_from.clone(), sealer)))
             .with(Arc::new(WelcomeEmail::new(store.clone(), mailer, mail_from)));
         for k in Indexing::kinds(store, index) {
             kinds = kinds.with(k);
