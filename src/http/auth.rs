@@ -299,6 +299,23 @@ async fn rotate(State(s): State<AppState>, caller: Caller) -> Result<Json<Rotate
     Ok(Json(Rotated { kid: s.auth.rotate_keys().await? }))
 }
 
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(set_password))
+        .routes(routes!(start_verification))
+        .routes(routes!(confirm_verification))
+        .routes(routes!(request_reset))
+        .routes(routes!(confirm_reset))
+        .routes(routes!(me))
+        .routes(routes!(sessions))
+        .routes(routes!(revoke_session))
+        .routes(routes!(jwks))
+        .routes(routes!(rotate))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,21 +339,4 @@ mod tests {
         );
         assert_eq!(client_ip(proxy, &req("garbage"), &trusted), proxy);
     }
-}
-
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(login))
-        .routes(routes!(refresh))
-        .routes(routes!(logout))
-        .routes(routes!(set_password))
-        .routes(routes!(start_verification))
-        .routes(routes!(confirm_verification))
-        .routes(routes!(request_reset))
-        .routes(routes!(confirm_reset))
-        .routes(routes!(me))
-        .routes(routes!(sessions))
-        .routes(routes!(revoke_session))
-        .routes(routes!(jwks))
-        .routes(routes!(rotate))
 }
