@@ -576,3 +576,199 @@ async fn verification_and_password_reset_by_emailed_codes() {
     }
     app.stop().await;
 }
+
+/// Must-show 5: the real binary, logging at `debug`, through sign-in, refresh, reuse,
+/// a password change, verification and a reset: no password, code or token in any log
+/// line, in the outbox or in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line_an_event_or_the_audit_log() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let token = "log-test-admin-token-0123456789";
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("EVENTRA_DATA_DIR")
+        .env("EVENTRA_ADMIN_TOKEN", token)
+        .env("EVENTRA_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn eventra");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let _ = tx.send(first.clone());
+        sink.lock().unwrap().push(first);
+        for l in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let base = rx.await.unwrap().strip_prefix("Eventra listening on ").expect("url line").to_owned();
+    eventra::tls::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let call = |m: Method, path: &str, bearer: Option<&str>, body: Option<Value>| {
+        let mut r = http.request(m, format!("{base}{path}"));
+        if let Some(b) = bearer {
+            r = r.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let created: Value = crate::utils::wait_for("the binary answers", std::time::Duration::from_secs(30), || async {
+        let res =
+            call(Method::POST, "/v1/tenants", Some(token), Some(json!({"name": "Logs", "slug": "logs"}))).await.ok()?;
+        res.json().await.ok()
+    })
+    .await;
+    let tid = created["tenant"]["id"].as_str().unwrap().to_owned();
+    let key = created["api_key"]["key"].as_str().unwrap().to_owned();
+    let user: Value = call(
+        Method::POST,
+        &format!("/v1/tenants/{tid}/users"),
+        Some(&key),
+        Some(json!({"email": "logs@example.com", "name": "Logs", "password": PASSWORD})),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let uid = user["id"].as_str().unwrap().to_owned();
+    let login_body = json!({"email": "logs@example.com", "password": PASSWORD});
+    let pair: Value = call(Method::POST, &format!("/v1/tenants/{tid}/auth/login"), None, Some(login_body))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let wrong = json!({"email": "logs@example.com", "password": "a wrong guess 123"});
+    assert_eq!(
+        call(Method::POST, &format!("/v1/tenants/{tid}/auth/login"), None, Some(wrong)).await.unwrap().status(),
+        401
+    );
+    let access = pair["access_token"].as_str().unwrap().to_owned();
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    let second: Value =
+        call(Method::POST, &format!("/v1/tenants/{tid}/auth/refresh"), None, Some(json!({"refresh_token": refresh})))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        call(Method::POST, &format!("/v1/tenants/{tid}/auth/refresh"), None, Some(json!({"refresh_token": refresh})))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let change = json!({"password": "a changed password"});
+    assert_eq!(
+        call(Method::PUT, &format!("/v1/tenants/{tid}/users/{uid}/password"), Some(&key), Some(change))
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        call(Method::POST, &format!("/v1/tenants/{tid}/users/{uid}/verification"), Some(&key), None)
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    // The embedded mailer writes `.eml` files: the code is read from there.
+    let mail_dir = dir.path().join("data/mail");
+    let code = crate::utils::wait_for("the code email", std::time::Duration::from_secs(30), || async {
+        let entries = std::fs::read_dir(&mail_dir).ok()?;
+        entries.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("code.")).find_map(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let at = text.find(" is ")? + 4;
+            Some(text[at..at + 6].to_owned())
+        })
+    })
+    .await;
+    let res = call(
+        Method::POST,
+        &format!("/v1/tenants/{tid}/users/{uid}/verification/confirm"),
+        Some(&key),
+        Some(json!({"code": code})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    // Every event audited: then the audit log is read back whole.
+    let audit: Value =
+        crate::utils::wait_for("the auth events audited", std::time::Duration::from_secs(30), || async {
+            let page: Value = call(Method::GET, &format!("/v1/tenants/{tid}/audit?limit=100"), Some(&key), None)
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let types: Vec<String> =
+                page["items"].as_array()?.iter().filter_map(|e| e["type"].as_str().map(str::to_owned)).collect();
+            [
+                "auth.login_succeeded",
+                "auth.login_failed",
+                "auth.refresh_reuse_detected",
+                "user.password_changed",
+                "user.verified",
+            ]
+            .iter()
+            .all(|t| types.iter().any(|x| x == t))
+            .then_some(page)
+        })
+        .await;
+    let lines = logs.lock().unwrap().clone();
+    assert!(lines.len() > 50, "debug logs captured: {}", lines.len());
+    let audit_text = audit.to_string();
+    let secrets = [
+        PASSWORD,
+        "a wrong guess 123",
+        "a changed password",
+        access.as_str(),
+        refresh.as_str(),
+        second["refresh_token"].as_str().unwrap(),
+        second["access_token"].as_str().unwrap(),
+    ];
+    for secret in secrets {
+        assert!(!lines.iter().any(|l| l.contains(secret)), "a secret in the logs");
+        assert!(!audit_text.contains(secret), "a secret in the audit log");
+    }
+    let quoted = format!("\"{code}\"");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains(&quoted) || l.contains(&format!("code {code}")) || l.contains(&format!("={code}"))),
+        "the code in the logs"
+    );
+    assert!(!audit_text.contains(&quoted), "the code in the audit log");
+    // The refresh token's first characters (a prefix could be logged as an "id").
+    assert!(!lines.iter().any(|l| l.contains(&refresh[..16])));
+}
