@@ -68,6 +68,9 @@ enum Bench {
     Webhooks(eventra::bench::webhooks::WebhooksBenchArgs),
     /// Custom events accepted/s (batches and single) and processed/s, vs the raw engine inserting the same rows
     Ingest(eventra::bench::ingest::IngestBenchArgs),
+    /// Sign-ins/s (Argon2id at the server's parameters) and access-token checks/s
+    /// through the API, vs raw argon2 and ring in this process.
+    Auth(eventra::bench::auth::AuthBenchArgs),
     /// User search latency (embedded): the HTTP API vs the index in-process.
     Search(eventra::bench::search::SearchBenchArgs),
     /// `reindex` throughput and an identical result set, vs raw reads and raw tantivy.
@@ -145,6 +148,11 @@ fn main() -> ExitCode {
                 } else {
                     Err("invariants violated".to_owned())
                 }
+            }
+            Command::Bench(Bench::Auth(args)) => {
+                let report = eventra::bench::auth::run(args).await?;
+                println!("{}", eventra::bench::auth::table(&report));
+                Ok(())
             }
             Command::Bench(Bench::Ingest(args)) => {
                 let report = eventra::bench::ingest::run(args).await?;

@@ -2,6 +2,7 @@
 //! same run, the raw engines (and reference systems) doing the same work, so every
 //! figure comes with its baseline. Results go to BENCHMARKS.md with the command.
 
+pub mod auth;
 pub mod e2e;
 pub mod harness;
 pub mod ingest;

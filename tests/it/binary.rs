@@ -172,6 +172,21 @@ async fn bench_ingest_runs_on_embedded() {
     assert!(cells[12].contains("rows/s"), "the raw baseline ran: {row}");
 }
 
+/// `eventra bench auth`, short (CI): sign-ins and token checks through an embedded
+/// server with cheap Argon2 parameters, and the raw argon2 and ring runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_auth_runs_on_embedded() {
+    let stdout =
+        run_command(&["bench", "auth", "--users", "8", "--seconds", "1", "--memory-kib", "8192", "--iterations", "1"])
+            .await;
+    assert!(stdout.contains("Argon2id m=8192 KiB, t=1, p=1"), "{stdout}");
+    for what in ["| Eventra sign-ins", "| raw Argon2id", "| Eventra token checks", "| raw EdDSA"] {
+        let row = stdout.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("{what}: {stdout}"));
+        let rate: f64 = row.split('|').nth(2).map(str::trim).and_then(|c| c.parse().ok()).unwrap_or(0.0);
+        assert!(rate > 0.0, "{row}");
+    }
+}
+
 /// `eventra bench tenants`, short (CI): 300 tenants touched once with a limit of 100
 /// managers: at most 100 run afterwards (the others were passivated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
