@@ -73,6 +73,9 @@ pub struct Tenants {
     managers: Arc<quick_cache::sync::Cache<Uuid, ManagerHandle>>,
     /// Verified API keys by secret hash, with when they were read.
     keys: Arc<quick_cache::sync::Cache<String, (ApiKey, Instant)>>,
+    /// Tenants' `rate_limit_per_second`, with when they were read (same TTL as keys;
+    /// a change in this process applies at once).
+    rates: Arc<quick_cache::sync::Cache<Uuid, (i64, Instant)>>,
     /// Refuses writes while the effects fall behind (see `jobs::lag`).
     lag: Arc<crate::jobs::EffectLag>,
 }
@@ -91,6 +94,7 @@ impl Tenants {
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             managers: Arc::new(quick_cache::sync::Cache::new(max_managers.max(1))),
             keys: Arc::new(quick_cache::sync::Cache::new(KEY_CACHE_SIZE)),
+            rates: Arc::new(quick_cache::sync::Cache::new(KEY_CACHE_SIZE)),
             lag: crate::jobs::EffectLag::off(),
         }
     }
@@ -161,7 +165,21 @@ impl Tenants {
 
     pub async fn update_tenant(&self, id: Uuid, patch: TenantPatch, ctx: EventContext) -> Result<Tenant> {
         let r = self.store.update_tenant(id, &patch, &ctx).await.map_err(Error::from);
+        self.rates.remove(&id);
         self.wrote(r)
+    }
+
+    /// The tenant's requests a second per API key (0: no limit), cached for
+    /// [`KEY_CACHE_TTL`] (other processes' changes apply within it).
+    pub async fn rate_limit_of(&self, id: Uuid) -> Result<i64> {
+        if let Some((rate, read_at)) = self.rates.get(&id) {
+            if read_at.elapsed() < KEY_CACHE_TTL {
+                return Ok(rate);
+            }
+        }
+        let rate = self.store.get_tenant(id).await.map(|t| t.rate_limit_per_second).unwrap_or(0);
+        self.rates.insert(id, (rate, Instant::now()));
+        Ok(rate)
     }
 
     /// Deletes a tenant: its manager first finishes what it accepted and stops, then

@@ -97,6 +97,21 @@ impl Auth {
         Ok(Auth { store, hasher, keys, attempts, config, jobs, sealer, code_key })
     }
 
+    /// Spends one request of a tenant API key whose tenant allows `per_second` (0: no
+    /// limit); 429 past it. Shared through Redis like the sign-in limits.
+    pub async fn api_key_request(&self, key_id: Uuid, per_second: i64) -> Result<()> {
+        let Ok(burst) = u32::try_from(per_second) else { return Ok(()) };
+        if burst == 0 {
+            return Ok(());
+        }
+        let limit = rate_limit::Limit { burst, period: std::time::Duration::from_secs(1) };
+        self.attempts.check_limit(&format!("key:{key_id}"), limit).await.map_err(|r| Error::RateLimited {
+            limit: burst,
+            window_secs: 1,
+            retry_after_secs: r.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        })
+    }
+
     pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
         &self.config.trusted_proxies
     }

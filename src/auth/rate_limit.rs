@@ -40,7 +40,7 @@ return {1, 0}
 "#;
 
 /// One limit: `burst` attempts a `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limit {
     pub burst: u32,
     pub period: Duration,
@@ -57,15 +57,17 @@ type Local = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
 #[derive(Clone)]
 pub struct Limiter {
+    /// The limit of [`check`](Limiter::check).
     limit: Limit,
-    local: Arc<Local>,
+    /// One in-process limiter per limit in use (a tenant's key rate is its own).
+    local: Arc<std::sync::Mutex<std::collections::HashMap<Limit, Arc<Local>>>>,
     redis: Option<(Client, Script, String)>,
 }
 
 impl Limiter {
     /// In-process only.
     pub fn local(limit: Limit) -> Self {
-        Limiter { limit, local: Arc::new(RateLimiter::keyed(quota(limit))), redis: None }
+        Limiter { limit, local: Arc::default(), redis: None }
     }
 
     /// Shared through Redis (keys under `<namespace>:rl:`), with the in-process limiter
@@ -84,12 +86,17 @@ impl Limiter {
 
     /// Spends one attempt of `key`; `Err` when it is over the limit.
     pub async fn check(&self, key: &str) -> Result<(), Refused> {
+        self.check_limit(key, self.limit).await
+    }
+
+    /// [`check`](Limiter::check) against another limit (a tenant's own rate).
+    pub async fn check_limit(&self, key: &str, limit: Limit) -> Result<(), Refused> {
         if let Some((client, script, prefix)) = &self.redis {
-            let args = vec![self.limit.burst.to_string(), self.limit.period.as_micros().to_string()];
+            let args = vec![limit.burst.to_string(), limit.period.as_micros().to_string()];
             match script.evalsha_with_reload::<(i64, i64), _, _>(client, vec![format!("{prefix}{key}")], args).await {
                 Ok((1, _)) => return Ok(()),
                 Ok((_, wait_us)) => {
-                    return Err(self.refused(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))));
+                    return Err(refused(limit, Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))));
                 }
                 Err(e) => {
                     metrics::counter!("eventra_rate_limit_fallbacks_total").increment(1);
@@ -97,23 +104,31 @@ impl Limiter {
                 }
             }
         }
-        match self.local.check_key(&key.to_owned()) {
+        let local = match self.local.lock() {
+            Ok(mut map) => map.entry(limit).or_insert_with(|| Arc::new(RateLimiter::keyed(quota(limit)))).clone(),
+            // A poisoned map (a panic elsewhere while it was held): limit with a fresh one.
+            Err(_) => Arc::new(RateLimiter::keyed(quota(limit))),
+        };
+        match local.check_key(&key.to_owned()) {
             Ok(()) => Ok(()),
-            Err(not_until) => Err(self.refused(not_until.wait_time_from(DefaultClock::default().now()))),
+            Err(not_until) => Err(refused(limit, not_until.wait_time_from(DefaultClock::default().now()))),
         }
     }
 
     /// Forgets in-process keys that are back to a full burst (called periodically, so
     /// the map does not grow with every email ever tried).
     pub fn forget_idle(&self) {
-        self.local.retain_recent();
-        self.local.shrink_to_fit();
+        let limiters: Vec<Arc<Local>> = self.local.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        for l in limiters {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
     }
+}
 
-    fn refused(&self, wait: Duration) -> Refused {
-        metrics::counter!("eventra_rate_limited_total").increment(1);
-        Refused { retry_after: wait, limit: self.limit }
-    }
+fn refused(limit: Limit, wait: Duration) -> Refused {
+    metrics::counter!("eventra_rate_limited_total").increment(1);
+    Refused { retry_after: wait, limit }
 }
 
 fn quota(limit: Limit) -> Quota {

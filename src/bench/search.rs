@@ -207,7 +207,12 @@ async fn seed(users: usize) -> BenchResult<(PathBuf, Arc<dyn Store>, Uuid, Strin
     let store = crate::store::connect(&crate::config::default_sqlite_url(&dir), 8).await.map_err(err)?;
     store.migrate().await.map_err(err)?;
     let ctx = EventContext::system("bench-search");
-    let input = crate::domain::tenant::NewTenantInput { name: "Bench".into(), slug: "bench".into(), max_users: None };
+    let input = crate::domain::tenant::NewTenantInput {
+        name: "Bench".into(),
+        slug: "bench".into(),
+        max_users: None,
+        rate_limit_per_second: None,
+    };
     let tenant = NewTenant::parse(input, crate::domain::now()).map_err(|e| format!("{e:?}"))?;
     let key = NewApiKey::generate(tenant.id, Role::Admin, crate::domain::now());
     let secret = key.secret.clone();

@@ -296,7 +296,12 @@ mod tests {
     #[test]
     fn envelope_has_cloudevents_fields() {
         let t = crate::domain::NewTenant::parse(
-            crate::domain::tenant::NewTenantInput { name: "Acme".into(), slug: "acme".into(), max_users: None },
+            crate::domain::tenant::NewTenantInput {
+                name: "Acme".into(),
+                slug: "acme".into(),
+                max_users: None,
+                rate_limit_per_second: None,
+            },
             Utc::now(),
         )
         .unwrap()

@@ -16,6 +16,8 @@ pub struct Tenant {
     pub max_users: i64,
     /// Users the tenant has now; maintained in the same transactions that add/remove users.
     pub user_count: i64,
+    /// Requests a second each of the tenant's API keys may make; 0 means no limit.
+    pub rate_limit_per_second: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -38,6 +40,10 @@ pub struct NewTenantInput {
     #[serde(default)]
     #[schema(maximum = 4294967295_u64)]
     pub max_users: Option<u32>,
+    /// Requests a second per API key of the tenant; 0 (the default) means no limit.
+    #[serde(default)]
+    #[schema(maximum = 1000000)]
+    pub rate_limit_per_second: Option<u32>,
 }
 
 /// A validated tenant, ready to insert.
@@ -47,6 +53,7 @@ pub struct NewTenant {
     pub slug: String,
     pub name: String,
     pub max_users: i64,
+    pub rate_limit_per_second: i64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -55,11 +62,15 @@ impl NewTenant {
         let mut errors = ValidationErrors::new();
         let name = check_name(&mut errors, "name", &input.name);
         check_slug(&mut errors, &input.slug);
+        if input.rate_limit_per_second.is_some_and(|r| r > 1_000_000) {
+            errors.add("rate_limit_per_second", "must be at most 1000000 (0: no limit)");
+        }
         errors.into_result(NewTenant {
             id: Uuid::now_v7(),
             slug: input.slug,
             name,
             max_users: i64::from(input.max_users.unwrap_or(0)),
+            rate_limit_per_second: i64::from(input.rate_limit_per_second.unwrap_or(0)),
             created_at: now,
         })
     }
@@ -71,6 +82,7 @@ impl NewTenant {
             slug: self.slug.clone(),
             name: self.name.clone(),
             max_users: self.max_users,
+            rate_limit_per_second: self.rate_limit_per_second,
             user_count: 0,
             created_at: self.created_at,
             updated_at: self.created_at,
@@ -92,6 +104,9 @@ pub struct TenantPatch {
     /// 0 means no limit.
     #[schema(maximum = 4294967295_u64)]
     pub max_users: Option<u32>,
+    /// Requests a second per API key; 0 means no limit.
+    #[schema(maximum = 1000000)]
+    pub rate_limit_per_second: Option<u32>,
 }
 
 impl TenantPatch {
@@ -99,6 +114,9 @@ impl TenantPatch {
         let mut errors = ValidationErrors::new();
         if let Some(name) = &self.name {
             self.name = Some(check_name(&mut errors, "name", name));
+        }
+        if self.rate_limit_per_second.is_some_and(|r| r > 1_000_000) {
+            errors.add("rate_limit_per_second", "must be at most 1000000 (0: no limit)");
         }
         errors.into_result(self)
     }
@@ -111,6 +129,9 @@ impl TenantPatch {
         }
         if let Some(max) = self.max_users {
             after.max_users = i64::from(max);
+        }
+        if let Some(rate) = self.rate_limit_per_second {
+            after.rate_limit_per_second = i64::from(rate);
         }
         if after == *before {
             return None;
@@ -133,7 +154,7 @@ mod tests {
     use super::*;
 
     fn input(slug: &str, name: &str) -> NewTenantInput {
-        NewTenantInput { name: name.into(), slug: slug.into(), max_users: None }
+        NewTenantInput { name: name.into(), slug: slug.into(), max_users: None, rate_limit_per_second: None }
     }
 
     #[test]
@@ -156,7 +177,7 @@ mod tests {
     #[test]
     fn patch_without_change_is_none() {
         let t = NewTenant::parse(input("acme", "Acme"), Utc::now()).unwrap().to_tenant();
-        let same = TenantPatch { name: Some("Acme".into()), max_users: Some(0) };
+        let same = TenantPatch { name: Some("Acme".into()), max_users: Some(0), rate_limit_per_second: None };
         assert!(same.apply(&t, Utc::now()).is_none());
         let p = TenantPatch { max_users: Some(5), ..Default::default() };
         assert_eq!(p.apply(&t, Utc::now()).unwrap().max_users, 5);

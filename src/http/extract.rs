@@ -160,6 +160,8 @@ impl FromRequestParts<AppState> for Principal {
         match state.tenants.find_api_key(&hash_secret(token)).await? {
             Some(key) => {
                 tracing::Span::current().record("tenant_id", tracing::field::display(key.tenant_id));
+                let rate = state.tenants.rate_limit_of(key.tenant_id).await?;
+                state.auth.api_key_request(key.id, rate).await?;
                 Ok(Principal::TenantKey(key))
             }
             None => Err(Error::Unauthorized("the bearer token is not valid".into())),

@@ -334,14 +334,15 @@ macro_rules! sql_store_impl {
                 let tenant = t.to_tenant();
                 let mut tx = self.writer.begin().await?;
                 sqlx::query(
-                    "INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, 0, 1, $5, $5)",
+                    "INSERT INTO tenants (id, slug, name, max_users, user_count, event_seq, created_at, updated_at, \
+                     rate_limit_per_second) VALUES ($1, $2, $3, $4, 0, 1, $5, $5, $6)",
                 )
                 .bind(tenant.id)
                 .bind(&tenant.slug)
                 .bind(&tenant.name)
                 .bind(tenant.max_users)
                 .bind(tenant.created_at)
+                .bind(tenant.rate_limit_per_second)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| $crate::store::sql::conflict_or(e, || format!("a tenant with slug '{}' already exists", tenant.slug)))?;
@@ -391,11 +392,15 @@ macro_rules! sql_store_impl {
                 let Some(after) = patch.apply(&before, crate::domain::now()) else {
                     return Ok(before); // nothing changes: the rollback returns the event number
                 };
-                sqlx::query("UPDATE tenants SET name = $2, max_users = $3, updated_at = $4 WHERE id = $1")
-                    .bind(id)
-                    .bind(&after.name)
-                    .bind(after.max_users)
-                    .bind(after.updated_at)
+                sqlx::query(
+                    "UPDATE tenants SET name = $2, max_users = $3, updated_at = $4, rate_limit_per_second = $5 \
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&after.name)
+                .bind(after.max_users)
+                .bind(after.updated_at)
+                .bind(after.rate_limit_per_second)
                     .execute(&mut *tx)
                     .await?;
                 let event = $crate::domain::DomainEvent::tenant_updated(&before, &after, ctx);

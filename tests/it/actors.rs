@@ -31,7 +31,8 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let root = Root::start(deps).await.unwrap();
     let tenants = Tenants::new(root.tenants.clone(), store, Duration::from_secs(10), 100);
 
-    let input = NewTenantInput { name: "Idle".into(), slug: "idle".into(), max_users: None };
+    let input =
+        NewTenantInput { name: "Idle".into(), slug: "idle".into(), max_users: None, rate_limit_per_second: None };
     let (tenant, _) =
         tenants.create_tenant(NewTenant::parse(input, eventra::domain::now()).unwrap(), ctx()).await.unwrap();
     assert!(tenants.managers().await.unwrap().is_empty(), "creating a tenant starts no manager");

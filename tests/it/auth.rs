@@ -772,3 +772,45 @@ async fn no_secret_reaches_a_log_line_an_event_or_the_audit_log() {
     // The refresh token's first characters (a prefix could be logged as an "id").
     assert!(!lines.iter().any(|l| l.contains(&refresh[..16])));
 }
+
+/// A tenant's `rate_limit_per_second` limits each of its API keys; 0 lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_keys_are_limited_to_its_rate() {
+    let db = TestDb::sqlite();
+    let app = TestApp::start(db.url()).await;
+    let res = app
+        .post("/v1/tenants", ADMIN_TOKEN, json!({"name": "Rated", "slug": "rated", "rate_limit_per_second": 2}))
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["tenant"]["rate_limit_per_second"], 2);
+    let (tid, key) =
+        (body["tenant"]["id"].as_str().unwrap().to_owned(), body["api_key"]["key"].as_str().unwrap().to_owned());
+    let other = app.tenant("unrated", 0).await;
+    let path = format!("/v1/tenants/{tid}/users");
+    // Ten at once: two pass (plus one for each half second the burst took), the rest 429.
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..10).map(|_| app.get(&path, &key))).await;
+    let refills = (started.elapsed().as_millis() / 500) as usize;
+    let ok = answers.iter().filter(|r| r.status() == StatusCode::OK).count();
+    assert!(ok >= 2 && ok <= 2 + refills, "{ok} passed in {:?}", started.elapsed());
+    let limited = answers.iter().find(|r| r.status() == StatusCode::TOO_MANY_REQUESTS).expect("some refused");
+    assert_eq!(limited.headers()["ratelimit-policy"], "2;w=1");
+    assert!(limited.headers().contains_key("retry-after"));
+    // Another tenant's key is not limited by it.
+    for _ in 0..5 {
+        assert_eq!(
+            app.get(&format!("/v1/tenants/{}/users", other.id), &other.admin_key).await.status(),
+            StatusCode::OK
+        );
+    }
+    // Out of range: 422; 0 lifts the limit.
+    let bad = app.patch(&format!("/v1/tenants/{tid}"), ADMIN_TOKEN, json!({"rate_limit_per_second": 2_000_000})).await;
+    expect_problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let res = app.patch(&format!("/v1/tenants/{tid}"), ADMIN_TOKEN, json!({"rate_limit_per_second": 0})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    for _ in 0..5 {
+        assert_eq!(app.get(&path, &key).await.status(), StatusCode::OK);
+    }
+    app.stop().await;
+}

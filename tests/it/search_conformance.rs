@@ -329,8 +329,12 @@ async fn reindex_rebuilds_the_index_from_the_database() {
     let db = crate::utils::TestDb::sqlite();
     let store = db.store().await;
     let ctx = eventra::domain::EventContext::system("reindex-test");
-    let input =
-        eventra::domain::tenant::NewTenantInput { name: "Re".into(), slug: "reindex-t".into(), max_users: None };
+    let input = eventra::domain::tenant::NewTenantInput {
+        name: "Re".into(),
+        slug: "reindex-t".into(),
+        max_users: None,
+        rate_limit_per_second: None,
+    };
     let t = eventra::domain::NewTenant::parse(input, eventra::domain::now()).unwrap();
     let key = eventra::domain::NewApiKey::generate(t.id, eventra::domain::Role::Admin, eventra::domain::now());
     let tenant = store.create_tenant(&t, &key, &ctx).await.unwrap();

@@ -29,7 +29,12 @@ async fn expect_events(s: &Arc<dyn Store>, n: usize, before: usize) -> Vec<Outbo
 }
 
 async fn tenant(s: &Arc<dyn Store>, slug: &str, max_users: u32) -> Tenant {
-    let input = NewTenantInput { name: slug.to_uppercase(), slug: slug.into(), max_users: Some(max_users) };
+    let input = NewTenantInput {
+        name: slug.to_uppercase(),
+        slug: slug.into(),
+        max_users: Some(max_users),
+        rate_limit_per_second: None,
+    };
     let t = NewTenant::parse(input, eventra::domain::now()).expect("valid tenant");
     let key = NewApiKey::generate(t.id, Role::Admin, eventra::domain::now());
     s.create_tenant(&t, &key, &ctx()).await.expect("create tenant")
@@ -123,15 +128,27 @@ pub async fn tenant_changes_write_one_event_each(s: Arc<dyn Store>) {
     assert_eq!(rows[0].event.data["tenant"]["slug"], "acme");
     assert!(rows[0].published_at.is_none());
 
-    let renamed =
-        s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
+    let renamed = s
+        .update_tenant(
+            t.id,
+            &TenantPatch { name: Some("Acme Inc".into()), max_users: None, rate_limit_per_second: None },
+            &ctx(),
+        )
+        .await
+        .unwrap();
     assert_eq!(renamed.name, "Acme Inc");
     let rows = expect_events(&s, 1, 1).await;
     assert_eq!(rows[0].event.event_type, EventType::TenantUpdated);
     assert_eq!(rows[0].event.data["before"]["name"], "ACME");
 
     // A patch that changes nothing writes nothing.
-    s.update_tenant(t.id, &TenantPatch { name: Some("Acme Inc".into()), max_users: None }, &ctx()).await.unwrap();
+    s.update_tenant(
+        t.id,
+        &TenantPatch { name: Some("Acme Inc".into()), max_users: None, rate_limit_per_second: None },
+        &ctx(),
+    )
+    .await
+    .unwrap();
     expect_events(&s, 0, 2).await;
 
     let key = NewApiKey::generate(t.id, Role::Reader, eventra::domain::now());
@@ -230,7 +247,7 @@ pub async fn failed_changes_write_nothing(s: Arc<dyn Store>) {
         Err(StoreError::NotFound("tenant"))
     ));
     let again = NewTenant::parse(
-        NewTenantInput { name: "x".into(), slug: "limits".into(), max_users: None },
+        NewTenantInput { name: "x".into(), slug: "limits".into(), max_users: None, rate_limit_per_second: None },
         eventra::domain::now(),
     )
     .unwrap();
