@@ -814,3 +814,31 @@ async fn a_tenants_keys_are_limited_to_its_rate() {
     }
     app.stop().await;
 }
+
+/// Raising the Argon2 parameters: an older hash still signs its user in, and is
+/// replaced by one with the new parameters at that sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_made_with_older_parameters_is_upgraded_at_sign_in() {
+    use eventra::auth::password::HashCost;
+    let db = TestDb::sqlite();
+    let cheap = HashCost { memory_kib: 8_192, iterations: 1, lanes: 1 };
+    let app = TestApp::start_with(db.url(), |c| c.auth.hash_cost = cheap).await;
+    let secret = app.config.secret_key.clone();
+    let t = app.tenant("rehash", 0).await;
+    user_with_password(&app, &t, "old@example.com").await;
+    app.stop().await;
+    let store = db.store().await;
+    let hash_of = || async {
+        store.user_credentials(t.id, "old@example.com").await.unwrap().and_then(|(_, h)| h).expect("a hash")
+    };
+    assert!(hash_of().await.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"));
+    let app = TestApp::start_with(db.url(), |c| {
+        c.secret_key = secret;
+        c.auth.hash_cost = HashCost::default();
+    })
+    .await;
+    signed_in(&app, &t, "old@example.com").await;
+    assert!(hash_of().await.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "upgraded");
+    signed_in(&app, &t, "old@example.com").await;
+    app.stop().await;
+}
