@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{ApiJson, ApiPath, Caller, RequestId};
-use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, Unavailable};
+use super::openapi::{AuthProblems, BodyProblems, NotFound, QueryProblems, RateLimited, Unavailable};
 use super::AppState;
 use crate::auth::keys::Jwks;
 use crate::auth::Client;
@@ -96,8 +96,7 @@ async fn user_or_key(
     request_body = LoginInput,
     responses((status = 200, description = "Signed in", body = TokenPair),
         (status = 401, description = "The email or password is wrong, or the user cannot sign in", body = super::problem::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many attempts for this email or from this IP (`Retry-After`, `RateLimit`, `RateLimit-Policy`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        BodyProblems, Unavailable))]
+        RateLimited, BodyProblems, Unavailable))]
 async fn login(
     State(s): State<AppState>,
     parts: Parts,
@@ -132,8 +131,7 @@ async fn refresh(
     params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
     request_body = PasswordChange,
     responses((status = 204, description = "Set; the other sessions are revoked"),
-        (status = 429, description = "Too many wrong current passwords (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        AuthProblems, BodyProblems, NotFound, Unavailable))]
+        RateLimited, AuthProblems, BodyProblems, NotFound, Unavailable))]
 async fn set_password(
     State(s): State<AppState>,
     mut parts: Parts,
@@ -157,8 +155,7 @@ async fn set_password(
     params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
     responses((status = 202, description = "The code is on its way", body = CodeSent),
         (status = 409, description = "The email is verified already", body = super::problem::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        AuthProblems, QueryProblems, NotFound, Unavailable))]
+        RateLimited, AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn start_verification(
     State(s): State<AppState>,
     mut parts: Parts,
@@ -176,8 +173,7 @@ async fn start_verification(
     params(("tenant_id" = Uuid, Path, description = "The tenant"), ("user_id" = Uuid, Path, description = "The user")),
     request_body = CodeInput,
     responses((status = 200, description = "Verified", body = User),
-        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        AuthProblems, BodyProblems, NotFound, Unavailable))]
+        RateLimited, AuthProblems, BodyProblems, NotFound, Unavailable))]
 async fn confirm_verification(
     State(s): State<AppState>,
     mut parts: Parts,
@@ -195,8 +191,7 @@ async fn confirm_verification(
     params(("tenant_id" = Uuid, Path, description = "The tenant")),
     request_body = ResetRequest,
     responses((status = 202, description = "Accepted (nothing tells whether the email exists)"),
-        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        BodyProblems, Unavailable))]
+        RateLimited, BodyProblems, Unavailable))]
 async fn request_reset(
     State(s): State<AppState>,
     parts: Parts,
@@ -214,8 +209,7 @@ async fn request_reset(
     params(("tenant_id" = Uuid, Path, description = "The tenant")),
     request_body = ResetConfirm,
     responses((status = 204, description = "The password is set; every session is revoked"),
-        (status = 429, description = "Too many attempts (`Retry-After`)", body = super::problem::Problem, content_type = "application/problem+json"),
-        BodyProblems, Unavailable))]
+        RateLimited, BodyProblems, Unavailable))]
 async fn confirm_reset(
     State(s): State<AppState>,
     parts: Parts,

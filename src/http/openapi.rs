@@ -89,6 +89,7 @@ problems!(
     AuthProblems:
     "401" => "Missing or invalid bearer token",
     "403" => "The credentials may not do this (role too low, or platform admin only)",
+    "429" => "The API key is over its tenant's `rate_limit_per_second`; retry after `Retry-After`",
 );
 problems!(
     /// A request whose body is read.
@@ -113,6 +114,11 @@ problems!(
     /// Ingestion backpressure (with `Retry-After`).
     Backlog:
     "429" => "The tenant's accepted events not yet processed are past the limit; retry after `Retry-After`",
+);
+problems!(
+    /// Over a rate limit (with `Retry-After`, `RateLimit` and `RateLimit-Policy`).
+    RateLimited:
+    "429" => "Too many attempts for this email, from this IP, or with this API key; retry after `Retry-After`",
 );
 problems!(
     /// A dependency is down or the service is shedding load (with `Retry-After`).
