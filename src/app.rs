@@ -241,7 +241,9 @@ pub async fn run_with(
     let tenants = Tenants::new(root.tenants.clone(), store, ACTOR_CALL_TIMEOUT, config.max_tenant_managers)
         .with_outbox_wake(outbox_wake)
         .with_effect_lag(effect_lag);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = AppState {
+        draining: draining.clone(),
         tenants,
         admin_token: Arc::new(config.admin_token.clone()),
         tree: root.tree.clone(),
@@ -273,9 +275,24 @@ pub async fn run_with(
     let stop = {
         let tree_died = tree_died.clone();
         let mut join = root.join;
+        let (draining, grace) = (draining.clone(), config.drain_grace);
         async move {
             tokio::select! {
-                _ = shutdown => {}
+                _ = shutdown => {
+                    // Readiness turns 503 first; requests are still served meanwhile, so
+                    // a load balancer takes this process out before its listener closes.
+                    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                    if !grace.is_zero() {
+                        tracing::info!(grace_ms = grace.as_millis() as u64,
+                            "draining: readiness answers 503; new connections refused after the grace");
+                        tokio::select! {
+                            _ = tokio::time::sleep(grace) => {}
+                            _ = &mut join => {
+                                tree_died.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }
+                }
                 _ = &mut join => {
                     tracing::error!("the supervision tree stopped; shutting down");
                     tree_died.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// milliseconds behind and still working (see `jobs::lag`); 0 turns it off.
     #[arg(long, env = "EVENTRA_MAX_EFFECT_LAG_MS", default_value_t = 2_000)]
     pub max_effect_lag_ms: u64,
+    /// On SIGTERM, how long readiness answers 503 while requests are still served, so a
+    /// load balancer stops sending new ones before the listener closes (at most 5000:
+    /// with the HTTP and actor drains, SIGTERM still exits within 30 s).
+    #[arg(long, env = "EVENTRA_DRAIN_GRACE_MS", default_value_t = 3_000)]
+    pub drain_grace_ms: u64,
     /// Custom-event ingestion answers 429 (`Retry-After`) while this many of a tenant's
     /// events are accepted and not yet processed; 0 turns it off.
     #[arg(long, env = "EVENTRA_INGEST_MAX_BACKLOG", default_value_t = 100_000)]
@@ -436,6 +441,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// See `EVENTRA_MAX_EFFECT_LAG_MS` (zero: off).
     pub max_effect_lag: std::time::Duration,
+    /// See `EVENTRA_DRAIN_GRACE_MS`.
+    pub drain_grace: std::time::Duration,
     /// See `EVENTRA_INGEST_MAX_BACKLOG` (zero: off).
     pub ingest_max_backlog: u64,
     /// See `EVENTRA_WEBHOOK_ALLOW_PRIVATE`.
@@ -470,6 +477,9 @@ impl Config {
         }
         if let Some(bad) = a.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(ConfigError::Invalid(format!("unknown role '{bad}'; roles are {}", ROLES.join(","))));
+        }
+        if a.drain_grace_ms > 5_000 {
+            return Err(ConfigError::Invalid("EVENTRA_DRAIN_GRACE_MS must be at most 5000".into()));
         }
         if a.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid("EVENTRA_MAX_BODY_BYTES must be at least 1024".into()));
@@ -509,6 +519,7 @@ impl Config {
             max_tenant_managers: a.max_tenant_managers.max(1),
             max_body_bytes: a.max_body_bytes,
             max_effect_lag: std::time::Duration::from_millis(a.max_effect_lag_ms),
+            drain_grace: std::time::Duration::from_millis(a.drain_grace_ms),
             ingest_max_backlog: a.ingest_max_backlog,
             webhook_allow_private: a.webhook_allow_private,
             webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.clamp(100, 120_000)),
@@ -541,6 +552,8 @@ impl Config {
             max_tenant_managers: DEFAULT_MAX_TENANT_MANAGERS,
             max_body_bytes: 64 * 1024,
             max_effect_lag: std::time::Duration::from_secs(2),
+            // Tests and tools stop at once; `serve` defaults to 3 s.
+            drain_grace: std::time::Duration::ZERO,
             ingest_max_backlog: 100_000,
             webhook_allow_private: false,
             webhook_timeout: std::time::Duration::from_secs(15),

@@ -44,6 +44,10 @@ async fn check<E: std::fmt::Display + Send + 'static>(
         (status = 503, description = "A dependency is down (its check says `down` and why)", body = serde_json::Value),
     ))]
 async fn ready(State(s): State<AppState>) -> Response {
+    if s.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        let body = json!({"status": "draining", "detail": "shutting down: take this process out of rotation"});
+        return (StatusCode::SERVICE_UNAVAILABLE, [(axum::http::header::RETRY_AFTER, "5")], Json(body)).into_response();
+    }
     let store = s.tenants.store().clone();
     let (tenants, queue, bus, search) = (s.tenants.clone(), s.jobs.queue.clone(), s.bus.clone(), s.search.clone());
     let (

@@ -67,6 +67,8 @@ pub struct AppState {
     pub webhooks: crate::webhooks::Webhooks,
     /// Tenants' own events, their types and analytics (`/v1/tenants/{id}/events`).
     pub ingest: crate::ingest::Ingest,
+    /// Set when shutdown began: readiness answers 503 from then on.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// End-user sign-in, tokens and sessions (`/v1/tenants/{id}/auth/…`, the JWKS).
     pub auth: crate::auth::Auth,
     /// The search index (`/users/search`).

@@ -434,6 +434,40 @@ async fn health_endpoints_report_dependencies() {
     app.stop().await;
 }
 
+/// SIGTERM, for load balancers: readiness answers 503 at once while requests are still
+/// served for the grace; then new connections are refused, and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_readiness_503_first_then_closes_the_listener() {
+    let db = TestDb::sqlite();
+    let mut app = TestApp::start_with(db.url(), |c| c.drain_grace = std::time::Duration::from_millis(1500)).await;
+    // A client with no pooled connection, so each request opens its own.
+    let fresh = || reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let base = app.base.clone();
+    let url = |p: &str| format!("{base}{p}");
+    assert_eq!(fresh().get(url("/health/ready")).send().await.unwrap().status(), StatusCode::OK);
+    let began = std::time::Instant::now();
+    app.begin_stop();
+    let draining = crate::utils::wait_for("readiness 503", std::time::Duration::from_secs(5), || async {
+        let res = fresh().get(url("/health/ready")).send().await.ok()?;
+        (res.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(res)
+    })
+    .await;
+    assert!(draining.headers().contains_key("retry-after"));
+    assert_eq!(draining.json::<Value>().await.unwrap()["status"], "draining");
+    // Still serving during the grace: liveness and the API, on new connections.
+    assert!(began.elapsed() < std::time::Duration::from_millis(1000), "checked within the grace");
+    assert_eq!(fresh().get(url("/health/live")).send().await.unwrap().status(), StatusCode::OK);
+    let res = fresh().get(url("/v1/tenants")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Then the listener closes.
+    crate::utils::wait_for("new connections refused", std::time::Duration::from_secs(10), || async {
+        fresh().get(url("/health/live")).send().await.err().filter(|e| e.is_connect()).map(|_| ())
+    })
+    .await;
+    assert!(began.elapsed() >= std::time::Duration::from_millis(1500), "not before the grace");
+    app.stop().await;
+}
+
 /// A client that sends its whole (oversized) body before reading the answer, as Python's
 /// urllib does, still reads the 413 problem instead of a connection reset.
 #[tokio::test]

@@ -82,6 +82,13 @@ impl TestApp {
         app
     }
 
+    /// Starts the graceful shutdown (SIGTERM's effect) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
     /// Stops the server (graceful shutdown) and returns what `run` returned.
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
