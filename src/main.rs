@@ -42,6 +42,17 @@ enum Command {
         #[arg(long, env = "EVENTRA_NAMESPACE", default_value = "eventra")]
         namespace: String,
     },
+    /// Probes a running server's readiness (for container health checks: the runtime
+    /// image has no curl): exit 0 when `/health/ready` answers 2xx within 2 s.
+    Health {
+        /// The server's address, as it was given to `serve` (port taken from it; an
+        /// unspecified host means this host).
+        #[arg(long, env = "EVENTRA_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// `ready` (load balancers) or `live` (restart only a stuck process).
+        #[arg(long, default_value = "ready", value_parser = ["ready", "live"])]
+        check: String,
+    },
     /// Benchmarks against the raw engines (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(Bench),
@@ -127,6 +138,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Health { listen, check } => health(listen, &check).await,
             Command::Reindex { data, tenant, opensearch_url, namespace } => {
                 reindex(data, tenant, opensearch_url, namespace).await
             }
@@ -252,4 +264,19 @@ async fn migrate(args: DataArgs) -> Result<(), String> {
     s.migrate().await.map_err(|e| e.to_string())?;
     println!("migrations applied to {}", store::redact_url(&url));
     Ok(())
+}
+
+/// `eventra health`: GET `/health/<check>` on this host's server, 2 s at most.
+async fn health(listen: std::net::SocketAddr, check: &str) -> Result<(), String> {
+    let host = if listen.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { listen.ip() };
+    let url = format!("http://{}/health/{check}", std::net::SocketAddr::new(host, listen.port()));
+    eventra::tls::install_crypto_provider();
+    let client =
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
+    let res = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    if res.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url}: {}", res.status()))
+    }
 }

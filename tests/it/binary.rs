@@ -68,6 +68,26 @@ async fn serve_on_embedded_defaults_then_sigterm() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["tenant"]["slug"], "bin");
     assert!(dir.path().join("data/eventra.db").exists(), "SQLite database under ./data");
+    // The container health check: `eventra health` against it succeeds, against a closed
+    // port fails.
+    let addr = base.trim_start_matches("http://").to_owned();
+    let probe = |listen: String| {
+        Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["health", "--listen", &listen])
+            .env_remove("EVENTRA_LISTEN")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || probe(addr)
+    })
+    .await
+    .unwrap());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    assert!(!tokio::task::spawn_blocking(move || probe(closed)).await.unwrap(), "a closed port is unhealthy");
 
     let mut server = child.0.take().unwrap();
     let pid = server.id().to_string();
@@ -274,7 +294,7 @@ fn the_compose_file_validates() {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for service in ["api:", "postgres:", "rabbitmq:", "redis:"] {
+    for service in ["api:", "relay:", "consumer:", "worker:", "postgres:", "rabbitmq:", "redis:", "opensearch:"] {
         assert!(text.lines().any(|l| l.trim() == service), "{service} in {text}");
     }
     // Without its secrets the file refuses to start rather than run with defaults.
@@ -287,4 +307,46 @@ fn the_compose_file_validates() {
         .output()
         .expect("docker-compose ran once already");
     assert!(!bare.status.success(), "the admin token and secret key are mandatory");
+}
+
+/// `docker/ecs/`: one task definition per role, each running `serve` with its roles, the
+/// binary's own health check and a stop timeout longer than the drain; the scaling
+/// policies name the services they scale, on the signals the README gives.
+#[test]
+fn the_ecs_examples_are_consistent() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/ecs");
+    let read = |f: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap() };
+    for (file, roles) in
+        [("api.json", "api"), ("relay.json", "relay"), ("consumer.json", "consumer"), ("worker.json", "worker,indexer")]
+    {
+        let td = read(file);
+        let c = &td["containerDefinitions"][0];
+        assert_eq!(c["command"], json!(["serve"]), "{file}");
+        let env = c["environment"].as_array().unwrap();
+        let var = |n: &str| env.iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
+        assert_eq!(var("EVENTRA_ROLES"), Some(json!(roles)), "{file}");
+        for role in roles.split(',') {
+            assert!(eventra::config::ROLES.contains(&role), "{file}: {role}");
+        }
+        assert_eq!(c["healthCheck"]["command"], json!(["CMD", "/usr/local/bin/eventra", "health"]), "{file}");
+        assert!(c["stopTimeout"].as_u64().unwrap() >= 35, "{file}");
+        let secrets: Vec<&str> = c["secrets"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        for s in ["DATABASE_URL", "AMQP_URL", "REDIS_URL", "EVENTRA_ADMIN_TOKEN", "EVENTRA_SECRET_KEY"] {
+            assert!(secrets.contains(&s), "{file}: secret {s}");
+        }
+    }
+    for (file, service) in [
+        ("scaling-api.json", "eventra-api"),
+        ("scaling-consumer.json", "eventra-consumer"),
+        ("scaling-worker.json", "eventra-worker"),
+    ] {
+        let p = read(file);
+        assert_eq!(p["ResourceId"], format!("service/eventra/{service}"), "{file}");
+        assert_eq!(p["PolicyType"], "TargetTrackingScaling");
+    }
+    assert_eq!(
+        read("scaling-worker.json")["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
+            ["MetricName"],
+        "effect_lag_seconds"
+    );
 }
