@@ -394,6 +394,9 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event that records no other change (`auth.login_failed`), in its
     /// tenant's order.
     async fn append_event(&self, event: &DomainEvent) -> StoreResult<()>;
+    /// Deletes sessions that expired or were revoked before `before` (their refresh
+    /// tokens with them) and one-time codes that expired before it; returns how many.
+    async fn purge_auth(&self, before: DateTime<Utc>) -> StoreResult<u64>;
     /// Every signing key, newest first.
     async fn signing_keys(&self) -> StoreResult<Vec<StoredKey>>;
     /// Adds a signing key; with `retire_others`, every other unretired key is retired

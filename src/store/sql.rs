@@ -1073,6 +1073,31 @@ macro_rules! sql_store_impl {
                 Ok(())
             }
 
+            async fn purge_auth(&self, before: chrono::DateTime<chrono::Utc>) -> $crate::store::StoreResult<u64> {
+                let mut tx = self.writer.begin().await?;
+                // Refresh tokens first (SQLite enforces the cascade only with its pragma on).
+                let tokens = sqlx::query(
+                    "DELETE FROM refresh_tokens WHERE session_id IN (SELECT id FROM auth_sessions \
+                     WHERE expires_at < $1 OR revoked_at < $1)",
+                )
+                .bind(before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let sessions = sqlx::query("DELETE FROM auth_sessions WHERE expires_at < $1 OR revoked_at < $1")
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                let codes = sqlx::query("DELETE FROM auth_codes WHERE expires_at < $1")
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(tokens + sessions + codes)
+            }
+
             async fn signing_keys(&self) -> $crate::store::StoreResult<Vec<$crate::store::StoredKey>> {
                 Ok(sqlx::query_as::<_, $crate::store::StoredKey>(
                     "SELECT kid, private_key, public_key, created_at, retired_at FROM signing_keys \

@@ -329,7 +329,14 @@ fn purge_task(store: Arc<dyn Store>) -> Task {
             if pruned > 0 {
                 tracing::info!(deleted = pruned, "pruned webhook delivery log rows past their retention");
             }
-            Ok(n + pruned)
+            // Sessions expired or revoked a day ago go with their refresh tokens (a spent
+            // token only matters while its session could still be used), and dead codes.
+            let auth =
+                store.purge_auth(chrono::Utc::now() - chrono::Duration::days(1)).await.map_err(|e| e.to_string())?;
+            if auth > 0 {
+                tracing::info!(deleted = auth, "purged ended sessions and expired one-time codes");
+            }
+            Ok(n + pruned + auth)
         })
     })
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use eventra::domain::tenant::NewTenantInput;
 use eventra::domain::user::NewUserInput;
 use eventra::domain::{
-    EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch, UserPatch,
+    DomainEvent, EventContext, EventType, NewApiKey, NewTenant, NewUser, PageRequest, Role, Tenant, TenantPatch,
+    UserPatch,
 };
 use eventra::store::{IdempotencyRequest, OutboxRecord, Store, StoreError, TenantWrite, WriteOutcome};
 use uuid::Uuid;
@@ -693,6 +694,73 @@ pub async fn one_failing_statement_fails_only_its_write(s: Arc<dyn Store>) {
     assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 2);
 }
 
+/// Sessions: refresh tokens rotate once, a spent one revokes the session (with its
+/// event), revocation is scoped to its user, codes count tries and redeem once, and
+/// ended sessions and dead codes are purged.
+pub async fn sessions_refresh_tokens_and_codes(s: Arc<dyn Store>) {
+    use eventra::domain::auth::Session;
+    use eventra::store::{CodeOutcome, RefreshUse};
+    let t = tenant(&s, "auth", 0).await;
+    let u = s.create_user(&new_user(t.id, "a@x.io"), None, &ctx()).await.unwrap().value;
+    let now = eventra::domain::now();
+    let session = Session {
+        id: Uuid::now_v7(),
+        tenant_id: t.id,
+        user_id: u.id,
+        created_at: now,
+        last_used_at: now,
+        expires_at: now + chrono::Duration::days(30),
+        user_agent: "test".into(),
+        ip: "192.0.2.1".into(),
+    };
+    let before = outbox(&s).await.len();
+    s.create_session(&session, "h1", &DomainEvent::auth_login_succeeded(&session, &ctx())).await.unwrap();
+    expect_events(&s, 1, before).await;
+    assert!(s.session_active(t.id, session.id).await.unwrap());
+    assert_eq!(s.sessions_of(t.id, u.id).await.unwrap(), vec![session.clone()]);
+    // Rotation, then reuse of the spent token, then the successor is dead too.
+    match s.use_refresh_token(t.id, "h1", "h2", "r").await.unwrap() {
+        RefreshUse::Rotated { session: got, user } => {
+            assert_eq!((got.id, user.id), (session.id, u.id));
+        }
+        other => panic!("{other:?}"),
+    }
+    let other = tenant(&s, "auth-other", 0).await;
+    assert_eq!(s.use_refresh_token(other.id, "h2", "x", "r").await.unwrap(), RefreshUse::Invalid, "another tenant's");
+    let before = outbox(&s).await.len();
+    assert!(matches!(s.use_refresh_token(t.id, "h1", "h3", "r").await.unwrap(), RefreshUse::Reused(_)));
+    let reuse = expect_events(&s, 1, before).await;
+    assert_eq!(reuse[0].event.event_type.as_str(), "auth.refresh_reuse_detected");
+    assert_eq!(s.use_refresh_token(t.id, "h2", "h4", "r").await.unwrap(), RefreshUse::Invalid);
+    assert!(!s.session_active(t.id, session.id).await.unwrap());
+    assert!(s.sessions_of(t.id, u.id).await.unwrap().is_empty());
+    // Revocation: only the session's own user's scope, once.
+    let second = Session { id: Uuid::now_v7(), ..session.clone() };
+    s.create_session(&second, "g1", &DomainEvent::auth_login_succeeded(&second, &ctx())).await.unwrap();
+    assert!(s.revoke_session(t.id, second.id, Some(Uuid::now_v7()), "x", &ctx()).await.unwrap().is_none());
+    assert!(s.revoke_session(t.id, second.id, Some(u.id), "logout", &ctx()).await.unwrap().is_some());
+    assert!(s.revoke_session(t.id, second.id, None, "logout", &ctx()).await.unwrap().is_none());
+    // Codes: a wrong one spends a try; the right one verifies the email, once.
+    s.put_code(t.id, u.id, "verify", "c1", now + chrono::Duration::minutes(15), 5).await.unwrap();
+    assert_eq!(
+        s.redeem_code(t.id, u.id, "verify", "bad", None, &ctx()).await.unwrap(),
+        CodeOutcome::Wrong { tries_left: 4 }
+    );
+    match s.redeem_code(t.id, u.id, "verify", "c1", None, &ctx()).await.unwrap() {
+        CodeOutcome::Redeemed(user) => assert!(user.email_verified && user.version == u.version + 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.redeem_code(t.id, u.id, "verify", "c1", None, &ctx()).await.unwrap(), CodeOutcome::NoCode);
+    // Purge: ended sessions (and their tokens) and dead codes.
+    s.put_code(t.id, u.id, "reset", "c2", now - chrono::Duration::minutes(1), 5).await.unwrap();
+    let live = Session { id: Uuid::now_v7(), ..session.clone() };
+    s.create_session(&live, "k1", &DomainEvent::auth_login_succeeded(&live, &ctx())).await.unwrap();
+    let purged = s.purge_auth(eventra::domain::now() + chrono::Duration::seconds(1)).await.unwrap();
+    assert_eq!(purged, 2 + 3 + 1, "two ended sessions, their three tokens, one dead code");
+    assert!(s.session_active(t.id, live.id).await.unwrap(), "a live session stays");
+    assert!(matches!(s.use_refresh_token(t.id, "k1", "k2", "r").await.unwrap(), RefreshUse::Rotated { .. }));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -732,4 +800,5 @@ conformance!(
     tenant_activity_counts_recent_events,
     the_delivery_log_knows_failing_streaks_and_prunes,
     custom_events_are_written_once_per_client_id,
+    sessions_refresh_tokens_and_codes,
 );
