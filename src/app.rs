@@ -215,13 +215,23 @@ pub async fn run_with(
     });
     let metrics = crate::telemetry::metrics();
     let metrics_history = metrics.clone().map(crate::metrics_history::MetricsHistory::new);
+    let api = config.has_role("api");
+    if api && config.opensearch_url.is_none() && !config.has_role("worker") {
+        tracing::warn!(
+            "embedded search (tantivy) is local to this process and only this process's workers write it: \
+             with the api role but not the worker role, user and audit search stay empty here; \
+             run worker with api, or set OPENSEARCH_URL"
+        );
+    }
     let deps = RootDeps {
         store: store.clone(),
+        api,
         tenant_idle_timeout: config.tenant_idle_timeout,
         max_tenant_managers: config.max_tenant_managers,
         jobs: job_deps,
         pipeline,
-        indexer: Some(indexer),
+        // Index writes come from the index jobs, which the job workers run.
+        indexer: (config.has_role("worker") || config.has_role("indexer")).then_some(indexer),
         metrics_history: metrics_history.clone(),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;
@@ -243,6 +253,7 @@ pub async fn run_with(
         .with_effect_lag(effect_lag);
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = AppState {
+        api,
         draining: draining.clone(),
         tenants,
         admin_token: Arc::new(config.admin_token.clone()),
@@ -266,7 +277,9 @@ pub async fn run_with(
     if config.chaos {
         tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");
     }
-    let app = http::router(state, config.max_body_bytes);
+    // Without the `api` role a process serves its operator surface only: health,
+    // metrics, the tree, the dead letters and the job sets.
+    let app = if api { http::router(state, config.max_body_bytes) } else { http::operator_router(state) };
 
     // Stop serving when asked to, or when the tree is gone: a root that escalated has no
     // parent left to decide, so the process exits (non-zero) for its orchestrator to restart.

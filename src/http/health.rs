@@ -50,6 +50,7 @@ async fn ready(State(s): State<AppState>) -> Response {
     }
     let store = s.tenants.store().clone();
     let (tenants, queue, bus, search) = (s.tenants.clone(), s.jobs.queue.clone(), s.bus.clone(), s.search.clone());
+    let api = s.api;
     let (
         (db_ok, db_detail),
         (actors_ok, actors_detail),
@@ -61,7 +62,12 @@ async fn ready(State(s): State<AppState>) -> Response {
             let store = store.clone();
             async move { store.ping().await.map(|()| None) }
         }),
-        check(async move { tenants.managers().await.map(|m| Some(format!("{} tenant managers running", m.len()))) }),
+        check(async move {
+            if !api {
+                return Ok(Some("no api role: no tenant managers here".into()));
+            }
+            tenants.managers().await.map(|m| Some(format!("{} tenant managers running", m.len())))
+        }),
         check(async move { queue.ping().await.map(|()| None) }),
         check(async move { bus.ping().await.map(|()| None) }),
         check(async move { search.ping().await.map(|()| None) }),

@@ -67,6 +67,8 @@ pub struct AppState {
     pub webhooks: crate::webhooks::Webhooks,
     /// Tenants' own events, their types and analytics (`/v1/tenants/{id}/events`).
     pub ingest: crate::ingest::Ingest,
+    /// Whether this process has the `api` role (the tenant API and its managers).
+    pub api: bool,
     /// Set when shutdown began: readiness answers 503 from then on.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// End-user sign-in, tokens and sessions (`/v1/tenants/{id}/auth/…`, the JWKS).
@@ -88,6 +90,29 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         }))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
+        .with_state(state)
+}
+
+/// A process without the `api` role: its operator surface only (`/health/*`,
+/// `/metrics`, `/debug/actors`, the dead letters, the job sets), platform admin.
+pub fn operator_router(state: AppState) -> Router {
+    let routes = utoipa_axum::router::OpenApiRouter::new()
+        .merge(health::router())
+        .merge(debug::router())
+        .merge(admin::router())
+        .merge(jobs::router());
+    let (routes, _) = routes.split_for_parts();
+    routes
+        .fallback(|| async {
+            problem::Problem::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                "this process has no `api` role: it serves /health/*, /metrics, /debug/actors and /v1/admin only",
+            )
+        })
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(move |req, next| request_context(64 * 1024, req, next)))
         .with_state(state)
 }
 

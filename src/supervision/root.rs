@@ -45,6 +45,9 @@ pub type TenantsSlot = Arc<RwLock<Option<ActorRef<SupervisorMsg>>>>;
 #[derive(Clone)]
 pub struct RootDeps {
     pub store: Arc<dyn Store>,
+    /// The `api` role: the tenant managers (the write path), the purge and the metrics
+    /// sampler (the dashboard's) run only with it.
+    pub api: bool,
     /// When tenant managers are passivated: idle this long, or past this many.
     pub tenant_idle_timeout: Duration,
     pub max_tenant_managers: usize,
@@ -95,13 +98,17 @@ pub struct RootHandle {
 
 /// The root's children, started in this order and stopped in reverse.
 pub fn root_children(deps: &RootDeps, slot: &TenantsSlot) -> Vec<ChildSpec> {
-    let mut children = vec![
-        ChildSpec::worker("tenants", tenants_start(tenants_spec(deps), slot.clone()))
-            .supervisor()
-            .shutdown(Duration::from_secs(15)),
-        ChildSpec::worker("idempotency-purge", periodic_start(PURGE_EVERY, purge_task(deps.store.clone()))),
-    ];
-    if let Some(history) = &deps.metrics_history {
+    let mut children = Vec::new();
+    if deps.api {
+        children.push(
+            ChildSpec::worker("tenants", tenants_start(tenants_spec(deps), slot.clone()))
+                .supervisor()
+                .shutdown(Duration::from_secs(15)),
+        );
+        children
+            .push(ChildSpec::worker("idempotency-purge", periodic_start(PURGE_EVERY, purge_task(deps.store.clone()))));
+    }
+    if let Some(history) = deps.metrics_history.as_ref().filter(|_| deps.api) {
         let history = history.clone();
         let task: Task = Arc::new(move || {
             let history = history.clone();

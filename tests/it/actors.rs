@@ -21,6 +21,7 @@ async fn tenant_managers_start_on_demand_and_stop_when_idle() {
     let store = db.store().await;
     let deps = RootDeps {
         store: store.clone(),
+        api: true,
         tenant_idle_timeout: Duration::from_millis(200),
         max_tenant_managers: 100,
         jobs: None,

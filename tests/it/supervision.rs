@@ -312,3 +312,52 @@ async fn architecture_md_draws_the_running_tree() {
     assert_eq!(drawn, running, "ARCHITECTURE.md's tree vs /debug/actors");
     app.stop().await;
 }
+
+/// Issue "Scale-out", must-show 2: a process starts only the components of its roles,
+/// and `/debug/actors` shows only what runs. Without `api` it serves its operator
+/// surface (health, metrics, the tree) and no tenant API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_alone_starts_only_its_components() {
+    fn names(node: &serde_json::Value, out: &mut Vec<String>) {
+        if let Some(n) = node["name"].as_str() {
+            out.push(n.to_owned());
+        }
+        for c in node["children"].as_array().into_iter().flatten() {
+            names(c, out);
+        }
+    }
+    let db = TestDb::sqlite();
+    let cases: [(&str, &[&str]); 5] = [
+        ("api", &["root", "tenants", "idempotency-purge", "metrics-sampler"]),
+        ("relay", &["root", "pipeline", "outbox-relay"]),
+        ("consumer", &["root", "pipeline", "event-consumer-1"]),
+        ("worker", &["root", "indexer", "jobs", "job-scheduler", "job-reaper", "job-worker-1", "webhook-worker-1"]),
+        ("indexer", &["root", "indexer"]),
+    ];
+    for (role, expected) in cases {
+        let app = TestApp::start_with(db.url(), |c| {
+            c.roles = vec![role.to_owned()];
+            c.pipeline.consumers = 1;
+            c.jobs.workers = 1;
+            c.webhook_workers = 1;
+        })
+        .await;
+        let tree: serde_json::Value = app.get("/debug/actors", ADMIN_TOKEN).await.json().await.unwrap();
+        let mut running = Vec::new();
+        names(&tree, &mut running);
+        running.sort();
+        let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(running, want, "role {role}");
+        let ready = app.req(reqwest::Method::GET, "/health/ready", None).send().await.unwrap();
+        assert_eq!(ready.status(), reqwest::StatusCode::OK, "role {role} is ready");
+        assert_eq!(app.get("/metrics", ADMIN_TOKEN).await.status(), reqwest::StatusCode::OK, "role {role}");
+        let tenants = app.get("/v1/tenants", ADMIN_TOKEN).await.status();
+        if role == "api" {
+            assert_eq!(tenants, reqwest::StatusCode::OK);
+        } else {
+            assert_eq!(tenants, reqwest::StatusCode::NOT_FOUND, "role {role} serves no tenant API");
+        }
+        app.stop().await;
+    }
+}
