@@ -100,9 +100,19 @@ fn hostname() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "eventra".into())
 }
 
+/// The job pool's queues, by role: `worker` runs the `default` queue (emails, and any
+/// job enqueued without a queue), `indexer` the `index` queue (search documents and
+/// audit entries).
 fn runner_config(config: &Config) -> RunnerConfig {
+    let mut queues = Vec::new();
+    if config.has_role("worker") {
+        queues.push("default".into());
+    }
+    if config.has_role("indexer") {
+        queues.push(crate::jobs::kinds::index::QUEUE.into());
+    }
     RunnerConfig {
-        queues: vec!["default".into()],
+        queues,
         lease: config.jobs.lease,
         timeout: config.jobs.timeout,
         idle_poll: config.jobs.poll.min(Duration::from_millis(200)),
@@ -164,7 +174,8 @@ pub async fn run_with(
     .with_all(extra_kinds);
     let jobs = JobClient::new(open_job_queue(&config, store.as_ref()).await?, &kinds);
     tracing::info!(backend = jobs.queue.backend(), "job queue ready");
-    let webhook_runner = (config.webhook_workers > 0).then(|| {
+    // Webhook deliveries are the `worker` role's too, in their own pool.
+    let webhook_runner = (config.has_role("worker") && config.webhook_workers > 0).then(|| {
         let c = RunnerConfig {
             queues: vec![crate::webhooks::delivery::QUEUE.into()],
             batch: crate::webhooks::delivery::WORKER_BATCH,
@@ -173,13 +184,14 @@ pub async fn run_with(
         };
         Arc::new(Runner::new(jobs.clone(), kinds.clone(), c))
     });
-    let job_deps = (config.has_role("worker") && config.jobs.workers > 0).then(|| JobsDeps {
-        runner: Arc::new(Runner::new(jobs.clone(), kinds, runner_config(&config))),
-        workers: config.jobs.workers,
-        webhook_runner: webhook_runner.clone(),
-        webhook_workers: config.webhook_workers,
-        scheduler_every: config.jobs.poll,
-    });
+    let job_deps =
+        ((config.has_role("worker") || config.has_role("indexer")) && config.jobs.workers > 0).then(|| JobsDeps {
+            runner: Arc::new(Runner::new(jobs.clone(), kinds, runner_config(&config))),
+            workers: config.jobs.workers,
+            webhook_runner: webhook_runner.clone(),
+            webhook_workers: config.webhook_workers,
+            scheduler_every: config.jobs.poll,
+        });
     tracing::info!(
         mail = mailer.kind(),
         workers = job_deps.as_ref().map_or(0, |j| j.workers),
@@ -216,11 +228,11 @@ pub async fn run_with(
     let metrics = crate::telemetry::metrics();
     let metrics_history = metrics.clone().map(crate::metrics_history::MetricsHistory::new);
     let api = config.has_role("api");
-    if api && config.opensearch_url.is_none() && !config.has_role("worker") {
+    if api && config.opensearch_url.is_none() && !config.has_role("indexer") {
         tracing::warn!(
-            "embedded search (tantivy) is local to this process and only this process's workers write it: \
-             with the api role but not the worker role, user and audit search stay empty here; \
-             run worker with api, or set OPENSEARCH_URL"
+            "embedded search (tantivy) is local to this process and only an indexer here writes it: \
+             with the api role but not the indexer role, user and audit search stay empty here; \
+             run indexer with api, or set OPENSEARCH_URL"
         );
     }
     let deps = RootDeps {
@@ -231,7 +243,8 @@ pub async fn run_with(
         jobs: job_deps,
         pipeline,
         // Index writes come from the index jobs, which the job workers run.
-        indexer: (config.has_role("worker") || config.has_role("indexer")).then_some(indexer),
+        // The index jobs (the `indexer` role's queue) write through it.
+        indexer: config.has_role("indexer").then_some(indexer),
         metrics_history: metrics_history.clone(),
     };
     let root = Root::start(deps).await.map_err(|e| StartupError::Actors(e.to_string()))?;

@@ -24,8 +24,9 @@ use super::JobQueue;
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// A head that has not moved for this long means stalled workers, not overload.
 pub const STALL: Duration = Duration::from_secs(5);
-/// The queue whose lag is watched.
-const QUEUE: &str = "default";
+/// The queues whose lag is watched: the effects of a write (emails, then its search
+/// entries); the worst of them counts.
+const QUEUES: [&str; 2] = ["default", super::kinds::index::QUEUE];
 
 #[derive(Debug, Default)]
 struct Sample {
@@ -41,27 +42,27 @@ struct Sample {
 pub struct EffectLag {
     /// Above this lag (while working) writes are shed; zero turns shedding off.
     limit: Duration,
-    sample: Mutex<Sample>,
+    samples: Mutex<[Sample; 2]>,
 }
 
 impl EffectLag {
     /// No monitor: every write is admitted.
     pub fn off() -> Arc<Self> {
-        Arc::new(EffectLag { limit: Duration::ZERO, sample: Mutex::default() })
+        Arc::new(EffectLag { limit: Duration::ZERO, samples: Mutex::default() })
     }
 
     /// Watches `queue`, shedding writes above `limit` (zero: off, and no sampling). The
     /// sampler ends when the monitor is dropped.
     pub fn spawn(queue: Arc<dyn JobQueue>, limit: Duration) -> Arc<Self> {
-        let lag = Arc::new(EffectLag { limit, sample: Mutex::default() });
+        let lag = Arc::new(EffectLag { limit, samples: Mutex::default() });
         if !limit.is_zero() {
             tokio::spawn(sample_loop(Arc::downgrade(&lag), queue));
         }
         lag
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sample> {
-        self.sample.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Sample; 2]> {
+        self.samples.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `Err(lag)` when a write should be refused: the workers are behind by more than
@@ -70,17 +71,20 @@ impl EffectLag {
         if self.limit.is_zero() {
             return Ok(());
         }
-        let s = self.lock();
-        let working = s.moved_at.is_some_and(|t| t.elapsed() < STALL);
-        if s.lag > self.limit && working {
-            metrics::counter!("eventra_writes_shed_total").increment(1);
-            return Err(s.lag);
+        let samples = self.lock();
+        for s in samples.iter() {
+            let working = s.moved_at.is_some_and(|t| t.elapsed() < STALL);
+            if s.lag > self.limit && working {
+                metrics::counter!("eventra_writes_shed_total").increment(1);
+                return Err(s.lag);
+            }
         }
         Ok(())
     }
 
-    fn record(&self, head: Option<(Uuid, Duration)>) {
-        let mut s = self.lock();
+    fn record(&self, queue: usize, head: Option<(Uuid, Duration)>) {
+        let mut samples = self.lock();
+        let Some(s) = samples.get_mut(queue) else { return };
         let (id, lag) = match head {
             Some((id, age)) => (Some(id), age),
             None => (None, Duration::ZERO),
@@ -92,7 +96,8 @@ impl EffectLag {
         }
         s.head = id;
         s.lag = lag;
-        metrics::gauge!("eventra_effect_lag_seconds").set(lag.as_secs_f64());
+        let worst = samples.iter().map(|s| s.lag).max().unwrap_or_default();
+        metrics::gauge!("eventra_effect_lag_seconds").set(worst.as_secs_f64());
     }
 }
 
@@ -102,10 +107,12 @@ async fn sample_loop(lag: Weak<EffectLag>, queue: Arc<dyn JobQueue>) {
     loop {
         tick.tick().await;
         let Some(lag) = lag.upgrade() else { return };
-        match queue.head(QUEUE).await {
-            Ok(head) => lag.record(head),
-            // Unreadable (Redis down): no lag known, so nothing is shed.
-            Err(_) => lag.record(None),
+        for (i, name) in QUEUES.iter().enumerate() {
+            match queue.head(name).await {
+                Ok(head) => lag.record(i, head),
+                // Unreadable (Redis down): no lag known, so nothing is shed.
+                Err(_) => lag.record(i, None),
+            }
         }
     }
 }
@@ -115,25 +122,35 @@ mod tests {
     use super::*;
 
     fn lag(limit_ms: u64) -> EffectLag {
-        EffectLag { limit: Duration::from_millis(limit_ms), sample: Mutex::default() }
+        EffectLag { limit: Duration::from_millis(limit_ms), samples: Mutex::default() }
     }
 
     #[tokio::test(start_paused = true)]
     async fn sheds_only_while_the_head_moves() {
         let l = lag(1000);
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        l.record(Some((a, Duration::from_millis(1500))));
+        l.record(0, Some((a, Duration::from_millis(1500))));
         assert!(l.admit().is_ok(), "a head seen once has not been seen to move: not known to be working");
-        l.record(Some((b, Duration::from_millis(500))));
+        l.record(0, Some((b, Duration::from_millis(500))));
         assert!(l.admit().is_ok(), "under the limit");
-        l.record(Some((a, Duration::from_millis(1500))));
+        l.record(0, Some((a, Duration::from_millis(1500))));
         assert_eq!(l.admit(), Err(Duration::from_millis(1500)), "over the limit while working");
         // The head stays put: stalled workers, not overload.
         tokio::time::advance(STALL).await;
-        l.record(Some((a, Duration::from_millis(6500))));
+        l.record(0, Some((a, Duration::from_millis(6500))));
         assert!(l.admit().is_ok(), "stalled: the outbox and queue buffer");
-        l.record(None);
+        l.record(0, None);
         assert!(l.admit().is_ok(), "empty");
         assert!(EffectLag::off().admit().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_index_queue_behind_sheds_too() {
+        let l = lag(1000);
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        l.record(0, None);
+        l.record(1, Some((a, Duration::from_millis(100))));
+        l.record(1, Some((b, Duration::from_millis(2500))));
+        assert_eq!(l.admit(), Err(Duration::from_millis(2500)), "the email queue is empty, the index queue behind");
     }
 }

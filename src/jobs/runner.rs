@@ -27,7 +27,7 @@ use super::{Enqueued, Failed, Job, JobError, JobQueue, JobResult, NewJob};
 /// How a worker pool runs.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// Queues in priority order: a worker takes from the first that has a job.
+    /// Queues a worker takes from, each call starting at the next one in turn.
     pub queues: Vec<String>,
     /// How long a fetched job stays leased without a heartbeat (heartbeats come every
     /// third of it); the time after which a dead worker's job runs again.
@@ -146,11 +146,20 @@ pub struct Runner {
     config: RunnerConfig,
     metrics: Mutex<HashMap<String, KindMetrics>>,
     draining: AtomicBool,
+    /// Which queue the next call starts at.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 impl Runner {
     pub fn new(client: JobClient, kinds: Kinds, config: RunnerConfig) -> Self {
-        Runner { client, kinds, config, metrics: Mutex::new(HashMap::new()), draining: AtomicBool::new(false) }
+        Runner {
+            client,
+            kinds,
+            config,
+            metrics: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            turn: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     pub fn client(&self) -> &JobClient {
@@ -168,11 +177,15 @@ impl Runner {
         self.client.wake_all();
     }
 
-    /// Leases the next jobs of the first non-empty queue and runs them to their
-    /// settlement. `Ok(false)` when every queue is empty (or the pool is draining).
+    /// Leases the next jobs of a non-empty queue and runs them to their settlement.
+    /// Each call starts at the next queue in turn, so with several queues (email and
+    /// index jobs in one process) a busy one never starves another. `Ok(false)` when
+    /// every queue is empty (or the pool is draining).
     pub async fn run_next(&self, worker: &str) -> JobResult<bool> {
         let c = &self.config;
-        for queue in &c.queues {
+        let n = c.queues.len().max(1);
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        for queue in c.queues.iter().cycle().skip(start).take(c.queues.len()) {
             if self.draining.load(Ordering::SeqCst) {
                 return Ok(false);
             }

@@ -199,7 +199,8 @@ async fn a_deletion_that_wins_the_race_stays_deleted(whole_tenant: bool) {
     );
     let client = JobClient::new(queue.clone(), &kinds);
     client.enqueue(eventra::jobs::kinds::index::IndexArgs::index_user(tenant.id, user.0.id, 1)).await.unwrap();
-    let runner = Runner::new(client, kinds, RunnerConfig::default());
+    let config = RunnerConfig { queues: vec![eventra::jobs::kinds::index::QUEUE.into()], ..RunnerConfig::default() };
+    let runner = Runner::new(client, kinds, config);
     assert!(runner.run_next("w").await.unwrap(), "the index job ran");
     let hits = eventra::search::SearchIndex::search_users(&inner, tenant.id, "grace", 0, 10).await.unwrap();
     assert!(hits.items.is_empty(), "the deleted user came back into the index: {:?}", hits.items);

@@ -331,8 +331,8 @@ async fn each_role_alone_starts_only_its_components() {
         ("api", &["root", "tenants", "idempotency-purge", "metrics-sampler"]),
         ("relay", &["root", "pipeline", "outbox-relay"]),
         ("consumer", &["root", "pipeline", "event-consumer-1"]),
-        ("worker", &["root", "indexer", "jobs", "job-scheduler", "job-reaper", "job-worker-1", "webhook-worker-1"]),
-        ("indexer", &["root", "indexer"]),
+        ("worker", &["root", "jobs", "job-scheduler", "job-reaper", "job-worker-1", "webhook-worker-1"]),
+        ("indexer", &["root", "indexer", "jobs", "job-scheduler", "job-reaper", "job-worker-1"]),
     ];
     for (role, expected) in cases {
         let app = TestApp::start_with(db.url(), |c| {

@@ -49,7 +49,9 @@ impl AuditArgs {
         let first = entries.first()?;
         let key = format!("audit:{}+{}", first.event_id, entries.len());
         let args = serde_json::to_value(AuditArgs { entries: entries.to_vec() }).ok()?;
-        Some(NewJob::new("audit", key, args))
+        let mut job = NewJob::new("audit", key, args);
+        job.queue = super::index::QUEUE.into();
+        Some(job)
     }
 }
 

@@ -32,22 +32,31 @@ pub struct IndexArgs {
     pub user_id: Option<Uuid>,
 }
 
+/// The queue of every index change (user documents and audit entries): the `indexer`
+/// role's workers take it, so indexing scales (and runs) apart from email and webhooks.
+pub const QUEUE: &str = "index";
+
+fn on_index_queue(mut job: NewJob) -> NewJob {
+    job.queue = QUEUE.into();
+    job
+}
+
 impl IndexArgs {
     /// A job for one version of a user (each version is its own job, so an update is
     /// never mistaken for a duplicate of the create).
     pub fn index_user(tenant_id: Uuid, user_id: Uuid, version: i64) -> NewJob {
         let args = IndexArgs { tenant_id, user_id: Some(user_id) };
-        NewJob::new("index_user", format!("index_user:{user_id}:{version}"), serde_json::json!(args))
+        on_index_queue(NewJob::new("index_user", format!("index_user:{user_id}:{version}"), serde_json::json!(args)))
     }
 
     pub fn unindex_user(tenant_id: Uuid, user_id: Uuid) -> NewJob {
         let args = IndexArgs { tenant_id, user_id: Some(user_id) };
-        NewJob::new("unindex_user", format!("unindex_user:{user_id}"), serde_json::json!(args))
+        on_index_queue(NewJob::new("unindex_user", format!("unindex_user:{user_id}"), serde_json::json!(args)))
     }
 
     pub fn unindex_tenant(tenant_id: Uuid) -> NewJob {
         let args = IndexArgs { tenant_id, user_id: None };
-        NewJob::new("unindex_tenant", format!("unindex_tenant:{tenant_id}"), serde_json::json!(args))
+        on_index_queue(NewJob::new("unindex_tenant", format!("unindex_tenant:{tenant_id}"), serde_json::json!(args)))
     }
 }
 
