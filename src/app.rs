@@ -228,13 +228,6 @@ pub async fn run_with(
     let metrics = crate::telemetry::metrics();
     let metrics_history = metrics.clone().map(crate::metrics_history::MetricsHistory::new);
     let api = config.has_role("api");
-    if api && config.opensearch_url.is_none() && !config.has_role("indexer") {
-        tracing::warn!(
-            "embedded search (tantivy) is local to this process and only an indexer here writes it: \
-             with the api role but not the indexer role, user and audit search stay empty here; \
-             run indexer with api, or set OPENSEARCH_URL"
-        );
-    }
     let deps = RootDeps {
         store: store.clone(),
         api,

@@ -75,7 +75,16 @@ impl Run {
     }
 
     /// Starts this binary's `serve` with `roles` (and `env` on top) on a loopback port.
+    /// The benchmarks use embedded search, whose index lives in one process, so `api`
+    /// and `indexer` always run together (`serve` refuses one without the other).
     pub fn spawn(&self, roles: &str, env: &[(&str, String)]) -> BenchResult<Server> {
+        let mut roles: Vec<&str> = roles.split(',').collect();
+        for (has, needs) in [("api", "indexer"), ("indexer", "api")] {
+            if roles.contains(&has) && !roles.contains(&needs) {
+                roles.push(needs);
+            }
+        }
+        let roles = roles.join(",");
         let exe = std::env::current_exe().map_err(err)?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
@@ -83,7 +92,7 @@ impl Run {
             .env("EVENTRA_DATA_DIR", self.dir.join("data"))
             .env("EVENTRA_ADMIN_TOKEN", &self.token)
             .env("EVENTRA_NAMESPACE", &self.ns)
-            .env("EVENTRA_ROLES", roles)
+            .env("EVENTRA_ROLES", &roles)
             .env("EVENTRA_LOG", "warn")
             .env_remove("DATABASE_URL")
             .env_remove("AMQP_URL")

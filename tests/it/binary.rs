@@ -192,6 +192,28 @@ async fn bench_ingest_runs_on_embedded() {
     assert!(cells[12].contains("rows/s"), "the raw baseline ran: {row}");
 }
 
+/// A combination of roles that cannot work is refused at start, with what to do: with
+/// embedded search the index lives in one process, so `api` and `indexer` go together.
+#[tokio::test]
+async fn roles_that_cannot_work_together_are_refused_at_start() {
+    for roles in ["api", "indexer,worker", "api,relay,consumer,worker"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--roles", roles])
+            .current_dir(dir.path())
+            .env_remove("OPENSEARCH_URL")
+            .env_remove("DATABASE_URL")
+            .env_remove("EVENTRA_ROLES")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{roles} must be refused");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("must run together") && text.contains("OPENSEARCH_URL"), "{roles}: {text}");
+    }
+}
+
 /// `eventra bench auth`, short (CI): sign-ins and token checks through an embedded
 /// server with cheap Argon2 parameters, and the raw argon2 and ring runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

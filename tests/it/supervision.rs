@@ -315,7 +315,8 @@ async fn architecture_md_draws_the_running_tree() {
 
 /// Issue "Scale-out", must-show 2: a process starts only the components of its roles,
 /// and `/debug/actors` shows only what runs. Without `api` it serves its operator
-/// surface (health, metrics, the tree) and no tenant API.
+/// surface (health, metrics, the tree) and no tenant API. (In-process, so `api` and
+/// `indexer` can be shown apart; `serve` refuses either alone without OpenSearch.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_alone_starts_only_its_components() {
     fn names(node: &serde_json::Value, out: &mut Vec<String>) {
