@@ -91,7 +91,7 @@ async fn a_relay_on_a_fast_clock_does_not_take_a_live_lease() {
             .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
             .env("EVENTRA_RELAY_LEASE_MS", "3000")
             .env("EVENTRA_RELAY_POLL_MS", "200")
-            .env("EVENTRA_ROLES", "api,relay")
+            .env("EVENTRA_ROLES", "api,relay,indexer")
     }
     let a = env(Spawn::new(dir_a.path()), db.url()).start();
     let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
@@ -128,7 +128,7 @@ async fn a_worker_on_a_slow_clock_keeps_its_lease() {
         .env("REDIS_URL", redis_url.clone())
         .env("EVENTRA_NAMESPACE", ns.ns.clone())
         .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
-        .env("EVENTRA_ROLES", "api,worker")
+        .env("EVENTRA_ROLES", "api,worker,indexer")
         .env("EVENTRA_WORKERS", "1")
         .skewed_clock("-40s", TEST)
     else {
