@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::harness::{err, new_tenant, BenchResult, Run, ServiceUrls, Stack};
+use super::harness::{create_user, err, new_tenant, BenchResult, Run, ServiceUrls, Stack};
 use crate::auth::password::{HashCost, Hasher};
 use crate::domain::auth::Password;
 
@@ -120,17 +120,9 @@ pub async fn run(args: AuthBenchArgs) -> BenchResult<Report> {
         .map(|i| {
             let (client, base, tenant) = (client.clone(), base.clone(), tenant.clone());
             async move {
-                let res = client
-                    .post(format!("{base}/v1/tenants/{}/users", tenant.id))
-                    .bearer_auth(&tenant.key)
-                    .json(&json!({"email": format!("u{i}@bench.example"), "name": format!("U {i}"), "password": password}))
-                    .send()
-                    .await
-                    .map_err(err)?;
-                if res.status() != reqwest::StatusCode::CREATED {
-                    return Err(format!("create user: {}", res.status()));
-                }
-                Ok(())
+                let body =
+                    json!({"email": format!("u{i}@bench.example"), "name": format!("U {i}"), "password": password});
+                create_user(&client, &base, &tenant, body).await
             }
         })
         .buffer_unordered(8)

@@ -220,6 +220,26 @@ pub struct Tenant {
     pub key: String,
 }
 
+/// Creates a user of `tenant` through the API (`body`: the create's JSON).
+pub async fn create_user(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: &Tenant,
+    body: serde_json::Value,
+) -> BenchResult<()> {
+    let res = client
+        .post(format!("{base}/v1/tenants/{}/users", tenant.id))
+        .bearer_auth(&tenant.key)
+        .json(&body)
+        .send()
+        .await
+        .map_err(err)?;
+    if res.status() != reqwest::StatusCode::CREATED {
+        return Err(format!("create user: {}", res.status()));
+    }
+    Ok(())
+}
+
 pub async fn new_tenant(client: &reqwest::Client, base: &str, token: &str, label: &str) -> BenchResult<Tenant> {
     let slug = format!("bench-{label}-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let res: serde_json::Value = client

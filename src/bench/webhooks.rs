@@ -148,17 +148,8 @@ pub async fn run(args: WebhooksBenchArgs) -> BenchResult<Report> {
         .map(|i| {
             let (client, base, tenant) = (client.clone(), base.clone(), tenant.clone());
             async move {
-                let res = client
-                    .post(format!("{base}/v1/tenants/{}/users", tenant.id))
-                    .bearer_auth(&tenant.key)
-                    .json(&json!({"email": format!("u{i}@bench.example"), "name": "Bench User"}))
-                    .send()
-                    .await
-                    .map_err(err)?;
-                if res.status() != reqwest::StatusCode::CREATED {
-                    return Err(format!("create user: {}", res.status()));
-                }
-                Ok(())
+                let body = json!({"email": format!("u{i}@bench.example"), "name": "Bench User"});
+                super::harness::create_user(&client, &base, &tenant, body).await
             }
         })
         .buffer_unordered(args.concurrency)

@@ -68,25 +68,26 @@ async fn user(s: &AppState, parts: &Parts, tenant_id: Uuid) -> Result<Claims> {
     s.auth.authenticate(tenant_id, token).await
 }
 
-/// Who may act on a user's sessions: the user (own access token) or a tenant key of
-/// `role`. Returns the event context.
+/// Who may act on a user: the user (own access token) or a tenant key of `role`.
+/// Returns the event context, and the token's claims when it was the user.
 async fn user_or_key(
     s: &AppState,
     parts: &mut Parts,
     tenant_id: Uuid,
     user_id: Uuid,
     role: Role,
-) -> Result<EventContext> {
+) -> Result<(EventContext, Option<Claims>)> {
     if access_token(parts).is_some() {
         let claims = user(s, parts, tenant_id).await?;
         if claims.sub != user_id {
             return Err(Error::Forbidden("an access token may only act on its own user".into()));
         }
-        return Ok(EventContext { correlation_id: request_id(parts), actor: Actor::User { id: claims.sub } });
+        let ctx = EventContext { correlation_id: request_id(parts), actor: Actor::User { id: claims.sub } };
+        return Ok((ctx, Some(claims)));
     }
     let caller = Caller::from_request_parts(parts, s).await?;
     caller.principal.require_tenant(tenant_id, role)?;
-    Ok(caller.ctx())
+    Ok((caller.ctx(), None))
 }
 
 /// `POST …/auth/login`: a session and its first token pair. 401, with one body for
@@ -138,11 +139,7 @@ async fn set_password(
     ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
     ApiJson(change): ApiJson<PasswordChange>,
 ) -> Result<StatusCode> {
-    let claims = match access_token(&parts) {
-        Some(_) => Some(user(&s, &parts, tenant_id).await?),
-        None => None,
-    };
-    let ctx = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
+    let (ctx, claims) = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
     let client = client(&parts, s.auth.trusted_proxies());
     s.auth.change_password(tenant_id, user_id, change, claims.as_ref(), &client, &ctx).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -180,7 +177,7 @@ async fn confirm_verification(
     ApiPath((tenant_id, user_id)): ApiPath<(Uuid, Uuid)>,
     ApiJson(input): ApiJson<CodeInput>,
 ) -> Result<Json<User>> {
-    let ctx = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
+    let (ctx, _) = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Writer).await?;
     let client = client(&parts, s.auth.trusted_proxies());
     Ok(Json(s.auth.confirm_verification(tenant_id, user_id, &input.code, &client, &ctx).await?))
 }
@@ -265,7 +262,7 @@ async fn revoke_session(
     mut parts: Parts,
     ApiPath((tenant_id, user_id, session_id)): ApiPath<(Uuid, Uuid, Uuid)>,
 ) -> Result<StatusCode> {
-    let ctx = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Admin).await?;
+    let (ctx, _) = user_or_key(&s, &mut parts, tenant_id, user_id, Role::Admin).await?;
     s.auth.revoke(tenant_id, session_id, Some(user_id), "revoked", &ctx).await?;
     Ok(StatusCode::NO_CONTENT)
 }
