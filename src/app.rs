@@ -137,15 +137,20 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     extra_kinds: Kinds,
 ) -> Result<(), StartupError> {
+    let port = listener.local_addr()?.port();
     let store = open_store(&config).await?;
     tracing::info!(backend = store.backend(), url = %redact_url(&config.database_url), "database ready");
 
     let mailer = crate::mail::from_config(config.smtp_url.as_deref(), config.data_dir.join("mail"))
         .map_err(|e| StartupError::Backend(format!("mail: {e}")))?;
-    let raw_index = crate::search::open(config.opensearch_url.as_deref(), &config.namespace, &config.data_dir)
-        .await
-        .map_err(|e| StartupError::Backend(e.to_string()))?;
-    tracing::info!(backend = raw_index.backend(), "search index ready");
+    // With embedded search only the `indexer` process writes the index; `api` processes
+    // elsewhere on the same data dir follow its commits.
+    let writes_index = config.has_role("indexer");
+    let raw_index =
+        crate::search::open(config.opensearch_url.as_deref(), &config.namespace, &config.data_dir, writes_index)
+            .await
+            .map_err(|e| StartupError::Backend(e.to_string()))?;
+    tracing::info!(backend = raw_index.backend(), writes = writes_index, "search index ready");
     // Writes go through the indexer actor; searches straight to the index.
     let (indexer, search) = crate::actors::indexer::IndexerDeps::new(raw_index);
     let search: Arc<dyn crate::search::SearchIndex> = Arc::new(search);
@@ -191,6 +196,7 @@ pub async fn run_with(
             webhook_runner: webhook_runner.clone(),
             webhook_workers: config.webhook_workers,
             scheduler_every: config.jobs.poll,
+            process: format!("{}:{port}", hostname()),
         });
     tracing::info!(
         mail = mailer.kind(),
@@ -203,7 +209,6 @@ pub async fn run_with(
     let bus = open_bus(&config, store.as_ref()).await?;
     tracing::info!(backend = bus.backend(), "event bus ready");
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
-    let port = listener.local_addr()?.port();
     let p = &config.pipeline;
     let relay = config.has_role("relay").then(|| RelayArgs {
         store: store.clone(),
@@ -295,12 +300,18 @@ pub async fn run_with(
         let tree_died = tree_died.clone();
         let mut join = root.join;
         let (draining, grace) = (draining.clone(), config.drain_grace);
+        let runners: Vec<_> = runner.iter().chain(webhook_runner.iter()).cloned().collect();
         async move {
             tokio::select! {
                 _ = shutdown => {
                     // Readiness turns 503 first; requests are still served meanwhile, so
                     // a load balancer takes this process out before its listener closes.
                     draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // Workers take no new jobs from now on: they finish the batch in hand
+                    // while the tree stops, and other processes take the rest.
+                    for r in &runners {
+                        r.drain();
+                    }
                     if !grace.is_zero() {
                         tracing::info!(grace_ms = grace.as_millis() as u64,
                             "draining: readiness answers 503; new connections refused after the grace");
@@ -342,7 +353,7 @@ pub async fn run_with(
     };
     tracing::info!("http drained; stopping the supervision tree");
     if let Some(runner) = &runner {
-        // Workers finish the batch in hand and take no more while the tree stops.
+        // (Again, for a stop the tree itself began.)
         runner.drain();
     }
     if let Some(runner) = &webhook_runner {

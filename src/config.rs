@@ -478,15 +478,6 @@ impl Config {
         if let Some(bad) = a.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(ConfigError::Invalid(format!("unknown role '{bad}'; roles are {}", ROLES.join(","))));
         }
-        let has = |r: &str| a.roles.iter().any(|x| x == r);
-        if a.opensearch_url.as_deref().is_none_or(str::is_empty) && has("api") != has("indexer") {
-            return Err(ConfigError::Invalid(
-                "with embedded search (no OPENSEARCH_URL) the index lives in this process: the api role (which \
-                 searches it) and the indexer role (which writes it) must run together; add the missing one to \
-                 EVENTRA_ROLES, or set OPENSEARCH_URL to split them"
-                    .into(),
-            ));
-        }
         if a.drain_grace_ms > 5_000 {
             return Err(ConfigError::Invalid("EVENTRA_DRAIN_GRACE_MS must be at most 5000".into()));
         }

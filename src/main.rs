@@ -241,9 +241,9 @@ async fn reindex(
     let url = args.database_url();
     let store = store::connect(&url, 4).await.map_err(|e| e.to_string())?;
     store.migrate().await.map_err(|e| e.to_string())?;
-    let index = eventra::search::open(opensearch_url.as_deref(), &namespace, &args.data_dir)
+    let index = eventra::search::open(opensearch_url.as_deref(), &namespace, &args.data_dir, true)
         .await
-        .map_err(|e| format!("{e} (is a server running on this data dir? stop it first)"))?;
+        .map_err(|e| format!("{e} (stop the process with the indexer role on this data dir first)"))?;
     let done = eventra::search::reindex::reindex(&store, &index, tenant, true).await?;
     println!(
         "reindexed {} users and {} audit entries of {} tenants into {} in {:.1} s ({:.0} users/s)",

@@ -21,6 +21,11 @@
 //!   job payloads; embedded, SQLite inserting the same rows one transaction each and
 //!   tantivy indexing the same users.
 //!
+//! With `--split` (services stack) the roles run as separate processes, as a scaled-out
+//! deployment does: `api`, `relay`, `consumer`, `worker` and `indexer` each in its own
+//! (in drain mode the four pipeline ones). The report then says where the time went:
+//! each process's CPU seconds and memory.
+//!
 //! The server's resident memory (VmRSS, and its peak VmHWM) is read from `/proc` after
 //! the runs.
 
@@ -37,7 +42,7 @@ use uuid::Uuid;
 
 pub use super::harness::Stack;
 use super::harness::{
-    err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, ServiceUrls, Tenant,
+    err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, Server, ServiceUrls, Tenant,
 };
 use crate::jobs::{JobQueue, JobState, QueueConfig};
 use crate::store::Store;
@@ -70,7 +75,13 @@ pub struct E2eBenchArgs {
     /// Leave out the raw-engine baselines.
     #[arg(long)]
     pub no_raw: bool,
+    /// Run each role in a process of its own (services stack only).
+    #[arg(long)]
+    pub split: bool,
 }
+
+/// The pipeline's roles, one process each with `--split`.
+const PIPELINE_ROLES: [&str; 4] = ["relay", "consumer", "worker", "indexer"];
 
 /// One load run's figures.
 #[derive(Debug, Clone)]
@@ -99,6 +110,8 @@ pub struct Report {
     pub drain: Option<Drained>,
     pub raw: Vec<(String, f64, String)>,
     pub rss_kb: Option<(u64, u64)>,
+    /// Each Eventra process: its roles, CPU seconds used, resident memory (MB).
+    pub processes: Vec<(String, f64, f64)>,
 }
 
 pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
@@ -106,13 +119,20 @@ pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
     if let Some(s) = &sink {
         args.smtp_url = Some(s.url());
     }
+    if args.split && args.stack != Stack::Services {
+        return Err(
+            "--split needs --stack services: the embedded stack's database, bus and queue are one process's".into()
+        );
+    }
     let mail = if args.smtp_url.is_some() { "SMTP" } else { ".eml files" };
-    let mut report = Report { stack: format!("{:?}, mail to {mail}", args.stack).to_lowercase(), ..Report::default() };
+    let layout = if args.split { "one process per role" } else { "one process" };
+    let mut report =
+        Report { stack: format!("{:?}, mail to {mail}, {layout}", args.stack).to_lowercase(), ..Report::default() };
     let bench = Bench::new(&args)?;
     if let Some(n) = args.drain {
-        report.drain = Some(bench.drain(n).await?);
+        report.drain = Some(bench.drain(n, &mut report.processes).await?);
     } else {
-        report.load = bench.load(&mut report.rss_kb).await?;
+        report.load = bench.load(&mut report.rss_kb, &mut report.processes).await?;
     }
     if !args.no_raw {
         let n = args.drain.unwrap_or(20_000);
@@ -150,15 +170,35 @@ impl Bench {
         })
     }
 
-    async fn load(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
+    /// The processes of the pipeline (with `extra` first): one with every role, or one
+    /// per role.
+    fn spawn_pipeline(&self, extra: Option<&str>) -> BenchResult<Vec<Server>> {
+        if self.args.split {
+            extra.into_iter().chain(PIPELINE_ROLES).map(|roles| self.run.spawn(roles, &[])).collect()
+        } else {
+            let roles: Vec<&str> = extra.into_iter().chain(PIPELINE_ROLES).collect();
+            Ok(vec![self.run.spawn(&roles.join(","), &[])?])
+        }
+    }
+
+    async fn load(
+        &self,
+        rss: &mut Option<(u64, u64)>,
+        processes: &mut Vec<(String, f64, f64)>,
+    ) -> BenchResult<Vec<LoadRow>> {
         self.run.prepare().await?;
-        let result = self.load_runs(rss).await;
+        let result = self.load_runs(rss, processes).await;
         self.run.cleanup().await;
         result
     }
 
-    async fn load_runs(&self, rss: &mut Option<(u64, u64)>) -> BenchResult<Vec<LoadRow>> {
-        let server = self.run.spawn("api,relay,consumer,worker,indexer", &[])?;
+    async fn load_runs(
+        &self,
+        rss: &mut Option<(u64, u64)>,
+        processes: &mut Vec<(String, f64, f64)>,
+    ) -> BenchResult<Vec<LoadRow>> {
+        let servers = self.spawn_pipeline(Some("api"))?;
+        let server = servers.first().ok_or("no API process")?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
         let store = self.run.store().await?;
         let queue = self.queue().await?;
@@ -179,23 +219,25 @@ impl Bench {
             eprintln!("{pct} %: offering {rate:.0} creates/s for {secs} s");
             let (done, failed, load_end) =
                 open_loop(&client, &server.base, &tenant, rate, Duration::from_secs(secs)).await;
-            wait_idle(&*store, &*queue, &tenant, done.len()).await?;
-            let effects = effect_times(&*store, &*queue, &tenant, &done, None).await?;
+            let effects = settled_effect_times(&*store, &*queue, &tenant, &done, None).await?;
             rows.push(summarise(format!("{pct} % of max"), rate, &done, &effects, failed, load_end));
         }
         *rss = server.rss_kb();
-        server.stop()?;
+        processes.extend(servers.iter().map(Server::usage));
+        for s in servers {
+            s.stop()?;
+        }
         Ok(rows)
     }
 
-    async fn drain(&self, n: usize) -> BenchResult<Drained> {
+    async fn drain(&self, n: usize, processes: &mut Vec<(String, f64, f64)>) -> BenchResult<Drained> {
         self.run.prepare().await?;
-        let result = self.drain_run(n).await;
+        let result = self.drain_run(n, processes).await;
         self.run.cleanup().await;
         result
     }
 
-    async fn drain_run(&self, n: usize) -> BenchResult<Drained> {
+    async fn drain_run(&self, n: usize, processes: &mut Vec<(String, f64, f64)>) -> BenchResult<Drained> {
         let api = self.run.spawn("api", &[])?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
         let tenant = new_tenant(&client, &api.base, &self.run.token, "drain").await?;
@@ -206,26 +248,27 @@ impl Bench {
         let queue = self.queue().await?;
         eprintln!("starting the pipeline roles on a full outbox…");
         let spawned_at = Utc::now();
-        let pipeline = self.run.spawn("relay,consumer,worker,indexer", &[])?;
-        // The clock starts when the process serves (its tree is up), not at exec: what
-        // is timed is the pipeline, not a process start.
+        let pipeline = self.spawn_pipeline(None)?;
+        // The clock starts when the processes serve (their trees are up), not at exec:
+        // what is timed is the pipeline, not a process start.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while client
-            .get(format!("{}/health/live", pipeline.base))
-            .send()
-            .await
-            .map(|r| !r.status().is_success())
-            .unwrap_or(true)
-        {
-            if Instant::now() > deadline {
-                return Err("the pipeline process did not come up".into());
+        for p in &pipeline {
+            while client
+                .get(format!("{}/health/live", p.base))
+                .send()
+                .await
+                .map(|r| !r.status().is_success())
+                .unwrap_or(true)
+            {
+                if Instant::now() > deadline {
+                    return Err(format!("the {} process did not come up", p.roles));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let ready_at = Utc::now();
-        wait_idle(&*store, &*queue, &tenant, created.len()).await?;
         let mut stages = Stages::default();
-        let effects = effect_times(&*store, &*queue, &tenant, &created, Some(&mut stages)).await?;
+        let effects = settled_effect_times(&*store, &*queue, &tenant, &created, Some(&mut stages)).await?;
         let last = effects.values().copied().max().unwrap_or(ready_at);
         let since_ready = |t: DateTime<Utc>| (t - ready_at).to_std().unwrap_or_default();
         let published = store
@@ -250,7 +293,10 @@ impl Bench {
             drained.from_ready.as_secs_f64(),
             drained.from_exec.as_secs_f64()
         );
-        pipeline.stop()?;
+        processes.extend(pipeline.iter().map(Server::usage));
+        for p in pipeline {
+            p.stop()?;
+        }
         Ok(drained)
     }
 }
@@ -406,6 +452,27 @@ async fn wait_idle(store: &dyn Store, queue: &dyn JobQueue, t: &Tenant, users: u
             return Err(format!("effects not done after 30 min ({busy} jobs still to run)"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`wait_idle`], then [`effect_times`]. The queue can look idle, every audit entry
+/// written, in the moment between a consumer's audit write and its enqueue of that
+/// batch's jobs: then a job is missing or not done yet, and both are asked again.
+async fn settled_effect_times(
+    store: &dyn Store,
+    queue: &dyn JobQueue,
+    t: &Tenant,
+    created: &[Created],
+    mut stages: Option<&mut Stages>,
+) -> BenchResult<HashMap<Uuid, DateTime<Utc>>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        wait_idle(store, queue, t, created.len()).await?;
+        match effect_times(store, queue, t, created, stages.as_deref_mut()).await {
+            Ok(times) => return Ok(times),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 
@@ -609,6 +676,12 @@ pub fn tables(r: &Report) -> String {
             rss as f64 / 1024.0,
             hwm as f64 / 1024.0
         ));
+    }
+    if !r.processes.is_empty() {
+        out.push_str("\n| Eventra process (roles) | CPU seconds | RSS |\n|---|---:|---:|\n");
+        for (roles, cpu, rss) in &r.processes {
+            out.push_str(&format!("| {roles} | {cpu:.1} | {rss:.0} MB |\n"));
+        }
     }
     if !r.raw.is_empty() {
         out.push_str("\n| raw engine, same work | rate | unit |\n|---|---:|---|\n");

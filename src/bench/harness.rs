@@ -75,16 +75,9 @@ impl Run {
     }
 
     /// Starts this binary's `serve` with `roles` (and `env` on top) on a loopback port.
-    /// The benchmarks use embedded search, whose index lives in one process, so `api`
-    /// and `indexer` always run together (`serve` refuses one without the other).
+    /// Every process of a run shares its data dir: with embedded search the one with
+    /// `indexer` writes the index and `api` processes follow it.
     pub fn spawn(&self, roles: &str, env: &[(&str, String)]) -> BenchResult<Server> {
-        let mut roles: Vec<&str> = roles.split(',').collect();
-        for (has, needs) in [("api", "indexer"), ("indexer", "api")] {
-            if roles.contains(&has) && !roles.contains(&needs) {
-                roles.push(needs);
-            }
-        }
-        let roles = roles.join(",");
         let exe = std::env::current_exe().map_err(err)?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
@@ -92,7 +85,7 @@ impl Run {
             .env("EVENTRA_DATA_DIR", self.dir.join("data"))
             .env("EVENTRA_ADMIN_TOKEN", &self.token)
             .env("EVENTRA_NAMESPACE", &self.ns)
-            .env("EVENTRA_ROLES", &roles)
+            .env("EVENTRA_ROLES", roles)
             .env("EVENTRA_LOG", "warn")
             .env_remove("DATABASE_URL")
             .env_remove("AMQP_URL")
@@ -133,7 +126,7 @@ impl Run {
             .flatten()
             .ok_or_else(|| format!("the server did not start; see {}", self.dir.join("server.log").display()))?;
         let base = first.strip_prefix("Eventra listening on ").ok_or("unexpected first line")?.to_owned();
-        Ok(Server { child, base })
+        Ok(Server { child, base, roles: roles.to_owned() })
     }
 
     pub async fn store(&self) -> BenchResult<Arc<dyn Store>> {
@@ -182,9 +175,27 @@ impl Drop for Run {
 pub struct Server {
     child: Child,
     pub base: String,
+    pub roles: String,
 }
 
 impl Server {
+    /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command (which may hold spaces) end at its ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        // Linux reports clock ticks of USER_HZ, 100 on every architecture we run on.
+        Some((user + system) / 100.0)
+    }
+
+    /// Its roles, CPU seconds and resident memory (MB), for a report.
+    pub fn usage(&self) -> (String, f64, f64) {
+        let rss = self.rss_kb().map_or(0.0, |(rss, _)| rss as f64 / 1024.0);
+        (self.roles.clone(), self.cpu_secs().unwrap_or(0.0), rss)
+    }
+
     /// Resident memory now and at its peak (VmRSS, VmHWM), in KiB.
     pub fn rss_kb(&self) -> Option<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;

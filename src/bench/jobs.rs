@@ -133,6 +133,7 @@ async fn eventra(args: &JobsBenchArgs) -> BenchResult<Row> {
         webhook_runner: None,
         webhook_workers: 0,
         scheduler_every: Duration::from_secs(1),
+        process: "bench".into(),
     };
     let probe = client(&args.redis_url).await?;
     let cpu0 = redis_cpu(&probe).await?;

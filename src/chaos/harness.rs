@@ -4,7 +4,10 @@
 //!
 //! The load retries every write with the same `Idempotency-Key` until it gets an
 //! answer, as a careful client does, so a write whose answer was lost to a crash is not
-//! made twice; it records what the API acknowledged. The check then reads the truth
+//! made twice; it records what the API acknowledged. Given several API processes it
+//! sends round-robin, and a retry goes to the next one; it tells refused connections
+//! (no process listening: what a client may retry elsewhere) from failed requests (a
+//! process took the request and did not answer it well). The check then reads the truth
 //! from the database and the SMTP sink: every committed change has exactly one event,
 //! every event its audit entry, every new user exactly one welcome email, the search
 //! index agrees with the database, nothing is parked or dead, and nothing the API
@@ -170,6 +173,27 @@ impl Harness {
     pub fn client(&self) -> Result<reqwest::Client> {
         reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(err)
     }
+
+    /// Where [`settle`] and [`check`] look.
+    pub fn target(&self) -> Target<'_> {
+        Target { database_url: &self.database_url, base: &self.base, token: &self.token, smtp: &self.smtp }
+    }
+}
+
+/// A deployment to settle and check: its database, an API process (or one with the
+/// operator surface: the admin job and DLQ views), the admin token, and the SMTP sink
+/// its mail goes to.
+pub struct Target<'a> {
+    pub database_url: &'a str,
+    pub base: &'a str,
+    pub token: &'a str,
+    pub smtp: &'a SmtpSink,
+}
+
+impl Target<'_> {
+    fn client(&self) -> Result<reqwest::Client> {
+        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(err)
+    }
 }
 
 impl Drop for Harness {
@@ -203,6 +227,12 @@ pub struct LoadReport {
     pub cross_tenant_leaks: u64,
     /// Attempts that failed (503, connection refused or reset, timeouts) and were retried.
     pub retried_attempts: u64,
+    /// …of which the connection was refused (no process listening there).
+    pub refused_attempts: u64,
+    /// …of which reached a process: 5xx answers, resets, timeouts.
+    pub failed_requests: u64,
+    /// The first failed requests, described.
+    pub failures: Vec<String>,
     /// The slowest failed attempt: writes must fail fast while a dependency is down.
     pub slowest_failure: Duration,
     /// Operations that never got an answer before the load stopped.
@@ -229,9 +259,11 @@ const MAX_IN_FLIGHT: usize = 2_000;
 
 impl Load {
     /// Creates `tenants` tenants, then offers `rate` operations a second: 80 % creates,
-    /// 10 % renames, 10 % deletes, and a cross-tenant read every tenth operation.
-    pub async fn start(base: &str, token: &str, tenants: usize, rate: f64) -> Result<Load> {
+    /// 10 % renames, 10 % deletes, and a cross-tenant read every tenth operation,
+    /// round-robin over `bases` (the API processes).
+    pub async fn start(bases: &[String], token: &str, tenants: usize, rate: f64) -> Result<Load> {
         crate::tls::install_crypto_provider();
+        let base = bases.first().ok_or("no API to load")?.clone();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(err)?;
         let mut made = Vec::new();
         for i in 0..tenants.max(2) {
@@ -257,7 +289,7 @@ impl Load {
             in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
-        let base = base.to_owned();
+        let bases: Arc<Vec<String>> = Arc::new(bases.to_vec());
         let task = tokio::spawn(async move {
             let every = Duration::from_secs_f64(1.0 / rate.max(0.1));
             let mut tick = tokio::time::interval(every);
@@ -269,10 +301,10 @@ impl Load {
                     continue;
                 }
                 let n = s.seq.fetch_add(1, Ordering::SeqCst);
-                let (s, client, base, tenants) = (s.clone(), client.clone(), base.clone(), tenants.clone());
+                let (s, client, bases, tenants) = (s.clone(), client.clone(), bases.clone(), tenants.clone());
                 s.in_flight.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    one_op(&s, &client, &base, &tenants, n).await;
+                    one_op(&s, &client, &bases, &tenants, n).await;
                     s.in_flight.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -327,24 +359,48 @@ async fn retry_until_answered(
 /// How long an operation keeps retrying before it gives up (Eventra down for longer).
 const OP_PATIENCE: Duration = Duration::from_secs(120);
 
+/// Failed requests described in the report (the first ones: enough to diagnose).
+const FAILURES_KEPT: usize = 20;
+
 async fn attempt(s: &Shared, req: reqwest::RequestBuilder) -> Option<(u16, Value)> {
     let started = Instant::now();
-    match req.send().await {
-        Ok(res) if res.status().as_u16() != 503 => {
+    let what = req.try_clone().and_then(|r| r.build().ok()).map(|r| format!("{} {}", r.method(), r.url()));
+    let failure = match req.send().await {
+        Ok(res) if res.status().as_u16() < 500 => {
             let status = res.status().as_u16();
-            Some((status, res.json().await.unwrap_or(Value::Null)))
+            match res.bytes().await {
+                Ok(body) => return Some((status, serde_json::from_slice(&body).unwrap_or(Value::Null))),
+                Err(e) => Some(format!("{status}, then the body failed: {e}")),
+            }
         }
-        _ => {
-            let took = started.elapsed();
-            let mut r = s.report.lock().unwrap_or_else(|e| e.into_inner());
-            r.retried_attempts += 1;
-            r.slowest_failure = r.slowest_failure.max(took);
-            None
+        Ok(res) => {
+            let status = res.status();
+            let body = res.text().await.unwrap_or_default();
+            Some(format!("answered {status}: {}", body.chars().take(300).collect::<String>()))
+        }
+        Err(e) if e.is_connect() => None,
+        Err(e) => Some(format!("{e:?}")),
+    };
+    let took = started.elapsed();
+    let mut r = s.report.lock().unwrap_or_else(|e| e.into_inner());
+    r.retried_attempts += 1;
+    r.slowest_failure = r.slowest_failure.max(took);
+    match failure {
+        None => r.refused_attempts += 1,
+        Some(f) => {
+            r.failed_requests += 1;
+            if r.failures.len() < FAILURES_KEPT {
+                r.failures.push(format!("{}: {f}", what.unwrap_or_default()));
+            }
         }
     }
+    None
 }
 
-async fn one_op(s: &Shared, client: &reqwest::Client, base: &str, tenants: &[LoadTenant], n: u64) {
+async fn one_op(s: &Shared, client: &reqwest::Client, bases: &[String], tenants: &[LoadTenant], n: u64) {
+    // Round-robin; each retry goes to the next API.
+    let tries = AtomicUsize::new(n as usize);
+    let base = || bases[tries.fetch_add(1, Ordering::Relaxed) % bases.len()].as_str();
     let t = (n as usize) % tenants.len();
     let tenant = &tenants[t];
     let deadline = Instant::now() + OP_PATIENCE;
@@ -357,7 +413,7 @@ async fn one_op(s: &Shared, client: &reqwest::Client, base: &str, tenants: &[Loa
         // A key of the next tenant asks for one of this tenant's users: must be 404.
         if let Some(user) = pick() {
             let other = &tenants[(t + 1) % tenants.len()];
-            let url = format!("{base}/v1/tenants/{}/users/{user}", tenant.id);
+            let url = format!("{}/v1/tenants/{}/users/{user}", base(), tenant.id);
             if let Some((status, _)) = attempt(s, client.get(url).bearer_auth(&other.key)).await {
                 let mut r = s.report.lock().unwrap_or_else(|e| e.into_inner());
                 r.cross_tenant_reads += 1;
@@ -370,8 +426,8 @@ async fn one_op(s: &Shared, client: &reqwest::Client, base: &str, tenants: &[Loa
     let kind = n % 10;
     if kind == 7 || kind == 8 {
         let Some(user) = pick() else { return };
-        let url = format!("{base}/v1/tenants/{}/users/{user}", tenant.id);
         while Instant::now() < deadline {
+            let url = format!("{}/v1/tenants/{}/users/{user}", base(), tenant.id);
             let req = if kind == 7 {
                 client.patch(&url).bearer_auth(&tenant.key).json(&json!({"name": format!("Renamed {n}")}))
             } else {
@@ -397,7 +453,7 @@ async fn one_op(s: &Shared, client: &reqwest::Client, base: &str, tenants: &[Loa
     let body = json!({"email": format!("u{n}@chaos.example"), "name": format!("Chaos User {n}")});
     while Instant::now() < deadline {
         let req = client
-            .post(format!("{base}/v1/tenants/{}/users", tenant.id))
+            .post(format!("{}/v1/tenants/{}/users", base(), tenant.id))
             .bearer_auth(&tenant.key)
             .header("Idempotency-Key", &key)
             .json(&body);
@@ -533,8 +589,8 @@ impl Invariants {
 
 /// Waits until the pipeline is idle (every event published, audited, no job waiting),
 /// up to `within`.
-pub async fn settle(h: &Harness, within: Duration) -> Result<()> {
-    let pool = sqlx::PgPool::connect(&h.database_url).await.map_err(err)?;
+pub async fn settle(h: &Target<'_>, within: Duration) -> Result<()> {
+    let pool = sqlx::PgPool::connect(h.database_url).await.map_err(err)?;
     let client = h.client()?;
     let deadline = Instant::now() + within;
     loop {
@@ -548,7 +604,7 @@ pub async fn settle(h: &Harness, within: Duration) -> Result<()> {
         .fetch_one(&pool)
         .await
         .map_err(err)?;
-        let jobs: Value = match client.get(format!("{}/v1/admin/jobs", h.base)).bearer_auth(&h.token).send().await {
+        let jobs: Value = match client.get(format!("{}/v1/admin/jobs", h.base)).bearer_auth(h.token).send().await {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
         };
@@ -571,8 +627,8 @@ pub async fn settle(h: &Harness, within: Duration) -> Result<()> {
 }
 
 /// Checks every invariant against the database, the SMTP sink and the API.
-pub async fn check(h: &Harness, load: &LoadReport) -> Result<Invariants> {
-    let pool = sqlx::PgPool::connect(&h.database_url).await.map_err(err)?;
+pub async fn check(h: &Target<'_>, load: &LoadReport) -> Result<Invariants> {
+    let pool = sqlx::PgPool::connect(h.database_url).await.map_err(err)?;
     let mut inv = Invariants { cross_tenant_leaks: load.cross_tenant_leaks, ..Invariants::default() };
     let (events,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox").fetch_one(&pool).await.map_err(err)?;
     inv.events = events as u64;
@@ -628,7 +684,7 @@ pub async fn check(h: &Harness, load: &LoadReport) -> Result<Invariants> {
     }
     let wrong = futures_util::stream::iter(probes)
         .map(|(id, tenant, email, name)| {
-            let (client, key, base) = (client.clone(), keys.get(&tenant).cloned(), h.base.clone());
+            let (client, key, base) = (client.clone(), keys.get(&tenant).cloned(), h.base.to_owned());
             async move {
                 let Some(key) = key else { return 0u64 };
                 let q = email.split('@').next().unwrap_or_default().to_owned();
@@ -649,7 +705,7 @@ pub async fn check(h: &Harness, load: &LoadReport) -> Result<Invariants> {
         .await;
     inv.index_wrong = wrong;
     let admin = |path: &str| {
-        let request = client.get(format!("{}{path}", h.base)).bearer_auth(&h.token);
+        let request = client.get(format!("{}{path}", h.base)).bearer_auth(h.token);
         async move { request.send().await.map_err(err)?.json::<Value>().await.map_err(err) }
     };
     let dlq = admin("/v1/admin/dlq").await?;

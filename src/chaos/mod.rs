@@ -85,7 +85,7 @@ pub async fn run(args: ChaosArgs) -> Result<ChaosReport, String> {
     h.start_eventra().await?;
     eprintln!("eventra up at {}; attacking for {} minutes", h.base, args.minutes);
     let mut report = ChaosReport { minutes: args.minutes, ..ChaosReport::default() };
-    let load = harness::Load::start(&h.base, &h.token, args.tenants, args.rate).await?;
+    let load = harness::Load::start(std::slice::from_ref(&h.base), &h.token, args.tenants, args.rate).await?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
     let until = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
     let mut next_kill = Instant::now();
@@ -158,11 +158,11 @@ pub async fn run(args: ChaosArgs) -> Result<ChaosReport, String> {
         h.start_eventra().await?;
     }
     let settle_started = Instant::now();
-    harness::settle(&h, Duration::from_secs(300)).await?;
+    harness::settle(&h.target(), Duration::from_secs(300)).await?;
     report.settle_seconds = settle_started.elapsed().as_secs_f64();
     report.users_acknowledged = load.created.len() as u64;
     report.retried_attempts = load.retried_attempts;
-    report.invariants = harness::check(&h, &load).await?;
+    report.invariants = harness::check(&h.target(), &load).await?;
     report.eventra_starts = h.starts;
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

@@ -90,6 +90,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         }))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(move |req, next| request_context(max_body_bytes, req, next)))
+        .layer(middleware::from_fn_with_state(state.draining.clone(), close_when_draining))
         .with_state(state)
 }
 
@@ -113,7 +114,23 @@ pub fn operator_router(state: AppState) -> Router {
         })
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(move |req, next| request_context(64 * 1024, req, next)))
+        .layer(middleware::from_fn_with_state(state.draining.clone(), close_when_draining))
         .with_state(state)
+}
+
+/// While the process drains, every answer says `Connection: close`: clients stop
+/// reusing their kept-alive connections to it during the grace, so when the listener
+/// closes none is left to race a request against the close.
+async fn close_when_draining(
+    axum::extract::State(draining): axum::extract::State<Arc<std::sync::atomic::AtomicBool>>,
+    req: Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let mut res = next.run(req).await;
+    if draining.load(std::sync::atomic::Ordering::SeqCst) {
+        res.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    res
 }
 
 /// Every route with its OpenAPI description (a route is added only through

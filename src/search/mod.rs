@@ -114,11 +114,13 @@ pub trait SearchIndex: Send + Sync + 'static {
 }
 
 /// Opens the configured engine: OpenSearch when `opensearch_url` is set (index names
-/// under `namespace`), else tantivy under `<data dir>/index`.
+/// under `namespace`), else tantivy under `<data dir>/index`, to write it (`writes`: the
+/// process with the `indexer` role) or to follow the writes of the process that does.
 pub async fn open(
     opensearch_url: Option<&str>,
     namespace: &str,
     data_dir: &Path,
+    writes: bool,
 ) -> SearchResult<Arc<dyn SearchIndex>> {
     match opensearch_url {
         Some(url) => {
@@ -129,7 +131,8 @@ pub async fn open(
             }
             Ok(Arc::new(index))
         }
-        None => Ok(Arc::new(Arc::new(TantivyIndex::open(&data_dir.join("index"))?))),
+        None if writes => Ok(Arc::new(Arc::new(TantivyIndex::open(&data_dir.join("index"))?))),
+        None => Ok(Arc::new(Arc::new(TantivyIndex::follow(&data_dir.join("index"))?))),
     }
 }
 

@@ -17,6 +17,12 @@
 //! Writes go through the two `IndexWriter`s behind one mutex with group commit (changes
 //! that arrive while a commit runs share the next one); the readers are reloaded after
 //! each commit, so a change is searchable when `apply` returns.
+//!
+//! One process writes an index directory (tantivy's writer lock: a second writer is
+//! refused at start). Other processes on the same directory *follow* it
+//! ([`TantivyIndex::follow`]): they search only, and their readers reload when the
+//! writer commits (tantivy watches `meta.json`, about every half second). That is how
+//! `api` processes without the `indexer` role search an embedded index.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
@@ -108,7 +114,8 @@ pub struct TantivyIndex {
     audit: AuditFields,
     user_part: Part,
     audit_part: Part,
-    writers: Mutex<Writers>,
+    /// `None` in a follower: another process writes.
+    writers: Option<Mutex<Writers>>,
     /// Changes waiting for the next commit, and who waits for it (group commit).
     pending: Mutex<Pending>,
 }
@@ -145,13 +152,26 @@ fn open_dir(dir: &Path, schema: Schema) -> SearchResult<Index> {
 /// Geometric levels from 100 documents up keep the rewriting logarithmic.
 const MIN_LAYER_SIZE: u32 = 100;
 
-fn part(index: &Index) -> SearchResult<(Part, IndexWriter)> {
-    let writer: IndexWriter = index.writer_with_num_threads(WRITER_THREADS, WRITER_HEAP)?;
+fn writer(index: &Index, dir: &str) -> SearchResult<IndexWriter> {
+    let writer: IndexWriter = index.writer_with_num_threads(WRITER_THREADS, WRITER_HEAP).map_err(|e| match e {
+        tantivy::TantivyError::LockFailure(tantivy::directory::error::LockError::LockBusy, _) => {
+            SearchError::Backend(format!(
+                "the search index in {dir} is written by another process (one indexer writes an embedded index): \
+                 run the indexer role in one process only, or set OPENSEARCH_URL"
+            ))
+        }
+        e => e.into(),
+    })?;
     let mut policy = tantivy::indexer::LogMergePolicy::default();
     policy.set_min_layer_size(MIN_LAYER_SIZE);
     writer.set_merge_policy(Box::new(policy));
-    let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-    Ok((Part { reader }, writer))
+    Ok(writer)
+}
+
+/// The writer reloads its readers itself after each commit; a follower's reload when
+/// the writer's commit lands on disk.
+fn part(index: &Index, policy: ReloadPolicy) -> SearchResult<Part> {
+    Ok(Part { reader: index.reader_builder().reload_policy(policy).try_into()? })
 }
 
 fn text_term(field: Field, text: &str) -> Box<dyn Query> {
@@ -159,35 +179,62 @@ fn text_term(field: Field, text: &str) -> Box<dyn Query> {
 }
 
 impl TantivyIndex {
-    /// Opens (or creates) the indices under `dir` (`dir/users`, `dir/audit.v2`).
+    /// Opens (or creates) the indices under `dir` (`dir/users`, `dir/audit.v2`) to write
+    /// them. Refused while another process writes them.
     pub fn open(dir: &Path) -> SearchResult<Self> {
-        let (us, uf) = user_schema();
-        let (aus, af) = audit_schema();
         if dir.join("audit").exists() && !dir.join("audit.v2").exists() {
             tracing::warn!(dir = %dir.display(),
                 "the audit index moved to audit.v2 (whole words); run `eventra reindex` to add the entries written before");
         }
-        Self::with_indices(open_dir(&dir.join("users"), us)?, uf, open_dir(&dir.join("audit.v2"), aus)?, af)
+        let ((users, uf), (audit, af)) = Self::open_dirs(dir)?;
+        let shown = dir.display().to_string();
+        let writers = Writers { users: writer(&users, &shown)?, audit: writer(&audit, &shown)? };
+        Self::with_indices(users, uf, audit, af, Some(writers))
+    }
+
+    /// Opens (or creates) the indices under `dir` to search only, following the
+    /// commits of the process that writes them ([`open`](Self::open)).
+    pub fn follow(dir: &Path) -> SearchResult<Self> {
+        let ((users, uf), (audit, af)) = Self::open_dirs(dir)?;
+        Self::with_indices(users, uf, audit, af, None)
+    }
+
+    fn open_dirs(dir: &Path) -> SearchResult<((Index, UserFields), (Index, AuditFields))> {
+        let (us, uf) = user_schema();
+        let (aus, af) = audit_schema();
+        Ok(((open_dir(&dir.join("users"), us)?, uf), (open_dir(&dir.join("audit.v2"), aus)?, af)))
     }
 
     /// Indices in memory (tests, tools).
     pub fn in_memory() -> SearchResult<Self> {
         let (us, uf) = user_schema();
         let (aus, af) = audit_schema();
-        Self::with_indices(Index::create_in_ram(us), uf, Index::create_in_ram(aus), af)
+        let (users, audit) = (Index::create_in_ram(us), Index::create_in_ram(aus));
+        let writers = Writers { users: writer(&users, "memory")?, audit: writer(&audit, "memory")? };
+        Self::with_indices(users, uf, audit, af, Some(writers))
     }
 
-    fn with_indices(users: Index, uf: UserFields, audit: Index, af: AuditFields) -> SearchResult<Self> {
-        let (user_part, users_writer) = part(&users)?;
-        let (audit_part, audit_writer) = part(&audit)?;
+    fn with_indices(
+        users: Index,
+        uf: UserFields,
+        audit: Index,
+        af: AuditFields,
+        writers: Option<Writers>,
+    ) -> SearchResult<Self> {
+        let policy = if writers.is_some() { ReloadPolicy::Manual } else { ReloadPolicy::OnCommitWithDelay };
         Ok(TantivyIndex {
             users: uf,
             audit: af,
-            user_part,
-            audit_part,
-            writers: Mutex::new(Writers { users: users_writer, audit: audit_writer }),
+            user_part: part(&users, policy)?,
+            audit_part: part(&audit, policy)?,
+            writers: writers.map(Mutex::new),
             pending: Mutex::new(Pending::default()),
         })
+    }
+
+    /// Whether this process writes the index (or follows another's writes).
+    pub fn writes(&self) -> bool {
+        self.writers.is_some()
     }
 
     fn user_term(&self, user_id: Uuid) -> Term {
@@ -250,6 +297,11 @@ impl TantivyIndex {
     }
 
     fn apply_blocking(&self, ops: &[IndexOp]) -> SearchResult<()> {
+        let Some(writers) = &self.writers else {
+            return Err(SearchError::Backend(
+                "this process follows an index another process writes: index changes go to the indexer role".into(),
+            ));
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let mut pending = self.pending.lock().map_err(|_| backend("index queue poisoned"))?;
@@ -257,7 +309,7 @@ impl TantivyIndex {
             pending.waiters.push(tx);
         }
         {
-            let mut writers = self.writers.lock().map_err(|_| backend("index writer poisoned"))?;
+            let mut writers = writers.lock().map_err(|_| backend("index writer poisoned"))?;
             let batch = std::mem::take(&mut *self.pending.lock().map_err(|_| backend("index queue poisoned"))?);
             if !batch.waiters.is_empty() {
                 let result = self.commit(&mut writers, &batch.ops).map_err(|e| e.to_string());

@@ -104,6 +104,12 @@ impl PgStore {
         Ok((tx, super::sql::locks_by_id(locks), taken))
     }
 
+    /// sqlx holds an advisory lock while it migrates: processes starting together take
+    /// turns.
+    async fn migrate_exclusively(&self) -> StoreResult<()> {
+        Ok(Self::MIGRATOR.run(&self.writer).await?)
+    }
+
     async fn send_outbox_notify(&self) -> StoreResult<()> {
         sqlx::query("SELECT pg_notify('eventra_outbox', '')").execute(&self.pool).await?;
         Ok(())

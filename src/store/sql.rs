@@ -312,8 +312,7 @@ macro_rules! sql_store_impl {
             }
 
             async fn migrate(&self) -> $crate::store::StoreResult<()> {
-                Self::MIGRATOR.run(&self.writer).await?;
-                Ok(())
+                self.migrate_exclusively().await
             }
 
             async fn ping(&self) -> $crate::store::StoreResult<()> {

@@ -94,6 +94,30 @@ impl SqliteStore {
         Ok((tx, super::sql::locks_by_id(rows), taken))
     }
 
+    /// sqlx takes no lock on SQLite while it migrates, so processes starting together
+    /// on one file (the roles split over processes) would apply the same migration
+    /// twice: they take turns on a lock file beside the database instead.
+    async fn migrate_exclusively(&self) -> StoreResult<()> {
+        let file = self.writer.connect_options().get_filename().to_path_buf();
+        let in_memory = file.as_os_str().is_empty() || file.as_os_str() == ":memory:";
+        let _turn = if in_memory {
+            None
+        } else {
+            let mut lock = file.into_os_string();
+            lock.push(".migrate-lock");
+            let taken = tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::options().create(true).truncate(false).write(true).open(&lock)?;
+                f.lock()?;
+                Ok::<_, std::io::Error>(f)
+            })
+            .await
+            .map_err(|e| super::StoreError::Unavailable(format!("migration lock: {e}")))?
+            .map_err(|e| super::StoreError::Unavailable(format!("migration lock beside the database: {e}")))?;
+            Some(taken)
+        };
+        Ok(Self::MIGRATOR.run(&self.writer).await?)
+    }
+
     /// One host: the relay is woken in-process.
     async fn send_outbox_notify(&self) -> StoreResult<()> {
         Ok(())

@@ -85,6 +85,9 @@ pub struct JobsDeps {
     pub webhook_workers: usize,
     /// How often the scheduler promotes due jobs.
     pub scheduler_every: Duration,
+    /// This process (`host:port`): leased jobs name their worker `job-worker-N@<process>`,
+    /// so the job views tell which process of a scaled-out deployment holds a job.
+    pub process: String,
 }
 
 /// The running tree.
@@ -239,24 +242,31 @@ pub fn jobs_spec(jobs: &JobsDeps) -> SupervisorSpec {
     // Stop waits for the batch in hand (the runner drains first, so no new batch is
     // taken); past this, the batch is left to the reaper.
     for n in 1..=jobs.workers {
-        children.push(worker_child(format!("job-worker-{n}"), &jobs.runner, Duration::from_secs(15)));
+        children.push(worker_child(format!("job-worker-{n}"), &jobs.process, &jobs.runner, Duration::from_secs(15)));
     }
     if let Some(webhook_runner) = &jobs.webhook_runner {
         for n in 1..=jobs.webhook_workers {
-            children.push(worker_child(format!("webhook-worker-{n}"), webhook_runner, Duration::from_secs(20)));
+            children.push(worker_child(
+                format!("webhook-worker-{n}"),
+                &jobs.process,
+                webhook_runner,
+                Duration::from_secs(20),
+            ));
         }
     }
     let intensity = Intensity::per_child(children.len());
     SupervisorSpec { intensity, ..SupervisorSpec::new("jobs", Strategy::OneForOne, children) }
 }
 
-/// A job worker on `runner`'s queues.
-fn worker_child(name: String, runner: &SharedRunner, shutdown: Duration) -> ChildSpec {
+/// A job worker on `runner`'s queues; the jobs it leases name it `<tree name>@<process>`.
+fn worker_child(name: String, process: &str, runner: &SharedRunner, shutdown: Duration) -> ChildSpec {
     let runner = runner.clone();
+    let process = process.to_owned();
     let start: StartFn = Arc::new(move |ctx: StartCtx| {
         let runner = runner.clone();
+        let name = format!("{}@{process}", ctx.name);
         Box::pin(async move {
-            let args = JobWorkerArgs { runner, name: ctx.name.clone() };
+            let args = JobWorkerArgs { runner, name };
             let (worker, _) = Actor::spawn_linked(None, JobWorker, args, ctx.parent).await?;
             Ok(worker.get_cell())
         })

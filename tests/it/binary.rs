@@ -192,15 +192,28 @@ async fn bench_ingest_runs_on_embedded() {
     assert!(cells[12].contains("rows/s"), "the raw baseline ran: {row}");
 }
 
-/// A combination of roles that cannot work is refused at start, with what to do: with
-/// embedded search the index lives in one process, so `api` and `indexer` go together.
+/// A combination that cannot work is refused at start, with what to do: one process
+/// writes an embedded index, so a second `indexer` on the same data dir is refused,
+/// while an `api` process there follows the index (it starts, and searches).
 #[tokio::test]
-async fn roles_that_cannot_work_together_are_refused_at_start() {
-    for roles in ["api", "indexer,worker", "api,relay,consumer,worker"] {
-        let dir = tempfile::tempdir().unwrap();
+async fn a_second_indexer_on_one_embedded_index_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let spawn = |roles: &str| {
+        crate::utils::process::Spawn::new(dir.path())
+            .env("EVENTRA_DATA_DIR", data.display().to_string())
+            .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
+            .env("EVENTRA_ROLES", roles)
+    };
+    eventra::tls::install_crypto_provider();
+    let _indexer = spawn("indexer").start();
+    let mut follower = spawn("api").start();
+    for roles in ["indexer", "api,worker,indexer"] {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
             .args(["serve", "--listen", "127.0.0.1:0", "--roles", roles])
             .current_dir(dir.path())
+            .env("EVENTRA_DATA_DIR", &data)
+            .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
             .env_remove("OPENSEARCH_URL")
             .env_remove("DATABASE_URL")
             .env_remove("EVENTRA_ROLES")
@@ -210,8 +223,11 @@ async fn roles_that_cannot_work_together_are_refused_at_start() {
             .unwrap();
         assert!(!out.status.success(), "{roles} must be refused");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("must run together") && text.contains("OPENSEARCH_URL"), "{roles}: {text}");
+        assert!(text.contains("written by another process") && text.contains("OPENSEARCH_URL"), "{roles}: {text}");
     }
+    let ready = reqwest::get(format!("{}/health/live", follower.base)).await.unwrap();
+    assert!(ready.status().is_success(), "the follower serves");
+    assert!(follower.terminate(std::time::Duration::from_secs(30)).is_some_and(|s| s.success()));
 }
 
 /// `eventra bench auth`, short (CI): sign-ins and token checks through an embedded

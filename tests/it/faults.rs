@@ -72,7 +72,7 @@ async fn readiness_answers_within_two_seconds_while_redis_is_down() {
 }
 
 /// The lease holder in PostgreSQL's `leases` table: the port in `host:port/start`.
-async fn relay_lease_port(pool: &sqlx::PgPool) -> Option<u16> {
+pub(crate) async fn relay_lease_port(pool: &sqlx::PgPool) -> Option<u16> {
     let row: Option<(String,)> =
         sqlx::query_as("SELECT holder FROM leases WHERE name = 'outbox-relay'").fetch_optional(pool).await.ok()?;
     row?.0.split('/').next()?.rsplit(':').next()?.parse().ok()
@@ -186,7 +186,7 @@ async fn every_dependency_fault_recovers_with_every_effect_once() {
     h.start_eventra().await.expect("eventra starts");
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = ReadinessProbe::start(&h.base, paused.clone()).unwrap();
-    let load = Load::start(&h.base, &h.token, 2, 50.0).await.unwrap();
+    let load = Load::start(std::slice::from_ref(&h.base), &h.token, 2, 50.0).await.unwrap();
     let outage = Duration::from_secs(3);
     let between = || tokio::time::sleep(Duration::from_secs(3));
 
@@ -211,8 +211,10 @@ async fn every_dependency_fault_recovers_with_every_effect_once() {
 
     let report = load.stop(Duration::from_secs(60)).await;
     let readiness = probe.stop().await;
-    settle(&h, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}; log: {}", h.log_path().display()));
-    let inv = check(&h, &report).await.unwrap();
+    settle(&h.target(), Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log: {}", h.log_path().display()));
+    let inv = check(&h.target(), &report).await.unwrap();
     eprintln!(
         "fault suite: {inv:?}; readiness {readiness:?}; load: {} created, {} retried attempts, slowest failure {:?}",
         report.created.len(),

@@ -444,7 +444,9 @@ async fn shutdown_turns_readiness_503_first_then_closes_the_listener() {
     let fresh = || reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let base = app.base.clone();
     let url = |p: &str| format!("{base}{p}");
-    assert_eq!(fresh().get(url("/health/ready")).send().await.unwrap().status(), StatusCode::OK);
+    let before = fresh().get(url("/health/ready")).send().await.unwrap();
+    assert_eq!(before.status(), StatusCode::OK);
+    assert!(before.headers().get("connection").is_none(), "kept alive before the drain");
     let began = std::time::Instant::now();
     app.begin_stop();
     let draining = crate::utils::wait_for("readiness 503", std::time::Duration::from_secs(5), || async {
@@ -459,6 +461,8 @@ async fn shutdown_turns_readiness_503_first_then_closes_the_listener() {
     assert_eq!(fresh().get(url("/health/live")).send().await.unwrap().status(), StatusCode::OK);
     let res = fresh().get(url("/v1/tenants")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    // …each answer asking the client not to reuse the connection.
+    assert_eq!(res.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"));
     // Then the listener closes.
     crate::utils::wait_for("new connections refused", std::time::Duration::from_secs(10), || async {
         fresh().get(url("/health/live")).send().await.err().filter(|e| e.is_connect()).map(|_| ())

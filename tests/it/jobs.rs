@@ -113,8 +113,14 @@ async fn worker_killed_mid_job(backend: Backend, test: &str) {
         (kind.runs.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    let worker = running["worker"].as_str().expect("a running job names its worker").to_owned();
-    assert!(worker.starts_with("job-worker-"), "{worker}");
+    let holder = running["worker"].as_str().expect("a running job names its worker");
+    // `job-worker-N@host:port`: the tree name and the process.
+    let (worker, process) = holder.split_once('@').expect("worker@process");
+    assert!(
+        worker.starts_with("job-worker-") && process.ends_with(&s.app.base[s.app.base.rfind(':').unwrap()..]),
+        "{holder}"
+    );
+    let worker = worker.to_owned();
 
     let res = s.app.post(&format!("/debug/actors/{worker}/kill"), ADMIN_TOKEN, json!({})).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);

@@ -23,5 +23,6 @@ mod search;
 mod search_conformance;
 mod store_conformance;
 mod supervision;
+mod topology;
 mod utils;
 mod webhooks;

@@ -322,6 +322,30 @@ async fn tantivy_index_survives_a_reopen() {
     assert_eq!(names(&ix, t, "pers").await, ["Persisted Person"]);
 }
 
+/// One process writes an index directory; others follow it: they find what the writer
+/// commits (their readers reload on its commits), cannot write, and a second writer on
+/// the same directory is refused with a message that says why.
+#[tokio::test]
+async fn a_follower_finds_what_the_writer_commits_and_a_second_writer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Uuid::now_v7();
+    let writer: Arc<dyn SearchIndex> = Arc::new(Arc::new(TantivyIndex::open(dir.path()).unwrap()));
+    let follower = Arc::new(TantivyIndex::follow(dir.path()).unwrap());
+    assert!(!follower.writes());
+    let follower: Arc<dyn SearchIndex> = Arc::new(follower);
+    assert!(names(&follower, t, "foll").await.is_empty());
+    writer.apply(&[IndexOp::UpsertUser(user(t, "Followed Person", "f@x.io"))]).await.unwrap();
+    crate::utils::wait_for("the follower to see the commit", std::time::Duration::from_secs(10), || async {
+        (names(&follower, t, "foll").await == ["Followed Person"]).then_some(())
+    })
+    .await;
+    let refused = follower.apply(&[IndexOp::UpsertUser(user(t, "Nope", "n@x.io"))]).await.unwrap_err().to_string();
+    assert!(refused.contains("indexer"), "{refused}");
+    let Err(second) = TantivyIndex::open(dir.path()) else { panic!("a second writer on one directory") };
+    let second = second.to_string();
+    assert!(second.contains("written by another process") && second.contains("OPENSEARCH_URL"), "{second}");
+}
+
 /// `reindex` rebuilds the index from the database: an index that lost everything (or
 /// holds stale documents) answers like one fed by the pipeline.
 #[tokio::test]

@@ -802,3 +802,23 @@ conformance!(
     custom_events_are_written_once_per_client_id,
     sessions_refresh_tokens_and_codes,
 );
+
+/// Processes starting together on one SQLite file (roles split over processes) take
+/// turns migrating it: each sees the schema whole, none applies a migration twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_of_one_sqlite_file_take_turns() {
+    for _ in 0..3 {
+        let db = crate::utils::TestDb::sqlite();
+        let mut starts = Vec::new();
+        for _ in 0..4 {
+            let url = db.url().to_owned();
+            starts.push(tokio::spawn(async move {
+                let store = eventra::store::SqliteStore::connect(&url, 2).await?;
+                eventra::store::Store::migrate(&store).await
+            }));
+        }
+        for s in starts {
+            s.await.unwrap().expect("every process migrates (or finds the schema migrated)");
+        }
+    }
+}

@@ -116,6 +116,14 @@ impl ServerProcess {
         let _ = Command::new("kill").args([sig, &self.pid.to_string()]).status();
     }
 
+    /// SIGKILL: the process dies mid-whatever.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits up to `within` for the exit.
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
         self.signal("-TERM");
