@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 pub use super::harness::Stack;
 use super::harness::{
-    err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, Server, ServiceUrls, Tenant,
+    cpu_between, engines_cpu, err, new_tenant, raw_pgbench, raw_sqlite_inserts, sample_rows, BenchResult, Run, Server,
+    ServiceUrls, Tenant,
 };
 use crate::jobs::{JobQueue, JobState, QueueConfig};
 use crate::store::Store;
@@ -110,8 +111,15 @@ pub struct Report {
     pub drain: Option<Drained>,
     pub raw: Vec<(String, f64, String)>,
     pub rss_kb: Option<(u64, u64)>,
-    /// Each Eventra process: its roles, CPU seconds used, resident memory (MB).
+    pub usage: Usage,
+}
+
+/// Where the time went: each Eventra process (its roles, CPU seconds, resident MB) and
+/// the engines' CPU seconds over the same runs (the drain: from the pipeline's start).
+#[derive(Debug, Default)]
+pub struct Usage {
     pub processes: Vec<(String, f64, f64)>,
+    pub engines: Vec<(String, f64)>,
 }
 
 pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
@@ -130,9 +138,9 @@ pub async fn run(mut args: E2eBenchArgs) -> BenchResult<Report> {
         Report { stack: format!("{:?}, mail to {mail}, {layout}", args.stack).to_lowercase(), ..Report::default() };
     let bench = Bench::new(&args)?;
     if let Some(n) = args.drain {
-        report.drain = Some(bench.drain(n, &mut report.processes).await?);
+        report.drain = Some(bench.drain(n, &mut report.usage).await?);
     } else {
-        report.load = bench.load(&mut report.rss_kb, &mut report.processes).await?;
+        report.load = bench.load(&mut report.rss_kb, &mut report.usage).await?;
     }
     if !args.no_raw {
         let n = args.drain.unwrap_or(20_000);
@@ -181,22 +189,15 @@ impl Bench {
         }
     }
 
-    async fn load(
-        &self,
-        rss: &mut Option<(u64, u64)>,
-        processes: &mut Vec<(String, f64, f64)>,
-    ) -> BenchResult<Vec<LoadRow>> {
+    async fn load(&self, rss: &mut Option<(u64, u64)>, usage: &mut Usage) -> BenchResult<Vec<LoadRow>> {
         self.run.prepare().await?;
-        let result = self.load_runs(rss, processes).await;
+        let result = self.load_runs(rss, usage).await;
         self.run.cleanup().await;
         result
     }
 
-    async fn load_runs(
-        &self,
-        rss: &mut Option<(u64, u64)>,
-        processes: &mut Vec<(String, f64, f64)>,
-    ) -> BenchResult<Vec<LoadRow>> {
+    async fn load_runs(&self, rss: &mut Option<(u64, u64)>, usage: &mut Usage) -> BenchResult<Vec<LoadRow>> {
+        let before = engines_cpu();
         let servers = self.spawn_pipeline(Some("api"))?;
         let server = servers.first().ok_or("no API process")?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
@@ -223,21 +224,22 @@ impl Bench {
             rows.push(summarise(format!("{pct} % of max"), rate, &done, &effects, failed, load_end));
         }
         *rss = server.rss_kb();
-        processes.extend(servers.iter().map(Server::usage));
+        usage.processes.extend(servers.iter().map(Server::usage));
+        usage.engines = cpu_between(&before, &engines_cpu());
         for s in servers {
             s.stop()?;
         }
         Ok(rows)
     }
 
-    async fn drain(&self, n: usize, processes: &mut Vec<(String, f64, f64)>) -> BenchResult<Drained> {
+    async fn drain(&self, n: usize, usage: &mut Usage) -> BenchResult<Drained> {
         self.run.prepare().await?;
-        let result = self.drain_run(n, processes).await;
+        let result = self.drain_run(n, usage).await;
         self.run.cleanup().await;
         result
     }
 
-    async fn drain_run(&self, n: usize, processes: &mut Vec<(String, f64, f64)>) -> BenchResult<Drained> {
+    async fn drain_run(&self, n: usize, usage: &mut Usage) -> BenchResult<Drained> {
         let api = self.run.spawn("api", &[])?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
         let tenant = new_tenant(&client, &api.base, &self.run.token, "drain").await?;
@@ -248,6 +250,7 @@ impl Bench {
         let queue = self.queue().await?;
         eprintln!("starting the pipeline roles on a full outbox…");
         let spawned_at = Utc::now();
+        let before = engines_cpu();
         let pipeline = self.spawn_pipeline(None)?;
         // The clock starts when the processes serve (their trees are up), not at exec:
         // what is timed is the pipeline, not a process start.
@@ -293,7 +296,8 @@ impl Bench {
             drained.from_ready.as_secs_f64(),
             drained.from_exec.as_secs_f64()
         );
-        processes.extend(pipeline.iter().map(Server::usage));
+        usage.processes.extend(pipeline.iter().map(Server::usage));
+        usage.engines = cpu_between(&before, &engines_cpu());
         for p in pipeline {
             p.stop()?;
         }
@@ -677,10 +681,13 @@ pub fn tables(r: &Report) -> String {
             hwm as f64 / 1024.0
         ));
     }
-    if !r.processes.is_empty() {
+    if !r.usage.processes.is_empty() {
         out.push_str("\n| Eventra process (roles) | CPU seconds | RSS |\n|---|---:|---:|\n");
-        for (roles, cpu, rss) in &r.processes {
+        for (roles, cpu, rss) in &r.usage.processes {
             out.push_str(&format!("| {roles} | {cpu:.1} | {rss:.0} MB |\n"));
+        }
+        for (name, cpu) in &r.usage.engines {
+            out.push_str(&format!("| {name} | {cpu:.1} | |\n"));
         }
     }
     if !r.raw.is_empty() {

@@ -182,12 +182,7 @@ impl Server {
     /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
     pub fn cpu_secs(&self) -> Option<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command (which may hold spaces) end at its ')'.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-        // Linux reports clock ticks of USER_HZ, 100 on every architecture we run on.
-        Some((user + system) / 100.0)
+        Some(stat_cpu(&stat)?.1)
     }
 
     /// Its roles, CPU seconds and resident memory (MB), for a report.
@@ -222,6 +217,40 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// CPU seconds a `/proc/<pid>/stat` line reports (user + system), and the command.
+fn stat_cpu(stat: &str) -> Option<(String, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (user, system): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // Clock ticks of USER_HZ: 100 on every Linux architecture we run on.
+    Some((comm, (user + system) / 100.0))
+}
+
+/// The engines whose CPU time a benchmark reports beside its own processes'.
+const ENGINES: [(&str, &str); 3] = [("postgres", "PostgreSQL"), ("beam.smp", "RabbitMQ"), ("redis-server", "Redis")];
+
+/// CPU seconds used so far by the engines on this host (each summed over its
+/// processes) and by this benchmark process (its load generator and SMTP sink).
+pub fn engines_cpu() -> Vec<(String, f64)> {
+    let mut totals: Vec<(String, f64)> = ENGINES.iter().map(|(_, name)| (name.to_string(), 0.0)).collect();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((comm, secs)) = stat_cpu(&stat) else { continue };
+        if let Some(i) = ENGINES.iter().position(|(c, _)| *c == comm) {
+            totals[i].1 += secs;
+        }
+    }
+    let own = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| stat_cpu(&s)).map_or(0.0, |(_, s)| s);
+    totals.push(("this benchmark (load, SMTP sink)".into(), own));
+    totals
+}
+
+/// What each engine used between two [`engines_cpu`] readings.
+pub fn cpu_between(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    after.iter().zip(before).map(|((name, a), (_, b))| (name.clone(), (a - b).max(0.0))).collect()
 }
 
 /// A tenant made for one run: its id and admin key.
