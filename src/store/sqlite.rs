@@ -20,6 +20,26 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use super::sql::sql_store_impl;
 use super::{SqlitePools, StoreResult};
 
+/// Takes this process's turn at setting up the database `file` (its first connection,
+/// its migrations): an exclusive lock on `<file>.setup-lock`, held until the returned
+/// file is dropped. Nothing to take for an in-memory database.
+async fn setup_turn(file: &std::path::Path) -> StoreResult<Option<std::fs::File>> {
+    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" {
+        return Ok(None);
+    }
+    let mut lock = file.as_os_str().to_owned();
+    lock.push(".setup-lock");
+    let unavailable = |e: String| super::StoreError::Unavailable(format!("the setup lock beside the database: {e}"));
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::options().create(true).truncate(false).write(true).open(&lock)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(Some(f))
+    })
+    .await
+    .map_err(|e| unavailable(e.to_string()))?
+    .map_err(|e| unavailable(e.to_string()))
+}
+
 /// A pool on one SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -35,7 +55,11 @@ impl SqliteStore {
     const ONE_STATEMENT_WRITES: bool = false;
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let parsed = SqliteConnectOptions::from_str(url)?;
+        // The first connection turns a new file to WAL: processes starting together take
+        // turns for that too.
+        let _turn = setup_turn(parsed.get_filename()).await?;
+        let options = parsed
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -98,23 +122,7 @@ impl SqliteStore {
     /// on one file (the roles split over processes) would apply the same migration
     /// twice: they take turns on a lock file beside the database instead.
     async fn migrate_exclusively(&self) -> StoreResult<()> {
-        let file = self.writer.connect_options().get_filename().to_path_buf();
-        let in_memory = file.as_os_str().is_empty() || file.as_os_str() == ":memory:";
-        let _turn = if in_memory {
-            None
-        } else {
-            let mut lock = file.into_os_string();
-            lock.push(".migrate-lock");
-            let taken = tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::options().create(true).truncate(false).write(true).open(&lock)?;
-                f.lock()?;
-                Ok::<_, std::io::Error>(f)
-            })
-            .await
-            .map_err(|e| super::StoreError::Unavailable(format!("migration lock: {e}")))?
-            .map_err(|e| super::StoreError::Unavailable(format!("migration lock beside the database: {e}")))?;
-            Some(taken)
-        };
+        let _turn = setup_turn(self.writer.connect_options().get_filename()).await?;
         Ok(Self::MIGRATOR.run(&self.writer).await?)
     }
 

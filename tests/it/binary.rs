@@ -206,10 +206,21 @@ async fn a_second_indexer_on_one_embedded_index_is_refused_at_start() {
             .env("EVENTRA_ROLES", roles)
     };
     eventra::tls::install_crypto_provider();
-    let _indexer = spawn("indexer").start();
+    // The listening line comes before the process opens its stores and index: live
+    // (the tree up, serving) is when it holds the index.
+    let live = |base: String| async move {
+        crate::utils::wait_for("the process to serve", std::time::Duration::from_secs(60), || {
+            let url = format!("{base}/health/live");
+            async move { reqwest::get(url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await
+    };
+    let indexer = spawn("indexer").start();
+    live(indexer.base.clone()).await;
     let mut follower = spawn("api").start();
+    live(follower.base.clone()).await;
     for roles in ["indexer", "api,worker,indexer"] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
+        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventra"))
             .args(["serve", "--listen", "127.0.0.1:0", "--roles", roles])
             .current_dir(dir.path())
             .env("EVENTRA_DATA_DIR", &data)
@@ -218,8 +229,10 @@ async fn a_second_indexer_on_one_embedded_index_is_refused_at_start() {
             .env_remove("DATABASE_URL")
             .env_remove("EVENTRA_ROLES")
             .kill_on_drop(true)
-            .output()
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), run)
             .await
+            .unwrap_or_else(|_| panic!("{roles} must be refused at start, not serve"))
             .unwrap();
         assert!(!out.status.success(), "{roles} must be refused");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
