@@ -111,8 +111,8 @@ pub trait EventBus: Send + Sync + 'static {
     async fn parked(&self, limit: usize) -> BusResult<Vec<Parked>>;
     /// Puts the parked message with this id back on the bus; `false` if none.
     async fn replay(&self, id: &str) -> BusResult<bool>;
-    /// Drops the parked message with this id for good; `false` if none.
-    async fn discard(&self, id: &str) -> BusResult<bool>;
+    /// Drops the parked message with this id for good, and returns it; `None` if none.
+    async fn discard(&self, id: &str) -> BusResult<Option<BusMessage>>;
 }
 
 #[async_trait]

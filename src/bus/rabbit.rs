@@ -420,14 +420,14 @@ impl EventBus for RabbitBus {
         Ok(found.is_some())
     }
 
-    async fn discard(&self, id: &str) -> BusResult<bool> {
+    async fn discard(&self, id: &str) -> BusResult<Option<BusMessage>> {
         let channel = self.connection().await?.create_channel().await?;
         let found = self.find_in_dlq(&channel, id).await?;
         if let Some(d) = &found {
             settled(d.acker.ack(BasicAckOptions::default()).await?, "ack of the discarded message")?;
         }
         channel.close(200, short("discarded")).await?;
-        Ok(found.is_some())
+        Ok(found.as_ref().map(message_of))
     }
 }
 

@@ -135,15 +135,15 @@ impl EventBus for SqliteBus {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn discard(&self, id: &str) -> BusResult<bool> {
-        let done = sqlx::query(
+    async fn discard(&self, id: &str) -> BusResult<Option<BusMessage>> {
+        let gone: Option<(String, String, Vec<u8>)> = sqlx::query_as(
             "DELETE FROM bus_messages WHERE seq = (SELECT seq FROM bus_messages WHERE state = 'parked' AND id = $1 \
-             ORDER BY seq LIMIT 1)",
+             ORDER BY seq LIMIT 1) RETURNING id, routing_key, body",
         )
         .bind(id)
-        .execute(&self.writer)
+        .fetch_optional(&self.writer)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(gone.map(|(id, routing_key, body)| BusMessage { id, routing_key, body }))
     }
 }
 

@@ -83,16 +83,23 @@ async fn replay(State(s): State<AppState>, principal: Principal, ApiPath(id): Ap
     Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": id, "source": "event-bus" }))).into_response())
 }
 
-/// `DELETE /v1/admin/dlq/{id}`: discards a parked message for good.
+/// `DELETE /v1/admin/dlq/{id}`: discards a parked message for good. An event among
+/// them will not be processed: it leaves its tenant's ingestion backlog.
 #[utoipa::path(delete, path = "/v1/admin/dlq/{id}", operation_id = "discardDeadLetter", tag = "pipeline", security(("bearer" = [])),
     params(("id" = String, Path, description = "The parked message's id")),
     responses((status = 204, description = "Discarded"), AuthProblems, QueryProblems, NotFound, Unavailable))]
 async fn discard(State(s): State<AppState>, principal: Principal, ApiPath(id): ApiPath<String>) -> Result<StatusCode> {
     principal.require_platform_admin()?;
-    if !s.bus.discard(&id).await.map_err(|e| Error::Unavailable(e.to_string()))? {
+    let Some(message) = s.bus.discard(&id).await.map_err(|e| Error::Unavailable(e.to_string()))? else {
         return Err(Error::NotFound("dead letter"));
-    }
+    };
     tracing::warn!(message_id = %id, "dead letter discarded by an operator");
+    // The message is gone either way; a failure here only leaves the backlog one high.
+    if let Ok(event) = serde_json::from_slice::<crate::domain::DomainEvent>(&message.body) {
+        if let Err(e) = s.tenants.store().record_dropped_event(event.tenantid, event.id).await {
+            tracing::error!(event_id = %event.id, error = %e, "could not take a discarded event out of its tenant's backlog");
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

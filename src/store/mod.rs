@@ -313,8 +313,15 @@ pub trait Store: Send + Sync + 'static {
     /// same transaction: every event is counted exactly once. Returns how many were new.
     async fn append_audit_many(&self, entries: &[AuditEntry]) -> StoreResult<u64>;
     /// A tenant's events accepted (its event sequence) and not yet processed (counted in
-    /// the analytics); `None` for an unknown tenant.
+    /// the analytics), leaving out those dropped unprocessed ([`record_dropped_event`]);
+    /// `None` for an unknown tenant.
+    ///
+    /// [`record_dropped_event`]: Store::record_dropped_event
     async fn tenant_backlog(&self, tenant_id: Uuid) -> StoreResult<Option<i64>>;
+    /// An operator discarded this event from the dead-letter queue: it will not be
+    /// processed, so it leaves its tenant's backlog (once, however often it is recorded;
+    /// not at all if it was processed after all).
+    async fn record_dropped_event(&self, tenant_id: Uuid, event_id: Uuid) -> StoreResult<()>;
 
     // ---- End-user authentication (SPEC §8) ----
 

@@ -1136,12 +1136,32 @@ macro_rules! sql_store_impl {
             async fn tenant_backlog(&self, tenant_id: uuid::Uuid) -> $crate::store::StoreResult<Option<i64>> {
                 let row: Option<(i64,)> = sqlx::query_as(
                     "SELECT t.event_seq - COALESCE((SELECT CAST(SUM(s.count) AS BIGINT) FROM event_stats s \
-                     WHERE s.tenant_id = t.id AND s.grain = 3), 0) FROM tenants t WHERE t.id = $1",
+                     WHERE s.tenant_id = t.id AND s.grain = 3), 0) \
+                     - (SELECT COUNT(*) FROM dropped_events d WHERE d.tenant_id = t.id \
+                        AND NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.event_id = d.event_id)) \
+                     FROM tenants t WHERE t.id = $1",
                 )
                 .bind(tenant_id)
                 .fetch_optional(&self.pool)
                 .await?;
                 Ok(row.map(|(n,)| n))
+            }
+
+            async fn record_dropped_event(
+                &self,
+                tenant_id: uuid::Uuid,
+                event_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO dropped_events (event_id, tenant_id, dropped_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(event_id)
+                .bind(tenant_id)
+                .bind($crate::domain::now())
+                .execute(&self.writer)
+                .await?;
+                Ok(())
             }
 
             async fn event_stats(

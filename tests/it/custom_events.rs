@@ -313,3 +313,62 @@ async fn events_for_an_unknown_tenant_are_a_404() {
         app.stop().await;
     }
 }
+
+/// An event an operator discards from the dead-letter queue will never be processed:
+/// it leaves its tenant's backlog, so the backlog limit does not stay reached for good.
+/// Discarding is counted once (a second discard of the id is a 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discarded_dead_letter_leaves_its_tenants_backlog() {
+    use eventra::bus::{BusConfig, EventBus, SqliteBus};
+    use eventra::store::Store;
+    let db = TestDb::sqlite();
+    // No consumer: the relay puts the events on the bus, and there they stay.
+    let app = TestApp::start_with(db.url(), |c| {
+        c.roles = vec!["api".into(), "relay".into()];
+        c.ingest_max_backlog = 3;
+    })
+    .await;
+    let t = app.tenant("dropped", 0).await;
+    assert_eq!(put_type(&app, &t, "order.placed", order_schema()).await.status(), StatusCode::CREATED);
+    let one = json!({"type": "order.placed", "data": {"order_id": "x", "amount": 1}});
+    let events = format!("/v1/tenants/{}/events", t.id);
+    let refused = loop {
+        let res = app.post(&events, &t.admin_key, one.clone()).await;
+        if res.status() != StatusCode::ACCEPTED {
+            break res;
+        }
+    };
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let store = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap();
+    let before = store.tenant_backlog(t.id).await.unwrap().unwrap();
+    assert!(before >= 3, "{before}");
+
+    // A consumer that cannot process them parks the order events.
+    let bus = SqliteBus::new(store.pools(), BusConfig::default());
+    let mut consumer = bus.consume("test-parker", 50).await.unwrap();
+    let mut parked = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while parked.len() < 2 && std::time::Instant::now() < deadline {
+        for d in consumer.next_batch(50, Duration::from_millis(200)).await.unwrap() {
+            if d.message.routing_key == "order.placed" {
+                consumer.park(&d, "test: this consumer cannot process it").await.unwrap();
+                parked.push(d.message.id.clone());
+            }
+        }
+    }
+    assert!(parked.len() >= 2, "order events on the bus: {parked:?}");
+
+    let admin = crate::utils::app::ADMIN_TOKEN;
+    let res = app.delete(&format!("/v1/admin/dlq/{}", parked[0]), admin).await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(store.tenant_backlog(t.id).await.unwrap(), Some(before - 1), "out of the backlog");
+    let res = app.delete(&format!("/v1/admin/dlq/{}", parked[0]), admin).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(store.tenant_backlog(t.id).await.unwrap(), Some(before - 1), "counted once");
+    // Below the limit again: ingestion accepts (once the process reads the backlog anew).
+    wait_for("ingestion accepted again", WAIT, || async {
+        (app.post(&events, &t.admin_key, one.clone()).await.status() == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
