@@ -263,7 +263,7 @@ pub async fn run_with(
         .with_outbox_wake(outbox_wake)
         .with_effect_lag(effect_lag);
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state = AppState {
+    let state = AppState::new(crate::http::AppStateParts {
         api,
         draining: draining.clone(),
         tenants,
@@ -284,7 +284,7 @@ pub async fn run_with(
         jobs,
         bus,
         search,
-    };
+    });
     if config.chaos {
         tracing::warn!("chaos mode: POST /debug/actors/{{name}}/kill is enabled");
     }

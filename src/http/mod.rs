@@ -42,9 +42,28 @@ use extract::{BodyLimit, RequestId};
 use metrics_exporter_prometheus::PrometheusHandle;
 use problem::Problem;
 
-/// What every handler can reach.
+/// What every handler can reach: one `Arc`, because axum clones the state for every
+/// request; a struct of ~20 `Arc`s made that ~20 atomic increments and decrements a
+/// request (3.8 % of Eventra's CPU samples under `bench writes`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateParts>);
+
+impl AppState {
+    pub fn new(parts: AppStateParts) -> Self {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateParts;
+
+    fn deref(&self) -> &AppStateParts {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct AppStateParts {
     /// The door to tenant and user state (actors for writes, store for reads).
     pub tenants: Tenants,
     /// The platform admin bearer token.
