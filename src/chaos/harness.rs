@@ -364,22 +364,21 @@ const FAILURES_KEPT: usize = 20;
 
 async fn attempt(s: &Shared, req: reqwest::RequestBuilder) -> Option<(u16, Value)> {
     let started = Instant::now();
-    let what = req.try_clone().and_then(|r| r.build().ok()).map(|r| format!("{} {}", r.method(), r.url()));
     let failure = match req.send().await {
         Ok(res) if res.status().as_u16() < 500 => {
-            let status = res.status().as_u16();
+            let (status, url) = (res.status().as_u16(), res.url().clone());
             match res.bytes().await {
                 Ok(body) => return Some((status, serde_json::from_slice(&body).unwrap_or(Value::Null))),
-                Err(e) => Some(format!("{status}, then the body failed: {e}")),
+                Err(e) => Some(format!("{url}: {status}, then the body failed: {e}")),
             }
         }
         Ok(res) => {
-            let status = res.status();
+            let (status, url) = (res.status(), res.url().clone());
             let body = res.text().await.unwrap_or_default();
-            Some(format!("answered {status}: {}", body.chars().take(300).collect::<String>()))
+            Some(format!("{url}: answered {status}: {}", body.chars().take(300).collect::<String>()))
         }
         Err(e) if e.is_connect() => None,
-        Err(e) => Some(format!("{e:?}")),
+        Err(e) => Some(format!("{}: {e:?}", e.url().map(|u| u.as_str()).unwrap_or("?"))),
     };
     let took = started.elapsed();
     let mut r = s.report.lock().unwrap_or_else(|e| e.into_inner());
@@ -390,7 +389,7 @@ async fn attempt(s: &Shared, req: reqwest::RequestBuilder) -> Option<(u16, Value
         Some(f) => {
             r.failed_requests += 1;
             if r.failures.len() < FAILURES_KEPT {
-                r.failures.push(format!("{}: {f}", what.unwrap_or_default()));
+                r.failures.push(f);
             }
         }
     }
