@@ -33,6 +33,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::sql::TenantLock;
+use super::statement::{Statement, Val};
 use super::{StoreError, StoreResult, TenantWrite, WriteOutcome};
 use crate::domain::{DomainEvent, NewUser, User};
 
@@ -208,143 +209,166 @@ pub(super) fn decide_creates<'w>(
     Ok((accepted, expired))
 }
 
+/// A value serialized as JSON.
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> StoreResult<Val<'static>> {
+    serde_json::value::to_raw_value(value)
+        .map(Val::Json)
+        .map_err(|e| StoreError::Corrupt(format!("a value is not serializable: {e}")))
+}
+
 /// `INSERT INTO users … VALUES …` for these users.
-pub(super) fn push_users<'a, DB>(q: &mut sqlx::QueryBuilder<'a, DB>, users: &[&'a NewUser])
-where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    bool: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    sqlx::types::Json<&'a serde_json::Map<String, Value>>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    chrono::DateTime<chrono::Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push(
+pub(super) fn push_users<'a>(q: &mut impl Statement<'a>, users: &[&'a NewUser]) -> StoreResult<()> {
+    q.sql(
         "INSERT INTO users (id, tenant_id, email, email_normalized, name, status, email_verified, \
          attributes, version, created_at, updated_at, password_hash) ",
     );
-    q.push_values(users, |mut row, n| {
+    let rows = users.iter().map(|n| {
         let u = &n.0;
         // Checked when the write was accepted (`decide_creates`): only hashes get here.
         let hash = n.password_hash().ok().flatten().map(|h| h.as_str());
-        row.push_bind(u.id)
-            .push_bind(u.tenant_id)
-            .push_bind(u.email.as_str())
-            .push_bind(u.email_key())
-            .push_bind(u.name.as_str())
-            .push_bind(u.status.as_str())
-            .push_bind(u.email_verified)
-            .push_bind(sqlx::types::Json(&u.attributes))
-            .push_bind(u.version)
-            .push_bind(u.created_at)
-            .push_bind(u.updated_at)
-            .push_bind(hash);
+        Ok([
+            Val::Uuid(u.id),
+            Val::Uuid(u.tenant_id),
+            Val::Text(u.email.as_str().into()),
+            Val::Text(u.email_key().into()),
+            Val::Text(u.name.as_str().into()),
+            Val::Text(u.status.as_str().into()),
+            Val::Bool(u.email_verified),
+            json(&u.attributes)?,
+            Val::Int(u.version),
+            Val::Time(u.created_at),
+            Val::Time(u.updated_at),
+            Val::NullableText(hash),
+        ])
     });
+    q.rows(rows.collect::<StoreResult<Vec<_>>>()?);
+    Ok(())
 }
 
 /// `SELECT tenant_id, email_normalized FROM users WHERE …`: which of these pairs exist
 /// (a row-value `IN` over a `VALUES` subquery, which both engines answer from the
 /// `(tenant_id, email_normalized)` index).
-pub(super) fn push_taken_emails<'a, DB>(q: &mut sqlx::QueryBuilder<'a, DB>, emails: &'a [(Uuid, String)])
-where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push(
+pub(super) fn push_taken_emails<'a>(q: &mut impl Statement<'a>, emails: &'a [(Uuid, String)]) {
+    q.sql(
         "SELECT tenant_id, email_normalized FROM users WHERE (tenant_id, email_normalized) IN \
          (SELECT v.column1, v.column2 FROM (",
     );
-    q.push_values(emails, |mut row, (t, e)| {
-        row.push_bind(*t).push_bind(e.as_str());
-    });
-    q.push(") AS v)");
-}
-
-/// The email look-up as rows shaped like the locked tenant rows (`tenant_id, 0, 0, 0,
-/// email`), to follow them in a `UNION ALL` (PostgreSQL's one statement after the lock).
-pub(super) fn push_taken_emails_as_lock_rows<'a>(
-    q: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>,
-    emails: &'a [(Uuid, String)],
-) {
-    q.push(
-        "SELECT tenant_id, 0::int8, 0::int8, 0::int8, email_normalized FROM users \
-         WHERE (tenant_id, email_normalized) IN (SELECT v.column1, v.column2 FROM (",
-    );
-    q.push_values(emails, |mut row, (t, e)| {
-        row.push_bind(*t).push_bind(e.as_str());
-    });
-    q.push(") AS v)");
+    q.rows(emails.iter().map(|(t, e)| [Val::Uuid(*t), Val::Text(e.as_str().into())]));
+    q.sql(") AS v)");
 }
 
 /// `INSERT INTO outbox … VALUES …` for these events (with their `tenant_seq`).
-pub(super) fn push_events<'a, DB>(
-    q: &mut sqlx::QueryBuilder<'a, DB>,
+pub(super) fn push_events<'a>(
+    q: &mut impl Statement<'a>,
     events: &[&'a (i64, DomainEvent)],
     now: chrono::DateTime<chrono::Utc>,
-) where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    sqlx::types::Json<&'a DomainEvent>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    chrono::DateTime<chrono::Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push("INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) ");
-    q.push_values(events, |mut row, (seq, event)| {
-        row.push_bind(event.id)
-            .push_bind(event.tenantid)
-            .push_bind(*seq)
-            .push_bind(event.event_type.as_str())
-            .push_bind(sqlx::types::Json(event))
-            .push_bind(now);
+) -> StoreResult<()> {
+    q.sql("INSERT INTO outbox (event_id, tenant_id, tenant_seq, event_type, payload, created_at) ");
+    let rows = events.iter().map(|(seq, event)| {
+        Ok([
+            Val::Uuid(event.id),
+            Val::Uuid(event.tenantid),
+            Val::Int(*seq),
+            Val::Text(event.event_type.as_str().into()),
+            json(event)?,
+            Val::Time(now),
+        ])
     });
+    q.rows(rows.collect::<StoreResult<Vec<_>>>()?);
+    Ok(())
 }
 
 /// `INSERT INTO idempotency_keys … VALUES …` for these (tenant, record) pairs.
-pub(super) fn push_idempotency<'a, DB>(
-    q: &mut sqlx::QueryBuilder<'a, DB>,
+pub(super) fn push_idempotency<'a>(
+    q: &mut impl Statement<'a>,
     records: &[(Uuid, &'a (String, String, Value))],
     now: chrono::DateTime<chrono::Utc>,
-) where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    sqlx::types::Json<&'a Value>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    chrono::DateTime<chrono::Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push("INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at) ");
-    q.push_values(records, |mut row, (tenant_id, (key, hash, response))| {
-        row.push_bind(*tenant_id)
-            .push_bind(key.as_str())
-            .push_bind(hash.as_str())
-            .push_bind(sqlx::types::Json(response))
-            .push_bind(now);
+) -> StoreResult<()> {
+    q.sql("INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at) ");
+    let rows = records.iter().map(|(tenant_id, (key, hash, response))| {
+        Ok([
+            Val::Uuid(*tenant_id),
+            Val::Text(key.as_str().into()),
+            Val::Text(hash.as_str().into()),
+            json(response)?,
+            Val::Time(now),
+        ])
     });
+    q.rows(rows.collect::<StoreResult<Vec<_>>>()?);
+    Ok(())
 }
 
 /// `v (id, seq, users) AS (VALUES …) UPDATE tenants …` (after a `WITH `): the changed
 /// tenant rows' event sequence and user count, in one statement.
-pub(super) fn push_tenant_rows<'a, DB>(q: &mut sqlx::QueryBuilder<'a, DB>, parts: &[&Part<'_>])
-where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push("v (id, seq, users) AS (");
-    q.push_values(parts, |mut row, p| {
-        row.push_bind(p.tenant_id).push_bind(p.event_seq).push_bind(p.user_count);
-    });
-    q.push(") UPDATE tenants SET event_seq = v.seq, user_count = v.users FROM v WHERE tenants.id = v.id");
+pub(super) fn push_tenant_rows<'a>(q: &mut impl Statement<'a>, parts: &[&Part<'_>]) {
+    q.sql("v (id, seq, users) AS (");
+    q.rows(parts.iter().map(|p| [Val::Uuid(p.tenant_id), Val::Int(p.event_seq), Val::Int(p.user_count)]));
+    q.sql(") UPDATE tenants SET event_seq = v.seq, user_count = v.users FROM v WHERE tenants.id = v.id");
+}
+
+/// What a batch transaction writes at its end: the users still to insert, every
+/// tenant's events (in each tenant's order), idempotency records, and the changed
+/// tenant rows.
+pub(super) struct FinalRows<'a> {
+    pub users: &'a [&'a NewUser],
+    pub events: Vec<&'a (i64, DomainEvent)>,
+    pub records: Vec<(Uuid, &'a (String, String, Value))>,
+    pub changed: Vec<&'a Part<'a>>,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+impl<'a> FinalRows<'a> {
+    pub fn new(parts: &'a [Option<Part<'a>>], users: &'a [&'a NewUser]) -> Self {
+        let parts: Vec<&Part<'_>> = parts.iter().flatten().collect();
+        FinalRows {
+            users,
+            events: parts.iter().flat_map(|p| &p.events).collect(),
+            records: parts.iter().flat_map(|p| p.idempotency.iter().map(|r| (p.tenant_id, r))).collect(),
+            changed: parts.iter().copied().filter(|p| p.tenant_changed()).collect(),
+            now: crate::domain::now(),
+        }
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.users.is_empty() && self.events.is_empty() && self.records.is_empty()
+    }
+
+    /// Bound parameters the rows take.
+    pub fn params(&self) -> usize {
+        self.users.len() * 12 + self.events.len() * 6 + self.records.len() * 5 + self.changed.len() * 3
+    }
+
+    /// Every row in one statement of data-modifying CTEs (PostgreSQL).
+    pub fn push_one_statement(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
+        q.sql("WITH ");
+        if !self.users.is_empty() {
+            q.sql("u AS (");
+            push_users(q, self.users)?;
+            q.sql("), ");
+        }
+        if !self.events.is_empty() {
+            q.sql("o AS (");
+            push_events(q, &self.events, self.now)?;
+            q.sql("), ");
+        }
+        if !self.records.is_empty() {
+            q.sql("k AS (");
+            push_idempotency(q, &self.records, self.now)?;
+            q.sql("), ");
+        }
+        push_tenant_rows(q, &self.changed);
+        Ok(())
+    }
 }
 
 /// The transaction of a set of tenant batches, stamped out per backend inside
 /// `impl $store` (sqlx's executor bounds cannot be named generically; see `sql.rs`).
-/// Each backend provides `begin_locked`: begins the transaction, locks the tenant rows
-/// (in id order) and returns them, with which of the given (tenant, email) pairs the
-/// tenants have.
+/// Each backend provides
+/// - `begin_locked`: begins the transaction, locks the tenant rows (in id order) and
+///   returns them, with which of the given (tenant, email) pairs the tenants have. The
+///   transaction it returns dereferences to the backend's connection;
+/// - `commit_batches`: writes the [`FinalRows`] and commits.
 macro_rules! batch_helpers {
     ($db:ty) => {
         /// Applies every tenant's writes in one transaction; `Err` when the transaction
@@ -371,6 +395,7 @@ macro_rules! batch_helpers {
                 })
                 .collect();
             let (mut tx, locks, taken) = self.begin_locked(&ids, &leading).await?;
+            let tx_conn: &mut <$db as sqlx::Database>::Connection = &mut tx;
             locked();
             let mut prefetched = Some(taken);
             // Accepted creates, inserted before the next write of another kind (which
@@ -391,10 +416,10 @@ macro_rules! batch_helpers {
                     }
                 }
                 let mut progressed = !runs.is_empty();
-                Self::decide_runs(&mut tx, &mut parts, &runs, &mut users, prefetched.take()).await?;
+                Self::decide_runs(tx_conn, &mut parts, &runs, &mut users, prefetched.take()).await?;
                 let others = parts.iter().flatten().any(|p| p.writes.get(p.next).is_some());
                 if others && !users.is_empty() {
-                    Self::insert_users(&mut tx, &users).await?;
+                    Self::insert_users(tx_conn, &users).await?;
                     users.clear();
                 }
                 // Then each tenant's next write of another kind, one at a time.
@@ -410,12 +435,12 @@ macro_rules! batch_helpers {
                             continue;
                         }
                         TenantWrite::UpdateUser { user_id, expected_version, patch, ctx } => {
-                            Self::batch_update(&mut tx, part, *user_id, *expected_version, patch, ctx).await?
+                            Self::batch_update(tx_conn, part, *user_id, *expected_version, patch, ctx).await?
                         }
                         TenantWrite::DeleteUser { user_id, expected_version, ctx } => {
-                            Self::batch_delete(&mut tx, part, *user_id, *expected_version, ctx).await?
+                            Self::batch_delete(tx_conn, part, *user_id, *expected_version, ctx).await?
                         }
-                        TenantWrite::CreateApiKey { key, ctx } => Self::batch_api_key(&mut tx, part, key, ctx).await?,
+                        TenantWrite::CreateApiKey { key, ctx } => Self::batch_api_key(tx_conn, part, key, ctx).await?,
                     };
                     part.results[i] = Some(outcome);
                 }
@@ -423,8 +448,7 @@ macro_rules! batch_helpers {
                     break;
                 }
             }
-            Self::finish_batches(&mut tx, &parts, &users).await?;
-            tx.commit().await?;
+            self.commit_batches(tx, &$crate::store::batch::FinalRows::new(&parts, &users)).await?;
             Ok(parts
                 .into_iter()
                 .zip(batches)
@@ -439,7 +463,7 @@ macro_rules! batch_helpers {
         /// with one email look-up (unless `taken` came with the lock) and one
         /// idempotency look-up for all of them; the accepted users join `users`.
         async fn decide_runs<'w>(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             parts: &mut [Option<$crate::store::batch::Part<'w>>],
             runs: &[(usize, Vec<usize>)],
             users: &mut Vec<&'w $crate::domain::NewUser>,
@@ -476,7 +500,7 @@ macro_rules! batch_helpers {
                     row.push_bind(*t).push_bind(k.as_str());
                 });
                 q.push(") AS v)");
-                let rows: Vec<$crate::store::batch::StoredAnswer> = q.build_query_as().fetch_all(&mut **tx).await?;
+                let rows: Vec<$crate::store::batch::StoredAnswer> = q.build_query_as().fetch_all(&mut *tx).await?;
                 known.stored.extend(rows.into_iter().map(|r| ((r.tenant_id, r.key.clone()), r)));
             }
             let mut expired: Vec<(uuid::Uuid, String)> = Vec::new();
@@ -494,21 +518,21 @@ macro_rules! batch_helpers {
                     row.push_bind(*t).push_bind(k.as_str());
                 });
                 q.push(") AS v)");
-                q.build().execute(&mut **tx).await?;
+                q.build().execute(&mut *tx).await?;
             }
             Ok(())
         }
 
         /// Which of these (tenant, normalized email) pairs the database has.
         async fn taken_emails(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             emails: &[(uuid::Uuid, String)],
         ) -> $crate::store::StoreResult<std::collections::HashSet<(uuid::Uuid, String)>> {
             let mut taken = std::collections::HashSet::new();
             for chunk in emails.chunks($crate::store::batch::ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("");
                 $crate::store::batch::push_taken_emails(&mut q, chunk);
-                let rows: Vec<(uuid::Uuid, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+                let rows: Vec<(uuid::Uuid, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
                 taken.extend(rows);
             }
             Ok(taken)
@@ -516,34 +540,34 @@ macro_rules! batch_helpers {
 
         /// Inserts users, in multi-row statements.
         async fn insert_users(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             users: &[&$crate::domain::NewUser],
         ) -> $crate::store::StoreResult<()> {
             for chunk in users.chunks($crate::store::batch::ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("");
-                $crate::store::batch::push_users(&mut q, chunk);
-                q.build().execute(&mut **tx).await?;
+                $crate::store::batch::push_users(&mut q, chunk)?;
+                q.build().execute(&mut *tx).await?;
             }
             Ok(())
         }
 
         /// The user as the transaction sees it, if the tenant has it.
         async fn batch_user(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             tenant_id: uuid::Uuid,
             user_id: uuid::Uuid,
         ) -> $crate::store::StoreResult<Option<$crate::domain::User>> {
             let row = sqlx::query_as::<_, $crate::store::sql::UserRow>("SELECT * FROM users WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant_id)
                 .bind(user_id)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *tx)
                 .await?;
             row.map(TryInto::try_into).transpose()
         }
 
         /// Patches one user (outer `Err`: the transaction failed; inner: this write did).
         async fn batch_update(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             b: &mut $crate::store::batch::Part<'_>,
             user_id: uuid::Uuid,
             expected_version: Option<i64>,
@@ -567,7 +591,7 @@ macro_rules! batch_helpers {
                 .bind(b.tenant_id)
                 .bind(after.email_key())
                 .bind(user_id)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *tx)
                 .await?;
                 if clash.is_some() {
                     return Ok(Err($crate::store::batch::email_taken(&after.email)));
@@ -587,7 +611,7 @@ macro_rules! batch_helpers {
             .bind(sqlx::types::Json(&after.attributes))
             .bind(after.version)
             .bind(after.updated_at)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
                 return Err(StoreError::Corrupt(format!("user {} changed under the tenant lock", after.id)));
@@ -598,7 +622,7 @@ macro_rules! batch_helpers {
 
         /// Deletes one user (outer `Err`: the transaction failed; inner: this write did).
         async fn batch_delete(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             b: &mut $crate::store::batch::Part<'_>,
             user_id: uuid::Uuid,
             expected_version: Option<i64>,
@@ -614,7 +638,7 @@ macro_rules! batch_helpers {
             sqlx::query("DELETE FROM users WHERE tenant_id = $1 AND id = $2")
                 .bind(b.tenant_id)
                 .bind(user_id)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             b.user_count -= 1;
             b.append($crate::domain::DomainEvent::user_deleted(&user, crate::domain::now(), ctx));
@@ -623,7 +647,7 @@ macro_rules! batch_helpers {
 
         /// Stores one API key (outer `Err`: the transaction failed).
         async fn batch_api_key(
-            tx: &mut sqlx::Transaction<'_, $db>,
+            tx: &mut <$db as sqlx::Database>::Connection,
             b: &mut $crate::store::batch::Part<'_>,
             key: &$crate::domain::NewApiKey,
             ctx: &$crate::domain::EventContext,
@@ -637,68 +661,44 @@ macro_rules! batch_helpers {
                 .bind(key.key.role.as_str())
                 .bind(&key.hash)
                 .bind(key.key.created_at)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await?;
             b.append($crate::domain::DomainEvent::api_key_created(&key.key, ctx));
             Ok(Ok($crate::store::WriteOutcome::ApiKeyCreated(key.key.clone())))
         }
 
-        /// The transaction's shared rows: the users still to insert, every tenant's
-        /// events (in each tenant's order), idempotency records, and the changed tenant
-        /// rows. On PostgreSQL one statement (data-modifying CTEs) when it fits, so the
-        /// transaction is four round trips: `BEGIN`, lock, look-ups, this, `COMMIT`.
+        /// The transaction's rows at its end ([`FinalRows`](crate::store::batch::FinalRows)),
+        /// with bound parameters: in one statement of data-modifying CTEs where the
+        /// backend takes them and the parameters fit, else in multi-row statements.
         async fn finish_batches(
-            tx: &mut sqlx::Transaction<'_, $db>,
-            parts: &[Option<$crate::store::batch::Part<'_>>],
-            users: &[&$crate::domain::NewUser],
+            tx: &mut <$db as sqlx::Database>::Connection,
+            rows: &$crate::store::batch::FinalRows<'_>,
         ) -> $crate::store::StoreResult<()> {
-            use $crate::store::batch::{push_events, push_idempotency, push_tenant_rows, push_users, ROWS_PER_STATEMENT};
-            let now = crate::domain::now();
-            let parts: Vec<&$crate::store::batch::Part<'_>> = parts.iter().flatten().collect();
-            let events: Vec<&(i64, $crate::domain::DomainEvent)> = parts.iter().flat_map(|p| &p.events).collect();
-            let records: Vec<(uuid::Uuid, &(String, String, serde_json::Value))> =
-                parts.iter().flat_map(|p| p.idempotency.iter().map(|r| (p.tenant_id, r))).collect();
-            let changed: Vec<&$crate::store::batch::Part<'_>> = parts.iter().copied().filter(|p| p.tenant_changed()).collect();
-            if changed.is_empty() && users.is_empty() && events.is_empty() && records.is_empty() {
+            use $crate::store::batch::{push_events, push_idempotency, push_tenant_rows, ROWS_PER_STATEMENT};
+            if rows.is_empty() {
                 return Ok(());
             }
-            let params = users.len() * 12 + events.len() * 6 + records.len() * 5 + changed.len() * 3;
-            if Self::ONE_STATEMENT_WRITES && params <= 60_000 && !changed.is_empty() {
-                let mut q = sqlx::QueryBuilder::<$db>::new("WITH ");
-                if !users.is_empty() {
-                    q.push("u AS (");
-                    push_users(&mut q, users);
-                    q.push("), ");
-                }
-                if !events.is_empty() {
-                    q.push("o AS (");
-                    push_events(&mut q, &events, now);
-                    q.push("), ");
-                }
-                if !records.is_empty() {
-                    q.push("k AS (");
-                    push_idempotency(&mut q, &records, now);
-                    q.push("), ");
-                }
-                push_tenant_rows(&mut q, &changed);
-                q.build().execute(&mut **tx).await?;
+            if Self::ONE_STATEMENT_WRITES && rows.params() <= 60_000 && !rows.changed.is_empty() {
+                let mut q = sqlx::QueryBuilder::<$db>::new("");
+                rows.push_one_statement(&mut q)?;
+                q.build().execute(&mut *tx).await?;
                 return Ok(());
             }
-            Self::insert_users(tx, users).await?;
-            for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            Self::insert_users(tx, rows.users).await?;
+            for chunk in rows.events.chunks(ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("");
-                push_events(&mut q, chunk, now);
-                q.build().execute(&mut **tx).await?;
+                push_events(&mut q, chunk, rows.now)?;
+                q.build().execute(&mut *tx).await?;
             }
-            for chunk in records.chunks(ROWS_PER_STATEMENT) {
+            for chunk in rows.records.chunks(ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("");
-                push_idempotency(&mut q, chunk, now);
-                q.build().execute(&mut **tx).await?;
+                push_idempotency(&mut q, chunk, rows.now)?;
+                q.build().execute(&mut *tx).await?;
             }
-            for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+            for chunk in rows.changed.chunks(ROWS_PER_STATEMENT) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("WITH ");
                 push_tenant_rows(&mut q, chunk);
-                q.build().execute(&mut **tx).await?;
+                q.build().execute(&mut *tx).await?;
             }
             Ok(())
         }

@@ -10,6 +10,7 @@ mod group_write;
 mod postgres;
 mod sql;
 mod sqlite;
+mod statement;
 pub mod writes;
 
 use std::sync::Arc;

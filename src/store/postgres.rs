@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::ConnectOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Postgres, Row};
 
 use super::sql::sql_store_impl;
 use super::StoreResult;
@@ -13,6 +14,8 @@ use super::StoreResult;
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest one statement may run (server side).
 const STATEMENT_TIMEOUT: &str = "30s";
+/// Connections for batch transactions: one per group-commit lane, and spares.
+const BATCH_CONNECTIONS: u32 = 4;
 
 /// A pool on one PostgreSQL database.
 #[derive(Clone)]
@@ -21,6 +24,10 @@ pub struct PgStore {
     pub(super) pool: PgPool,
     /// The same pool: PostgreSQL takes concurrent writers.
     pub(super) writer: PgPool,
+    /// The group-commit lanes' connections, handed out without the pool's test
+    /// round trip (a broken one is replaced when the transaction's first message fails:
+    /// `begin_locked`).
+    batches: PgPool,
 }
 
 impl PgStore {
@@ -30,16 +37,22 @@ impl PgStore {
     const ONE_STATEMENT_WRITES: bool = true;
 
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        // Batches write literals (`statement.rs`): their quoting assumes standard strings.
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?
-            .options([("statement_timeout", STATEMENT_TIMEOUT)])
+            .options([("statement_timeout", STATEMENT_TIMEOUT), ("standard_conforming_strings", "on")])
             .log_statements(tracing::log::LevelFilter::Trace);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(PgStore { writer: pool.clone(), pool })
+        let batches = PgPoolOptions::new()
+            .max_connections(BATCH_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        Ok(PgStore { writer: pool.clone(), pool, batches })
     }
 
     /// The pool, for maintenance and tests that need raw SQL.
@@ -54,54 +67,104 @@ impl PgStore {
     /// Begins a batch's transaction holding its tenant rows' locks, in id order (so
     /// overlapping batches of two processes cannot deadlock), without new row versions
     /// (the batch's one `UPDATE` comes at its end); returns the rows by id, and which
-    /// of `emails` exist. Two round trips, as pgbench's transactions take for `BEGIN`
-    /// and their first statement:
-    /// - `BEGIN` and the lock go in one simple-protocol message (tenant ids are UUIDs,
-    ///   written by us: nothing from a request is spliced into it);
-    /// - the rows and the email look-up are one statement that starts after the locks
-    ///   are held. In READ COMMITTED each statement reads a snapshot taken when it
-    ///   starts, so it sees what the locks' previous holders (another process, this
-    ///   tenant's previous batch) committed. (Folded into the locking statement, the
-    ///   look-up missed those rows: a two-server race on one email answered 500.)
+    /// of `emails` exist.
+    ///
+    /// One round trip: `BEGIN`, the locking `SELECT` and the email look-up go as one
+    /// simple-query message, values written as literals (`statement.rs`). The look-up is
+    /// its own statement after the lock's: in READ COMMITTED each statement reads a
+    /// snapshot taken when it starts, so it sees what the locks' previous holders
+    /// (another process, this tenant's previous batch) committed. (Folded into the
+    /// locking statement, the look-up missed those rows: a two-server race on one email
+    /// answered 500.)
     async fn begin_locked(
         &self,
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
     ) -> StoreResult<(
-        sqlx::Transaction<'static, sqlx::Postgres>,
+        BatchTx,
         std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
         std::collections::HashSet<(uuid::Uuid, String)>,
     )> {
-        let list: Vec<String> = ids.iter().map(|id| format!("'{}'", id.hyphenated())).collect();
-        let begin = format!(
-            "BEGIN; SELECT 1 FROM tenants WHERE id IN ({}) ORDER BY id FOR UPDATE",
-            if list.is_empty() { "NULL".to_owned() } else { list.join(", ") }
-        );
-        let mut tx = self.writer.begin_with(begin).await?;
-        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-            "SELECT id, event_seq, max_users, user_count, NULL::text FROM tenants WHERE id = ANY(",
-        );
-        q.push_bind(ids);
-        q.push(")");
-        if !emails.is_empty() && emails.len() <= 10_000 {
-            q.push(" UNION ALL ");
-            super::batch::push_taken_emails_as_lock_rows(&mut q, emails);
+        use super::statement::{Literal, Statement, Val};
+        let mut lock = Literal::new("BEGIN; SELECT id, event_seq, max_users, user_count FROM tenants WHERE id IN (");
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                lock.sql(", ");
+            }
+            lock.value(Val::Uuid(*id));
         }
-        let rows: Vec<(uuid::Uuid, i64, i64, i64, Option<String>)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        if ids.is_empty() {
+            lock.sql("NULL");
+        }
+        lock.sql(") ORDER BY id FOR UPDATE");
+        let lock = lock.spliceable().ok_or_else(|| super::StoreError::Corrupt("a tenant id held a NUL".into()))?;
+        // Up to 10,000 pairs go in the same message (a few hundred KB); more, and in
+        // bound chunks after it.
+        let look_up = (!emails.is_empty() && emails.len() <= 10_000)
+            .then(|| {
+                let mut q = Literal::default();
+                super::batch::push_taken_emails(&mut q, emails);
+                q.spliceable()
+            })
+            .flatten();
+        let message = match &look_up {
+            Some(look_up) => format!("{lock}; {look_up}"),
+            None => lock,
+        };
+        let (mut tx, rows) = self.first_message(&message).await?;
         let mut locks = Vec::new();
         let mut taken = std::collections::HashSet::new();
-        for (id, seq, max, count, email) in rows {
-            match email {
-                Some(email) => {
-                    taken.insert((id, email));
-                }
-                None => locks.push((id, seq, max, count)),
+        for row in rows {
+            if row.len() == 4 {
+                locks.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?));
+            } else {
+                taken.insert((row.try_get(0)?, row.try_get(1)?));
             }
         }
-        if emails.len() > 10_000 {
+        if look_up.is_none() && !emails.is_empty() {
             taken = Self::taken_emails(&mut tx, emails).await?;
         }
         Ok((tx, super::sql::locks_by_id(locks), taken))
+    }
+
+    /// Sends a batch transaction's first message on a lane connection, and returns its
+    /// rows. A connection that has broken while it waited (the server restarted) fails
+    /// before the transaction began anything: it is closed and the message sent again
+    /// on another, as many times as the pool has connections.
+    async fn first_message(&self, message: &str) -> StoreResult<(BatchTx, Vec<PgRow>)> {
+        let mut attempts = BATCH_CONNECTIONS + 1;
+        loop {
+            let mut tx = BatchTx { conn: self.batches.acquire().await?, committed: false };
+            match sqlx::Executor::fetch_all(&mut *tx, sqlx::raw_sql(message)).await {
+                Ok(rows) => return Ok((tx, rows)),
+                Err(e) if attempts > 1 && connection_lost(&e) => {
+                    attempts -= 1;
+                    tracing::info!(error = %e, "a batch connection had broken; retrying on another");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Writes a batch's rows and commits, in one message (values as literals); a row
+    /// holding a NUL goes bound, with `COMMIT` after it.
+    async fn commit_batches(&self, mut tx: BatchTx, rows: &super::batch::FinalRows<'_>) -> StoreResult<()> {
+        let mut message = super::statement::Literal::default();
+        if !rows.changed.is_empty() {
+            rows.push_one_statement(&mut message)?;
+        }
+        match message.spliceable().filter(|m| !m.is_empty()) {
+            Some(mut message) => {
+                message.push_str("; COMMIT");
+                sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(&message)).await?;
+            }
+            None => {
+                Self::finish_batches(&mut tx, rows).await?;
+                sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("COMMIT")).await?;
+            }
+        }
+        tx.committed = true;
+        Ok(())
     }
 
     /// sqlx holds an advisory lock while it migrates: processes starting together take
@@ -146,3 +209,44 @@ impl PgStore {
 }
 
 sql_store_impl!(PgStore, sqlx::Postgres, "postgres");
+
+/// Whether an error says the connection is gone (cut, or its server shutting down),
+/// not that a statement failed: a message sent again on another connection may succeed.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // 08: connection exceptions; 57P: the server shut down or restarted.
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// A batch transaction begun on a lane connection with a raw `BEGIN` (see
+/// `begin_locked`). One that ends without its `COMMIT` (an error, or its future dropped
+/// midway) closes its connection, and the server rolls the transaction back: the pool
+/// never gets a connection still in a transaction.
+pub(super) struct BatchTx {
+    conn: PoolConnection<Postgres>,
+    committed: bool,
+}
+
+impl std::ops::Deref for BatchTx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for BatchTx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for BatchTx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}

@@ -118,6 +118,16 @@ impl SqliteStore {
         Ok((tx, super::sql::locks_by_id(rows), taken))
     }
 
+    /// Writes a batch's rows (bound, in multi-row statements) and commits.
+    async fn commit_batches(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        rows: &super::batch::FinalRows<'_>,
+    ) -> StoreResult<()> {
+        Self::finish_batches(&mut tx, rows).await?;
+        Ok(tx.commit().await?)
+    }
+
     /// sqlx takes no lock on SQLite while it migrates, so processes starting together
     /// on one file (the roles split over processes) would apply the same migration
     /// twice: they take turns on a lock file beside the database instead.

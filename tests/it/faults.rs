@@ -255,3 +255,53 @@ async fn every_dependency_fault_recovers_with_every_effect_once() {
     let exit = h.terminate_eventra(Duration::from_secs(30)).await;
     assert!(exit.is_some_and(|(s, _)| s.success()), "a clean stop");
 }
+
+/// A PostgreSQL restart cuts every connection, the group-commit lanes' too (which are
+/// handed out without the pool's test round trip). The first write after it must not
+/// fail for that: its transaction's first message meets the cut connection before
+/// anything began, and is sent again on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_after_a_postgres_restart_succeeds() {
+    const TEST: &str = "faults::the_first_write_after_a_postgres_restart_succeeds";
+    use eventra::chaos::services::PrivatePostgres;
+    use eventra::domain::tenant::NewTenantInput;
+    use eventra::domain::user::NewUserInput;
+    use eventra::domain::{EventContext, NewApiKey, NewTenant, NewUser, Role};
+    use eventra::store::{TenantWrite, WriteOutcome};
+    if !PrivatePostgres::available() {
+        assert!(!crate::utils::in_ci(), "{TEST}: CI=true but PostgreSQL's server binaries are not installed");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "NOT RUN: {TEST}: needs PostgreSQL's server binaries");
+        return;
+    }
+    let mut pg = tokio::task::spawn_blocking(PrivatePostgres::start).await.unwrap().expect("a private PostgreSQL");
+    let store = eventra::store::connect(&pg.url(), 4).await.unwrap();
+    store.migrate().await.unwrap();
+    let now = eventra::domain::now;
+    let ctx = || EventContext::system("restart");
+    let input =
+        NewTenantInput { name: "R".into(), slug: "restart".into(), max_users: None, rate_limit_per_second: None };
+    let tenant = NewTenant::parse(input, now()).unwrap();
+    store.create_tenant(&tenant, &NewApiKey::generate(tenant.id, Role::Admin, now()), &ctx()).await.unwrap();
+    let create = |email: &str| {
+        let input = NewUserInput { email: email.into(), name: "R".into(), attributes: None, password: None };
+        TenantWrite::CreateUser {
+            user: NewUser::parse(tenant.id, input, now()).unwrap(),
+            idempotency: None,
+            ctx: ctx(),
+        }
+    };
+    // Two batches at once: two lane connections open, then idle.
+    let (one, two) = (vec![create("one@x.io")], vec![create("two@x.io")]);
+    let (a, b) = tokio::join!(store.write_batch(tenant.id, &one), store.write_batch(tenant.id, &two));
+    assert!(
+        matches!((&a[0], &b[0]), (Ok(WriteOutcome::UserCreated(_)), Ok(WriteOutcome::UserCreated(_)))),
+        "{a:?} {b:?}"
+    );
+
+    let mut pg = tokio::task::spawn_blocking(move || pg.restart().map(|()| pg)).await.unwrap().expect("restarted");
+    let after = store.write_batch(tenant.id, &[create("three@x.io")]).await;
+    assert!(matches!(&after[0], Ok(WriteOutcome::UserCreated(_))), "the write after the restart: {:?}", after[0]);
+    assert_eq!(store.get_tenant(tenant.id).await.unwrap().user_count, 3);
+    let _ = tokio::task::spawn_blocking(move || pg.stop()).await;
+}

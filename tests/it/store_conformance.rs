@@ -694,6 +694,64 @@ pub async fn one_failing_statement_fails_only_its_write(s: Arc<dyn Store>) {
     assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 2);
 }
 
+/// Text is stored exactly as given, however a backend puts it on the wire (PostgreSQL's
+/// batches write values as SQL literals): quotes, backslashes, SQL-looking text,
+/// dollar quotes and characters beyond ASCII, in emails, names, attributes (keys and
+/// values), idempotency keys and the events' payloads.
+pub async fn awkward_text_is_stored_exactly(s: Arc<dyn Store>) {
+    let t = tenant(&s, "awkward", 0).await;
+    let before = outbox(&s).await.len();
+    let names = [
+        "O'Neil",
+        "it''s ''",
+        r"back\slash \' \",
+        "'); DELETE FROM users; --",
+        "$$ dollar $1 $tag$ ?",
+        "Zoë 名前 🦀",
+        r#"E'\n' "quoted" \u0041"#,
+    ];
+    let users: Vec<NewUser> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut attributes = serde_json::Map::new();
+            attributes.insert(format!("k'{i}\\"), serde_json::json!({ "v": name, "n": [1, "x'y", r"\'"] }));
+            let input = NewUserInput {
+                email: format!("o'neil+{i}@x.io"),
+                name: (*name).into(),
+                attributes: Some(attributes),
+                password: None,
+            };
+            NewUser::parse(t.id, input, eventra::domain::now()).expect("valid user")
+        })
+        .collect();
+    let (key, hash) = (r"key 'with' quotes \ and ; COMMIT; --", "h'1");
+    let writes: Vec<TenantWrite> =
+        users.iter().enumerate().map(|(i, u)| create(u, (i == 0).then_some((key, hash)))).collect();
+    let out = s.write_batch(t.id, &writes).await;
+    for (o, u) in out.iter().zip(&users) {
+        assert_eq!(created(o), Some((u.0.id, false)), "{o:?}");
+    }
+    for u in &users {
+        let got = s.get_user(t.id, u.0.id).await.unwrap();
+        assert_eq!((&got.email, &got.name, &got.attributes), (&u.0.email, &u.0.name, &u.0.attributes));
+    }
+    let rows = expect_events(&s, users.len(), before).await;
+    for (r, u) in rows.iter().zip(&users) {
+        assert_eq!(r.event.subject, u.0.id.to_string());
+        let payload = serde_json::to_value(&r.event.data).unwrap();
+        let stored = serde_json::to_string(&payload).unwrap();
+        for text in [&u.0.name, &u.0.email] {
+            assert!(stored.contains(&serde_json::to_string(text).unwrap()), "{text:?} in {stored}");
+        }
+    }
+    let again = s
+        .create_user(&users[0], Some(&IdempotencyRequest { key: key.into(), request_hash: hash.into() }), &ctx())
+        .await
+        .unwrap();
+    assert_eq!((again.value.id, again.replayed), (users[0].0.id, true), "the stored key is the key given");
+}
+
 /// Sessions: refresh tokens rotate once, a spent one revokes the session (with its
 /// event), revocation is scoped to its user, codes count tries and redeem once, and
 /// ended sessions and dead codes are purged.
@@ -797,6 +855,7 @@ conformance!(
     batched_effects_reads_and_writes,
     batched_writes_keep_every_rule,
     one_failing_statement_fails_only_its_write,
+    awkward_text_is_stored_exactly,
     tenant_activity_counts_recent_events,
     the_delivery_log_knows_failing_streaks_and_prunes,
     custom_events_are_written_once_per_client_id,
