@@ -11,7 +11,10 @@
 //!   (each started at its own time whether or not earlier ones answered): p50/p95/p99.
 //! - **Raw engine, same run, same work**: on services, pgbench with the same client
 //!   count, INSERT user + INSERT outbox row, one transaction each, into the project's
-//!   schema; embedded, SQLite doing the same on one connection.
+//!   schema; embedded, SQLite doing the same on one connection. It runs right before
+//!   and right after each tenant count's maximum-rate run, and that row's ratio is to
+//!   the mean of the two: on a shared machine the engine's own rate drifts by tens of
+//!   percent within minutes, so a figure taken once per report made the ratios noise.
 //! - The server's own view: writes per transaction and a transaction's time, from
 //!   `/metrics`.
 
@@ -57,6 +60,8 @@ pub struct WritesRow {
     pub mean_batch: f64,
     /// How long a batch's transaction took on average.
     pub mean_batch_ms: f64,
+    /// The raw engine's rate right before and right after the maximum-rate run.
+    pub raw: (f64, f64),
     /// Open-loop at half the maximum: offered rate, p50/p95/p99, failures.
     pub half: Option<(f64, Duration, Duration, Duration, usize)>,
 }
@@ -66,8 +71,15 @@ pub struct Report {
     pub stack: Stack,
     pub connections: usize,
     pub rows: Vec<WritesRow>,
-    /// The raw engine's rate and its description.
-    pub raw: (String, f64),
+    /// What the raw engine does.
+    pub raw: String,
+}
+
+impl WritesRow {
+    /// Creates/s over the raw engine's rate (the mean of its runs before and after).
+    pub fn ratio(&self) -> f64 {
+        self.creates_per_s / ((self.raw.0 + self.raw.1) / 2.0).max(1.0)
+    }
 }
 
 pub async fn run(args: WritesBenchArgs) -> BenchResult<Report> {
@@ -75,30 +87,37 @@ pub async fn run(args: WritesBenchArgs) -> BenchResult<Report> {
     let urls =
         ServiceUrls { database_url: args.database_url.clone(), amqp_url: String::new(), redis_url: String::new() };
     let mut rows = Vec::new();
+    let mut what = String::new();
     for &n in &args.tenants {
+        let before;
+        (what, before) = raw_rate(&args).await?;
         let run = Run::new(args.stack, urls.clone(), None)?;
         run.prepare().await?;
-        let row = one_count(&args, &run, &wrk, n.max(1)).await;
+        let row = one_count(&args, &run, &wrk, n.max(1), before).await;
         run.cleanup().await;
         rows.push(row?);
     }
-    let raw = match args.stack {
+    Ok(Report { stack: args.stack, connections: args.connections, rows, raw: what })
+}
+
+/// The raw engine doing the same work: what it does, and its rate.
+async fn raw_rate(args: &WritesBenchArgs) -> BenchResult<(String, f64)> {
+    match args.stack {
         Stack::Services => {
             let (what, rate, _) = raw_pgbench(&args.database_url, args.connections, args.seconds.min(10)).await?;
-            (what, rate)
+            Ok((what, rate))
         }
         Stack::Embedded => {
             let dir = std::env::temp_dir().join(format!("eventra-raw-{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&dir).map_err(err)?;
             let rate = raw_sqlite_inserts(&dir, 20_000).await;
             let _ = std::fs::remove_dir_all(&dir);
-            ("SQLite: INSERT user + INSERT outbox row, one transaction each, one connection".to_owned(), rate?)
+            Ok(("SQLite: INSERT user + INSERT outbox row, one transaction each, one connection".to_owned(), rate?))
         }
-    };
-    Ok(Report { stack: args.stack, connections: args.connections, rows, raw })
+    }
 }
 
-async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize) -> BenchResult<WritesRow> {
+async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize, raw_before: f64) -> BenchResult<WritesRow> {
     // The api role alone: the relay, consumers and workers would compete for the cores.
     let server = run.spawn("api", &[])?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(err)?;
@@ -137,6 +156,8 @@ async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize) -> Be
         return Err(format!("{answered} creates were answered 2xx but only {stored} users are stored"));
     }
     let (mean_batch, mean_batch_ms) = batches(&client, &server.base).await.unwrap_or_default();
+    // The raw engine again, while the server idles.
+    let raw_after = raw_rate(args).await?.1;
 
     let half = if args.no_half_rate {
         None
@@ -157,6 +178,7 @@ async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize) -> Be
         answered,
         mean_batch,
         mean_batch_ms,
+        raw: (raw_before, raw_after),
         half,
     })
 }
@@ -257,11 +279,11 @@ pub fn table(r: &Report) -> String {
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     let stack = format!("{:?}", r.stack).to_lowercase();
     let mut out = format!(
-        "Stack: {stack}, {} connections. Raw engine, same run: {} = {:.0}/s\n\n",
-        r.connections, r.raw.0, r.raw.1
+        "Stack: {stack}, {} connections. Raw engine, same run, before and after each row: {}\n\n",
+        r.connections, r.raw
     );
-    out.push_str("| tenants | creates/s | × raw | p50 | p90 | p99 | non-2xx | stored ≥ 2xx | writes/txn | txn ms | half rate: offered/s | p50 | p95 | p99 | failed |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| tenants | raw/s before, after | creates/s | × raw | p50 | p90 | p99 | non-2xx | stored ≥ 2xx | writes/txn | txn ms | half rate: offered/s | p50 | p95 | p99 | failed |\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut seen = HashSet::new();
     for row in &r.rows {
         if !seen.insert(row.tenants) {
@@ -274,10 +296,12 @@ pub fn table(r: &Report) -> String {
             None => "– | – | – | – | –".into(),
         };
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {half} |\n",
+            "| {} | {:.0}, {:.0} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {half} |\n",
             row.tenants,
+            row.raw.0,
+            row.raw.1,
             row.creates_per_s,
-            row.creates_per_s / r.raw.1.max(1.0),
+            row.ratio(),
             ms(row.p50),
             ms(row.p90),
             ms(row.p99),

@@ -130,12 +130,15 @@ pub(super) struct StoredAnswer {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// Stored idempotent answers by (tenant, key).
+pub(super) type StoredAnswers = HashMap<(Uuid, String), StoredAnswer>;
+
 /// What the database holds for a round of create runs: taken emails and stored
 /// idempotent answers, by (tenant, email or key).
 #[derive(Default)]
 pub(super) struct Known {
     pub taken: HashSet<(Uuid, String)>,
-    pub stored: HashMap<(Uuid, String), StoredAnswer>,
+    pub stored: StoredAnswers,
 }
 
 /// Decides a tenant's run of creates in order (see the module note) and answers each;
@@ -257,6 +260,17 @@ pub(super) fn push_taken_emails<'a>(q: &mut impl Statement<'a>, emails: &'a [(Uu
     q.sql(") AS v)");
 }
 
+/// `SELECT … FROM idempotency_keys WHERE …`: the stored answers for these (tenant, key)
+/// pairs, as [`StoredAnswer`] rows.
+pub(super) fn push_stored_answers<'a>(q: &mut impl Statement<'a>, keys: &'a [(Uuid, String)]) {
+    q.sql(
+        "SELECT tenant_id, key, request_hash, response, created_at FROM idempotency_keys \
+         WHERE (tenant_id, key) IN (SELECT v.column1, v.column2 FROM (",
+    );
+    q.rows(keys.iter().map(|(t, k)| [Val::Uuid(*t), Val::Text(k.as_str().into())]));
+    q.sql(") AS v)");
+}
+
 /// `INSERT INTO outbox … VALUES …` for these events (with their `tenant_seq`).
 pub(super) fn push_events<'a>(
     q: &mut impl Statement<'a>,
@@ -366,7 +380,8 @@ impl<'a> FinalRows<'a> {
 /// `impl $store` (sqlx's executor bounds cannot be named generically; see `sql.rs`).
 /// Each backend provides
 /// - `begin_locked`: begins the transaction, locks the tenant rows (in id order) and
-///   returns them, with which of the given (tenant, email) pairs the tenants have. The
+///   returns them, with which of the given (tenant, email) pairs the tenants have and
+///   the stored answers for the given (tenant, idempotency key) pairs ([`Known`]). The
 ///   transaction it returns dereferences to the backend's connection;
 /// - `commit_batches`: writes the [`FinalRows`] and commits.
 macro_rules! batch_helpers {
@@ -383,21 +398,21 @@ macro_rules! batch_helpers {
             let mut ids: Vec<uuid::Uuid> = batches.iter().map(|(t, _)| *t).collect();
             ids.sort_unstable();
             ids.dedup();
-            // The emails of each tenant's leading creates (the first round) are looked up
-            // right after the lock.
-            let leading: Vec<(uuid::Uuid, String)> = batches
-                .iter()
-                .flat_map(|(t, writes)| {
-                    writes.iter().map_while(move |w| match w {
-                        TenantWrite::CreateUser { user, .. } => Some((*t, user.0.email_key())),
-                        _ => None,
-                    })
-                })
-                .collect();
-            let (mut tx, locks, taken) = self.begin_locked(&ids, &leading).await?;
+            // The emails and idempotency keys of each tenant's leading creates (the first
+            // round) are looked up right after the lock.
+            let mut leading: Vec<(uuid::Uuid, String)> = Vec::new();
+            let mut leading_keys: Vec<(uuid::Uuid, String)> = Vec::new();
+            for (t, writes) in batches {
+                for w in writes.iter() {
+                    let TenantWrite::CreateUser { user, idempotency, .. } = w else { break };
+                    leading.push((*t, user.0.email_key()));
+                    leading_keys.extend(idempotency.as_ref().map(|r| (*t, r.key.clone())));
+                }
+            }
+            let (mut tx, locks, known) = self.begin_locked(&ids, &leading, &leading_keys).await?;
             let tx_conn: &mut <$db as sqlx::Database>::Connection = &mut tx;
             locked();
-            let mut prefetched = Some(taken);
+            let mut prefetched = Some(known);
             // Accepted creates, inserted before the next write of another kind (which
             // must see them) or with the transaction's other rows at its end.
             let mut users: Vec<&$crate::domain::NewUser> = Vec::new();
@@ -460,14 +475,14 @@ macro_rules! batch_helpers {
         }
 
         /// Decides a round of create runs, one per tenant (see `batch::decide_creates`),
-        /// with one email look-up (unless `taken` came with the lock) and one
-        /// idempotency look-up for all of them; the accepted users join `users`.
+        /// with one email look-up and one idempotency look-up for all of them (unless
+        /// they came with the lock: `prefetched`); the accepted users join `users`.
         async fn decide_runs<'w>(
             tx: &mut <$db as sqlx::Database>::Connection,
             parts: &mut [Option<$crate::store::batch::Part<'w>>],
             runs: &[(usize, Vec<usize>)],
             users: &mut Vec<&'w $crate::domain::NewUser>,
-            taken: Option<std::collections::HashSet<(uuid::Uuid, String)>>,
+            prefetched: Option<$crate::store::batch::Known>,
         ) -> $crate::store::StoreResult<()> {
             use $crate::store::TenantWrite;
             if runs.is_empty() {
@@ -486,23 +501,13 @@ macro_rules! batch_helpers {
                     }
                 }
             }
-            let mut known = $crate::store::batch::Known::default();
-            known.taken = match taken {
-                Some(taken) => taken,
-                None => Self::taken_emails(tx, &emails).await?,
+            let known = match prefetched {
+                Some(known) => known,
+                None => $crate::store::batch::Known {
+                    taken: Self::taken_emails(tx, &emails).await?,
+                    stored: Self::stored_answers(tx, &keys).await?,
+                },
             };
-            for chunk in keys.chunks($crate::store::batch::ROWS_PER_STATEMENT) {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT tenant_id, key, request_hash, response, created_at FROM idempotency_keys \
-                     WHERE (tenant_id, key) IN (SELECT v.column1, v.column2 FROM (",
-                );
-                q.push_values(chunk, |mut row, (t, k)| {
-                    row.push_bind(*t).push_bind(k.as_str());
-                });
-                q.push(") AS v)");
-                let rows: Vec<$crate::store::batch::StoredAnswer> = q.build_query_as().fetch_all(&mut *tx).await?;
-                known.stored.extend(rows.into_iter().map(|r| ((r.tenant_id, r.key.clone()), r)));
-            }
             let mut expired: Vec<(uuid::Uuid, String)> = Vec::new();
             for (p, run) in runs {
                 let Some(part) = parts[*p].as_mut() else { continue };
@@ -536,6 +541,21 @@ macro_rules! batch_helpers {
                 taken.extend(rows);
             }
             Ok(taken)
+        }
+
+        /// The stored idempotent answers for these (tenant, key) pairs.
+        async fn stored_answers(
+            tx: &mut <$db as sqlx::Database>::Connection,
+            keys: &[(uuid::Uuid, String)],
+        ) -> $crate::store::StoreResult<$crate::store::batch::StoredAnswers> {
+            let mut stored = $crate::store::batch::StoredAnswers::new();
+            for chunk in keys.chunks($crate::store::batch::ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<$db>::new("");
+                $crate::store::batch::push_stored_answers(&mut q, chunk);
+                let rows: Vec<$crate::store::batch::StoredAnswer> = q.build_query_as().fetch_all(&mut *tx).await?;
+                stored.extend(rows.into_iter().map(|r| ((r.tenant_id, r.key.clone()), r)));
+            }
+            Ok(stored)
         }
 
         /// Inserts users, in multi-row statements.

@@ -66,25 +66,23 @@ impl PgStore {
 
     /// Begins a batch's transaction holding its tenant rows' locks, in id order (so
     /// overlapping batches of two processes cannot deadlock), without new row versions
-    /// (the batch's one `UPDATE` comes at its end); returns the rows by id, and which
-    /// of `emails` exist.
+    /// (the batch's one `UPDATE` comes at its end); returns the rows by id, which of
+    /// `emails` exist, and the stored answers for `keys`.
     ///
-    /// One round trip: `BEGIN`, the locking `SELECT` and the email look-up go as one
-    /// simple-query message, values written as literals (`statement.rs`). The look-up is
-    /// its own statement after the lock's: in READ COMMITTED each statement reads a
-    /// snapshot taken when it starts, so it sees what the locks' previous holders
-    /// (another process, this tenant's previous batch) committed. (Folded into the
-    /// locking statement, the look-up missed those rows: a two-server race on one email
-    /// answered 500.)
+    /// One round trip: `BEGIN`, the locking `SELECT` and the email and idempotency
+    /// look-ups go as one simple-query message, values written as literals
+    /// (`statement.rs`). Each look-up is its own statement after the lock's: in READ
+    /// COMMITTED each statement reads a snapshot taken when it starts, so it sees what
+    /// the locks' previous holders (another process, this tenant's previous batch)
+    /// committed. (Folded into the locking statement, the look-up missed those rows: a
+    /// two-server race on one email answered 500.)
     async fn begin_locked(
         &self,
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
-    ) -> StoreResult<(
-        BatchTx,
-        std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
-        std::collections::HashSet<(uuid::Uuid, String)>,
-    )> {
+        keys: &[(uuid::Uuid, String)],
+    ) -> StoreResult<(BatchTx, std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>, super::batch::Known)>
+    {
         use super::statement::{Literal, Statement, Val};
         let mut lock = Literal::new("BEGIN; SELECT id, event_seq, max_users, user_count FROM tenants WHERE id IN (");
         for (i, id) in ids.iter().enumerate() {
@@ -97,34 +95,48 @@ impl PgStore {
             lock.sql("NULL");
         }
         lock.sql(") ORDER BY id FOR UPDATE");
-        let lock = lock.spliceable().ok_or_else(|| super::StoreError::Corrupt("a tenant id held a NUL".into()))?;
-        // Up to 10,000 pairs go in the same message (a few hundred KB); more, and in
-        // bound chunks after it.
-        let look_up = (!emails.is_empty() && emails.len() <= 10_000)
-            .then(|| {
-                let mut q = Literal::default();
-                super::batch::push_taken_emails(&mut q, emails);
-                q.spliceable()
-            })
-            .flatten();
-        let message = match &look_up {
-            Some(look_up) => format!("{lock}; {look_up}"),
-            None => lock,
+        let mut message =
+            lock.spliceable().ok_or_else(|| super::StoreError::Corrupt("a tenant id held a NUL".into()))?;
+        // Up to 10,000 pairs each go in the same message (a few hundred KB); more (or a
+        // value no literal can carry), and they are looked up bound, after it.
+        let splice = |pairs: &[(uuid::Uuid, String)], push: fn(&mut Literal, &[(uuid::Uuid, String)])| {
+            (!pairs.is_empty() && pairs.len() <= 10_000)
+                .then(|| {
+                    let mut q = Literal::default();
+                    push(&mut q, pairs);
+                    q.spliceable()
+                })
+                .flatten()
         };
+        let emails_spliced = splice(emails, |q, p| super::batch::push_taken_emails(q, p));
+        let keys_spliced = splice(keys, |q, p| super::batch::push_stored_answers(q, p));
+        for statement in [&emails_spliced, &keys_spliced].into_iter().flatten() {
+            message.push_str("; ");
+            message.push_str(statement);
+        }
         let (mut tx, rows) = self.first_message(&message).await?;
+        // Each statement's rows have their own width.
         let mut locks = Vec::new();
-        let mut taken = std::collections::HashSet::new();
+        let mut known = super::batch::Known::default();
         for row in rows {
-            if row.len() == 4 {
-                locks.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?));
-            } else {
-                taken.insert((row.try_get(0)?, row.try_get(1)?));
+            match row.len() {
+                4 => locks.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?)),
+                2 => {
+                    known.taken.insert((row.try_get(0)?, row.try_get(1)?));
+                }
+                _ => {
+                    let answer = <super::batch::StoredAnswer as sqlx::FromRow<PgRow>>::from_row(&row)?;
+                    known.stored.insert((answer.tenant_id, answer.key.clone()), answer);
+                }
             }
         }
-        if look_up.is_none() && !emails.is_empty() {
-            taken = Self::taken_emails(&mut tx, emails).await?;
+        if emails_spliced.is_none() && !emails.is_empty() {
+            known.taken = Self::taken_emails(&mut tx, emails).await?;
         }
-        Ok((tx, super::sql::locks_by_id(locks), taken))
+        if keys_spliced.is_none() && !keys.is_empty() {
+            known.stored = Self::stored_answers(&mut tx, keys).await?;
+        }
+        Ok((tx, super::sql::locks_by_id(locks), known))
     }
 
     /// Sends a batch transaction's first message on a lane connection, and returns its

@@ -93,7 +93,8 @@ impl SqliteStore {
         Some(self.pools())
     }
 
-    /// Begins a batch's transaction with its tenant rows, and which of `emails` exist.
+    /// Begins a batch's transaction with its tenant rows, which of `emails` exist and
+    /// the stored answers for `keys`.
     /// SQLite has no `FOR UPDATE`: a write takes the database's write lock at once (a
     /// read first could meet another process's write between it and the first write,
     /// and fail with a busy snapshot).
@@ -101,10 +102,11 @@ impl SqliteStore {
         &self,
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
+        keys: &[(uuid::Uuid, String)],
     ) -> StoreResult<(
         sqlx::Transaction<'static, sqlx::Sqlite>,
         std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>,
-        std::collections::HashSet<(uuid::Uuid, String)>,
+        super::batch::Known,
     )> {
         let mut tx = self.writer.begin().await?;
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE tenants SET event_seq = event_seq WHERE id IN (");
@@ -114,8 +116,11 @@ impl SqliteStore {
         }
         q.push(") RETURNING id, event_seq, max_users, user_count");
         let rows: Vec<(uuid::Uuid, i64, i64, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
-        let taken = Self::taken_emails(&mut tx, emails).await?;
-        Ok((tx, super::sql::locks_by_id(rows), taken))
+        let known = super::batch::Known {
+            taken: Self::taken_emails(&mut tx, emails).await?,
+            stored: Self::stored_answers(&mut tx, keys).await?,
+        };
+        Ok((tx, super::sql::locks_by_id(rows), known))
     }
 
     /// Writes a batch's rows (bound, in multi-row statements) and commits.

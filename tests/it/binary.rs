@@ -157,8 +157,9 @@ async fn bench_e2e_drain_runs_on_embedded() {
 }
 
 /// `eventra bench writes`, short (CI): wrk drives creates into one and two tenants of an
-/// embedded server, with the half-rate run and the raw SQLite baseline; every answered
-/// create is stored (the command checks it). Needs Debian's `wrk` (`.ci/run` installs
+/// embedded server, with the half-rate run and the raw SQLite baseline (before and after
+/// each row); every answered create is stored (the command checks it). Needs Debian's
+/// `wrk` (`.ci/run` installs
 /// it); without it, and outside CI, it prints NOT RUN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_writes_runs_on_embedded() {
@@ -173,9 +174,11 @@ async fn bench_writes_runs_on_embedded() {
     assert_eq!(rows.len(), 2, "{stdout}");
     for row in rows {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        let rate: f64 = cells[2].parse().unwrap_or(0.0);
+        let raw: Vec<f64> = cells[2].split(", ").map(|r| r.parse().unwrap_or(0.0)).collect();
+        assert!(raw.len() == 2 && raw.iter().all(|r| *r > 0.0), "the raw engine ran before and after: {row}");
+        let rate: f64 = cells[3].parse().unwrap_or(0.0);
         assert!(rate > 0.0, "creates were answered: {row}");
-        assert_eq!(cells[7], "0", "no non-2xx: {row}");
+        assert_eq!(cells[8], "0", "no non-2xx: {row}");
     }
 }
 
