@@ -140,8 +140,10 @@ impl Statement<'_> for Literal {
             Val::NullableText(Some(v)) => self.quoted(v, "::text"),
             Val::NullableText(None) => self.text.push_str("NULL::text"),
             Val::Bool(v) => self.text.push_str(if v { "true" } else { "false" }),
+            // Quoted: a bare `-9223372036854775808` would be the negation of a number
+            // too large for int8.
             Val::Int(v) => {
-                let _ = write!(self.text, "{v}::int8");
+                let _ = write!(self.text, "'{v}'::int8");
             }
             Val::Json(v) => self.quoted(v.get(), "::jsonb"),
             // Microseconds, PostgreSQL's precision (a bound value is cut there too).
@@ -181,7 +183,8 @@ mod tests {
     fn typed_values_are_formatted_by_their_types() {
         let id = Uuid::nil();
         assert_eq!(literal(Val::Uuid(id)).as_deref(), Some("'00000000-0000-0000-0000-000000000000'::uuid"));
-        assert_eq!(literal(Val::Int(-7)).as_deref(), Some("-7::int8"));
+        assert_eq!(literal(Val::Int(-7)).as_deref(), Some("'-7'::int8"));
+        assert_eq!(literal(Val::Int(i64::MIN)).as_deref(), Some("'-9223372036854775808'::int8"));
         let t = DateTime::parse_from_rfc3339("2026-12-06T10:11:12.123456789Z").map(|t| t.to_utc());
         assert_eq!(literal(Val::Time(t.unwrap())).as_deref(), Some("'2026-12-06T10:11:12.123456Z'::timestamptz"));
         let json = serde_json::value::to_raw_value(&serde_json::json!({"a": "it's"})).unwrap();
@@ -192,6 +195,6 @@ mod tests {
     fn rows_are_parenthesized_lists() {
         let mut s = Literal::default();
         s.rows([[Val::Int(1), Val::Bool(true)], [Val::Int(2), Val::Bool(false)]]);
-        assert_eq!(s.spliceable().as_deref(), Some("VALUES (1::int8, true), (2::int8, false)"));
+        assert_eq!(s.spliceable().as_deref(), Some("VALUES ('1'::int8, true), ('2'::int8, false)"));
     }
 }
