@@ -488,25 +488,29 @@ macro_rules! batch_helpers {
             if runs.is_empty() {
                 return Ok(());
             }
-            let mut emails: Vec<(uuid::Uuid, String)> = Vec::new();
-            let mut keys: Vec<(uuid::Uuid, String)> = Vec::new();
-            for (p, run) in runs {
-                let Some(part) = &parts[*p] else { continue };
-                for &i in run {
-                    if let TenantWrite::CreateUser { user, idempotency, .. } = &part.writes[i] {
-                        emails.push((part.tenant_id, user.0.email_key()));
-                        if let Some(req) = idempotency.as_ref().filter(|r| !part.keyed.contains_key(&r.key)) {
-                            keys.push((part.tenant_id, req.key.clone()));
-                        }
-                    }
-                }
-            }
+            // The first round's look-ups came with the lock: the pairs are gathered only
+            // for later rounds.
             let known = match prefetched {
                 Some(known) => known,
-                None => $crate::store::batch::Known {
-                    taken: Self::taken_emails(tx, &emails).await?,
-                    stored: Self::stored_answers(tx, &keys).await?,
-                },
+                None => {
+                    let mut emails: Vec<(uuid::Uuid, String)> = Vec::new();
+                    let mut keys: Vec<(uuid::Uuid, String)> = Vec::new();
+                    for (p, run) in runs {
+                        let Some(part) = &parts[*p] else { continue };
+                        for &i in run {
+                            if let TenantWrite::CreateUser { user, idempotency, .. } = &part.writes[i] {
+                                emails.push((part.tenant_id, user.0.email_key()));
+                                if let Some(req) = idempotency.as_ref().filter(|r| !part.keyed.contains_key(&r.key)) {
+                                    keys.push((part.tenant_id, req.key.clone()));
+                                }
+                            }
+                        }
+                    }
+                    $crate::store::batch::Known {
+                        taken: Self::taken_emails(tx, &emails).await?,
+                        stored: Self::stored_answers(tx, &keys).await?,
+                    }
+                }
             };
             let mut expired: Vec<(uuid::Uuid, String)> = Vec::new();
             for (p, run) in runs {
