@@ -60,6 +60,8 @@ pub struct WritesRow {
     pub mean_batch: f64,
     /// How long a batch's transaction took on average.
     pub mean_batch_ms: f64,
+    /// The share of transactions sent as one message on guessed tenant rows (0..=1).
+    pub one_message: f64,
     /// The raw engine's rate right before and right after the maximum-rate run.
     pub raw: (f64, f64),
     /// Open-loop at half the maximum: offered rate, p50/p95/p99, failures.
@@ -155,7 +157,7 @@ async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize, raw_b
     if stored < answered {
         return Err(format!("{answered} creates were answered 2xx but only {stored} users are stored"));
     }
-    let (mean_batch, mean_batch_ms) = batches(&client, &server.base).await.unwrap_or_default();
+    let (mean_batch, mean_batch_ms, one_message) = batches(&client, &server.base).await.unwrap_or_default();
     // The raw engine again, while the server idles.
     let raw_after = raw_rate(args).await?.1;
 
@@ -178,6 +180,7 @@ async fn one_count(args: &WritesBenchArgs, run: &Run, wrk: &str, n: usize, raw_b
         answered,
         mean_batch,
         mean_batch_ms,
+        one_message,
         raw: (raw_before, raw_after),
         half,
     })
@@ -256,16 +259,22 @@ async fn open_loop(
 }
 
 /// Writes per transaction and a transaction's time (ms), on average, from the server's
-/// `eventra_write_transaction_writes` and `_seconds` histograms.
-async fn batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
+/// `eventra_write_transaction_writes` and `_seconds` histograms, and the share of
+/// transactions that committed as one message (`eventra_write_guesses_total`).
+async fn batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64, f64)> {
     let text = client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
     let value = |name: &str| -> Option<f64> {
         text.lines().find(|l| l.starts_with(name))?.split_whitespace().last()?.parse().ok()
     };
     let count = value("eventra_write_transaction_writes_count")?.max(1.0);
+    let guessed = ["committed", "committed_after_waiting"]
+        .iter()
+        .filter_map(|o| value(&format!("eventra_write_guesses_total{{outcome=\"{o}\"}}")))
+        .sum::<f64>();
     Some((
         value("eventra_write_transaction_writes_sum")? / count,
         value("eventra_write_transaction_seconds_sum")? * 1000.0 / count,
+        guessed / count,
     ))
 }
 
@@ -282,8 +291,8 @@ pub fn table(r: &Report) -> String {
         "Stack: {stack}, {} connections. Raw engine, same run, before and after each row: {}\n\n",
         r.connections, r.raw
     );
-    out.push_str("| tenants | raw/s before, after | creates/s | × raw | p50 | p90 | p99 | non-2xx | stored ≥ 2xx | writes/txn | txn ms | half rate: offered/s | p50 | p95 | p99 | failed |\n");
-    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| tenants | raw/s before, after | creates/s | × raw | p50 | p90 | p99 | non-2xx | stored ≥ 2xx | writes/txn | txn ms | one message | half rate: offered/s | p50 | p95 | p99 | failed |\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut seen = HashSet::new();
     for row in &r.rows {
         if !seen.insert(row.tenants) {
@@ -296,7 +305,7 @@ pub fn table(r: &Report) -> String {
             None => "– | – | – | – | –".into(),
         };
         out.push_str(&format!(
-            "| {} | {:.0}, {:.0} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {half} |\n",
+            "| {} | {:.0}, {:.0} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {:.0} % | {half} |\n",
             row.tenants,
             row.raw.0,
             row.raw.1,
@@ -310,6 +319,7 @@ pub fn table(r: &Report) -> String {
             row.answered,
             row.mean_batch,
             row.mean_batch_ms,
+            row.one_message * 100.0,
         ));
     }
     out

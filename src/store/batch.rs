@@ -92,6 +92,11 @@ impl<'w> Part<'w> {
         (self.event_seq, self.user_count) != self.locked
     }
 
+    /// The tenant row as this part leaves it.
+    pub fn row_after(&self) -> TenantLock {
+        TenantLock { event_seq: self.event_seq, max_users: self.max_users, user_count: self.user_count }
+    }
+
     fn has_room(&self) -> bool {
         self.max_users == 0 || self.user_count < self.max_users
     }
@@ -355,6 +360,42 @@ impl<'a> FinalRows<'a> {
 
     /// Every row in one statement of data-modifying CTEs (PostgreSQL).
     pub fn push_one_statement(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
+        self.push_row_ctes(q)?;
+        push_tenant_rows(q, &self.changed);
+        Ok(())
+    }
+
+    /// [`push_one_statement`](Self::push_one_statement) for writes decided on guessed
+    /// tenant rows (`predicted.rs`): each tenant row is updated only where it is still
+    /// as guessed (event sequence, user count, `max_users`), and the statement fails
+    /// as a whole (a division by zero, 22012) unless every one was. Every part must
+    /// have changed its row.
+    pub fn push_guarded_statement(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
+        self.push_row_ctes(q)?;
+        q.sql("v (id, seq, users, was_seq, was_users, max_users) AS (");
+        q.rows(self.changed.iter().map(|p| {
+            [
+                Val::Uuid(p.tenant_id),
+                Val::Int(p.event_seq),
+                Val::Int(p.user_count),
+                Val::Int(p.locked.0),
+                Val::Int(p.locked.1),
+                Val::Int(p.max_users),
+            ]
+        }));
+        q.sql(
+            "), t AS (UPDATE tenants SET event_seq = v.seq, user_count = v.users FROM v WHERE tenants.id = v.id \
+             AND tenants.event_seq = v.was_seq AND tenants.user_count = v.was_users \
+             AND tenants.max_users = v.max_users RETURNING 1) SELECT 1 / (count(*) = ",
+        );
+        q.sql(&self.changed.len().to_string());
+        q.sql(")::int FROM t");
+        Ok(())
+    }
+
+    /// `WITH ` and the CTEs inserting users, events and idempotency records (each
+    /// followed by `, `).
+    fn push_row_ctes(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
         q.sql("WITH ");
         if !self.users.is_empty() {
             q.sql("u AS (");
@@ -371,7 +412,6 @@ impl<'a> FinalRows<'a> {
             push_idempotency(q, &self.records, self.now)?;
             q.sql("), ");
         }
-        push_tenant_rows(q, &self.changed);
         Ok(())
     }
 }
@@ -388,10 +428,13 @@ macro_rules! batch_helpers {
     ($db:ty) => {
         /// Applies every tenant's writes in one transaction; `Err` when the transaction
         /// failed as a whole (nothing of it is written). Outcomes per tenant, per write.
+        /// Once every write is decided, before the commit, `decided` gets the tenant rows
+        /// it will leave, then `locked` is called.
         async fn batches_tx(
             &self,
             batches: &[(uuid::Uuid, &[$crate::store::TenantWrite])],
             locked: &(dyn Fn() + Send + Sync),
+            decided: &(dyn Fn(&[(uuid::Uuid, $crate::store::sql::TenantLock)]) + Send + Sync),
         ) -> $crate::store::StoreResult<Vec<Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>>>> {
             use $crate::store::batch::Part;
             use $crate::store::TenantWrite;
@@ -411,7 +454,6 @@ macro_rules! batch_helpers {
             }
             let (mut tx, locks, known) = self.begin_locked(&ids, &leading, &leading_keys).await?;
             let tx_conn: &mut <$db as sqlx::Database>::Connection = &mut tx;
-            locked();
             let mut prefetched = Some(known);
             // Accepted creates, inserted before the next write of another kind (which
             // must see them) or with the transaction's other rows at its end.
@@ -463,6 +505,9 @@ macro_rules! batch_helpers {
                     break;
                 }
             }
+            let rows_after: Vec<_> = parts.iter().flatten().map(|p| (p.tenant_id, p.row_after())).collect();
+            decided(&rows_after);
+            locked();
             self.commit_batches(tx, &$crate::store::batch::FinalRows::new(&parts, &users)).await?;
             Ok(parts
                 .into_iter()

@@ -8,6 +8,7 @@
 mod batch;
 mod group_write;
 mod postgres;
+mod predicted;
 mod sql;
 mod sqlite;
 mod statement;
@@ -218,9 +219,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// [`write_batch`](Store::write_batch) for several tenants at once, in ONE
     /// transaction (each tenant's writes in their order); outcomes per tenant, per write.
-    /// `locked` is called once the transaction holds every tenant's row lock: from then
-    /// on a later batch of these tenants, even in another transaction, is ordered after
-    /// this one (it waits for the lock), so it may be sent at once (pipelining).
+    /// `locked` is called once a later batch of these tenants, even in another
+    /// transaction, is ordered after this one, so it may be sent at once (pipelining):
+    /// once the transaction holds every tenant's row lock (the later one waits for the
+    /// lock), or, for a transaction sent on guessed rows, before it is sent (the later
+    /// one's guess then rests on it: see `predicted.rs`).
     async fn write_batches(
         &self,
         batches: &[(Uuid, &[TenantWrite])],

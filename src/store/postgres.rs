@@ -1,13 +1,21 @@
 //! PostgreSQL backend: the database of record for scale-out deployments.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Postgres, Row};
 
-use super::sql::sql_store_impl;
-use super::StoreResult;
+use super::batch::{FinalRows, Known, Part};
+use super::predicted::Predictions;
+use super::sql::{sql_store_impl, TenantLock};
+use super::statement::{Literal, Statement, Val};
+use super::{StoreError, StoreResult, TenantWrite, WriteOutcome};
+use crate::domain::NewUser;
+use uuid::Uuid;
 
 /// Longest a request waits for a pooled connection: a database that is down (or a pool
 /// exhausted by it) answers 503 quickly instead of holding the request.
@@ -28,6 +36,9 @@ pub struct PgStore {
     /// round trip (a broken one is replaced when the transaction's first message fails:
     /// `begin_locked`).
     batches: PgPool,
+    /// Each tenant's row as this process's last transaction on it leaves it, so the
+    /// next may be sent as one message (`predicted.rs`).
+    predictions: Arc<Predictions>,
 }
 
 impl PgStore {
@@ -52,7 +63,7 @@ impl PgStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
             .connect_lazy_with(options);
-        Ok(PgStore { writer: pool.clone(), pool, batches })
+        Ok(PgStore { writer: pool.clone(), pool, batches, predictions: Arc::default() })
     }
 
     /// The pool, for maintenance and tests that need raw SQL.
@@ -83,20 +94,9 @@ impl PgStore {
         keys: &[(uuid::Uuid, String)],
     ) -> StoreResult<(BatchTx, std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>, super::batch::Known)>
     {
-        use super::statement::{Literal, Statement, Val};
-        let mut lock = Literal::new("BEGIN; SELECT id, event_seq, max_users, user_count FROM tenants WHERE id IN (");
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                lock.sql(", ");
-            }
-            lock.value(Val::Uuid(*id));
-        }
-        if ids.is_empty() {
-            lock.sql("NULL");
-        }
-        lock.sql(") ORDER BY id FOR UPDATE");
-        let mut message =
-            lock.spliceable().ok_or_else(|| super::StoreError::Corrupt("a tenant id held a NUL".into()))?;
+        let mut message = lock_statement(ids, "id, event_seq, max_users, user_count")
+            .spliceable()
+            .ok_or_else(|| StoreError::Corrupt("a tenant id held a NUL".into()))?;
         // Up to 10,000 pairs each go in the same message (a few hundred KB); more (or a
         // value no literal can carry), and they are looked up bound, after it.
         let splice = |pairs: &[(uuid::Uuid, String)], push: fn(&mut Literal, &[(uuid::Uuid, String)])| {
@@ -139,6 +139,131 @@ impl PgStore {
         Ok((tx, super::sql::locks_by_id(locks), known))
     }
 
+    /// `Store::write_batches`: as one message where the writes are creates and every
+    /// tenant's row is predicted (`predicted.rs`), else (or when the guess was wrong)
+    /// locking first (`write_batches_locking`), after the guessed transactions on these
+    /// tenants still in flight.
+    async fn write_batches_ordered(
+        &self,
+        batches: &[(Uuid, &[TenantWrite])],
+        locked: &(dyn Fn() + Send + Sync),
+    ) -> Vec<Vec<StoreResult<WriteOutcome>>> {
+        let mut ids: Vec<Uuid> = batches.iter().map(|(t, _)| *t).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let creates_only = ids.len() == batches.len()
+            && batches.iter().all(|(_, w)| w.iter().all(|w| matches!(w, TenantWrite::CreateUser { .. })));
+        let (turn, guess) =
+            self.predictions.begin(&ids, |rows| if creates_only { Guess::decide(batches, rows) } else { None });
+        match guess.and_then(|g| g.message(&ids).map(|m| (g, m))) {
+            Some((guess, (message, first_event))) => {
+                let mut sent = self.send_guess(&ids, &message, first_event, locked).await;
+                let mut outcome = "committed";
+                if matches!(sent, Ok(Sent::Stale)) {
+                    // Most often this batch overtook the one its guess rests on, on their
+                    // way to the database: once that one has ended, the guess may hold.
+                    turn.wait_for_earlier(false).await;
+                    sent = self.send_guess(&ids, &message, first_event, &|| ()).await;
+                    outcome = "committed_after_waiting";
+                }
+                let outcome = match &sent {
+                    Ok(Sent::Committed) => outcome,
+                    Ok(Sent::Stale | Sent::Refused) => "missed",
+                    Err(_) => "unknown",
+                };
+                metrics::counter!("eventra_write_guesses_total", "outcome" => outcome).increment(1);
+                match sent {
+                    Ok(Sent::Committed) => return guess.outcomes(),
+                    Ok(Sent::Stale | Sent::Refused) => {
+                        turn.forget();
+                        turn.wait_for_earlier(false).await;
+                    }
+                    Err(e) => {
+                        turn.forget();
+                        let message = format!("the write transaction's connection broke: {e}");
+                        return batches
+                            .iter()
+                            .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
+                            .collect();
+                    }
+                }
+            }
+            None => {
+                turn.forget(); // (a guess no literal could carry)
+                turn.wait_for_earlier(true).await;
+            }
+        }
+        // A transaction that then fails leaves a guess that fails in turn: it is
+        // forgotten then (above), at the cost of one round trip.
+        self.write_batches_locking(batches, locked, &|rows| turn.expect(rows)).await
+    }
+
+    /// Sends a guessed transaction's message ([`Guess::message`]), and calls `locked`
+    /// once it is on its way. `Err`: its connection broke and whether it committed
+    /// could not be learnt.
+    async fn send_guess(
+        &self,
+        ids: &[Uuid],
+        message: &str,
+        first_event: Uuid,
+        locked: &(dyn Fn() + Send + Sync),
+    ) -> StoreResult<Sent> {
+        let Ok(conn) = self.batches.acquire().await else {
+            locked();
+            return Ok(Sent::Refused);
+        };
+        let mut tx = BatchTx { conn, ended: false };
+        let sent = {
+            let mut send = std::pin::pin!(sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(message)));
+            // Polled once, the message is written to the socket. Only then may a later
+            // batch of these tenants follow (its guess rests on this one): one that
+            // overtakes it anyway fails its guard and waits for it.
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+            locked();
+            match first {
+                std::task::Poll::Ready(done) => done,
+                std::task::Poll::Pending => send.await,
+            }
+        };
+        match sent {
+            Ok(_) => {
+                tx.ended = true;
+                Ok(Sent::Committed)
+            }
+            Err(e) if connection_lost(&e) => {
+                drop(tx);
+                tracing::info!(error = %e, "a batch connection broke under a guessed transaction; asking whether it committed");
+                Ok(if self.guess_committed(ids, first_event).await? { Sent::Committed } else { Sent::Refused })
+            }
+            Err(e) => {
+                // 22012: the guard's division by zero.
+                let stale = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("22012"));
+                tracing::debug!(error = %e, stale, "a guessed write transaction was refused");
+                // The rest of the message (its `COMMIT`) was skipped; the transaction is
+                // aborted and ends here.
+                if sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK")).await.is_ok() {
+                    tx.ended = true;
+                }
+                Ok(if stale { Sent::Stale } else { Sent::Refused })
+            }
+        }
+    }
+
+    /// Whether a guessed transaction whose connection broke committed: once its
+    /// tenants' locks can be had (it has ended, one way or the other), whether its
+    /// first event is in the outbox.
+    async fn guess_committed(&self, ids: &[Uuid], event_id: Uuid) -> StoreResult<bool> {
+        let mut message = lock_statement(ids, "id");
+        message.sql("; SELECT event_id, true FROM outbox WHERE event_id = ");
+        message.value(Val::Uuid(event_id));
+        let message = message.spliceable().ok_or_else(|| StoreError::Corrupt("a tenant id held a NUL".into()))?;
+        let (mut tx, rows) = self.first_message(&message).await?;
+        let committed = rows.iter().any(|row| row.len() == 2);
+        sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK")).await?;
+        tx.ended = true;
+        Ok(committed)
+    }
+
     /// Sends a batch transaction's first message on a lane connection, and returns its
     /// rows. A connection that has broken while it waited (the server restarted) fails
     /// before the transaction began anything: it is closed and the message sent again
@@ -146,7 +271,7 @@ impl PgStore {
     async fn first_message(&self, message: &str) -> StoreResult<(BatchTx, Vec<PgRow>)> {
         let mut attempts = BATCH_CONNECTIONS + 1;
         loop {
-            let mut tx = BatchTx { conn: self.batches.acquire().await?, committed: false };
+            let mut tx = BatchTx { conn: self.batches.acquire().await?, ended: false };
             match sqlx::Executor::fetch_all(&mut *tx, sqlx::raw_sql(message)).await {
                 Ok(rows) => return Ok((tx, rows)),
                 Err(e) if attempts > 1 && connection_lost(&e) => {
@@ -175,7 +300,7 @@ impl PgStore {
                 sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("COMMIT")).await?;
             }
         }
-        tx.committed = true;
+        tx.ended = true;
         Ok(())
     }
 
@@ -234,12 +359,12 @@ fn connection_lost(e: &sqlx::Error) -> bool {
 }
 
 /// A batch transaction begun on a lane connection with a raw `BEGIN` (see
-/// `begin_locked`). One that ends without its `COMMIT` (an error, or its future dropped
-/// midway) closes its connection, and the server rolls the transaction back: the pool
-/// never gets a connection still in a transaction.
+/// `begin_locked`). One dropped before it ended (its `COMMIT` or `ROLLBACK` answered:
+/// an error, or its future dropped midway) closes its connection, and the server rolls
+/// the transaction back: the pool never gets a connection still in a transaction.
 pub(super) struct BatchTx {
     conn: PoolConnection<Postgres>,
-    committed: bool,
+    ended: bool,
 }
 
 impl std::ops::Deref for BatchTx {
@@ -257,8 +382,88 @@ impl std::ops::DerefMut for BatchTx {
 
 impl Drop for BatchTx {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.ended {
             self.conn.close_on_drop();
         }
+    }
+}
+
+/// `BEGIN; SELECT <columns> FROM tenants WHERE id IN (<ids>) ORDER BY id FOR UPDATE`:
+/// a batch transaction's start, its tenant rows locked in id order.
+fn lock_statement(ids: &[Uuid], columns: &str) -> Literal {
+    let mut lock = Literal::new("BEGIN; SELECT ");
+    lock.sql(columns);
+    lock.sql(" FROM tenants WHERE id IN (");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            lock.sql(", ");
+        }
+        lock.value(Val::Uuid(*id));
+    }
+    if ids.is_empty() {
+        lock.sql("NULL");
+    }
+    lock.sql(") ORDER BY id FOR UPDATE");
+    lock
+}
+
+/// How a guessed transaction's message ended.
+enum Sent {
+    Committed,
+    /// Its guard failed: a tenant row was not as guessed. Nothing was written.
+    Stale,
+    /// A statement failed otherwise (a unique index found an email or key taken), or
+    /// it could not be sent. Nothing was written.
+    Refused,
+}
+
+/// A transaction of creates decided on guessed tenant rows (`predicted.rs`).
+struct Guess<'w> {
+    parts: Vec<Option<Part<'w>>>,
+    users: Vec<&'w NewUser>,
+}
+
+impl<'w> Guess<'w> {
+    /// Decides every tenant's creates as if its row were `rows`' and no email or key of
+    /// them were stored (the guard and the unique indexes check both); with the rows
+    /// it will leave. `None` where a guess cannot carry the batch: a tenant whose
+    /// writes all fail (its row would be unchanged, so unguarded).
+    fn decide(
+        batches: &[(Uuid, &'w [TenantWrite])],
+        rows: &HashMap<Uuid, TenantLock>,
+    ) -> Option<(Self, Vec<(Uuid, TenantLock)>)> {
+        let mut parts = Vec::with_capacity(batches.len());
+        let mut users = Vec::new();
+        let nothing_stored = Known::default();
+        for (tenant, writes) in batches {
+            let mut part = Part::new(*tenant, writes, rows.get(tenant)?);
+            let run = part.take_create_run();
+            let (accepted, expired) = super::batch::decide_creates(&mut part, &run, &nothing_stored).ok()?;
+            if part.next != writes.len() || !expired.is_empty() || !part.tenant_changed() {
+                return None;
+            }
+            users.extend(accepted);
+            parts.push(Some(part));
+        }
+        let after = parts.iter().flatten().map(|p| (p.tenant_id, p.row_after())).collect();
+        Some((Guess { parts, users }, after))
+    }
+
+    /// Its one message, with its first event's id (to learn whether it committed when
+    /// the connection breaks): `BEGIN`, the tenant locks (in id order, as every writer
+    /// takes them), its rows guarded by the guess, `COMMIT`. `None`: a value no literal
+    /// can carry.
+    fn message(&self, ids: &[Uuid]) -> Option<(String, Uuid)> {
+        let rows = FinalRows::new(&self.parts, &self.users);
+        let mut message = lock_statement(ids, "id");
+        message.sql("; ");
+        rows.push_guarded_statement(&mut message).ok()?;
+        message.sql("; COMMIT");
+        Some((message.spliceable()?, rows.events.first()?.1.id))
+    }
+
+    /// The outcomes, per tenant, per write.
+    fn outcomes(self) -> Vec<Vec<StoreResult<WriteOutcome>>> {
+        self.parts.into_iter().flatten().map(Part::outcomes).collect()
     }
 }

@@ -212,7 +212,7 @@ pub(super) fn locks_by_id(rows: Vec<(Uuid, i64, i64, i64)>) -> std::collections:
 }
 
 /// The tenant row as the lock statement returns it.
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone, Copy, Debug, PartialEq)]
 pub(super) struct TenantLock {
     pub event_seq: i64,
     pub max_users: i64,
@@ -236,6 +236,62 @@ pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> S
 macro_rules! sql_store_impl {
     ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
+            /// `Store::write_batches`, locking first: one transaction, and where it fails
+            /// as a whole, each tenant alone, then each write alone. `decided` gets the
+            /// tenant rows each transaction will leave, before its commit.
+            async fn write_batches_locking(
+                &self,
+                batches: &[(uuid::Uuid, &[$crate::store::TenantWrite])],
+                locked: &(dyn Fn() + Send + Sync),
+                decided: &(dyn Fn(&[(uuid::Uuid, $crate::store::sql::TenantLock)]) + Send + Sync),
+            ) -> Vec<Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>>> {
+                use $crate::store::StoreError;
+                let error = match self.batches_tx(batches, locked, decided).await {
+                    Ok(outcomes) => return outcomes,
+                    Err(e) => e,
+                };
+                let writes: usize = batches.iter().map(|(_, w)| w.len()).sum();
+                if writes == 1 {
+                    // The one write's own error.
+                    let mut error = Some(error);
+                    return batches
+                        .iter()
+                        .map(|(_, w)| w.iter().map(|_| Err(error.take().unwrap_or_else(|| StoreError::Corrupt("one error, two writes".into())))).collect())
+                        .collect();
+                }
+                // Every write would meet the same fate: tell each of them.
+                if error.is_unreachable() {
+                    let message = error.to_string();
+                    return batches
+                        .iter()
+                        .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
+                        .collect();
+                }
+                // A statement failed in a way the checks did not foresee: the transaction
+                // is gone, and with it every write. Run each tenant alone, then each of
+                // its writes alone, so only the write at fault fails.
+                tracing::warn!(tenants = batches.len(), writes, %error,
+                    "a transaction of tenant writes failed as a whole; applying them one by one");
+                let mut all = Vec::with_capacity(batches.len());
+                for (tenant_id, tenant_writes) in batches {
+                    let mut outcomes = Vec::with_capacity(tenant_writes.len());
+                    let alone = if batches.len() > 1 { self.batches_tx(&[(*tenant_id, tenant_writes)], &|| (), decided).await.ok() } else { None };
+                    match alone.and_then(|mut o| o.pop()) {
+                        Some(o) => outcomes = o,
+                        None => {
+                            for write in tenant_writes.iter() {
+                                outcomes.push(match self.batches_tx(&[(*tenant_id, std::slice::from_ref(write))], &|| (), decided).await {
+                                    Ok(mut o) => o.pop().map_or_else(|| Err(StoreError::Corrupt("no outcome".into())), $crate::store::writes::single),
+                                    Err(e) => Err(e),
+                                });
+                            }
+                        }
+                    }
+                    all.push(outcomes);
+                }
+                all
+            }
+
             /// Locks the tenant row and takes the next event number (see the module note).
             async fn lock_tenant(
                 tx: &mut sqlx::Transaction<'_, $db>,
@@ -434,54 +490,10 @@ macro_rules! sql_store_impl {
                 batches: &[(uuid::Uuid, &[$crate::store::TenantWrite])],
                 locked: &(dyn Fn() + Send + Sync),
             ) -> Vec<Vec<$crate::store::StoreResult<$crate::store::WriteOutcome>>> {
-                use $crate::store::StoreError;
                 if batches.iter().all(|(_, w)| w.is_empty()) {
                     return batches.iter().map(|_| Vec::new()).collect();
                 }
-                let error = match self.batches_tx(batches, locked).await {
-                    Ok(outcomes) => return outcomes,
-                    Err(e) => e,
-                };
-                let writes: usize = batches.iter().map(|(_, w)| w.len()).sum();
-                if writes == 1 {
-                    // The one write's own error.
-                    let mut error = Some(error);
-                    return batches
-                        .iter()
-                        .map(|(_, w)| w.iter().map(|_| Err(error.take().unwrap_or_else(|| StoreError::Corrupt("one error, two writes".into())))).collect())
-                        .collect();
-                }
-                // Every write would meet the same fate: tell each of them.
-                if error.is_unreachable() {
-                    let message = error.to_string();
-                    return batches
-                        .iter()
-                        .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
-                        .collect();
-                }
-                // A statement failed in a way the checks did not foresee: the transaction
-                // is gone, and with it every write. Run each tenant alone, then each of
-                // its writes alone, so only the write at fault fails.
-                tracing::warn!(tenants = batches.len(), writes, %error,
-                    "a transaction of tenant writes failed as a whole; applying them one by one");
-                let mut all = Vec::with_capacity(batches.len());
-                for (tenant_id, tenant_writes) in batches {
-                    let mut outcomes = Vec::with_capacity(tenant_writes.len());
-                    let alone = if batches.len() > 1 { self.batches_tx(&[(*tenant_id, tenant_writes)], &|| ()).await.ok() } else { None };
-                    match alone.and_then(|mut o| o.pop()) {
-                        Some(o) => outcomes = o,
-                        None => {
-                            for write in tenant_writes.iter() {
-                                outcomes.push(match self.batches_tx(&[(*tenant_id, std::slice::from_ref(write))], &|| ()).await {
-                                    Ok(mut o) => o.pop().map_or_else(|| Err(StoreError::Corrupt("no outcome".into())), $crate::store::writes::single),
-                                    Err(e) => Err(e),
-                                });
-                            }
-                        }
-                    }
-                    all.push(outcomes);
-                }
-                all
+                self.write_batches_ordered(batches, locked).await
             }
 
             async fn get_user(&self, tenant_id: uuid::Uuid, user_id: uuid::Uuid) -> $crate::store::StoreResult<$crate::domain::User> {

@@ -123,6 +123,16 @@ impl SqliteStore {
         Ok((tx, super::sql::locks_by_id(rows), known))
     }
 
+    /// `Store::write_batches`: one writer, so a transaction has no round trips to save
+    /// by guessing (`predicted.rs`); it locks first.
+    async fn write_batches_ordered(
+        &self,
+        batches: &[(uuid::Uuid, &[super::TenantWrite])],
+        locked: &(dyn Fn() + Send + Sync),
+    ) -> Vec<Vec<StoreResult<super::WriteOutcome>>> {
+        self.write_batches_locking(batches, locked, &|_| ()).await
+    }
+
     /// Writes a batch's rows (bound, in multi-row statements) and commits.
     async fn commit_batches(
         &self,

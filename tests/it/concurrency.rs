@@ -118,6 +118,50 @@ async fn sqlite_two_servers_max_users_holds() {
     max_users_race(&TestDb::sqlite()).await;
 }
 
+/// A counter's value in `/metrics` (0 while it has not been counted). The recorder is
+/// the test process's, shared by every app in it: other tests' writes can only add.
+async fn counter(app: &TestApp, series: &str) -> f64 {
+    let text = app.get("/metrics", crate::utils::app::ADMIN_TOKEN).await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// On PostgreSQL, a tenant's creates after its first write are decided on the row
+/// that write left, and sent as one message (`eventra_write_guesses_total`); a write
+/// by another server in between makes the next guess wrong, and that write is decided
+/// again on the row as it is: here the tenant filled up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_creates_go_on_a_guess_and_a_stale_guess_is_caught() {
+    const COMMITTED: &str = "eventra_write_guesses_total{outcome=\"committed\"}";
+    const MISSED: &str = "eventra_write_guesses_total{outcome=\"missed\"}";
+    let Some(db) = TestDb::postgres("concurrency::postgres_creates_go_on_a_guess_and_a_stale_guess_is_caught").await
+    else {
+        return;
+    };
+    let (a, b) = (TestApp::start(db.url()).await, TestApp::start(db.url()).await);
+    let t = a.tenant("guess", 3).await;
+    a.user(&t, "one@x.io").await;
+    let committed = counter(&a, COMMITTED).await;
+    a.user(&t, "two@x.io").await;
+    assert!(counter(&a, COMMITTED).await >= committed + 1.0, "the second create went on a guess");
+    b.user(&t, "three@x.io").await;
+    let missed = counter(&a, MISSED).await;
+    let path = format!("/v1/tenants/{}/users", t.id);
+    let res = a.post(&path, &t.admin_key, json!({"email": "four@x.io", "name": "F"})).await;
+    let problem = crate::utils::app::expect_problem(res, StatusCode::CONFLICT).await;
+    assert!(problem["detail"].as_str().unwrap_or_default().contains('3'), "tenant full: {problem}");
+    assert!(counter(&a, MISSED).await >= missed + 1.0, "a's guess (two users) was stale");
+
+    let s = store::connect(db.url(), 2).await.unwrap();
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 3);
+    let events = s.outbox_after(0, 10_000).await.unwrap();
+    let seqs: Vec<i64> = events.iter().filter(|r| r.tenant_id == t.id).map(|r| r.tenant_seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "gap-free: the refused write took no number");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The largest batch a tenant's manager has committed (its node's `stats` in
 /// `/debug/actors`).
 async fn largest_batch(app: &TestApp, tenant: uuid::Uuid) -> u64 {

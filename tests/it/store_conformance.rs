@@ -694,6 +694,61 @@ pub async fn one_failing_statement_fails_only_its_write(s: Arc<dyn Store>) {
     assert_eq!(s.get_tenant(a.id).await.unwrap().user_count, 2);
 }
 
+/// A tenant row changed by another writer between two of this store's batches (here
+/// `update_tenant`, as another process or path would): the next batch still decides on
+/// the row as it is. (PostgreSQL sends a hot tenant's creates decided on the row its
+/// last batch left, guarded: this one's guess is stale on `max_users` and the event
+/// sequence, and it must be written again, locking first.) A taken email found only by
+/// the database fails its write alone, and a guess that holds commits.
+pub async fn a_row_changed_between_batches_is_seen(s: Arc<dyn Store>) {
+    let t = tenant(&s, "moved", 4).await;
+    let first = new_user(t.id, "first@x.io");
+    assert!(created(&s.write_batch(t.id, &[create(&first, None)]).await[0]).is_some());
+    let patch = TenantPatch { max_users: Some(3), ..TenantPatch::default() };
+    s.update_tenant(t.id, &patch, &ctx()).await.unwrap();
+    let before = outbox(&s).await.len();
+    let (two, three, four) = (new_user(t.id, "two@x.io"), new_user(t.id, "three@x.io"), new_user(t.id, "four@x.io"));
+    let first_again = new_user(t.id, "FIRST@x.io");
+    let out = s
+        .write_batch(t.id, &[create(&two, None), create(&first_again, None), create(&three, None), create(&four, None)])
+        .await;
+    assert_eq!(created(&out[0]), Some((two.0.id, false)));
+    assert!(matches!(&out[1], Err(StoreError::Conflict(m)) if m.contains("FIRST@x.io")), "{:?}", out[1]);
+    assert_eq!(created(&out[2]), Some((three.0.id, false)));
+    assert!(matches!(out[3], Err(StoreError::TenantFull { max_users: 3 })), "the lowered limit holds: {:?}", out[3]);
+    // A guess from this batch's row: the tenant is full, then it is not.
+    let five = new_user(t.id, "five@x.io");
+    assert!(matches!(s.write_batch(t.id, &[create(&five, None)]).await[0], Err(StoreError::TenantFull { .. })));
+    s.update_tenant(t.id, &TenantPatch { max_users: Some(0), ..TenantPatch::default() }, &ctx()).await.unwrap();
+    let (six, seven) = (new_user(t.id, "six@x.io"), new_user(t.id, "seven@x.io"));
+    let out = s.write_batch(t.id, &[create(&six, None), create(&seven, None)]).await;
+    assert_eq!((created(&out[0]), created(&out[1])), (Some((six.0.id, false)), Some((seven.0.id, false))));
+    let out = s.write_batch(t.id, &[create(&new_user(t.id, "six@X.io"), None), create(&five, None)]).await;
+    assert!(matches!(&out[0], Err(StoreError::Conflict(_))), "taken, found by the database: {:?}", out[0]);
+    assert_eq!(created(&out[1]), Some((five.0.id, false)));
+    let eight = new_user(t.id, "eight@x.io");
+    assert_eq!(created(&s.write_batch(t.id, &[create(&eight, None)]).await[0]), Some((eight.0.id, false)));
+
+    assert_eq!(s.get_tenant(t.id).await.unwrap().user_count, 7);
+    let rows = expect_events(&s, 7, before).await;
+    let mine: Vec<(i64, EventType)> =
+        rows.iter().filter(|r| r.tenant_id == t.id).map(|r| (r.tenant_seq, r.event.event_type.clone())).collect();
+    let created_at = |seq| (seq, EventType::UserCreated);
+    assert_eq!(
+        mine,
+        vec![
+            created_at(4),
+            created_at(5),
+            (6, EventType::TenantUpdated),
+            created_at(7),
+            created_at(8),
+            created_at(9),
+            created_at(10)
+        ],
+        "gap-free, one event per change"
+    );
+}
+
 /// Text is stored exactly as given, however a backend puts it on the wire (PostgreSQL's
 /// batches write values as SQL literals): quotes, backslashes, SQL-looking text,
 /// dollar quotes and characters beyond ASCII, in emails, names, attributes (keys and
@@ -856,6 +911,7 @@ conformance!(
     batched_writes_keep_every_rule,
     one_failing_statement_fails_only_its_write,
     awkward_text_is_stored_exactly,
+    a_row_changed_between_batches_is_seen,
     tenant_activity_counts_recent_events,
     the_delivery_log_knows_failing_streaks_and_prunes,
     custom_events_are_written_once_per_client_id,
