@@ -18,9 +18,8 @@
 //! It cannot deadlock: tenant rows are locked in id order in one statement, and a batch
 //! waiting on a lock was sent only after that lock was taken, so no two transactions
 //! can each wait for the other. (A PostgreSQL transaction sent as one message on
-//! guessed tenant rows answers `locked` before it is sent: the later batch's guess
-//! rests on it, so a later batch that overtakes it fails its guard, and waits for it;
-//! see `store/predicted.rs`.)
+//! guessed tenant rows answers `locked` once it has committed: the later batch's guess
+//! rests on it; see `store/predicted.rs`.)
 
 use std::sync::{Arc, Mutex};
 

@@ -60,8 +60,9 @@ pub struct WritesRow {
     pub mean_batch: f64,
     /// How long a batch's transaction took on average.
     pub mean_batch_ms: f64,
-    /// The share of transactions sent as one message on guessed tenant rows (0..=1).
-    pub one_message: f64,
+    /// The share of transactions sent as one message on guessed tenant rows (0..=1;
+    /// `None`: the backend never guesses).
+    pub one_message: Option<f64>,
     /// The raw engine's rate right before and right after the maximum-rate run.
     pub raw: (f64, f64),
     /// Open-loop at half the maximum: offered rate, p50/p95/p99, failures.
@@ -261,20 +262,23 @@ async fn open_loop(
 /// Writes per transaction and a transaction's time (ms), on average, from the server's
 /// `eventra_write_transaction_writes` and `_seconds` histograms, and the share of
 /// transactions that committed as one message (`eventra_write_guesses_total`).
-async fn batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64, f64)> {
+async fn batches(client: &reqwest::Client, base: &str) -> Option<(f64, f64, Option<f64>)> {
     let text = client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
     let value = |name: &str| -> Option<f64> {
         text.lines().find(|l| l.starts_with(name))?.split_whitespace().last()?.parse().ok()
     };
     let count = value("eventra_write_transaction_writes_count")?.max(1.0);
-    let guessed = ["committed", "committed_after_waiting"]
-        .iter()
-        .filter_map(|o| value(&format!("eventra_write_guesses_total{{outcome=\"{o}\"}}")))
-        .sum::<f64>();
+    // Counted only where a backend guesses (PostgreSQL).
+    let committed = text.contains("eventra_write_guesses_total{").then(|| {
+        ["committed", "committed_after_waiting"]
+            .iter()
+            .filter_map(|o| value(&format!("eventra_write_guesses_total{{outcome=\"{o}\"}}")))
+            .fold(0.0, |a, b| a + b)
+    });
     Some((
         value("eventra_write_transaction_writes_sum")? / count,
         value("eventra_write_transaction_seconds_sum")? * 1000.0 / count,
-        guessed / count,
+        committed.map(|c| c / count),
     ))
 }
 
@@ -305,7 +309,7 @@ pub fn table(r: &Report) -> String {
             None => "– | – | – | – | –".into(),
         };
         out.push_str(&format!(
-            "| {} | {:.0}, {:.0} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {:.0} % | {half} |\n",
+            "| {} | {:.0}, {:.0} | {:.0} | {:.2}× | {} | {} | {} | {} | {} ≥ {} | {:.1} | {:.2} | {} | {half} |\n",
             row.tenants,
             row.raw.0,
             row.raw.1,
@@ -319,7 +323,7 @@ pub fn table(r: &Report) -> String {
             row.answered,
             row.mean_batch,
             row.mean_batch_ms,
-            row.one_message * 100.0,
+            row.one_message.map_or_else(|| "–".to_owned(), |share| format!("{:.0} %", share * 100.0)),
         ));
     }
     out

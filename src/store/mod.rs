@@ -221,8 +221,9 @@ pub trait Store: Send + Sync + 'static {
     /// transaction (each tenant's writes in their order); outcomes per tenant, per write.
     /// `locked` is called once a later batch of these tenants, even in another
     /// transaction, is ordered after this one, so it may be sent at once (pipelining):
-    /// once the transaction holds every tenant's row lock (the later one waits for the
-    /// lock), or, for a transaction sent on guessed rows, before it is sent (the later
+    /// once the transaction holds every tenant's row lock and has decided its writes
+    /// (the later one waits for the lock), or, for a transaction sent on guessed rows,
+    /// once it has committed (the later
     /// one's guess then rests on it: see `predicted.rs`).
     async fn write_batches(
         &self,

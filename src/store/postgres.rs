@@ -1,7 +1,6 @@
 //! PostgreSQL backend: the database of record for scale-out deployments.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,24 +156,23 @@ impl PgStore {
             self.predictions.begin(&ids, |rows| if creates_only { Guess::decide(batches, rows) } else { None });
         match guess.and_then(|g| g.message(&ids).map(|m| (g, m))) {
             Some((guess, (message, first_event))) => {
-                let mut sent = self.send_guess(&ids, &message, first_event, locked).await;
-                let mut outcome = "committed";
-                if matches!(sent, Ok(Sent::Stale)) {
-                    // Most often this batch overtook the one its guess rests on, on their
-                    // way to the database: once that one has ended, the guess may hold.
-                    turn.wait_for_earlier(false).await;
-                    sent = self.send_guess(&ids, &message, first_event, &|| ()).await;
-                    outcome = "committed_after_waiting";
-                }
+                let sent = self.send_guess(&ids, &message, first_event).await;
                 let outcome = match &sent {
-                    Ok(Sent::Committed) => outcome,
-                    Ok(Sent::Stale | Sent::Refused) => "missed",
+                    Ok(Sent::Committed) => "committed",
+                    Ok(Sent::Refused) => "missed",
                     Err(_) => "unknown",
                 };
                 metrics::counter!("eventra_write_guesses_total", "outcome" => outcome).increment(1);
                 match sent {
-                    Ok(Sent::Committed) => return guess.outcomes(),
-                    Ok(Sent::Stale | Sent::Refused) => {
+                    Ok(Sent::Committed) => {
+                        // Only now: a later batch of these tenants sent while this one is
+                        // on its way could reach the database first, and fail its guard.
+                        // (Called once the message was written, batches overtook one
+                        // another and got smaller: a hot tenant was a third slower.)
+                        locked();
+                        return guess.outcomes();
+                    }
+                    Ok(Sent::Refused) => {
                         turn.forget();
                         turn.wait_for_earlier(false).await;
                     }
@@ -198,34 +196,12 @@ impl PgStore {
         self.write_batches_locking(batches, locked, &|rows| turn.expect(rows)).await
     }
 
-    /// Sends a guessed transaction's message ([`Guess::message`]), and calls `locked`
-    /// once it is on its way. `Err`: its connection broke and whether it committed
-    /// could not be learnt.
-    async fn send_guess(
-        &self,
-        ids: &[Uuid],
-        message: &str,
-        first_event: Uuid,
-        locked: &(dyn Fn() + Send + Sync),
-    ) -> StoreResult<Sent> {
-        let Ok(conn) = self.batches.acquire().await else {
-            locked();
-            return Ok(Sent::Refused);
-        };
+    /// Sends a guessed transaction's message ([`Guess::message`]). `Err`: its
+    /// connection broke and whether it committed could not be learnt.
+    async fn send_guess(&self, ids: &[Uuid], message: &str, first_event: Uuid) -> StoreResult<Sent> {
+        let Ok(conn) = self.batches.acquire().await else { return Ok(Sent::Refused) };
         let mut tx = BatchTx { conn, ended: false };
-        let sent = {
-            let mut send = std::pin::pin!(sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(message)));
-            // Polled once, the message is written to the socket. Only then may a later
-            // batch of these tenants follow (its guess rests on this one): one that
-            // overtakes it anyway fails its guard and waits for it.
-            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
-            locked();
-            match first {
-                std::task::Poll::Ready(done) => done,
-                std::task::Poll::Pending => send.await,
-            }
-        };
-        match sent {
+        match sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(message)).await {
             Ok(_) => {
                 tx.ended = true;
                 Ok(Sent::Committed)
@@ -244,7 +220,7 @@ impl PgStore {
                 if sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK")).await.is_ok() {
                     tx.ended = true;
                 }
-                Ok(if stale { Sent::Stale } else { Sent::Refused })
+                Ok(Sent::Refused)
             }
         }
     }
@@ -410,10 +386,8 @@ fn lock_statement(ids: &[Uuid], columns: &str) -> Literal {
 /// How a guessed transaction's message ended.
 enum Sent {
     Committed,
-    /// Its guard failed: a tenant row was not as guessed. Nothing was written.
-    Stale,
-    /// A statement failed otherwise (a unique index found an email or key taken), or
-    /// it could not be sent. Nothing was written.
+    /// Nothing was written: its guard failed (a tenant row was not as guessed), a
+    /// unique index found an email or key taken, or it could not be sent.
     Refused,
 }
 

@@ -24,9 +24,10 @@ use uuid::Uuid;
 
 use super::sql::TenantLock;
 
-/// Tenants remembered before settled ones are forgotten (a bound on memory, about 100
-/// bytes each).
-const MAX_TENANTS: usize = 100_000;
+/// Tenants remembered before those no transaction is writing are forgotten (a bound
+/// on memory, a few hundred bytes each; a forgotten tenant's next transaction locks
+/// and looks, and is remembered again).
+const MAX_TENANTS: usize = 10_000;
 
 struct TenantState {
     /// The row as the last transaction begun on the tenant will leave it, if known.
@@ -121,23 +122,25 @@ impl Turn<'_> {
     /// Records the rows this transaction will leave, once it holds their locks and has
     /// decided its writes (before its commit: the next transaction on these tenants may
     /// then be sent on them at once), unless a later transaction has begun on them
-    /// since. Tenants not in `rows`: unknown.
+    /// since. Tenants not in `rows` are left as they are.
     pub fn expect(&self, rows: &[(Uuid, TenantLock)]) {
         let rows: HashMap<Uuid, TenantLock> = rows.iter().map(|(t, r)| (*t, *r)).collect();
-        self.set(|tenant| rows.get(tenant).copied());
+        self.set(|tenant, row| rows.get(tenant).copied().or(row));
     }
 
     /// Forgets the rows guessed for this transaction (it did not commit, or may not
     /// have), unless a later transaction has begun on them since.
     pub fn forget(&self) {
-        self.set(|_| None);
+        self.set(|_, _| None);
     }
 
-    fn set(&self, row: impl Fn(&Uuid) -> Option<TenantLock>) {
+    /// Sets the row of each of its tenants no later transaction has begun on, from the
+    /// tenant and its row now.
+    fn set(&self, row: impl Fn(&Uuid, Option<TenantLock>) -> Option<TenantLock>) {
         let mut inner = self.predictions.lock();
         for tenant in &self.tenants {
             if let Some(state) = inner.tenants.get_mut(tenant).filter(|s| s.generation == self.generation) {
-                state.row = row(tenant);
+                state.row = row(tenant, state.row);
             }
         }
     }
@@ -177,6 +180,14 @@ mod tests {
         assert!(planned.is_none(), "a transaction that did not commit leaves its tenants unknown");
         let (_t, planned) = p.begin(&[b], |rows| Some((rows[&b].event_seq, vec![])));
         assert_eq!(planned, Some(2));
+        // Rows recorded for some of a transaction's tenants (one tenant written again
+        // alone) leave the others' as they were.
+        let (both, _) = p.begin(&[a, b], |_| None::<((), _)>);
+        both.expect(&[(a, row(9)), (b, row(3))]);
+        both.expect(&[(b, row(4))]);
+        drop(both);
+        let (_t, planned) = p.begin(&[a, b], |rows| Some(((rows[&a].event_seq, rows[&b].event_seq), vec![])));
+        assert_eq!(planned, Some((9, 4)));
     }
 
     #[tokio::test]
