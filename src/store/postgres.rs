@@ -91,8 +91,7 @@ impl PgStore {
         ids: &[uuid::Uuid],
         emails: &[(uuid::Uuid, String)],
         keys: &[(uuid::Uuid, String)],
-    ) -> StoreResult<(BatchTx, std::collections::HashMap<uuid::Uuid, super::sql::TenantLock>, super::batch::Known)>
-    {
+    ) -> StoreResult<(BatchTx, HashMap<Uuid, TenantLock>, Known)> {
         let mut message = lock_statement(ids, "id, event_seq, max_users, user_count")
             .spliceable()
             .ok_or_else(|| StoreError::Corrupt("a tenant id held a NUL".into()))?;
@@ -179,10 +178,7 @@ impl PgStore {
                     Err(e) => {
                         turn.forget();
                         let message = format!("the write transaction's connection broke: {e}");
-                        return batches
-                            .iter()
-                            .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
-                            .collect();
+                        return super::writes::all_unavailable(batches, &message);
                     }
                 }
             }

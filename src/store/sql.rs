@@ -261,11 +261,7 @@ macro_rules! sql_store_impl {
                 }
                 // Every write would meet the same fate: tell each of them.
                 if error.is_unreachable() {
-                    let message = error.to_string();
-                    return batches
-                        .iter()
-                        .map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.clone()))).collect())
-                        .collect();
+                    return $crate::store::writes::all_unavailable(batches, &error.to_string());
                 }
                 // A statement failed in a way the checks did not foresee: the transaction
                 // is gone, and with it every write. Run each tenant alone, then each of

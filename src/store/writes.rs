@@ -93,3 +93,13 @@ pub(super) fn single(mut outcomes: Vec<StoreResult<WriteOutcome>>) -> StoreResul
         _ => Err(StoreError::Corrupt("a batch of one write did not answer once".into())),
     }
 }
+
+/// The same "unavailable" answer for every write of these batches: their transaction
+/// cannot be known to have committed (the database is unreachable, or the connection
+/// broke under it).
+pub(super) fn all_unavailable<W>(
+    batches: &[(Uuid, &[W])],
+    message: &str,
+) -> Vec<Vec<StoreResult<super::WriteOutcome>>> {
+    batches.iter().map(|(_, w)| w.iter().map(|_| Err(StoreError::Unavailable(message.to_owned()))).collect()).collect()
+}
