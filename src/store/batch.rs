@@ -92,6 +92,11 @@ impl<'w> Part<'w> {
         (self.event_seq, self.user_count) != self.locked
     }
 
+    /// The tenant row's event sequence and user count as locked.
+    pub fn row_before(&self) -> (i64, i64) {
+        self.locked
+    }
+
     /// The tenant row as this part leaves it.
     pub fn row_after(&self) -> TenantLock {
         TenantLock { event_seq: self.event_seq, max_users: self.max_users, user_count: self.user_count }
@@ -362,34 +367,6 @@ impl<'a> FinalRows<'a> {
     pub fn push_one_statement(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
         self.push_row_ctes(q)?;
         push_tenant_rows(q, &self.changed);
-        Ok(())
-    }
-
-    /// [`push_one_statement`](Self::push_one_statement) for writes decided on guessed
-    /// tenant rows (`predicted.rs`): each tenant row is updated only where it is still
-    /// as guessed (event sequence, user count, `max_users`), and the statement fails
-    /// as a whole (a division by zero, 22012) unless every one was. Every part must
-    /// have changed its row.
-    pub fn push_guarded_statement(&self, q: &mut impl Statement<'a>) -> StoreResult<()> {
-        self.push_row_ctes(q)?;
-        q.sql("v (id, seq, users, was_seq, was_users, max_users) AS (");
-        q.rows(self.changed.iter().map(|p| {
-            [
-                Val::Uuid(p.tenant_id),
-                Val::Int(p.event_seq),
-                Val::Int(p.user_count),
-                Val::Int(p.locked.0),
-                Val::Int(p.locked.1),
-                Val::Int(p.max_users),
-            ]
-        }));
-        q.sql(
-            "), t AS (UPDATE tenants SET event_seq = v.seq, user_count = v.users FROM v WHERE tenants.id = v.id \
-             AND tenants.event_seq = v.was_seq AND tenants.user_count = v.was_users \
-             AND tenants.max_users = v.max_users RETURNING 1) SELECT 1 / (count(*) = ",
-        );
-        q.sql(&self.changed.len().to_string());
-        q.sql(")::int FROM t");
         Ok(())
     }
 

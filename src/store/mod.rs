@@ -7,6 +7,7 @@
 
 mod batch;
 mod group_write;
+mod pg_guess;
 mod postgres;
 mod predicted;
 mod sql;

@@ -5,15 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::query::Query;
 use sqlx::{ConnectOptions, Postgres, Row};
 
-use super::batch::{FinalRows, Known, Part};
+use super::batch::{FinalRows, Known};
+use super::pg_guess::Guess;
 use super::predicted::Predictions;
 use super::sql::{sql_store_impl, TenantLock};
 use super::statement::{Literal, Statement, Val};
 use super::{StoreError, StoreResult, TenantWrite, WriteOutcome};
-use crate::domain::NewUser;
 use uuid::Uuid;
 
 /// Longest a request waits for a pooled connection: a database that is down (or a pool
@@ -61,7 +62,9 @@ impl PgStore {
             .max_connections(BATCH_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .connect_lazy_with(options);
+            // The guessed transactions' statement (`pg_guess.rs`) is planned once per
+            // connection: its plan does not depend on its arrays' contents.
+            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
         Ok(PgStore { writer: pool.clone(), pool, batches, predictions: Arc::default() })
     }
 
@@ -115,7 +118,7 @@ impl PgStore {
         let (mut tx, rows) = self.first_message(&message).await?;
         // Each statement's rows have their own width.
         let mut locks = Vec::new();
-        let mut known = super::batch::Known::default();
+        let mut known = Known::default();
         for row in rows {
             match row.len() {
                 4 => locks.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?)),
@@ -153,9 +156,9 @@ impl PgStore {
             && batches.iter().all(|(_, w)| w.iter().all(|w| matches!(w, TenantWrite::CreateUser { .. })));
         let (turn, guess) =
             self.predictions.begin(&ids, |rows| if creates_only { Guess::decide(batches, rows) } else { None });
-        match guess.and_then(|g| g.message(&ids).map(|m| (g, m))) {
-            Some((guess, (message, first_event))) => {
-                let sent = self.send_guess(&ids, &message, first_event).await;
+        match guess.and_then(|g| g.statement(&ids).ok().map(|s| (g, s))) {
+            Some((guess, (statement, first_event))) => {
+                let sent = self.send_guess(&ids, statement, first_event).await;
                 let outcome = match &sent {
                     Ok(Sent::Committed) => "committed",
                     Ok(Sent::Refused) => "missed",
@@ -183,7 +186,7 @@ impl PgStore {
                 }
             }
             None => {
-                turn.forget(); // (a guess no literal could carry)
+                turn.forget();
                 turn.wait_for_earlier(true).await;
             }
         }
@@ -192,30 +195,29 @@ impl PgStore {
         self.write_batches_locking(batches, locked, &|rows| turn.expect(rows)).await
     }
 
-    /// Sends a guessed transaction's message ([`Guess::message`]). `Err`: its
-    /// connection broke and whether it committed could not be learnt.
-    async fn send_guess(&self, ids: &[Uuid], message: &str, first_event: Uuid) -> StoreResult<Sent> {
-        let Ok(conn) = self.batches.acquire().await else { return Ok(Sent::Refused) };
-        let mut tx = BatchTx { conn, ended: false };
-        match sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(message)).await {
-            Ok(_) => {
-                tx.ended = true;
-                Ok(Sent::Committed)
-            }
+    /// Sends a guessed transaction's statement ([`Guess::statement`]), its own
+    /// implicit transaction. `Err`: its connection broke and whether it committed could
+    /// not be learnt.
+    async fn send_guess(
+        &self,
+        ids: &[Uuid],
+        statement: Query<'static, Postgres, PgArguments>,
+        first_event: Uuid,
+    ) -> StoreResult<Sent> {
+        let Ok(mut conn) = self.batches.acquire().await else { return Ok(Sent::Refused) };
+        match statement.execute(&mut *conn).await {
+            Ok(_) => Ok(Sent::Committed),
             Err(e) if connection_lost(&e) => {
-                drop(tx);
+                conn.close_on_drop();
+                drop(conn);
                 tracing::info!(error = %e, "a batch connection broke under a guessed transaction; asking whether it committed");
                 Ok(if self.guess_committed(ids, first_event).await? { Sent::Committed } else { Sent::Refused })
             }
             Err(e) => {
-                // 22012: the guard's division by zero.
+                // 22012: the guard's division by zero. The implicit transaction has
+                // ended, nothing of it written.
                 let stale = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("22012"));
                 tracing::debug!(error = %e, stale, "a guessed write transaction was refused");
-                // The rest of the message (its `COMMIT`) was skipped; the transaction is
-                // aborted and ends here.
-                if sqlx::Executor::execute(&mut *tx, sqlx::raw_sql("ROLLBACK")).await.is_ok() {
-                    tx.ended = true;
-                }
                 Ok(Sent::Refused)
             }
         }
@@ -257,7 +259,7 @@ impl PgStore {
 
     /// Writes a batch's rows and commits, in one message (values as literals); a row
     /// holding a NUL goes bound, with `COMMIT` after it.
-    async fn commit_batches(&self, mut tx: BatchTx, rows: &super::batch::FinalRows<'_>) -> StoreResult<()> {
+    async fn commit_batches(&self, mut tx: BatchTx, rows: &FinalRows<'_>) -> StoreResult<()> {
         let mut message = super::statement::Literal::default();
         if !rows.changed.is_empty() {
             rows.push_one_statement(&mut message)?;
@@ -379,61 +381,10 @@ fn lock_statement(ids: &[Uuid], columns: &str) -> Literal {
     lock
 }
 
-/// How a guessed transaction's message ended.
+/// How a guessed transaction's statement ended.
 enum Sent {
     Committed,
     /// Nothing was written: its guard failed (a tenant row was not as guessed), a
     /// unique index found an email or key taken, or it could not be sent.
     Refused,
-}
-
-/// A transaction of creates decided on guessed tenant rows (`predicted.rs`).
-struct Guess<'w> {
-    parts: Vec<Option<Part<'w>>>,
-    users: Vec<&'w NewUser>,
-}
-
-impl<'w> Guess<'w> {
-    /// Decides every tenant's creates as if its row were `rows`' and no email or key of
-    /// them were stored (the guard and the unique indexes check both); with the rows
-    /// it will leave. `None` where a guess cannot carry the batch: a tenant whose
-    /// writes all fail (its row would be unchanged, so unguarded).
-    fn decide(
-        batches: &[(Uuid, &'w [TenantWrite])],
-        rows: &HashMap<Uuid, TenantLock>,
-    ) -> Option<(Self, Vec<(Uuid, TenantLock)>)> {
-        let mut parts = Vec::with_capacity(batches.len());
-        let mut users = Vec::new();
-        let nothing_stored = Known::default();
-        for (tenant, writes) in batches {
-            let mut part = Part::new(*tenant, writes, rows.get(tenant)?);
-            let run = part.take_create_run();
-            let (accepted, expired) = super::batch::decide_creates(&mut part, &run, &nothing_stored).ok()?;
-            if part.next != writes.len() || !expired.is_empty() || !part.tenant_changed() {
-                return None;
-            }
-            users.extend(accepted);
-            parts.push(Some(part));
-        }
-        let after = parts.iter().flatten().map(|p| (p.tenant_id, p.row_after())).collect();
-        Some((Guess { parts, users }, after))
-    }
-
-    /// Its one message, with its first event's id (to learn whether it committed when
-    /// the connection breaks): `BEGIN`, the tenant locks (in id order, as every writer
-    /// takes them), its rows guarded by the guess, `COMMIT`. `None`: a value no literal
-    /// can carry.
-    fn message(&self, ids: &[Uuid]) -> Option<(String, Uuid)> {
-        let rows = FinalRows::new(&self.parts, &self.users);
-        let mut message = lock_statement(ids, "id");
-        message.sql("; ");
-        rows.push_guarded_statement(&mut message).ok()?;
-        message.sql("; COMMIT");
-        Some((message.spliceable()?, rows.events.first()?.1.id))
-    }
-
-    /// The outcomes, per tenant, per write.
-    fn outcomes(self) -> Vec<Vec<StoreResult<WriteOutcome>>> {
-        self.parts.into_iter().flatten().map(Part::outcomes).collect()
-    }
 }

@@ -4,9 +4,9 @@
 //! `max_users`) before it can decide its writes, which costs a round trip under the
 //! lock. But the rows of a tenant this process writes are, almost always, as this
 //! process's last transaction on it left them. So a transaction of creates may decide
-//! on that guess and send everything at once (`BEGIN`, the lock, the rows guarded by
-//! the guess, `COMMIT`): the guard makes it fail as a whole where the guess was wrong,
-//! and it is then written the ordinary way (lock, look, write).
+//! on that guess and send everything at once (one statement that locks, checks the
+//! guess and writes the rows: `pg_guess.rs`): it fails as a whole where the guess was
+//! wrong, and is then written the ordinary way (lock, look, write).
 //!
 //! This module keeps the guesses and the order. Each transaction on a tenant takes a
 //! [`Turn`]: it records what the tenant's row will be after it (when known), and lets a

@@ -3,6 +3,7 @@
 
 use eventra::domain::{EventType, PageRequest};
 use eventra::store;
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -160,6 +161,108 @@ async fn postgres_creates_go_on_a_guess_and_a_stale_guess_is_caught() {
     assert_eq!(seqs, vec![1, 2, 3, 4], "gap-free: the refused write took no number");
     a.stop().await;
     b.stop().await;
+}
+
+/// One server alone never misses a guess (`eventra_write_guesses_total`): the rows it
+/// guesses are those its own last transactions leave. That includes a tenant row whose
+/// lock a locking transaction (here an update) still holds when the next batch of
+/// creates is sent: that statement waits on the lock, and its snapshot, taken before,
+/// does not show the row as the lock's holder committed it (`pg_guess.rs`). The server
+/// runs as its own process, so the counters are its alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_server_alone_never_misses_a_guess() {
+    const TEST: &str = "concurrency::postgres_a_server_alone_never_misses_a_guess";
+    const TENANTS: usize = 3;
+    const ROUNDS: usize = 40;
+    const CREATES: usize = 6;
+    let Some(db) = TestDb::postgres(TEST).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::utils::process::Spawn::new(dir.path())
+        .env("DATABASE_URL", db.url())
+        .env("EVENTRA_ROLES", "api")
+        .env("EVENTRA_ADMIN_TOKEN", crate::utils::app::ADMIN_TOKEN)
+        .start();
+    eventra::tls::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: String, key: String, body: serde_json::Value| {
+        client.request(method, format!("{}{path}", server.base)).bearer_auth(key).json(&body).send()
+    };
+    let mut tenants = Vec::new();
+    for i in 0..TENANTS {
+        let slug = format!("alone-{i}-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+        let body = json!({"name": slug, "slug": slug, "max_users": 0});
+        let res = send(reqwest::Method::POST, "/v1/tenants".into(), crate::utils::app::ADMIN_TOKEN.into(), body)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body: serde_json::Value = res.json().await.unwrap();
+        let (id, key) = (body["tenant"]["id"].as_str().unwrap().to_owned(), body["api_key"]["key"].as_str().unwrap());
+        let res = send(
+            reqwest::Method::POST,
+            format!("/v1/tenants/{id}/users"),
+            key.into(),
+            json!({"email": "first@x.io", "name": "F"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let user: serde_json::Value = res.json().await.unwrap();
+        tenants.push((id, key.to_owned(), user["id"].as_str().unwrap().to_owned()));
+    }
+    // Every tenant at once: an update (the locking path) and creates right behind it,
+    // round after round.
+    let requests = (0..ROUNDS).flat_map(|r| {
+        tenants.iter().flat_map(move |(id, key, user)| {
+            let update = (
+                reqwest::Method::PATCH,
+                format!("/v1/tenants/{id}/users/{user}"),
+                key.clone(),
+                json!({"name": format!("R{r}")}),
+            );
+            let creates = (0..CREATES).map(move |c| {
+                (
+                    reqwest::Method::POST,
+                    format!("/v1/tenants/{id}/users"),
+                    key.clone(),
+                    json!({"email": format!("u{r}-{c}@x.io"), "name": "U"}),
+                )
+            });
+            std::iter::once(update).chain(creates)
+        })
+    });
+    let statuses: Vec<StatusCode> = futures::stream::iter(requests.map(|(m, path, key, body)| {
+        let send = &send;
+        async move { send(m, path, key, body).await.unwrap().status() }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    assert!(statuses.iter().all(|s| s.is_success()), "{statuses:?}");
+
+    let metrics = send(reqwest::Method::GET, "/metrics".into(), crate::utils::app::ADMIN_TOKEN.into(), json!(null))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let guesses = |outcome: &str| {
+        let series = format!("eventra_write_guesses_total{{outcome=\"{outcome}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    assert!(guesses("committed") >= 10.0, "creates went on guesses:\n{metrics}");
+    assert_eq!((guesses("missed"), guesses("unknown")), (0.0, 0.0), "no guess of a server alone misses");
+
+    let s = store::connect(db.url(), 2).await.unwrap();
+    let events = s.outbox_after(0, 100_000).await.unwrap();
+    for (id, _, _) in &tenants {
+        let id: uuid::Uuid = id.parse().unwrap();
+        let seqs: Vec<i64> = events.iter().filter(|r| r.tenant_id == id).map(|r| r.tenant_seq).collect();
+        // tenant.created, the first user, then an update and the creates each round.
+        let expected: Vec<i64> = (1..=(2 + (1 + CREATES) * ROUNDS) as i64).collect();
+        assert_eq!(seqs, expected, "tenant {id}: gap-free");
+        assert_eq!(s.get_tenant(id).await.unwrap().user_count, 1 + (CREATES * ROUNDS) as i64);
+    }
+    drop(server);
 }
 
 /// The largest batch a tenant's manager has committed (its node's `stats` in
