@@ -618,6 +618,101 @@ async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &st
     assert_eq!(mail.len(), 1, "one welcome email, not one per worker: {mail:?}");
 }
 
+/// A welcome email sent, whose record is held up (the database refuses it), while the
+/// attempt's lease lapses (its heartbeats stop getting through, as when its worker
+/// actor is killed): the job comes back, and the next attempt in the same process must
+/// not send the email again while the first one's record is pending. Once the record
+/// lands, the job finishes: one email. (Seen in a chaos run: a worker kill and a
+/// PostgreSQL restart together resent six emails.)
+async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend, test: &str) {
+    use eventra::jobs::{JobClient, Runner, RunnerConfig};
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let (real, _ns): (Arc<dyn JobQueue>, _) = match backend {
+        Backend::Sqlite => {
+            let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
+            (Arc::new(eventra::jobs::SqliteJobQueue::new(pools, fast_retries())), None)
+        }
+        Backend::Redis => {
+            let Some(url) = crate::utils::service_url("REDIS_URL", test) else { return };
+            let ns = crate::utils::RedisNamespace::new(&url);
+            let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, fast_retries()).await.unwrap();
+            (Arc::new(q), Some(ns))
+        }
+    };
+    let blips = Arc::new(Blips { inner: real, failing: Mutex::default() });
+    let queue: Arc<dyn JobQueue> = blips.clone();
+    let (smtp, inbox) = smtp_server::start();
+    let mailer = eventra::mail::from_config(Some(&smtp), std::path::PathBuf::new()).unwrap();
+    let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
+        store.clone(),
+        mailer,
+        "Eventra <no-reply@example.com>".into(),
+    )));
+    let client = JobClient::new(queue.clone(), &kinds);
+    let args = eventra::jobs::kinds::welcome_email::WelcomeArgs {
+        tenant_id: Uuid::now_v7(),
+        user_id: Uuid::now_v7(),
+        email: "pending@example.com".into(),
+        name: "Pending".into(),
+    };
+    let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
+    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
+    let runner = Arc::new(Runner::new(client, kinds, config));
+    // The database takes no `email_log` row until the trigger goes.
+    let raw = sqlx::SqlitePool::connect(db.url()).await.unwrap();
+    sqlx::query(
+        "CREATE TRIGGER hold_email_log BEFORE INSERT ON email_log \
+         BEGIN SELECT RAISE(ABORT, 'held up by the test'); END",
+    )
+    .execute(&raw)
+    .await
+    .unwrap();
+
+    // Worker A sends, then retries its record.
+    let a = tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.run_next("worker-a").await.unwrap() }
+    });
+    wait_for("A's email to arrive", Duration::from_secs(10), || async {
+        (inbox.lock().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    let a_lease = queue.get(id).await.unwrap().and_then(|j| j.lease).expect("A holds the job");
+    blips.failing.lock().unwrap().insert(a_lease);
+    // Worker B takes the job back, again and again, while A's record is pending.
+    let stop = Arc::new(AtomicBool::new(false));
+    let b = tokio::spawn({
+        let (runner, queue, stop) = (runner.clone(), queue.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                queue.reap_expired().await.unwrap();
+                queue.promote_due().await.unwrap();
+                runner.run_next("worker-b").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await; // a poll interval
+            }
+        }
+    });
+    wait_for("B's attempt to be refused (or to send again)", Duration::from_secs(20), || async {
+        let job = queue.get(id).await.unwrap()?;
+        let refused = job.last_error.as_deref().is_some_and(|e| e.contains("record is pending"));
+        (refused || inbox.lock().unwrap().len() > 1).then_some(())
+    })
+    .await;
+    assert_eq!(inbox.lock().unwrap().len(), 1, "B sent the email again while A's record was pending");
+    // The record lands; the job ends done, with one email.
+    sqlx::query("DROP TRIGGER hold_email_log").execute(&raw).await.unwrap();
+    wait_for("the job to be done", Duration::from_secs(20), || async {
+        (queue.get(id).await.unwrap()?.state == JobState::Done).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), b).await.expect("B stopped").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), a).await.expect("A finished").unwrap();
+    assert_eq!(inbox.lock().unwrap().len(), 1, "one welcome email");
+    assert!(store.emails_sent(&[format!("welcome:{}", args.user_id)]).await.unwrap().len() == 1);
+}
+
 /// Retries due at once (the test's second worker takes them without waiting).
 fn fast_retries() -> QueueConfig {
     QueueConfig {
@@ -648,6 +743,7 @@ on_each_backend!(
     welcome_email_over_smtp,
     welcome_email_to_files,
     a_send_that_outlives_its_lease_is_abandoned,
+    a_sent_email_whose_record_is_pending_is_not_sent_again,
 );
 
 /// Load shedding: while the workers are working through a queue more than

@@ -11,17 +11,24 @@
 //!   the first may still be sending.
 //!
 //! A database outage right after a send is waited out (the record is retried while the
-//! lease is kept alive). The one window left is a crash between the server accepting
-//! the message and the
-//! `email_log` row (a few milliseconds): the retry sends again, with the same
-//! `Message-ID` (`welcome.<user id>@eventra`), so mail systems can recognise the
-//! duplicate and the file sink overwrites its file.
+//! lease is kept alive). Should the lease lapse meanwhile (a killed worker actor, a
+//! job-queue outage), another attempt at the job in this process finds the email
+//! still unrecorded and fails (retried later) instead of sending it again. Two windows
+//! are left, where a retry sends again:
+//! - a crash between the server accepting the message and the `email_log` row (a few
+//!   milliseconds);
+//! - with several processes, another process's attempt while this one's record is
+//!   held up past the lease (a database outage overlapping a job-queue outage).
+//!
+//! The resend carries the same `Message-ID` (`welcome.<user id>@eventra`), so mail
+//! systems can recognise the duplicate and the file sink overwrites its file.
 //!
 //! A leased batch shares one `email_log` look-up and one fence; its sends run
 //! concurrently (bounded), each recorded as soon as it is accepted (through
 //! [`EmailLog`], which writes the records of concurrent sends in one statement).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -59,11 +66,39 @@ struct Delivery {
     from: String,
     /// Where sent emails are recorded (group commit across concurrent sends).
     log: EmailLog,
+    /// Users whose email a task of this process is sending or has sent and not yet
+    /// recorded. Another attempt at the same job must not send it again meanwhile:
+    /// one whose earlier attempt's lease lapsed (a killed worker, a job-queue outage)
+    /// while that attempt's record was held up (a database outage) would find no
+    /// record yet.
+    unrecorded: Mutex<HashSet<Uuid>>,
+}
+
+/// A user's entry in [`Delivery::unrecorded`], held by the task that sends and
+/// records the email; it leaves the set when that task ends, whatever its outcome.
+struct Unrecorded {
+    delivery: Arc<Delivery>,
+    user_id: Uuid,
+}
+
+impl Unrecorded {
+    /// `None` while another task has this user's email unrecorded.
+    fn take(delivery: &Arc<Delivery>, user_id: Uuid) -> Option<Self> {
+        let fresh = delivery.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).insert(user_id);
+        fresh.then(|| Unrecorded { delivery: delivery.clone(), user_id })
+    }
+}
+
+impl Drop for Unrecorded {
+    fn drop(&mut self) {
+        self.delivery.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.user_id);
+    }
 }
 
 impl WelcomeEmail {
     pub fn new(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>, from: String) -> Self {
-        WelcomeEmail { delivery: Arc::new(Delivery { log: EmailLog::new(store.clone()), mailer, from }), store }
+        let delivery = Delivery { log: EmailLog::new(store.clone()), mailer, from, unrecorded: Mutex::default() };
+        WelcomeEmail { delivery: Arc::new(delivery), store }
     }
 
     pub fn message_id(user_id: Uuid) -> String {
@@ -189,14 +224,22 @@ impl JobKind for WelcomeEmail {
                         return Ok(());
                     }
                     let Some(deadline) = deadline else { return Ok(()) };
+                    let Some(unrecorded) = Unrecorded::take(&self.delivery, args.user_id) else {
+                        return Err(JobFailure::new(
+                            "an earlier attempt sent this email and its record is pending; not sending it again",
+                        ));
+                    };
                     // In a task of its own: a worker killed mid-send (a chaos kill, a
                     // timeout) drops its futures, and a send dropped after the server
                     // accepted it would go unrecorded and be sent again. The task
                     // finishes the send (within the fence) and its record either way.
                     let delivery = self.delivery.clone();
-                    tokio::spawn(async move { delivery.send_and_record(&args, deadline).await })
-                        .await
-                        .unwrap_or_else(|e| Err(JobFailure::new(format!("the send task failed: {e}"))))
+                    tokio::spawn(async move {
+                        let _unrecorded = unrecorded;
+                        delivery.send_and_record(&args, deadline).await
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(JobFailure::new(format!("the send task failed: {e}"))))
                 }
             })
             .buffered(SEND_CONCURRENCY)
