@@ -539,7 +539,9 @@ async fn consumer_restarts_do_not_park_valid_events() {
     let mut next_kill = tokio::time::Instant::now();
     for k in 0..kills {
         tokio::time::sleep_until(next_kill).await;
-        wait_for("the consumer to hold all 20 deliveries", Duration::from_secs(30), || {
+        // Generous: each look is a `rabbitmqctl` run (an Erlang VM start, listing every
+        // queue of every test running), seconds each on a loaded machine.
+        wait_for("the consumer to hold all 20 deliveries", Duration::from_secs(90), || {
             let work = work.clone();
             async move { tokio::task::spawn_blocking(move || rabbit_unacked(&work)).await.ok()?.filter(|n| *n == 20) }
         })
@@ -695,23 +697,32 @@ async fn production_relay_publishes_each_tenants_events_in_commit_order() {
         .collect();
     assert_eq!(seq_of.len(), total);
     let mut sub = eventra::bus::EventBus::consume(&*s.bus, "order-reader", 500).await.unwrap();
-    let mut seen: std::collections::HashMap<Uuid, Vec<i64>> = std::collections::HashMap::new();
-    let mut received = 0;
+    // The bus is at-least-once: a relay batch whose mark fails (a lapsed lease, a
+    // publish confirm timed out on a loaded machine) goes out again. First deliveries
+    // must be complete and in each tenant's commit order; redeliveries are counted.
+    let mut first: std::collections::HashMap<Uuid, Vec<i64>> = std::collections::HashMap::new();
+    let mut delivered = std::collections::HashSet::new();
+    let mut redelivered = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while received < total && std::time::Instant::now() < deadline {
+    while delivered.len() < total && std::time::Instant::now() < deadline {
         let batch = sub.next_batch(500, Duration::from_millis(500)).await.unwrap();
         for d in &batch {
             let (tenant, seq) = seq_of[&d.message.id];
-            seen.entry(tenant).or_default().push(seq);
+            if delivered.insert(d.message.id.clone()) {
+                first.entry(tenant).or_default().push(seq);
+            } else {
+                redelivered += 1;
+            }
         }
-        received += batch.len();
         sub.ack_many(&batch).await.unwrap();
     }
-    assert_eq!(received, total, "every event delivered once");
-    for (tenant, seqs) in &seen {
+    assert_eq!(delivered.len(), total, "every event delivered");
+    for (tenant, seqs) in &first {
         let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
-        assert_eq!(seqs, &expected, "tenant {tenant}: events out of commit order");
+        assert_eq!(seqs, &expected, "tenant {tenant}: events first delivered out of commit order");
     }
-    assert_eq!(seen.len(), TENANTS);
+    assert_eq!(first.len(), TENANTS);
+    // A failed mark resends at most the batches in flight, not the stream.
+    assert!(redelivered <= total / 10, "{redelivered} of {total} events delivered again");
     s.finish().await;
 }
