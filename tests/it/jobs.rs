@@ -548,21 +548,31 @@ impl JobQueue for Blips {
     }
 }
 
-/// SPEC §5: the welcome email is fenced on the job's lease. A worker whose send stalls
-/// past its confirmed lease abandons it, so when the reaper hands the job to another
-/// worker, only one of them ever delivers: one email, however long the first one hung.
-/// (Without the bound on the send, A delivers too once its stall ends: two emails.)
-async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &str) {
+/// One welcome-email job on a `backend` queue whose heartbeats can be made to fail
+/// ([`Blips`]), with a runner holding 600 ms leases and retries due at once.
+struct OneWelcome {
+    db: TestDb,
+    store: Arc<dyn eventra::store::Store>,
+    blips: Arc<Blips>,
+    queue: Arc<dyn JobQueue>,
+    runner: Arc<eventra::jobs::Runner>,
+    id: Uuid,
+    user_id: Uuid,
+    _ns: Option<crate::utils::RedisNamespace>,
+}
+
+/// [`OneWelcome`], sending through `mailer`; `None` (NOT RUN) without the backend.
+async fn one_welcome_job(backend: Backend, test: &str, mailer: Arc<dyn eventra::mail::Mailer>) -> Option<OneWelcome> {
     use eventra::jobs::{JobClient, Runner, RunnerConfig};
     let db = TestDb::sqlite();
     let store = db.store().await;
-    let (real, _ns): (Arc<dyn JobQueue>, _) = match backend {
+    let (real, ns): (Arc<dyn JobQueue>, _) = match backend {
         Backend::Sqlite => {
             let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
             (Arc::new(eventra::jobs::SqliteJobQueue::new(pools, fast_retries())), None)
         }
         Backend::Redis => {
-            let Some(url) = crate::utils::service_url("REDIS_URL", test) else { return };
+            let url = crate::utils::service_url("REDIS_URL", test)?;
             let ns = crate::utils::RedisNamespace::new(&url);
             let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, fast_retries()).await.unwrap();
             (Arc::new(q), Some(ns))
@@ -570,6 +580,29 @@ async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &st
     };
     let blips = Arc::new(Blips { inner: real, failing: Mutex::default() });
     let queue: Arc<dyn JobQueue> = blips.clone();
+    let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
+        store.clone(),
+        mailer,
+        "Eventra <no-reply@example.com>".into(),
+    )));
+    let client = JobClient::new(queue.clone(), &kinds);
+    let args = eventra::jobs::kinds::welcome_email::WelcomeArgs {
+        tenant_id: Uuid::now_v7(),
+        user_id: Uuid::now_v7(),
+        email: "welcome@example.com".into(),
+        name: "Welcome".into(),
+    };
+    let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
+    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
+    let runner = Arc::new(Runner::new(client, kinds, config));
+    Some(OneWelcome { db, store, blips, queue, runner, id, user_id: args.user_id, _ns: ns })
+}
+
+/// SPEC §5: the welcome email is fenced on the job's lease. A worker whose send stalls
+/// past its confirmed lease abandons it, so when the reaper hands the job to another
+/// worker, only one of them ever delivers: one email, however long the first one hung.
+/// (Without the bound on the send, A delivers too once its stall ends: two emails.)
+async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &str) {
     let (smtp, inbox) = smtp_server::start();
     let mailer = Arc::new(GatedMailer {
         inner: eventra::mail::from_config(Some(&smtp), std::path::PathBuf::new()).unwrap(),
@@ -577,21 +610,8 @@ async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &st
         open: tokio::sync::Notify::new(),
         first: AtomicBool::new(false),
     });
-    let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
-        store.clone(),
-        mailer.clone(),
-        "Eventra <no-reply@example.com>".into(),
-    )));
-    let client = JobClient::new(queue.clone(), &kinds);
-    let args = eventra::jobs::kinds::welcome_email::WelcomeArgs {
-        tenant_id: Uuid::now_v7(),
-        user_id: Uuid::now_v7(),
-        email: "fenced@example.com".into(),
-        name: "Fenced".into(),
-    };
-    let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
-    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
-    let runner = Arc::new(Runner::new(client, kinds, config));
+    let Some(w) = one_welcome_job(backend, test, mailer.clone()).await else { return };
+    let (blips, queue, runner, id) = (w.blips.clone(), w.queue.clone(), w.runner.clone(), w.id);
 
     // Worker A takes the job and stalls inside its send.
     let a = tokio::spawn({
@@ -625,40 +645,11 @@ async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &st
 /// lands, the job finishes: one email. (Seen in a chaos run: a worker kill and a
 /// PostgreSQL restart together resent six emails.)
 async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend, test: &str) {
-    use eventra::jobs::{JobClient, Runner, RunnerConfig};
-    let db = TestDb::sqlite();
-    let store = db.store().await;
-    let (real, _ns): (Arc<dyn JobQueue>, _) = match backend {
-        Backend::Sqlite => {
-            let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
-            (Arc::new(eventra::jobs::SqliteJobQueue::new(pools, fast_retries())), None)
-        }
-        Backend::Redis => {
-            let Some(url) = crate::utils::service_url("REDIS_URL", test) else { return };
-            let ns = crate::utils::RedisNamespace::new(&url);
-            let q = eventra::jobs::RedisJobQueue::connect(&url, &ns.ns, fast_retries()).await.unwrap();
-            (Arc::new(q), Some(ns))
-        }
-    };
-    let blips = Arc::new(Blips { inner: real, failing: Mutex::default() });
-    let queue: Arc<dyn JobQueue> = blips.clone();
     let (smtp, inbox) = smtp_server::start();
     let mailer = eventra::mail::from_config(Some(&smtp), std::path::PathBuf::new()).unwrap();
-    let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
-        store.clone(),
-        mailer,
-        "Eventra <no-reply@example.com>".into(),
-    )));
-    let client = JobClient::new(queue.clone(), &kinds);
-    let args = eventra::jobs::kinds::welcome_email::WelcomeArgs {
-        tenant_id: Uuid::now_v7(),
-        user_id: Uuid::now_v7(),
-        email: "pending@example.com".into(),
-        name: "Pending".into(),
-    };
-    let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
-    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
-    let runner = Arc::new(Runner::new(client, kinds, config));
+    let Some(w) = one_welcome_job(backend, test, mailer).await else { return };
+    let (db, store, blips, queue, runner, id) =
+        (&w.db, &w.store, w.blips.clone(), w.queue.clone(), w.runner.clone(), w.id);
     // The database takes no `email_log` row until the trigger goes.
     let raw = sqlx::SqlitePool::connect(db.url()).await.unwrap();
     sqlx::query(
@@ -710,7 +701,7 @@ async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend
     tokio::time::timeout(Duration::from_secs(10), b).await.expect("B stopped").unwrap();
     tokio::time::timeout(Duration::from_secs(10), a).await.expect("A finished").unwrap();
     assert_eq!(inbox.lock().unwrap().len(), 1, "one welcome email");
-    assert!(store.emails_sent(&[format!("welcome:{}", args.user_id)]).await.unwrap().len() == 1);
+    assert!(store.emails_sent(&[format!("welcome:{}", w.user_id)]).await.unwrap().len() == 1);
 }
 
 /// Retries due at once (the test's second worker takes them without waiting).
