@@ -184,28 +184,30 @@ async fn listen(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     Ok(l)
 }
 
-/// Batches one tick publishes at most before it renews the lease again.
-const ROUNDS: usize = 8;
-
-/// Publishes what is pending, up to [`ROUNDS`] batches; `true` when the last was full
-/// (more may be waiting). Each batch's mark runs while the next batch is read and
-/// published (the mark is a commit: measured, a fifth of a round on PostgreSQL), so
-/// the next read skips exactly the rows being marked. It skips those rows and no
-/// others: a `seq` cut-off would skip a row of a lower `seq` that committed late, and
-/// a later row of its tenant could then go out first.
+/// Publishes what is pending, batch after batch, for at most a third of the lease
+/// (renewed right before); `true` when it stopped with more possibly waiting. Each
+/// batch's mark runs while the next batch is read and published (the mark is a commit:
+/// measured, a fifth of a round on PostgreSQL), so the next read skips exactly the rows
+/// being marked. It skips those rows and no others: a `seq` cut-off would skip a row of
+/// a lower `seq` that committed late, and a later row of its tenant could then go out
+/// first.
+///
+/// Bounded by time, not by a number of batches: with a slow broker or database (a
+/// backlog on a loaded machine), eight batches outlasted a 2 s lease, the marks were
+/// refused by the fence and those batches went out again.
 async fn relay_once(a: &RelayArgs) -> Result<bool, String> {
+    let renew_at = tokio::time::Instant::now() + a.lease_ttl / 3;
     let mut marking: Vec<i64> = Vec::new();
-    for _ in 0..ROUNDS {
+    loop {
         let (marked, next) = tokio::join!(mark(a, &marking), publish_next(a, &marking));
         marked?;
         marking = next?;
-        if (marking.len() as u32) < a.batch {
+        let full = marking.len() as u32 >= a.batch;
+        if !full || tokio::time::Instant::now() >= renew_at {
             mark(a, &marking).await?;
-            return Ok(false);
+            return Ok(full);
         }
     }
-    mark(a, &marking).await?;
-    Ok(true)
 }
 
 /// Reads the next batch (without the rows in `skip`) and publishes it; returns its seqs.

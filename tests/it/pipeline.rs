@@ -643,6 +643,107 @@ async fn production_custom_events_are_counted_exactly_once_through_kills_and_cut
     s.finish().await;
 }
 
+/// A bus whose every publish takes `delay` longer (a broker slow to confirm), counting
+/// how often each message id was published.
+struct SlowBus {
+    inner: Arc<dyn eventra::bus::EventBus>,
+    delay: Duration,
+    published: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+#[async_trait::async_trait]
+impl eventra::bus::EventBus for SlowBus {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> eventra::bus::BusResult<()> {
+        self.inner.ping().await
+    }
+    async fn publish(&self, messages: &[eventra::bus::BusMessage]) -> eventra::bus::BusResult<()> {
+        tokio::time::sleep(self.delay).await; // the slowness simulated, not a wait for anything
+        self.inner.publish(messages).await?;
+        let mut published = self.published.lock().unwrap();
+        for m in messages {
+            *published.entry(m.id.clone()).or_default() += 1;
+        }
+        Ok(())
+    }
+    async fn consume(&self, name: &str, prefetch: u16) -> eventra::bus::BusResult<Box<dyn eventra::bus::Consumer>> {
+        self.inner.consume(name, prefetch).await
+    }
+    async fn parked(&self, limit: usize) -> eventra::bus::BusResult<Vec<eventra::bus::Parked>> {
+        self.inner.parked(limit).await
+    }
+    async fn replay(&self, id: &str) -> eventra::bus::BusResult<bool> {
+        self.inner.replay(id).await
+    }
+    async fn discard(&self, id: &str) -> eventra::bus::BusResult<Option<eventra::bus::BusMessage>> {
+        self.inner.discard(id).await
+    }
+}
+
+/// A relay working through a backlog behind a slow broker renews its lease in time:
+/// it publishes for a third of its lease at most, then renews, so the fence never
+/// refuses its marks and every row is published once. (It used to publish eight
+/// batches between renewals; slower than the lease allowed, their marks were refused
+/// and the batches published again, as the commit-order test saw under CI load.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_behind_a_slow_broker_publishes_each_row_once() {
+    use eventra::actors::outbox_relay::{OutboxRelay, RelayArgs};
+    let db = TestDb::sqlite();
+    // The backlog: written with no relay running.
+    let app = TestApp::start_with(db.url(), |c| c.roles = vec!["api".into()]).await;
+    let t = app.tenant("slow-broker", 0).await;
+    let res = app
+        .req(reqwest::Method::PUT, &format!("/v1/tenants/{}/event-types/step.done", t.id), Some(&t.admin_key))
+        .json(&json!({"schema": {"type": "object"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    for b in 0..3 {
+        let events: Vec<serde_json::Value> =
+            (0..500).map(|i| json!({"type": "step.done", "data": {"b": b, "i": i}})).collect();
+        let res =
+            app.post(&format!("/v1/tenants/{}/events/batch", t.id), &t.admin_key, json!({"events": events})).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    app.stop().await;
+    let store = db.store().await;
+    let backlog = store.unpublished_outbox(10_000).await.unwrap().len();
+    assert_eq!(backlog, 1_501, "the tenant's event and the custom ones");
+
+    let pools = eventra::store::SqliteStore::connect(db.url(), 2).await.unwrap().pools();
+    let bus = Arc::new(SlowBus {
+        inner: Arc::new(eventra::bus::SqliteBus::new(pools, eventra::bus::BusConfig::default())),
+        delay: Duration::from_millis(200),
+        published: Default::default(),
+    });
+    // Batches of 100 at 200 ms or more each: eight of them outlast the lease.
+    let args = RelayArgs {
+        store: store.clone(),
+        bus: bus.clone(),
+        holder: "slow-broker-test".into(),
+        lease_ttl: Duration::from_millis(1_200),
+        poll: Duration::from_millis(100),
+        batch: 100,
+        wake: Arc::default(),
+        database_url: None,
+        retention: None,
+    };
+    let (relay, handle) = ractor::Actor::spawn(None, OutboxRelay, args).await.unwrap();
+    wait_for("the backlog published", Duration::from_secs(60), || async {
+        store.unpublished_outbox(1).await.ok().filter(|r| r.is_empty())
+    })
+    .await;
+    relay.stop(None);
+    handle.await.unwrap();
+    let published = bus.published.lock().unwrap().clone();
+    assert_eq!(published.len(), backlog, "every row published");
+    let again: Vec<_> = published.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "{} rows published more than once, e.g. {:?}", again.len(), again.first());
+}
+
 /// The relay publishes each tenant's events in their commit order (`tenant_seq`) while
 /// it overlaps a batch's mark with the next batch's read and publish: concurrent
 /// writers on PostgreSQL (where `seq` is taken at insert, so rows of different tenants
