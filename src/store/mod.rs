@@ -537,8 +537,36 @@ pub trait Store: Send + Sync + 'static {
     /// Records a sent email; `false` when the key was already recorded.
     async fn record_email(&self, email: &SentEmail) -> StoreResult<bool>;
     /// Records several sent emails in one statement (keys already recorded are
-    /// skipped); returns how many were new.
+    /// skipped), and ends their claims; returns how many were new.
     async fn record_emails(&self, emails: &[SentEmail]) -> StoreResult<u64>;
+    /// Claims the sends of these emails for `holder` (one attempt at a job) for `ttl`,
+    /// timed like [`try_lease`](Store::try_lease) by the database's clock: each key not
+    /// recorded whose claim is free, already `holder`'s, or past its time. Returns the
+    /// keys claimed. While an attempt's claim holds, no other attempt, in any process,
+    /// sends that email: its record may be pending. A claim ends when its email is
+    /// recorded, or released.
+    async fn claim_emails(
+        &self,
+        keys: &[String],
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<std::collections::HashSet<String>>;
+    /// Gives up `holder`'s claims on these keys (their sends failed).
+    async fn release_emails(&self, keys: &[String], holder: &str) -> StoreResult<()>;
+}
+
+/// What the `leases` row names of emails' claims (`Store::claim_emails`) begin with
+/// (the backends' claim statements write it too).
+const EMAIL_CLAIM: &str = "email:";
+
+/// The `leases` row name of an email's claim.
+pub(crate) fn email_claim(key: &str) -> String {
+    format!("{EMAIL_CLAIM}{key}")
+}
+
+/// The email key a claim's `leases` row name is for.
+pub(crate) fn claimed_email(name: &str) -> Option<&str> {
+    name.strip_prefix(EMAIL_CLAIM)
 }
 
 /// How long the webhook delivery log keeps an attempt.

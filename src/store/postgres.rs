@@ -304,6 +304,25 @@ impl PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// `Store::claim_emails` for distinct keys, by the database's clock: the claims'
+    /// `leases` names taken.
+    async fn emails_claim_try(&self, keys: &[String], holder: &str, ttl: Duration) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "INSERT INTO leases (name, holder, expires_at) \
+             SELECT 'email:' || k, $2, clock_timestamp() + make_interval(secs => $3) FROM unnest($1::text[]) AS k \
+             WHERE NOT EXISTS (SELECT 1 FROM email_log WHERE email_log.key = k) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < clock_timestamp() \
+             RETURNING name",
+        )
+        .bind(keys)
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&self.writer)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// Marks rows published while `holder`'s lease is valid by the database's clock.
     async fn lease_mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> StoreResult<u64> {
         let done = sqlx::query(

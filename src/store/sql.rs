@@ -231,8 +231,8 @@ pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> S
 /// Stamps out `impl Store` for one sqlx backend. `$store` must have `pool: Pool<$db>`
 /// (reads) and `writer: Pool<$db>` (writes: the same pool on PostgreSQL, one connection
 /// on SQLite) fields, a `MIGRATOR` associated static, and the backend's own
-/// `embedded_pools`, `lease_try` and `lease_mark_published` (the lease statements read
-/// the clock, which differs per engine).
+/// `embedded_pools`, `lease_try`, `lease_mark_published` and `emails_claim_try` (the
+/// lease statements read the clock, which differs per engine).
 macro_rules! sql_store_impl {
     ($store:ty, $db:ty, $backend:literal) => {
         impl $store {
@@ -1851,6 +1851,7 @@ macro_rules! sql_store_impl {
 
             async fn record_emails(&self, emails: &[$crate::store::SentEmail]) -> $crate::store::StoreResult<u64> {
                 let mut new = 0;
+                let mut tx = self.writer.begin().await?;
                 for chunk in emails.chunks(500) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO email_log (key, tenant_id, recipient, message_id, sent_at) ",
@@ -1863,9 +1864,50 @@ macro_rules! sql_store_impl {
                             .push_bind(m.sent_at);
                     });
                     q.push(" ON CONFLICT (key) DO NOTHING");
-                    new += q.build().execute(&self.writer).await?.rows_affected();
+                    new += q.build().execute(&mut *tx).await?.rows_affected();
+                    // Recorded: their claims have done their job.
+                    let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM leases WHERE name IN (");
+                    let mut names = q.separated(", ");
+                    for m in chunk {
+                        names.push_bind($crate::store::email_claim(&m.key));
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await?;
                 }
+                tx.commit().await?;
                 Ok(new)
+            }
+
+            async fn claim_emails(
+                &self,
+                keys: &[String],
+                holder: &str,
+                ttl: std::time::Duration,
+            ) -> $crate::store::StoreResult<std::collections::HashSet<String>> {
+                let mut keys = keys.to_vec();
+                keys.sort_unstable();
+                keys.dedup();
+                let mut claimed = std::collections::HashSet::new();
+                for chunk in keys.chunks(500) {
+                    let names = self.emails_claim_try(chunk, holder, ttl).await?;
+                    claimed.extend(names.iter().filter_map(|n| $crate::store::claimed_email(n)).map(str::to_owned));
+                }
+                Ok(claimed)
+            }
+
+            async fn release_emails(&self, keys: &[String], holder: &str) -> $crate::store::StoreResult<()> {
+                for chunk in keys.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM leases WHERE holder = ");
+                    q.push_bind(holder.to_owned());
+                    q.push(" AND name IN (");
+                    let mut names = q.separated(", ");
+                    for k in chunk {
+                        names.push_bind($crate::store::email_claim(k));
+                    }
+                    q.push(")");
+                    q.build().execute(&self.writer).await?;
+                }
+                Ok(())
             }
 
             async fn emails_sent(&self, keys: &[String]) -> $crate::store::StoreResult<std::collections::HashSet<String>> {

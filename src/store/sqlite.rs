@@ -173,6 +173,31 @@ impl SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// `Store::claim_emails` for distinct keys: the claims' `leases` names taken.
+    async fn emails_claim_try(&self, keys: &[String], holder: &str, ttl: Duration) -> StoreResult<Vec<String>> {
+        let now = crate::domain::now();
+        let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO leases (name, holder, expires_at) SELECT 'email:' || k.column1, ",
+        );
+        q.push_bind(holder.to_owned());
+        q.push(", ");
+        q.push_bind(until);
+        q.push(" FROM (");
+        q.push_values(keys, |mut row, k| {
+            row.push_bind(k.clone());
+        });
+        q.push(
+            ") AS k WHERE NOT EXISTS (SELECT 1 FROM email_log WHERE email_log.key = k.column1) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < ",
+        );
+        q.push_bind(now);
+        q.push(" RETURNING name");
+        let rows: Vec<(String,)> = q.build_query_as().fetch_all(&self.writer).await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     async fn lease_mark_published(&self, seqs: &[i64], lease: &str, holder: &str) -> StoreResult<u64> {
         let now = crate::domain::now();
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE outbox SET published_at = ");

@@ -561,9 +561,29 @@ struct OneWelcome {
     _ns: Option<crate::utils::RedisNamespace>,
 }
 
+impl OneWelcome {
+    /// The runner of another process: a `WelcomeEmail` of its own, on the same store
+    /// and queue.
+    fn another_process(&self, mailer: Arc<dyn eventra::mail::Mailer>) -> Arc<eventra::jobs::Runner> {
+        use eventra::jobs::{JobClient, Runner};
+        let kinds = Kinds::default().with(Arc::new(eventra::jobs::kinds::WelcomeEmail::new(
+            self.store.clone(),
+            mailer,
+            "Eventra <no-reply@example.com>".into(),
+        )));
+        let client = JobClient::new(self.queue.clone(), &kinds);
+        Arc::new(Runner::new(client, kinds, welcome_runner_config()))
+    }
+}
+
+/// 600 ms leases.
+fn welcome_runner_config() -> eventra::jobs::RunnerConfig {
+    eventra::jobs::RunnerConfig { lease: Duration::from_millis(600), ..Default::default() }
+}
+
 /// [`OneWelcome`], sending through `mailer`; `None` (NOT RUN) without the backend.
 async fn one_welcome_job(backend: Backend, test: &str, mailer: Arc<dyn eventra::mail::Mailer>) -> Option<OneWelcome> {
-    use eventra::jobs::{JobClient, Runner, RunnerConfig};
+    use eventra::jobs::{JobClient, Runner};
     let db = TestDb::sqlite();
     let store = db.store().await;
     let (real, ns): (Arc<dyn JobQueue>, _) = match backend {
@@ -593,8 +613,7 @@ async fn one_welcome_job(backend: Backend, test: &str, mailer: Arc<dyn eventra::
         name: "Welcome".into(),
     };
     let Enqueued::New(id) = client.enqueue(args.job()).await.unwrap() else { panic!("duplicate") };
-    let config = RunnerConfig { lease: Duration::from_millis(600), ..RunnerConfig::default() };
-    let runner = Arc::new(Runner::new(client, kinds, config));
+    let runner = Arc::new(Runner::new(client, kinds, welcome_runner_config()));
     Some(OneWelcome { db, store, blips, queue, runner, id, user_id: args.user_id, _ns: ns })
 }
 
@@ -640,16 +659,27 @@ async fn a_send_that_outlives_its_lease_is_abandoned(backend: Backend, test: &st
 
 /// A welcome email sent, whose record is held up (the database refuses it), while the
 /// attempt's lease lapses (its heartbeats stop getting through, as when its worker
-/// actor is killed): the job comes back, and the next attempt in the same process must
-/// not send the email again while the first one's record is pending. Once the record
-/// lands, the job finishes: one email. (Seen in a chaos run: a worker kill and a
-/// PostgreSQL restart together resent six emails.)
+/// actor is killed): the job comes back, and the next attempt, in the same process or
+/// in another, must not send the email again while the first one's record is pending
+/// (its claim holds). Once the record lands, the job finishes: one email. (Seen in a
+/// chaos run: a worker kill and a PostgreSQL restart together resent six emails.)
 async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend, test: &str) {
+    record_pending_then_another_attempt(backend, test, false).await;
+}
+
+/// [`a_sent_email_whose_record_is_pending_is_not_sent_again`], the next attempt in
+/// another process (its own memory, the same database and queue).
+async fn another_process_does_not_resend_a_pending_email(backend: Backend, test: &str) {
+    record_pending_then_another_attempt(backend, test, true).await;
+}
+
+async fn record_pending_then_another_attempt(backend: Backend, test: &str, another_process: bool) {
     let (smtp, inbox) = smtp_server::start();
     let mailer = eventra::mail::from_config(Some(&smtp), std::path::PathBuf::new()).unwrap();
-    let Some(w) = one_welcome_job(backend, test, mailer).await else { return };
+    let Some(w) = one_welcome_job(backend, test, mailer.clone()).await else { return };
     let (db, store, blips, queue, runner, id) =
         (&w.db, &w.store, w.blips.clone(), w.queue.clone(), w.runner.clone(), w.id);
+    let runner_b = if another_process { w.another_process(mailer) } else { runner.clone() };
     // The database takes no `email_log` row until the trigger goes.
     let raw = sqlx::SqlitePool::connect(db.url()).await.unwrap();
     sqlx::query(
@@ -674,7 +704,7 @@ async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend
     // Worker B takes the job back, again and again, while A's record is pending.
     let stop = Arc::new(AtomicBool::new(false));
     let b = tokio::spawn({
-        let (runner, queue, stop) = (runner.clone(), queue.clone(), stop.clone());
+        let (runner, queue, stop) = (runner_b, queue.clone(), stop.clone());
         async move {
             while !stop.load(Ordering::SeqCst) {
                 queue.reap_expired().await.unwrap();
@@ -686,7 +716,7 @@ async fn a_sent_email_whose_record_is_pending_is_not_sent_again(backend: Backend
     });
     wait_for("B's attempt to be refused (or to send again)", Duration::from_secs(20), || async {
         let job = queue.get(id).await.unwrap()?;
-        let refused = job.last_error.as_deref().is_some_and(|e| e.contains("record is pending"));
+        let refused = job.last_error.as_deref().is_some_and(|e| e.contains("not sending it again"));
         (refused || inbox.lock().unwrap().len() > 1).then_some(())
     })
     .await;
@@ -735,6 +765,7 @@ on_each_backend!(
     welcome_email_to_files,
     a_send_that_outlives_its_lease_is_abandoned,
     a_sent_email_whose_record_is_pending_is_not_sent_again,
+    another_process_does_not_resend_a_pending_email,
 );
 
 /// Load shedding: while the workers are working through a queue more than

@@ -46,6 +46,43 @@ fn new_user(tenant_id: Uuid, email: &str) -> NewUser {
     NewUser::parse(tenant_id, input, eventra::domain::now()).expect("valid user")
 }
 
+/// Email claims (`claim_emails`): one attempt at a time sends an email. A claim is its
+/// holder's to renew, free again once released by its holder or lapsed, and ends when
+/// the email is recorded, after which no one can claim that email.
+pub async fn email_claims_let_one_attempt_send(s: Arc<dyn Store>) {
+    use std::collections::HashSet;
+    let t = tenant(&s, "claims", 0).await;
+    let key = |n: &str| format!("welcome:{}-{n}", Uuid::now_v7());
+    let (a, b, c, d) = (key("a"), key("b"), key("c"), key("d"));
+    let set = |keys: &[&String]| keys.iter().map(|k| (*k).clone()).collect::<HashSet<String>>();
+    let long = std::time::Duration::from_secs(30);
+    let claim = |keys: &[&String], holder: &'static str, ttl| {
+        let (s, keys) = (s.clone(), keys.iter().map(|k| (*k).clone()).collect::<Vec<_>>());
+        async move { s.claim_emails(&keys, holder, ttl).await.unwrap() }
+    };
+    assert_eq!(claim(&[&a, &b, &a], "h1", long).await, set(&[&a, &b]), "a key twice is claimed once");
+    assert_eq!(claim(&[&a, &c], "h2", long).await, set(&[&c]), "a is h1's");
+    assert_eq!(claim(&[&a], "h1", long).await, set(&[&a]), "its holder renews it");
+    s.release_emails(&[a.clone()], "h2").await.unwrap();
+    assert!(claim(&[&a], "h2", long).await.is_empty(), "only its holder releases it");
+    s.release_emails(&[a.clone()], "h1").await.unwrap();
+    assert_eq!(claim(&[&a], "h2", long).await, set(&[&a]), "released");
+    assert_eq!(claim(&[&d], "h3", std::time::Duration::ZERO).await, set(&[&d]));
+    assert_eq!(claim(&[&d], "h4", long).await, set(&[&d]), "lapsed");
+
+    let sent = eventra::store::SentEmail {
+        key: b.clone(),
+        tenant_id: t.id,
+        recipient: "b@x.io".into(),
+        message_id: "b@eventra".into(),
+        sent_at: eventra::domain::now(),
+    };
+    assert_eq!(s.record_emails(&[sent]).await.unwrap(), 1);
+    assert!(claim(&[&b], "h1", long).await.is_empty(), "recorded: no one claims it, its sender neither");
+    assert!(claim(&[&b], "h5", std::time::Duration::ZERO).await.is_empty());
+    assert_eq!(s.emails_sent(&[b.clone()]).await.unwrap(), set(&[&b]));
+}
+
 /// The webhook delivery log: one success per (endpoint, event); the failing streak
 /// starts after the last success; old rows are pruned.
 pub async fn the_delivery_log_knows_failing_streaks_and_prunes(s: Arc<dyn Store>) {
@@ -916,6 +953,7 @@ conformance!(
     the_delivery_log_knows_failing_streaks_and_prunes,
     custom_events_are_written_once_per_client_id,
     sessions_refresh_tokens_and_codes,
+    email_claims_let_one_attempt_send,
 );
 
 /// Processes starting together on one SQLite file (roles split over processes) take

@@ -85,6 +85,16 @@ impl JobContext {
         JobContext { queue, job, lease, lease_for }
     }
 
+    /// This attempt's lease: unique to it (a job run again gets a new one).
+    pub fn lease(&self) -> Uuid {
+        self.lease
+    }
+
+    /// How long one heartbeat extends the lease.
+    pub fn lease_for(&self) -> Duration {
+        self.lease_for
+    }
+
     /// Extends the lease and returns the instant until which it is certainly held. An
     /// effect that cannot be taken back (an email) must start only after this answered
     /// and finish before the instant: then the reaper cannot hand the job to another
