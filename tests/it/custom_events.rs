@@ -24,7 +24,7 @@ fn order_schema() -> Value {
     })
 }
 
-async fn put_type(app: &TestApp, t: &TestTenant, name: &str, schema: Value) -> reqwest::Response {
+pub(crate) async fn put_type(app: &TestApp, t: &TestTenant, name: &str, schema: Value) -> reqwest::Response {
     app.req(Method::PUT, &format!("/v1/tenants/{}/event-types/{name}", t.id), Some(&t.admin_key))
         .json(&json!({"schema": schema, "description": "test"}))
         .send()

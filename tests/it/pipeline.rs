@@ -694,12 +694,7 @@ async fn a_relay_behind_a_slow_broker_publishes_each_row_once() {
     // The backlog: written with no relay running.
     let app = TestApp::start_with(db.url(), |c| c.roles = vec!["api".into()]).await;
     let t = app.tenant("slow-broker", 0).await;
-    let res = app
-        .req(reqwest::Method::PUT, &format!("/v1/tenants/{}/event-types/step.done", t.id), Some(&t.admin_key))
-        .json(&json!({"schema": {"type": "object"}}))
-        .send()
-        .await
-        .unwrap();
+    let res = crate::custom_events::put_type(&app, &t, "step.done", json!({"type": "object"})).await;
     assert_eq!(res.status(), StatusCode::CREATED);
     for b in 0..3 {
         let events: Vec<serde_json::Value> =
@@ -758,13 +753,7 @@ async fn production_relay_publishes_each_tenants_events_in_commit_order() {
     let mut tenants = Vec::new();
     for i in 0..TENANTS {
         let t = s.app.tenant(&format!("order-{i}"), 0).await;
-        let res = s
-            .app
-            .req(reqwest::Method::PUT, &format!("/v1/tenants/{}/event-types/step.done", t.id), Some(&t.admin_key))
-            .json(&json!({"schema": {"type": "object"}}))
-            .send()
-            .await
-            .unwrap();
+        let res = crate::custom_events::put_type(&s.app, &t, "step.done", json!({"type": "object"})).await;
         assert_eq!(res.status(), StatusCode::CREATED);
         tenants.push(t);
     }
