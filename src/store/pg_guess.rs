@@ -6,7 +6,7 @@
 //! The rows go as array parameters, one per column (`unnest`), so the statement's text
 //! is the same for every transaction and sqlx prepares it once per connection. (Sent
 //! as SQL text with literals, every transaction was parsed and planned anew: at least
-//! a eighth of PostgreSQL's time at 50 tenants.) Within the one statement:
+//! an eighth of PostgreSQL's time at 50 tenants.) Within the one statement:
 //! - **Lock order.** `l` locks the tenant rows in id order (`ORDER BY id FOR UPDATE`,
 //!   as every writer takes them) before the `UPDATE` touches any: it is the `UPDATE`'s
 //!   one-time filter, evaluated before its scan. Two transactions on overlapping
