@@ -211,6 +211,27 @@ pub(super) fn locks_by_id(rows: Vec<(Uuid, i64, i64, i64)>) -> std::collections:
         .collect()
 }
 
+/// `DELETE FROM leases WHERE [holder = … AND] name IN (…)`: these emails' claims
+/// (`Store::claim_emails`), only `holder`'s when given.
+pub(super) fn delete_claims<'a, DB: sqlx::Database>(keys: &[String], holder: Option<&str>) -> sqlx::QueryBuilder<'a, DB>
+where
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut q = sqlx::QueryBuilder::new("DELETE FROM leases WHERE ");
+    if let Some(holder) = holder {
+        q.push("holder = ");
+        q.push_bind(holder.to_owned());
+        q.push(" AND ");
+    }
+    q.push("name IN (");
+    let mut names = q.separated(", ");
+    for k in keys {
+        names.push_bind(super::email_claim(k));
+    }
+    q.push(")");
+    q
+}
+
 /// The tenant row as the lock statement returns it.
 #[derive(sqlx::FromRow, Clone, Copy, Debug, PartialEq)]
 pub(super) struct TenantLock {
@@ -1866,13 +1887,8 @@ macro_rules! sql_store_impl {
                     q.push(" ON CONFLICT (key) DO NOTHING");
                     new += q.build().execute(&mut *tx).await?.rows_affected();
                     // Recorded: their claims have done their job.
-                    let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM leases WHERE name IN (");
-                    let mut names = q.separated(", ");
-                    for m in chunk {
-                        names.push_bind($crate::store::email_claim(&m.key));
-                    }
-                    q.push(")");
-                    q.build().execute(&mut *tx).await?;
+                    let keys: Vec<String> = chunk.iter().map(|m| m.key.clone()).collect();
+                    $crate::store::sql::delete_claims::<$db>(&keys, None).build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(new)
@@ -1897,15 +1913,7 @@ macro_rules! sql_store_impl {
 
             async fn release_emails(&self, keys: &[String], holder: &str) -> $crate::store::StoreResult<()> {
                 for chunk in keys.chunks(500) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM leases WHERE holder = ");
-                    q.push_bind(holder.to_owned());
-                    q.push(" AND name IN (");
-                    let mut names = q.separated(", ");
-                    for k in chunk {
-                        names.push_bind($crate::store::email_claim(k));
-                    }
-                    q.push(")");
-                    q.build().execute(&self.writer).await?;
+                    $crate::store::sql::delete_claims::<$db>(chunk, Some(holder)).build().execute(&self.writer).await?;
                 }
                 Ok(())
             }
